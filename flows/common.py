@@ -1,0 +1,55 @@
+"""What the flows share: secrets from Prefect blocks, progress reporting, artifact keys."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from onboarding.settings import VersoriSettings
+
+
+def resolve_api_key(settings: VersoriSettings) -> str | None:
+    """The API key from VERSORI_API_KEY, else from the Secret block named VERSORI_API_KEY_BLOCK."""
+    if settings.api_key is not None:
+        return settings.api_key.get_secret_value()
+    if settings.api_key_block:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(settings.api_key_block).get())
+    return None
+
+
+class Progress:
+    """A progress artifact and a log line that move as tenants finish, without flooding the API:
+    at most one artifact update a second and one log line every 10% or 15 seconds."""
+
+    def __init__(self, total: int, key_hint: str) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.failed = 0
+        self._logger = get_run_logger()
+        self._artifact_id: UUID = create_progress_artifact(
+            progress=0.0, description=f"Tenants done for {key_hint}"
+        )
+        self._last_update = self._last_log = time.monotonic()
+        self._last_logged_pct = 0.0
+
+    def advance(self, failed: bool = False, count: int = 1) -> None:
+        self.done += count
+        self.failed += int(failed) * count
+        now = time.monotonic()
+        pct = 100.0 * self.done / self.total
+        if now - self._last_update >= 1.0:
+            update_progress_artifact(self._artifact_id, progress=min(pct, 100.0))
+            self._last_update = now
+        if pct - self._last_logged_pct >= 10 or now - self._last_log >= 15:
+            self._logger.info(
+                "%d/%d tenants done (%.0f%%), %d failed", self.done, self.total, pct, self.failed
+            )
+            self._last_log, self._last_logged_pct = now, pct
+
+    def finish(self) -> None:
+        update_progress_artifact(self._artifact_id, progress=100.0)

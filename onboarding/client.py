@@ -1,0 +1,201 @@
+"""A synchronous client for Versori's InitialiseOAuth2Connection.
+
+It makes exactly one HTTP attempt per call: retries belong to the caller (the Prefect task), so
+attempts never multiply. It turns every failure into one of the types in `onboarding.errors`,
+never lets a raw httpx exception out, and bounds a whole call by a deadline that really interrupts
+(each blocking read is given at most the time left, and the body is read in chunks against it).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from onboarding import constants
+from onboarding.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    FieldError,
+    InputError,
+    RateLimitedError,
+    error_class_for,
+)
+from onboarding.models import ErrorBody, InitialiseRequest, InitialiseResponse
+
+log = logging.getLogger(__name__)
+
+_MAX_BODY_BYTES = 1 << 20
+__version__ = "0.1.0"
+
+
+def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or _utcnow)()).total_seconds()
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class VersoriClient:
+    """Calls one Versori Connect API. Thread-safe: one instance serves every worker of a batch."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        connect_timeout: float = constants.CONNECT_TIMEOUT_SECONDS,
+        read_timeout: float = constants.READ_TIMEOUT_SECONDS,
+        call_deadline: float = constants.CALL_DEADLINE_SECONDS,
+        max_connections: int = constants.DEFAULT_CONCURRENCY,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        api_key = api_key or os.environ.get("VERSORI_API_KEY")
+        if not api_key:
+            raise InputError(
+                "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
+                "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
+            )
+        base_url = base_url or os.environ.get("VERSORI_BASE_URL") or constants.PRODUCTION_BASE_URL
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(
+                f"VERSORI_BASE_URL {base_url!r} is not an http(s) URL; "
+                f"production is {constants.PRODUCTION_BASE_URL}"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._call_deadline = call_deadline
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"versori-onboarding/{__version__}",
+            },
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __enter__(self) -> VersoriClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def initialise(
+        self, organisation_id: str, connector_id: str, request: InitialiseRequest
+    ) -> str:
+        """Ask Versori for an authorize URL; return it unchecked (see `onboarding.links`)."""
+        path = (
+            f"/o/{quote(organisation_id, safe='')}/connectors/"
+            f"{quote(connector_id, safe='')}/oauth2/initialise"
+        )
+        status, headers, body = self._post(path, request.to_wire())
+        if 200 <= status < 300:
+            try:
+                return InitialiseResponse.model_validate_json(body).url
+            except ValidationError as err:
+                raise APIError(
+                    status, "invalid_response", "Versori answered 2xx without a JSON 'url'"
+                ) from err
+        raise self._error_for(status, headers, body)
+
+    def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
+        deadline = time.monotonic() + self._call_deadline
+        try:
+            with self._http.stream(
+                "POST", path, json=payload, timeout=self._timeout(deadline)
+            ) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        raise APITimeoutError(
+                            f"Versori at {self.host} did not finish answering within "
+                            f"{self._call_deadline:g} s"
+                        )
+                    if len(body) > _MAX_BODY_BYTES:
+                        raise APIError(
+                            response.status_code, "invalid_response", "response body too large"
+                        )
+                return response.status_code, response.headers, bytes(body)
+        except httpx.TimeoutException as err:
+            raise APITimeoutError(
+                f"Versori at {self.host} timed out ({type(err).__name__})"
+            ) from err
+        except httpx.TransportError as err:
+            raise APIConnectionError(
+                f"could not reach Versori at {self.host}: {type(err).__name__}: {err}"
+            ) from err
+
+    def _timeout(self, deadline: float) -> httpx.Timeout:
+        left = max(0.001, deadline - time.monotonic())
+        return httpx.Timeout(
+            connect=min(self._connect_timeout, left),
+            read=min(self._read_timeout, left),
+            write=min(self._read_timeout, left),
+            pool=left,
+        )
+
+    @staticmethod
+    def _error_for(status: int, headers: httpx.Headers, body: bytes) -> APIError:
+        try:
+            parsed = ErrorBody.model_validate_json(body)
+            code, message, details = parsed.code, parsed.message, parsed.details
+            fields = [FieldError(f.field, f.message) for f in parsed.fields]
+        except ValidationError:
+            code, message, details, fields = f"http_{status}", _reason(status), "", []
+        cls = error_class_for(status)
+        if cls is RateLimitedError:
+            return RateLimitedError(
+                status,
+                code,
+                message,
+                fields,
+                details,
+                retry_after=parse_retry_after(headers.get("retry-after")),
+            )
+        return cls(status, code, message, fields, details)
+
+
+def _reason(status: int) -> str:
+    try:
+        return httpx.codes(status).phrase
+    except ValueError:
+        return "error without a Versori error body"

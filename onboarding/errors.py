@@ -1,0 +1,178 @@
+"""Errors, one type per failure class; retry decisions read the type, never a message.
+
+    OnboardingError
+    ├── InputError                 bad roster/profile/settings: names file, line, field
+    ├── LinkCheckError             the returned authorize URL failed the checks
+    └── VersoriError
+        ├── APIError               Versori answered with a non-2xx (code, message, fields)
+        │   ├── BadRequestError            400
+        │   ├── AuthenticationError        401
+        │   ├── PermissionDeniedError      403
+        │   ├── NotFoundError              404
+        │   ├── ConflictError              409
+        │   ├── PreconditionFailedError    412
+        │   ├── RateLimitedError           429 (retry_after)
+        │   ├── RetryableStatusError       408, 425
+        │   └── ServerError                5xx
+        └── APIConnectionError     no answer: refused, reset, DNS
+            └── APITimeoutError    connect/read timeout or call deadline
+
+No message here ever holds an API key or an authorize URL: the URL carries a CSRF `state`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class OnboardingError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    code: str = "error"
+    transient: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input, located as precisely as the format allows."""
+
+    source: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        parts = [where, self.field, self.message] if self.field else [where, self.message]
+        return ": ".join(p for p in parts if p)
+
+
+class InputError(OnboardingError):
+    """Bad input (roster, profile, settings). Nothing was called."""
+
+    code = "bad_input"
+
+    def __init__(self, problems: list[Problem] | str, *, hint: str = "") -> None:
+        if isinstance(problems, str):
+            problems = [Problem(source="", line=None, field="", message=problems)]
+        self.problems = problems
+        self.hint = hint
+        lines = [str(p) for p in problems]
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class LinkCheckError(OnboardingError):
+    """Versori returned a URL that does not pass the authorize-URL checks; it is never stored."""
+
+    code = "link_check_failed"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("returned authorize URL failed checks: " + "; ".join(problems))
+
+
+class VersoriError(OnboardingError):
+    """Base of errors from talking to Versori."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class APIError(VersoriError):
+    """Versori answered with an error status. Carries Versori's own `code` and `message`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: list[FieldError] | None = None,
+        details: str = "",
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields or []
+        self.details = details
+        text = f"HTTP {status} {code}: {message}"
+        if self.fields:
+            text += " (" + "; ".join(f"{f.field}: {f.message}" for f in self.fields) + ")"
+        super().__init__(text)
+
+
+class BadRequestError(APIError):
+    pass
+
+
+class AuthenticationError(APIError):
+    pass
+
+
+class PermissionDeniedError(APIError):
+    pass
+
+
+class NotFoundError(APIError):
+    pass
+
+
+class ConflictError(APIError):
+    pass
+
+
+class PreconditionFailedError(APIError):
+    pass
+
+
+class RetryableStatusError(APIError):
+    transient = True
+
+
+class RateLimitedError(APIError):
+    transient = True
+
+    def __init__(self, *args: object, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    transient = True
+
+
+class APIConnectionError(VersoriError):
+    code = "connection_error"
+    transient = True
+
+
+class APITimeoutError(APIConnectionError):
+    code = "timeout"
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    408: RetryableStatusError,
+    409: ConflictError,
+    412: PreconditionFailedError,
+    425: RetryableStatusError,
+    429: RateLimitedError,
+}
+
+
+def error_class_for(status: int) -> type[APIError]:
+    if status >= 500:
+        return ServerError
+    return _BY_STATUS.get(status, APIError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: transport errors, 408, 425, 429, 5xx."""
+    return isinstance(exc, OnboardingError) and exc.transient

@@ -1,0 +1,318 @@
+"""The ledger: one onboarding record per (tenant_id, connector_id), in SQLite or PostgreSQL.
+
+It makes every run idempotent (a re-run skips tenants with a live link and retries the rest) and
+answers "which tenant owns this state?" for the app's OAuth callback. Every write is one
+statement in its own transaction, so a crash never leaves a half-written row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+from onboarding.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    LINK_CREATED = "link_created"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REMINDED = "reminded"
+    CONNECTED = "connected"
+
+
+# A tenant in one of these, with an unexpired link, is skipped by the next run.
+LIVE_STATUSES = (Status.LINK_CREATED, Status.DELIVERED, Status.REMINDED)
+
+metadata = MetaData()
+records = Table(
+    "onboarding_records",
+    metadata,
+    Column("tenant_id", String(128), primary_key=True),
+    Column("connector_id", String(26), primary_key=True),
+    Column("profile", String(200), nullable=False),
+    Column("tenant_name", Text, nullable=False, default=""),
+    Column("admin_email", String(320), nullable=False, default=""),
+    Column("status", String(20), nullable=False),
+    Column("url", Text),
+    Column("state", String(256), index=True),
+    Column("created_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("connected_at", DateTime(timezone=True)),
+    Column("delivery_channel", String(20)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error_code", String(100)),
+    Column("error_message", Text),
+    Column("run_id", String(64)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    tenant_id: str
+    connector_id: str
+    profile: str
+    tenant_name: str
+    admin_email: str
+    status: Status
+    url: str | None
+    state: str | None
+    created_at: datetime | None
+    expires_at: datetime | None
+    delivered_at: datetime | None
+    connected_at: datetime | None
+    delivery_channel: str | None
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    run_id: str | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> Record:
+        values = dict(row._mapping)
+        for key in ("created_at", "expires_at", "delivered_at", "connected_at", "updated_at"):
+            values[key] = _aware(values[key])
+        values["status"] = Status(values["status"])
+        return cls(**values)
+
+
+EXPORT_KEYS = (
+    "tenant_id",
+    "connector_id",
+    "status",
+    "url",
+    "state",
+    "created_at",
+    "expires_at",
+    "attempts",
+    "error_code",
+    "error_message",
+)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything written here is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+class Ledger:
+    """Reads and writes onboarding records. Thread-safe: share one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            # hide_parameters: a failed statement must not print the link it was writing.
+            kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+            if url.startswith("sqlite"):
+                kwargs = {
+                    "hide_parameters": True,
+                    "connect_args": {"check_same_thread": False, "timeout": 30},
+                }
+            self.engine: Engine = create_engine(url, **kwargs)
+        except (ArgumentError, NoSuchModuleError, ImportError) as err:
+            raise InputError(
+                f"ONBOARD_DB_URL {_redact(url)!r} is not a usable database URL ({err}); use "
+                "sqlite:///path/to/onboarding.db or postgresql+psycopg://user@host:5432/db"
+            ) from err
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._insert = (
+            postgresql.insert if self.engine.dialect.name == "postgresql" else (sqlite.insert)
+        )
+        try:
+            metadata.create_all(self.engine)
+        except OperationalError as err:
+            raise InputError(
+                f"cannot open the ledger at {_redact(url)}: {err.orig}; check ONBOARD_DB_URL"
+            ) from err
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _upsert(self, key: dict[str, str], insert: dict[str, Any], update: dict[str, Any]) -> None:
+        stmt = self._insert(records).values(**key, **insert)
+        stmt = stmt.on_conflict_do_update(index_elements=["tenant_id", "connector_id"], set_=update)
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def record_link(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        profile: str,
+        tenant_name: str,
+        admin_email: str,
+        url: str,
+        state: str,
+        created_at: datetime,
+        expires_at: datetime,
+        run_id: str | None = None,
+    ) -> None:
+        """A fresh link: status link_created, error cleared, one more attempt counted."""
+        values = {
+            "profile": profile,
+            "tenant_name": tenant_name,
+            "admin_email": admin_email,
+            "status": Status.LINK_CREATED.value,
+            "url": url,
+            "state": state,
+            "created_at": created_at,
+            "expires_at": expires_at,
+            "delivered_at": None,
+            "connected_at": None,
+            "delivery_channel": None,
+            "error_code": None,
+            "error_message": None,
+            "run_id": run_id,
+            "updated_at": utcnow(),
+        }
+        self._upsert(
+            {"tenant_id": tenant_id, "connector_id": connector_id},
+            {**values, "attempts": 1},
+            {**values, "attempts": records.c.attempts + 1},
+        )
+
+    def record_failure(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        profile: str,
+        tenant_name: str,
+        admin_email: str,
+        error_code: str,
+        error_message: str,
+        run_id: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """Status failed with why. A link stored earlier stays in the row for history."""
+        values = {
+            "profile": profile,
+            "tenant_name": tenant_name,
+            "admin_email": admin_email,
+            "status": Status.FAILED.value,
+            "error_code": error_code[:100],
+            "error_message": error_message,
+            "run_id": run_id,
+            "updated_at": utcnow(),
+        }
+        step = 1 if count_attempt else 0
+        self._upsert(
+            {"tenant_id": tenant_id, "connector_id": connector_id},
+            {**values, "attempts": step},
+            {**values, "attempts": records.c.attempts + step},
+        )
+
+    def mark_delivered(
+        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                records.update()
+                .where(records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
+                .values(
+                    status=Status.DELIVERED.value,
+                    delivery_channel=channel,
+                    delivered_at=at or utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+
+    def get(self, tenant_id: str, connector_id: str) -> Record | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(records).where(
+                    records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
+                )
+            ).first()
+        return Record.from_row(row) if row else None
+
+    def find_by_state(self, state: str) -> Record | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(records).where(records.c.state == state)).first()
+        return Record.from_row(row) if row else None
+
+    def live_tenant_ids(self, connector_id: str, now: datetime | None = None) -> set[str]:
+        """Tenants that need nothing from a new run: connected, or holding an unexpired link."""
+        now = now or utcnow()
+        query = select(records.c.tenant_id).where(
+            records.c.connector_id == connector_id,
+            (records.c.status == Status.CONNECTED.value)
+            | (
+                records.c.status.in_([s.value for s in LIVE_STATUSES])
+                & (records.c.expires_at > now)
+            ),
+        )
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def counts_by_status(self, connector_id: str | None = None) -> dict[str, int]:
+        query = select(records.c.status, func.count()).group_by(records.c.status)
+        if connector_id:
+            query = query.where(records.c.connector_id == connector_id)
+        with self.engine.connect() as conn:
+            return {status: count for status, count in conn.execute(query)}
+
+    def iter_records(self, connector_id: str | None = None) -> Iterator[Record]:
+        """Every record, streamed in tenant order, so an export of 100k rows stays small."""
+        query = select(records).order_by(records.c.connector_id, records.c.tenant_id)
+        if connector_id:
+            query = query.where(records.c.connector_id == connector_id)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+            for row in result:
+                yield Record.from_row(row)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (onboard status) run while a batch writes; NORMAL sync is durable in WAL
+    # up to the last committed transaction, which is what crash-safe resume needs.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

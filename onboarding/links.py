@@ -1,0 +1,117 @@
+"""Checks on the authorize URL Versori returns, before it is stored or sent to anyone.
+
+From OIDC Core 3.1.2.1 and RFC 6749 3.1, 4.1.1, 10.12. A URL that fails is never stored as good.
+Problems are described without quoting the URL or the state: the URL is a secret link.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from onboarding.errors import LinkCheckError
+from onboarding.models import InitialiseRequest, parse_additional_params
+
+
+@dataclass(frozen=True)
+class Link:
+    url: str
+    state: str
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def masked_state(self) -> str:
+        return mask_state(self.state)
+
+
+def mask_state(state: str | None) -> str:
+    """Enough of a state to tell two apart in a table, never enough to use it."""
+    if not state:
+        return ""
+    return state[:4] + "…" if len(state) > 8 else "…"
+
+
+def _prompt_values(prompt: str) -> set[str]:
+    return {p for p in prompt.replace("+", " ").split(" ") if p}
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost", None):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_link(url: str, request: InitialiseRequest) -> Link:
+    """Return the checked link, or raise LinkCheckError listing every problem found."""
+    problems: list[str] = []
+    got = urlsplit(url)
+    want = urlsplit(request.authorize_url)
+    if (got.scheme, (got.hostname or ""), got.path) != (
+        want.scheme,
+        (want.hostname or ""),
+        want.path,
+    ):
+        problems.append("scheme, host or path differ from the profile's authorize_url")
+    if got.fragment:
+        problems.append("has a #fragment")
+
+    pairs = parse_qsl(got.query, keep_blank_values=True)
+    counts = Counter(k for k, _ in pairs)
+    repeated = sorted(k for k, n in counts.items() if n > 1)
+    if repeated:
+        problems.append(f"repeats parameter(s) {', '.join(repeated)}")
+    params = dict(pairs)
+
+    for key, value in parse_qsl(want.query, keep_blank_values=True):
+        if params.get(key) != value:
+            problems.append(f"dropped or changed the endpoint's own parameter {key}")
+
+    if params.get("response_type") != "code":
+        problems.append("response_type is not 'code'")
+    if params.get("client_id") != request.client_id:
+        problems.append("client_id is missing or differs from the request's")
+    if not params.get("state"):
+        problems.append("has no state")
+    redirect = urlsplit(params.get("redirect_uri", ""))
+    if not redirect.scheme or not redirect.hostname:
+        problems.append("redirect_uri is missing or not absolute")
+    elif redirect.scheme != "https" and not _is_loopback(redirect.hostname):
+        problems.append("redirect_uri is not https")
+
+    scopes = set(params.get("scope", "").split())
+    wanted = set(request.scopes)
+    if not request.disable_offline_access:
+        wanted.add("offline_access")
+    missing = sorted(wanted - scopes)
+    if missing:
+        problems.append(f"scope lacks {', '.join(missing)}")
+
+    additional = parse_additional_params(request.additional_params)
+    expected_prompt = request.prompt
+    if expected_prompt is None and "approval_prompt" not in {k for k, _ in additional}:
+        expected_prompt = "login"
+    if expected_prompt is not None:
+        got_prompt = _prompt_values(params.get("prompt", ""))
+        if got_prompt != _prompt_values(expected_prompt):
+            problems.append(f"prompt is not {expected_prompt!r}")
+    if (
+        "none" in _prompt_values(params.get("prompt", ""))
+        and len(_prompt_values(params.get("prompt", ""))) > 1
+    ):
+        problems.append("prompt combines 'none' with another value")
+
+    for key, value in additional:
+        if params.get(key) != value:
+            problems.append(f"additional parameter {key} is missing or changed")
+
+    if problems:
+        raise LinkCheckError(problems)
+    return Link(url=url, state=params["state"])

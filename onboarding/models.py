@@ -1,0 +1,96 @@
+"""Versori's wire models for InitialiseOAuth2Connection: camelCase on the wire, snake_case here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+from ulid import ULID
+
+from onboarding.constants import RESERVED_QUERY_KEYS
+
+
+def _check_ulid(value: str) -> str:
+    try:
+        return str(ULID.from_str(value.strip()))
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{value!r} is not a ULID (26 characters of Crockford base32, e.g. "
+            "01J9Z6ZQ7T8KX3N5V2W4Y6A8C0)"
+        ) from err
+
+
+Ulid = Annotated[str, AfterValidator(_check_ulid)]
+
+
+def parse_additional_params(query: str) -> list[tuple[str, str]]:
+    """Parse a URL-encoded query string and refuse keys the initialise call sets itself."""
+    if not query:
+        return []
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as err:
+        raise ValueError(f"not a URL-encoded query string ({err})") from err
+    clashes = sorted({k for k, _ in pairs} & RESERVED_QUERY_KEYS)
+    if clashes:
+        reserved = ", ".join(sorted(RESERVED_QUERY_KEYS))
+        raise ValueError(
+            f"sets {', '.join(clashes)}, which Versori sets itself; remove it "
+            f"(reserved keys: {reserved})"
+        )
+    return pairs
+
+
+def check_absolute_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL with a host")
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    return value
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class CredentialRef(_Wire):
+    id: Ulid
+    organisation_id: Ulid
+
+
+class InitialiseRequest(_Wire):
+    credential: CredentialRef
+    authorize_url: Annotated[str, AfterValidator(check_absolute_url)]
+    client_id: str = Field(min_length=1)
+    scopes: list[str] = Field(default_factory=list)
+    disable_offline_access: bool = False
+    prompt: str | None = None
+    additional_params: str = ""
+
+    @field_validator("additional_params")
+    @classmethod
+    def _no_reserved_keys(cls, value: str) -> str:
+        parse_additional_params(value)
+        return value
+
+    def to_wire(self) -> dict[str, object]:
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_defaults=False)
+
+
+class InitialiseResponse(BaseModel):
+    url: str
+
+
+class ErrorFieldBody(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    fields: list[ErrorFieldBody] = Field(default_factory=list)
+    details: str = ""

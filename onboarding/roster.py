@@ -1,0 +1,358 @@
+"""Rosters: the tenants to onboard, from CSV, JSON, JSONL or YAML, a local path or a URL.
+
+Loading reads the file once to check every row and report every problem at once, keeping only
+the set of tenant ids; iterating reads it again as a stream, so a 100k-row roster never sits in
+memory as objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from onboarding.errors import InputError, Problem
+from onboarding.profile import ConnectorProfile
+
+REQUIRED_COLUMNS = ("tenant_id", "name", "admin_email")
+FORMATS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+}
+_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+MAX_PROBLEMS = 200
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    name: str
+    admin_email: str
+    fields: dict[str, str] = {}
+
+    @property
+    def values(self) -> dict[str, str]:
+        """Everything a template may use: the free fields and the three named ones."""
+        return {
+            **self.fields,
+            "tenant_id": self.tenant_id,
+            "name": self.name,
+            "admin_email": self.admin_email,
+        }
+
+
+@dataclass
+class Roster:
+    source: str
+    path: Path
+    fmt: str
+    count: int
+    only: frozenset[str] | None = None
+    _tmp: Any = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[Tenant]:
+        for _line, raw in _records(self.path, self.fmt, self.source):
+            values, _ = _normalise(raw)
+            tenant = _tenant(values)
+            if self.only is None or tenant.tenant_id in self.only:
+                yield tenant
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def load_roster(
+    location: str | Path,
+    profile: ConnectorProfile | None = None,
+    only: Iterable[str] | None = None,
+) -> Roster:
+    """Check every row; raise InputError listing all problems, or return a streamable Roster."""
+    source = str(location)
+    tmp = None
+    if source.startswith(("http://", "https://")):
+        tmp, path = _download(source)
+    else:
+        path = Path(location)
+        if not path.exists():
+            raise InputError(f"{source}: roster file not found")
+        if path.is_dir():
+            raise InputError(f"{source}: is a folder; give the roster file")
+    fmt = FORMATS.get(Path(urlsplit(source).path).suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"{source}: unknown roster format; name the file .csv, .json, .jsonl or .yaml"
+        )
+    problems, ids = _check(path, fmt, source, profile)
+    wanted = frozenset(only) if only else None
+    if wanted:
+        for tenant_id in sorted(wanted - ids):
+            problems.append(Problem(source, None, "only", f"tenant_id {tenant_id!r} is not in it"))
+    if problems:
+        shown = problems[:MAX_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise InputError(
+            shown,
+            hint=(f"…and {more} more. " if more else "")
+            + f"Fix the roster ({len(problems)} problem(s)); nothing was sent to Versori.",
+        )
+    count = len(ids & wanted) if wanted else len(ids)
+    return Roster(source=source, path=path, fmt=fmt, count=count, only=wanted, _tmp=tmp)
+
+
+def _download(url: str) -> tuple[Any, Path]:
+    tmp = tempfile.TemporaryDirectory(prefix="onboard-roster-")
+    path = Path(tmp.name) / (Path(urlsplit(url).path).name or "roster")
+    try:
+        with httpx.stream("GET", url, timeout=30, follow_redirects=True) as response:
+            response.raise_for_status()
+            with path.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+    except httpx.HTTPError as err:
+        raise InputError(f"{url}: cannot download the roster ({err})") from err
+    return tmp, path
+
+
+def _check(
+    path: Path, fmt: str, source: str, profile: ConnectorProfile | None
+) -> tuple[list[Problem], set[str]]:
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    needed = profile.fields_used if profile else []
+    header_missing: set[str] = set()
+    if fmt == "csv":
+        columns = _csv_header(path, source)
+        for name in [*REQUIRED_COLUMNS, *needed]:
+            if name not in columns:
+                header_missing.add(name)
+                used = "" if name in REQUIRED_COLUMNS else " (the profile's templates use it)"
+                problems.append(
+                    Problem(source, 1, name, f"no such column{used}; columns: {', '.join(columns)}")
+                )
+    for line, raw in _records(path, fmt, source):
+        values, row_problems = _normalise(raw)
+        for fld, message in row_problems:
+            problems.append(Problem(source, line, fld, message))
+        for name in [*REQUIRED_COLUMNS, *needed]:
+            if name not in header_missing and not values.get(name):
+                what = (
+                    "is required"
+                    if name in REQUIRED_COLUMNS
+                    else "is empty, and the profile's templates use it"
+                )
+                problems.append(Problem(source, line, name, what))
+        tenant_id = values.get("tenant_id", "")
+        if tenant_id:
+            if not _TENANT_ID.match(tenant_id):
+                problems.append(
+                    Problem(
+                        source,
+                        line,
+                        "tenant_id",
+                        "use 1-128 letters, digits and . _ : @ + - (first a letter or digit)",
+                    )
+                )
+            elif tenant_id in first_line:
+                problems.append(
+                    Problem(
+                        source,
+                        line,
+                        "tenant_id",
+                        f"duplicate {tenant_id!r} (first at line {first_line[tenant_id]})",
+                    )
+                )
+            else:
+                first_line[tenant_id] = line
+        email = values.get("admin_email", "")
+        if email:
+            try:
+                validate_email(email, check_deliverability=False)
+            except EmailNotValidError as err:
+                problems.append(Problem(source, line, "admin_email", str(err)))
+        if profile and all(values.get(n) for n in needed):
+            problems += [Problem(source, line, f, m) for f, m in _render_problems(profile, values)]
+    return problems, set(first_line)
+
+
+def _render_problems(profile: ConnectorProfile, values: dict[str, str]) -> list[tuple[str, str]]:
+    try:
+        request = profile.render(values)
+    except ValidationError as err:
+        return [
+            (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
+            for e in err.errors()
+        ]
+    host = urlsplit(request.authorize_url).hostname or ""
+    if not _HOSTNAME.match(host):
+        from onboarding.profile import template_fields
+
+        used = ", ".join(template_fields(profile.authorize_url)) or "authorize_url"
+        return [(used, "makes the authorize_url host invalid (letters, digits, - and . only)")]
+    return []
+
+
+def _tenant(values: dict[str, str]) -> Tenant:
+    extra = {k: v for k, v in values.items() if k not in REQUIRED_COLUMNS}
+    return Tenant(
+        tenant_id=values.get("tenant_id", ""),
+        name=values.get("name", ""),
+        admin_email=values.get("admin_email", ""),
+        fields=extra,
+    )
+
+
+def _normalise(raw: Any) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Row values as trimmed text; problems for values that cannot be text or carry CR/LF."""
+    if not isinstance(raw, dict):
+        return {}, [("", "a row must be an object of column: value")]
+    values: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for key, value in raw.items():
+        if key is None:  # csv.DictReader puts surplus cells under None
+            problems.append(("", f"has {len(value)} more value(s) than the header has columns"))
+            continue
+        key = str(key).strip()
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int | float):
+            value = str(value)
+        elif not isinstance(value, str):
+            problems.append((key, "must be text, not a list or object"))
+            continue
+        value = value.strip()
+        if "\r" in value or "\n" in value or "\x00" in value:
+            # Values end up in email headers and URLs; a line break could inject either.
+            problems.append((key, "contains a line break or NUL; remove it"))
+            continue
+        values[key] = value
+    return values, problems
+
+
+def _csv_header(path: Path, source: str) -> list[str]:
+    with _open_text(path, source) as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise InputError([Problem(source, 1, "", "empty file; the first line names the columns")])
+    return [h.strip() for h in header]
+
+
+def _open_text(path: Path, source: str) -> Any:
+    try:
+        return path.open(encoding="utf-8-sig", newline="")
+    except OSError as err:
+        raise InputError(f"{source}: cannot read it ({err.strerror})") from err
+
+
+def _records(path: Path, fmt: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(line, raw row) pairs, streamed where the format allows it."""
+    try:
+        if fmt == "csv":
+            yield from _csv_records(path, source)
+        elif fmt == "jsonl":
+            yield from _jsonl_records(path, source)
+        elif fmt == "json":
+            yield from _json_records(path, source)
+        else:
+            yield from _yaml_records(path, source)
+    except UnicodeDecodeError as err:
+        raise InputError(
+            [Problem(source, None, "", f"not UTF-8 text (byte {err.start}); save it as UTF-8")]
+        ) from err
+
+
+def _csv_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    with _open_text(path, source) as f:
+        reader = csv.DictReader(f, skipinitialspace=False)
+        reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+        start = reader.line_num + 1
+        try:
+            for row in reader:
+                if any(v for k, v in row.items() if k is not None) or row.get(None):  # type: ignore[call-overload]
+                    yield start, row
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise InputError([Problem(source, reader.line_num, "", f"bad CSV: {err}")]) from err
+
+
+def _jsonl_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    with _open_text(path, source) as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InputError([Problem(source, number, "", f"bad JSON: {err.msg}")]) from err
+
+
+def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    # json.load gives no line numbers; walking the top-level array with raw_decode does.
+    text = path.read_text(encoding="utf-8-sig")
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def fail(pos: int, message: str) -> InputError:
+        return InputError([Problem(source, text.count("\n", 0, pos) + 1, "", message)])
+
+    pos = skip(0)
+    if text.startswith("{", pos):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, f"bad JSON: {err.msg}") from err
+        if not isinstance(document.get("tenants"), list):
+            raise fail(pos, 'expected a JSON array of tenants, or {"tenants": [...]}')
+        pos = skip(text.index("[", text.index('"tenants"')))
+    if not text.startswith("[", pos):
+        raise fail(pos, 'expected a JSON array of tenants, or {"tenants": [...]}')
+    pos = skip(pos + 1)
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, f"bad JSON: {err.msg}") from err
+        yield text.count("\n", 0, pos) + 1, item
+        pos = skip(end)
+        if text.startswith(",", pos):
+            pos = skip(pos + 1)
+        elif text.startswith("]", pos):
+            return
+        else:
+            raise fail(pos, "expected , or ] after a tenant")
+
+
+def _yaml_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    from onboarding.profile import load_yaml_with_lines
+
+    data, lines = load_yaml_with_lines(path)
+    prefix: tuple[str | int, ...] = ()
+    if isinstance(data, dict) and isinstance(data.get("tenants"), list):
+        data, prefix = data["tenants"], ("tenants",)
+    if not isinstance(data, list):
+        raise InputError([Problem(source, 1, "", "expected a YAML list of tenants")])
+    for i, item in enumerate(data):
+        yield lines.get((*prefix, i), 0), item
