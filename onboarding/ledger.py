@@ -297,6 +297,16 @@ class Ledger:
         with self.engine.connect() as conn:
             return {status: count for status, count in conn.execute(query)}
 
+    def count_past_expiry(self, connector_id: str | None, now: datetime) -> int:
+        """Links handed out but not connected whose time is up (stale, whatever their status)."""
+        query = select(func.count()).where(
+            records.c.status.in_([s.value for s in LIVE_STATUSES]), records.c.expires_at <= now
+        )
+        if connector_id:
+            query = query.where(records.c.connector_id == connector_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def iter_records(self, connector_id: str | None = None) -> Iterator[Record]:
         """Every record, streamed in tenant order, so an export of 100k rows stays small."""
         query = select(records).order_by(records.c.connector_id, records.c.tenant_id)

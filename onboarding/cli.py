@@ -1,0 +1,300 @@
+"""The `onboard` command line. The only module of the core package that may import Prefect."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onboarding.errors import InputError
+from onboarding.ledger import EXPORT_KEYS, Ledger, utcnow
+from onboarding.onboard import Delivery
+from onboarding.settings import LedgerSettings, VersoriSettings
+
+app = typer.Typer(
+    help="Onboard every tenant to a Versori OAuth2 connector, in batch, on Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = PROJECT_DIR / "examples"
+# Faults the demo injects into a few example tenants so that retries and failures show.
+DEMO_SCRIPT = {
+    "flaky-": ["503", "503"],
+    "throttled-": ["429"],
+    "down-under-": ["503*"],
+    "badlink-": ["bad_url"],
+}
+
+
+def _bad_input(error: InputError) -> typer.Exit:
+    err.print("[bold red]Bad input[/] (nothing was sent to Versori):", highlight=False)
+    for line in str(error).splitlines():
+        err.print(f"  {line}", highlight=False, markup=False)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _quiet_task_logs(verbose: bool) -> None:
+    # One INFO line per task run drowns the progress lines in a batch of thousands.
+    if not verbose:
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+
+
+def _preflight(roster: str, profile: str, only: list[str] | None, dry_run: bool) -> None:
+    """Check everything a run needs before Prefect starts, so bad input exits 2 at once."""
+    from flows.common import resolve_api_key
+    from onboarding.profile import load_profile
+    from onboarding.roster import load_roster
+
+    connector = load_profile(profile)
+    load_roster(roster, connector, only)
+    Ledger(LedgerSettings().db_url).close()
+    if not dry_run:
+        versori = VersoriSettings()
+        if not (versori.api_key or versori.api_key_block):
+            raise InputError(
+                "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
+                "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
+            )
+        resolve_api_key(versori)
+
+
+def _run_flow(
+    roster: str,
+    profile: str,
+    deliver: Delivery,
+    concurrency: int,
+    dry_run: bool,
+    only: list[str] | None,
+) -> dict[str, Any] | None:
+    from flows.onboard_tenants import onboard_tenants
+
+    state = onboard_tenants(
+        roster=roster,
+        profile=profile,
+        deliver=deliver,
+        concurrency=concurrency,
+        dry_run=dry_run,
+        only=only,
+        return_state=True,
+    )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        return result
+    err.print(f"[bold red]The run did not finish:[/] {state.message}", highlight=False)
+    return None
+
+
+def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
+    rows = summary["outcomes"]
+    if not everything:
+        rows = [r for r in rows if r["status"] == "failed"]
+    if rows:
+        table = Table(title="Tenants" if everything else "Failed tenants")
+        for column in ("tenant", "status", "link host", "state", "error"):
+            table.add_column(column, overflow="fold")
+        for r in rows:
+            style = "red" if r["status"] == "failed" else ""
+            error = f"{r['error_code']}: {r['error_message']}" if r["error_code"] else ""
+            table.add_row(
+                r["tenant_id"], r["status"], r["link_host"], r["masked_state"], error, style=style
+            )
+        out.print(table)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
+    out.print(
+        f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: {counts}",
+        highlight=False,
+    )
+
+
+@app.command()
+def run(
+    roster: Annotated[str, typer.Option(help="Roster file (.csv .json .jsonl .yaml) or URL.")],
+    profile: Annotated[str, typer.Option(help="Connector profile YAML.")],
+    deliver: Annotated[Delivery, typer.Option(help="Where links go.")] = Delivery.STORE,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Tenants at once.")] = 16,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs, call nothing.")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Only this tenant_id (repeatable).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log every task run.")] = False,
+) -> None:
+    """Onboard a roster. Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad
+    input (nothing was called)."""
+    try:
+        _preflight(roster, profile, only, dry_run)
+    except InputError as error:
+        raise _bad_input(error) from None
+    _quiet_task_logs(verbose)
+    summary = _run_flow(roster, profile, deliver, concurrency, dry_run, only)
+    if summary is None:
+        raise typer.Exit(EXIT_SOME_FAILED)
+    _print_outcomes(summary, everything=dry_run)
+    if summary["failed"]:
+        out.print("The next `onboard run` retries the failed tenants.")
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="Folder for the demo's ledger.")] = Path(
+        "demo-output"
+    ),
+) -> None:
+    """Onboard the example roster against a local emulator: no account, no set-up."""
+    from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob("onboarding.db*"):
+        stale.unlink()
+    ledger_url = f"sqlite:///{(output / 'onboarding.db').resolve()}"
+    roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
+    out.print(
+        "[bold]Demo:[/] onboarding the 25 tenants of examples/tenants.csv through a local "
+        "Versori emulator.\nFour tenants meet injected faults: two recover after retries, "
+        "two fail (a 503 that never clears, a returned URL without a state).",
+        highlight=False,
+    )
+    with EmulatorServer(EmulatorConfig(script=DEMO_SCRIPT, seed=7)) as emulator:
+        os.environ.update(
+            VERSORI_BASE_URL=emulator.base_url,
+            VERSORI_API_KEY=DEFAULT_API_KEY,
+            ONBOARD_DB_URL=ledger_url,
+        )
+        os.environ.pop("VERSORI_API_KEY_BLOCK", None)
+        _quiet_task_logs(verbose=True)
+        summary = _run_flow(roster, profile, Delivery.STORE, 8, False, None)
+    if summary is None:
+        raise typer.Exit(EXIT_SOME_FAILED)
+    _print_outcomes(summary, everything=True)
+    out.print(
+        f"\nWhere to look next:\n"
+        f"  ledger     {output / 'onboarding.db'}\n"
+        f"  counts     ONBOARD_DB_URL={ledger_url} uv run onboard status\n"
+        f"  links      ONBOARD_DB_URL={ledger_url} uv run onboard export --format csv\n"
+        f"  your data  uv run onboard emulator, then `onboard run` in a second shell (README)",
+        highlight=False,
+    )
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Delay added to every request.")] = 0.0,
+    error_rate: Annotated[float, typer.Option(help="Share of requests answered 503.")] = 0.0,
+    rate_limit: Annotated[
+        float | None, typer.Option(help="Requests/s accepted; beyond, 429 + Retry-After.")
+    ] = None,
+    api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
+) -> None:
+    """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
+    from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, run_emulator
+
+    key = api_key or DEFAULT_API_KEY
+    try:
+        config = EmulatorConfig(
+            api_keys=frozenset({key}),
+            latency_ms=latency_ms,
+            error_rate=error_rate,
+            rate_limit=rate_limit,
+        )
+    except ValueError as error:
+        raise _bad_input(InputError(str(error))) from None
+    err.print(
+        f"Versori emulator on http://{host}:{port}\n"
+        f"  export VERSORI_BASE_URL=http://{host}:{port} VERSORI_API_KEY=<its key"
+        f"{'' if api_key else ': ' + DEFAULT_API_KEY}>",
+        highlight=False,
+    )
+    run_emulator(config, host=host, port=port)
+
+
+def _open_ledger() -> Ledger:
+    try:
+        return Ledger(LedgerSettings().db_url)
+    except InputError as error:
+        raise _bad_input(error) from None
+
+
+@app.command()
+def status(
+    connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
+) -> None:
+    """Count tenants by status in the ledger (ONBOARD_DB_URL)."""
+    ledger = _open_ledger()
+    counts = ledger.counts_by_status(connector)
+    stale = ledger.count_past_expiry(connector, utcnow())
+    table = Table(title=f"Ledger {ledger.url.split('@')[-1]}")
+    table.add_column("status")
+    table.add_column("tenants", justify="right")
+    for name, n in sorted(counts.items()):
+        table.add_row(name, str(n))
+    table.add_row("[bold]total[/]", f"[bold]{sum(counts.values())}[/]")
+    out.print(table)
+    if stale:
+        out.print(f"{stale} link(s) are past their expiry and not connected.")
+
+
+class ExportFormat(StrEnum):
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+@app.command()
+def export(
+    format: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl.")],
+    output: Annotated[Path | None, typer.Option(help="File to write; stdout if absent.")] = None,
+    connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
+) -> None:
+    """Write every onboarding record, links included: handle the output as a secret."""
+    ledger = _open_ledger()
+    stream = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        writer = csv.DictWriter(stream, fieldnames=EXPORT_KEYS, lineterminator="\n")
+        if format is ExportFormat.CSV:
+            writer.writeheader()
+        n = 0
+        for record in ledger.iter_records(connector):
+            row = {k: _plain(getattr(record, k)) for k in EXPORT_KEYS}
+            if format is ExportFormat.CSV:
+                writer.writerow(row)
+            else:
+                stream.write(json.dumps(row) + "\n")
+            n += 1
+    finally:
+        if output:
+            stream.close()
+    if output:
+        err.print(f"{n} record(s) written to {output}", highlight=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
