@@ -101,7 +101,7 @@ def _run_flow(
 
 
 def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
-    rows = summary["outcomes"]
+    rows = sorted(summary["outcomes"], key=lambda r: r["tenant_id"])
     if not everything:
         rows = [r for r in rows if r["status"] == "failed"]
     if rows:
@@ -110,7 +110,7 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
             table.add_column(column, overflow="fold")
         for r in rows:
             style = "red" if r["status"] == "failed" else ""
-            error = f"{r['error_code']}: {r['error_message']}" if r["error_code"] else ""
+            error = r["error_message"] or r["error_code"]
             table.add_row(
                 r["tenant_id"], r["status"], r["link_host"], r["masked_state"], error, style=style
             )
@@ -189,6 +189,7 @@ def demo(
         f"  links      ONBOARD_DB_URL={ledger_url} uv run onboard export --format csv\n"
         f"  your data  uv run onboard emulator, then `onboard run` in a second shell (README)",
         highlight=False,
+        soft_wrap=True,
     )
 
 

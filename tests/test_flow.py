@@ -1,0 +1,222 @@
+"""The onboard-tenants flow under Prefect's test harness, against the emulator on a real socket."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.onboard_tenants as flow_module
+from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from onboarding.ledger import Ledger, Status
+from tasks.initialise import onboard_tenant_task
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PROFILE = str(EXAMPLES / "profile.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Same retry policy, without the seconds of backoff.
+    monkeypatch.setattr(
+        flow_module,
+        "onboard_tenant_task",
+        onboard_tenant_task.with_options(retry_delay_seconds=0.01, retry_jitter_factor=None),
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    monkeypatch.setenv("ONBOARD_DB_URL", db)
+    monkeypatch.setenv("VERSORI_API_KEY", DEFAULT_API_KEY)
+    monkeypatch.delenv("VERSORI_API_KEY_BLOCK", raising=False)
+    return {"db": db, "tmp": tmp_path}
+
+
+def write_roster(path: Path, subdomains: list[str]) -> str:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tenant_id", "name", "admin_email", "subdomain"])
+        for i, sub in enumerate(subdomains, 1):
+            w.writerow([f"t{i:03d}", f"Tenant {sub}", f"admin@{sub}.example.com", sub])
+    return str(path)
+
+
+def run(roster: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    state = flow_module.onboard_tenants(roster=roster, profile=PROFILE, return_state=True, **kwargs)
+    return state.type.value, state.result(raise_on_failure=False)
+
+
+@pytest.fixture
+def emulator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    config = getattr(request, "param", None) or EmulatorConfig()
+    with EmulatorServer(config) as server:
+        monkeypatch.setenv("VERSORI_BASE_URL", server.base_url)
+        yield server
+
+
+def test_all_succeed_then_rerun_skips_everything(env: dict[str, Any], emulator: Any) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", [f"acme{i}" for i in range(12)])
+    state, summary = run(roster, concurrency=4)
+    assert state == "COMPLETED"
+    assert summary["by_status"] == {"delivered": 12}
+    ledger = Ledger(env["db"])
+    record = ledger.get("t001", summary["connector_id"])
+    assert record is not None and record.status is Status.DELIVERED
+    assert record.url and record.url.startswith("https://acme0.zendesk.com/")
+    assert ledger.find_by_state(record.state or "") == record
+    assert record.expires_at is not None and record.created_at is not None
+    assert (record.expires_at - record.created_at).total_seconds() == 72 * 3600
+
+    requests_before = emulator.stats()["requests"]
+    state, summary = run(roster, concurrency=4)
+    assert state == "COMPLETED"
+    assert summary["by_status"] == {"skipped": 12}
+    assert emulator.stats()["requests"] == requests_before
+
+
+@pytest.mark.parametrize(
+    "emulator",
+    [
+        EmulatorConfig(
+            script={
+                "flaky": ["503", "502"],
+                "throttled": ["429"],
+                "down": ["503*"],
+                "invalid": ["400"],
+                "badlink": ["bad_url"],
+            }
+        )
+    ],
+    indirect=True,
+)
+def test_retries_only_transient_failures_and_records_why(
+    env: dict[str, Any], emulator: Any
+) -> None:
+    roster = write_roster(
+        env["tmp"] / "r.csv", ["ok", "flaky", "throttled", "down", "invalid", "badlink"]
+    )
+    state, summary = run(roster, concurrency=3)
+    assert state == "FAILED"
+    outcomes = {o["tenant_id"]: o for o in summary["outcomes"]}
+    ledger = Ledger(env["db"])
+    connector = summary["connector_id"]
+    attempts = {t: ledger.get(t, connector).attempts for t in outcomes}  # type: ignore[union-attr]
+    # ok:1, flaky: 503, 502, ok = 3, throttled: 429, ok = 2, down: 1 + 3 retries,
+    # invalid (400): never retried, badlink (URL check): never retried.
+    assert attempts == {"t001": 1, "t002": 3, "t003": 2, "t004": 4, "t005": 1, "t006": 1}
+    assert emulator.stats()["requests"] == sum(attempts.values())
+    assert [outcomes[t]["status"] for t in ("t001", "t002", "t003")] == ["delivered"] * 3
+    assert outcomes["t004"]["error_code"] == "unavailable"
+    assert outcomes["t005"]["status"] == "failed"
+    assert outcomes["t006"]["error_code"] == "link_check_failed"
+    failed = ledger.get("t006", connector)
+    assert failed is not None and failed.url is None, "a URL failing the checks is never stored"
+    assert summary["failed"] == 3
+
+
+def test_rerun_picks_up_failed_tenants(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "b", "c"])
+    monkeypatch.setenv("VERSORI_BASE_URL", "http://127.0.0.1:1")  # nothing listens there
+    state, summary = run(roster)
+    assert state == "FAILED"
+    assert {o["error_code"] for o in summary["outcomes"]} == {"connection_error"}
+    ledger = Ledger(env["db"])
+    record = ledger.get("t002", summary["connector_id"])
+    assert record is not None and record.status is Status.FAILED and record.attempts == 4
+    assert "could not reach Versori at 127.0.0.1" in (record.error_message or "")
+
+    with EmulatorServer() as server:
+        monkeypatch.setenv("VERSORI_BASE_URL", server.base_url)
+        state, summary = run(roster)
+    assert state == "COMPLETED"
+    assert summary["by_status"] == {"delivered": 3}
+
+
+def test_unauthorised_key_stops_the_batch_early(
+    env: dict[str, Any], emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VERSORI_API_KEY", "wrong-key")
+    roster = write_roster(env["tmp"] / "r.csv", [f"t{i}" for i in range(40)])
+    state, summary = run(roster, concurrency=2)
+    assert state == "FAILED"
+    assert emulator.stats()["requests"] <= 6, "401 is not retried and stops new submissions"
+    codes = {o["error_code"] for o in summary["outcomes"]}
+    assert codes == {"unauthenticated", "not_attempted"}
+    assert summary["failed"] == 40
+    record = Ledger(env["db"]).get("t040", summary["connector_id"])
+    assert record is not None and record.error_code == "not_attempted"
+    assert "wrong-key" not in json.dumps(summary)
+
+
+def test_dry_run_calls_nothing(env: dict[str, Any], emulator: Any) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "b"])
+    state, summary = run(roster, dry_run=True)
+    assert state == "COMPLETED"
+    assert summary["by_status"] == {"would_initialise": 2}
+    assert emulator.stats()["requests"] == 0
+
+
+def test_only_restricts_the_batch(env: dict[str, Any], emulator: Any) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "b", "c"])
+    state, summary = run(roster, only=["t002"])
+    assert state == "COMPLETED"
+    assert [o["tenant_id"] for o in summary["outcomes"]] == ["t002"]
+
+
+def test_bad_roster_fails_before_any_call(env: dict[str, Any], emulator: Any) -> None:
+    bad = env["tmp"] / "bad.csv"
+    bad.write_text("tenant_id,name,admin_email,subdomain\nt1,A,not-an-email,a\nt1,B,b@x.com,b\n")
+    state, result = run(str(bad))
+    assert state == "FAILED"
+    assert "bad.csv:2: admin_email" in str(result) and "bad.csv:3: tenant_id" in str(result)
+    assert emulator.stats()["requests"] == 0
+
+
+def test_artifacts_hold_no_link_or_state(env: dict[str, Any], emulator: Any) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "b"])
+    final = flow_module.onboard_tenants(roster=roster, profile=PROFILE, return_state=True)
+    assert final.is_completed()
+    states = [r.state for r in Ledger(env["db"]).iter_records()]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[final.state_details.flow_run_id])
+            ),
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=["onboarding-zendesk-demo", "onboarding-summary-zendesk-demo"]
+                )
+            ),
+        )
+    assert {a.key for a in artifacts} >= {
+        "onboarding-zendesk-demo",
+        "onboarding-summary-zendesk-demo",
+    }
+    table = next(a for a in artifacts if a.key == "onboarding-zendesk-demo")
+    text = json.dumps(table.data) if not isinstance(table.data, str) else table.data
+    assert "t001" in text and "a.zendesk.com" in text
+    for s in states:
+        assert s and s not in text
+    assert "state=" not in text
