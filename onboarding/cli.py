@@ -45,7 +45,7 @@ DEMO_SCRIPT = {
 def _bad_input(error: InputError) -> typer.Exit:
     err.print("[bold red]Bad input[/] (nothing was sent to Versori):", highlight=False)
     for line in str(error).splitlines():
-        err.print(f"  {line}", highlight=False, markup=False)
+        err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
 
 

@@ -1,0 +1,219 @@
+"""The `onboard` CLI: bad input exits 2 at once (in-process), and a real run end to end
+(`onboard emulator` and `onboard run` as separate processes, as a user would in two shells)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from onboarding.cli import app
+from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
+
+PROFILE = str(PROJECT / "examples" / "profile.yaml")
+ROSTER = str(PROJECT / "examples" / "tenants.csv")
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ONBOARD_DB_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("VERSORI_API_KEY", "k")
+    monkeypatch.delenv("VERSORI_API_KEY_BLOCK", raising=False)
+    return tmp_path
+
+
+def test_bad_roster_rows_are_all_named_and_exit_2(cli_env: Path) -> None:
+    roster = cli_env / "r.csv"
+    roster.write_text(
+        "tenant_id,name,admin_email,subdomain\nt1,A,a@x.com,a\nt1,B,nope,b\nt3,,c@x.com,\n"
+    )
+    result = runner.invoke(app, ["run", "--roster", str(roster), "--profile", PROFILE])
+    assert result.exit_code == 2
+    text = result.stderr
+    assert "r.csv:3: tenant_id: duplicate 't1' (first at line 2)" in text
+    assert "r.csv:3: admin_email:" in text
+    assert "r.csv:4: name: is required" in text
+    assert "r.csv:4: subdomain:" in text
+    assert "nothing was sent to Versori" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--roster", "missing.csv", "--profile", PROFILE], "missing.csv: roster file not found"),
+        (["--roster", ROSTER, "--profile", "missing.yaml"], "missing.yaml: file not found"),
+        (["--roster", ROSTER, "--profile", PROFILE, "--only", "nobody"], "'nobody' is not in it"),
+    ],
+)
+def test_missing_inputs_exit_2(cli_env: Path, args: list[str], expected: str) -> None:
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 2
+    assert expected in result.stderr
+
+
+def test_profile_errors_name_file_line_and_field(cli_env: Path) -> None:
+    profile = cli_env / "p.yaml"
+    text = Path(PROFILE).read_text()
+    text = text.replace("connector_id: 01M8F12B95S4BX0QFB3TPDWZ0Q", "connector_id: not-a-ulid")
+    text = text.replace('login_hint: "{admin_email}"', 'state: "mine"')
+    profile.write_text(text)
+    result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", str(profile)])
+    assert result.exit_code == 2
+    line = text.splitlines().index("connector_id: not-a-ulid") + 1
+    assert f"p.yaml:{line}: connector_id: 'not-a-ulid' is not a ULID" in result.stderr
+    assert "additional_params: sets state, which Versori sets itself" in result.stderr
+
+
+def test_no_api_key_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VERSORI_API_KEY")
+    result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", PROFILE])
+    assert result.exit_code == 2
+    assert "VERSORI_API_KEY is not set" in result.stderr
+
+
+def test_bad_ledger_url_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONBOARD_DB_URL", "postgresql+psycopg://me:hunter2@127.0.0.1:1/x")
+    result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", PROFILE])
+    assert result.exit_code == 2
+    assert "ONBOARD_DB_URL" in result.stderr and "hunter2" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
+    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
+    assert onboard, "the onboard console script is installed with the project"
+    port = free_port()
+    env = base_env(tmp_path)
+    emulator_env = dict(env)
+    with child(
+        [onboard, "emulator", "--port", str(port), "--api-key", "e2e-key"],
+        emulator_env,
+        tmp_path / "emulator.log",
+    ) as emulator:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz", proc=emulator)
+        env.update(
+            VERSORI_BASE_URL=base,
+            VERSORI_API_KEY="e2e-key",
+            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
+        )
+        first = subprocess.run(
+            [onboard, "run", "--roster", ROSTER, "--profile", PROFILE, "--concurrency", "4"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "25 delivered" in first.stdout
+        assert httpx.get(f"{base}/_emulator/stats").json()["by_status"] == {"200": 25}
+
+        again = subprocess.run(
+            [onboard, "run", "--roster", ROSTER, "--profile", PROFILE],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "25 skipped" in again.stdout
+        assert httpx.get(f"{base}/_emulator/stats").json()["requests"] == 25
+
+        exported = subprocess.run(
+            [onboard, "export", "--format", "csv"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+        assert len(rows) == 25 and {r["status"] for r in rows} == {"delivered"}
+        assert list(rows[0]) == [
+            "tenant_id",
+            "connector_id",
+            "status",
+            "url",
+            "state",
+            "created_at",
+            "expires_at",
+            "attempts",
+            "error_code",
+            "error_message",
+        ]
+        assert all(r["state"] and f"state={r['state']}" in r["url"] for r in rows)
+        assert "e2e-key" not in first.stdout + first.stderr
+        for r in rows:  # the console shows host and masked state, never the link itself
+            assert r["state"] not in first.stdout + first.stderr
+
+        jsonl = subprocess.run(
+            [onboard, "export", "--format", "jsonl", "--output", str(tmp_path / "o.jsonl")],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert jsonl.returncode == 0
+        lines = (tmp_path / "o.jsonl").read_text().splitlines()
+        assert len(lines) == 25 and json.loads(lines[0])["tenant_id"] == "t001"
+
+        status = subprocess.run(
+            [onboard, "status"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert status.returncode == 0 and "delivered" in status.stdout and "25" in status.stdout
+
+
+@pytest.mark.e2e
+def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -> None:
+    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
+    assert onboard
+    port = free_port()
+    env = base_env(tmp_path)
+    with child(
+        [onboard, "emulator", "--port", str(port), "--error-rate", "1.0"],
+        env,
+        tmp_path / "emulator.log",
+    ) as emulator:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz", proc=emulator)
+        env.update(
+            VERSORI_BASE_URL=base,
+            VERSORI_API_KEY="emulator-key",
+            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
+        )
+        result = subprocess.run(
+            [
+                onboard,
+                "run",
+                "--roster",
+                ROSTER,
+                "--profile",
+                PROFILE,
+                "--only",
+                "t001",
+                "--only",
+                "t002",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "2 failed" in result.stdout
+        assert "The next `onboard run` retries the failed tenants." in result.stdout
+        # 1 attempt + 3 retries each, all 503: transient, retried, then recorded.
+        assert httpx.get(f"{base}/_emulator/stats").json()["by_status"] == {"503": 8}
