@@ -14,8 +14,9 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
-from flows.common import Progress, resolve_api_key
+from flows.common import Progress, quiet_routine_task_logs, resolve_api_key
 from onboarding.client import VersoriClient
 from onboarding.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from onboarding.ledger import Ledger
@@ -120,7 +121,9 @@ def _run_batch(
         nonlocal stop_reason
         for future in done:
             tenant_id = in_flight.pop(future)
-            result = future.result(raise_on_failure=False)
+            result = job.latest.pop(tenant_id, None)
+            if result is None:  # the task failed before reaching the core: ask Prefect
+                result = future.result(raise_on_failure=False)
             if isinstance(result, TenantOutcome):
                 outcome = result
             else:
@@ -138,7 +141,7 @@ def _run_batch(
         )
         collect({by_wrapped[w] for w in done})
 
-    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+    with quiet_routine_task_logs(), ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         for tenant in tenants:
             if tenant.tenant_id in live:
                 outcomes.append(TenantOutcome(tenant.tenant_id, "skipped"))
@@ -150,7 +153,8 @@ def _run_batch(
                 continue
             while len(in_flight) >= 2 * concurrency:
                 wait_for_one()
-            future = runner.submit(onboard_tenant_task, {"tenant": tenant, "job": job})
+            # quote(): Prefect would otherwise walk the job (client, ledger, results) per task.
+            future = runner.submit(onboard_tenant_task, {"tenant": tenant, "job": quote(job)})
             in_flight[future] = tenant.tenant_id
         while in_flight:
             wait_for_one()

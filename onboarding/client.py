@@ -1,9 +1,12 @@
 """A synchronous client for Versori's InitialiseOAuth2Connection.
 
 It makes exactly one HTTP attempt per call: retries belong to the caller (the Prefect task), so
-attempts never multiply. It turns every failure into one of the types in `onboarding.errors`,
-never lets a raw httpx exception out, and bounds a whole call by a deadline that really interrupts
-(each blocking read is given at most the time left, and the body is read in chunks against it).
+attempts never multiply. It turns every failure into one of the types in `onboarding.errors`
+and never lets a raw httpx exception out. A call is bounded by a deadline: every socket
+operation gets at most the time left when the request starts, and the body is read in chunks
+checked against it. Known gap: a server that trickles its status line and headers a byte at a
+time, each within the read timeout, is not cut off at the deadline (httpx exposes no hook
+between header reads).
 """
 
 from __future__ import annotations
@@ -83,9 +86,27 @@ class VersoriClient:
                 "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
                 "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
             )
+        # A key with whitespace, control or non-ASCII characters cannot go in a header: httpx or
+        # h11 would raise an error that quotes the header, key included. Never quote the key.
+        if not all("!" <= c <= "~" for c in api_key):
+            raise InputError(
+                "VERSORI_API_KEY contains whitespace, control or non-ASCII characters "
+                "(a trailing newline?); set it to the key alone"
+            )
         base_url = base_url or os.environ.get("VERSORI_BASE_URL") or constants.PRODUCTION_BASE_URL
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(base_url)
+            _ = parts.port  # raises ValueError on a bad port
+            httpx.URL(base_url)
+            usable = (
+                parts.scheme in ("http", "https")
+                and bool(parts.hostname)
+                and not parts.query
+                and not parts.fragment
+            )
+        except (ValueError, httpx.InvalidURL):
+            usable = False
+        if not usable:
             raise InputError(
                 f"VERSORI_BASE_URL {base_url!r} is not an http(s) URL; "
                 f"production is {constants.PRODUCTION_BASE_URL}"
@@ -143,17 +164,22 @@ class VersoriClient:
                 "POST", path, json=payload, timeout=self._timeout(deadline)
             ) as response:
                 body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if time.monotonic() > deadline:
-                        raise APITimeoutError(
-                            f"Versori at {self.host} did not finish answering within "
-                            f"{self._call_deadline:g} s"
-                        )
-                    if len(body) > _MAX_BODY_BYTES:
-                        raise APIError(
-                            response.status_code, "invalid_response", "response body too large"
-                        )
+                try:
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if time.monotonic() > deadline:
+                            raise APITimeoutError(
+                                f"Versori at {self.host} did not finish answering within "
+                                f"{self._call_deadline:g} s"
+                            )
+                        if len(body) > _MAX_BODY_BYTES:
+                            raise APIError(
+                                response.status_code, "invalid_response", "response body too large"
+                            )
+                except httpx.DecodingError:
+                    # A body that fails its Content-Encoding is no body: keep the status, so a
+                    # 5xx stays a ServerError and a 2xx becomes invalid_response.
+                    body = bytearray()
                 return response.status_code, response.headers, bytes(body)
         except httpx.TimeoutException as err:
             raise APITimeoutError(
@@ -195,7 +221,4 @@ class VersoriClient:
 
 
 def _reason(status: int) -> str:
-    try:
-        return httpx.codes(status).phrase
-    except ValueError:
-        return "error without a Versori error body"
+    return httpx.codes.get_reason_phrase(status) or "error without a Versori error body"

@@ -31,6 +31,20 @@ class OnboardingError(Exception):
     code: str = "error"
     transient: bool = False
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses take structured arguments, not their message: pickle and copy rebuild the
+        # error from its state instead of calling __init__ again with the message.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[OnboardingError], args: tuple[object, ...], state: dict[str, object]
+) -> OnboardingError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from onboarding.errors import InputError
 
@@ -129,6 +129,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc(value: datetime) -> datetime:
+    # SQLite stores the wall time and drops the offset, so a +02:00 time must become UTC first.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -159,12 +164,15 @@ class Ledger:
             ) from err
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine, "handle_error", _hide_failing_row)
         self._insert = (
             postgresql.insert if self.engine.dialect.name == "postgresql" else (sqlite.insert)
         )
         try:
             metadata.create_all(self.engine)
-        except OperationalError as err:
+        except DBAPIError as err:  # unreachable, refused, or a bad option in the URL's query
+            self.engine.dispose()
             raise InputError(
                 f"cannot open the ledger at {_redact(url)}: {err.orig}; check ONBOARD_DB_URL"
             ) from err
@@ -200,8 +208,8 @@ class Ledger:
             "status": Status.LINK_CREATED.value,
             "url": url,
             "state": state,
-            "created_at": created_at,
-            "expires_at": expires_at,
+            "created_at": _utc(created_at),
+            "expires_at": _utc(expires_at),
             "delivered_at": None,
             "connected_at": None,
             "delivery_channel": None,
@@ -257,7 +265,7 @@ class Ledger:
                 .values(
                     status=Status.DELIVERED.value,
                     delivery_channel=channel,
-                    delivered_at=at or utcnow(),
+                    delivered_at=_utc(at or utcnow()),
                     updated_at=utcnow(),
                 )
             )
@@ -278,7 +286,7 @@ class Ledger:
 
     def live_tenant_ids(self, connector_id: str, now: datetime | None = None) -> set[str]:
         """Tenants that need nothing from a new run: connected, or holding an unexpired link."""
-        now = now or utcnow()
+        now = _utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
             (records.c.status == Status.CONNECTED.value)
@@ -300,7 +308,8 @@ class Ledger:
     def count_past_expiry(self, connector_id: str | None, now: datetime) -> int:
         """Links handed out but not connected whose time is up (stale, whatever their status)."""
         query = select(func.count()).where(
-            records.c.status.in_([s.value for s in LIVE_STATUSES]), records.c.expires_at <= now
+            records.c.status.in_([s.value for s in LIVE_STATUSES]),
+            records.c.expires_at <= _utc(now),
         )
         if connector_id:
             query = query.where(records.c.connector_id == connector_id)
@@ -326,3 +335,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _hide_failing_row(context: Any) -> None:
+    # hide_parameters keeps SQLAlchemy from printing a statement's values, but PostgreSQL prints
+    # them itself in a DETAIL line ("Failing row contains (..., url, state, ...)"). Drop it from
+    # the driver's error and from SQLAlchemy's, which copied the text when it was made.
+    for exc in (context.original_exception, context.sqlalchemy_exception):
+        if exc is not None and exc.args and isinstance(exc.args[0], str):
+            head, sep, _detail = exc.args[0].partition("\nDETAIL:")
+            if sep:
+                exc.args = (head + "\nDETAIL: (hidden: it may hold the link being written)",)

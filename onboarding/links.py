@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
+from onboarding.constants import RESERVED_QUERY_KEYS
 from onboarding.errors import LinkCheckError
 from onboarding.models import InitialiseRequest, parse_additional_params
 
@@ -49,25 +50,53 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _endpoint(parts: SplitResult) -> tuple[str, str, int | None, str] | None:
+    """Scheme, host, port (default filled in) and path; None if the port is not a port."""
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if port is None:
+        port = _DEFAULT_PORTS.get(parts.scheme)
+    return parts.scheme, parts.hostname or "", port, parts.path
+
+
+def _split(url: str) -> SplitResult | None:
+    try:
+        return urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+
+
 def check_link(url: str, request: InitialiseRequest) -> Link:
     """Return the checked link, or raise LinkCheckError listing every problem found."""
     problems: list[str] = []
-    got = urlsplit(url)
+    got = _split(url)
+    if got is None:
+        raise LinkCheckError(["is not a parseable URL"])
     want = urlsplit(request.authorize_url)
-    if (got.scheme, (got.hostname or ""), got.path) != (
-        want.scheme,
-        (want.hostname or ""),
-        want.path,
-    ):
-        problems.append("scheme, host or path differ from the profile's authorize_url")
+    got_endpoint = _endpoint(got)
+    if got_endpoint is None or got_endpoint != _endpoint(want):
+        problems.append("scheme, host, port or path differ from the profile's authorize_url")
     if got.fragment:
         problems.append("has a #fragment")
+    if got.username is not None or got.password is not None:
+        problems.append("carries user info before the host")
 
+    additional = parse_additional_params(request.additional_params)
     pairs = parse_qsl(got.query, keep_blank_values=True)
     counts = Counter(k for k, _ in pairs)
     repeated = sorted(k for k, n in counts.items() if n > 1)
     if repeated:
-        problems.append(f"repeats parameter(s) {', '.join(repeated)}")
+        # Name only parameters we know: any other name is a piece of the URL, maybe the state.
+        known = RESERVED_QUERY_KEYS | {k for k, _ in [*parse_qsl(want.query), *additional]}
+        named = [k for k in repeated if k in known]
+        if len(named) < len(repeated):
+            named.append(f"{len(repeated) - len(named)} other(s)")
+        problems.append(f"repeats parameter(s) {', '.join(named)}")
     params = dict(pairs)
 
     for key, value in parse_qsl(want.query, keep_blank_values=True):
@@ -80,11 +109,15 @@ def check_link(url: str, request: InitialiseRequest) -> Link:
         problems.append("client_id is missing or differs from the request's")
     if not params.get("state"):
         problems.append("has no state")
-    redirect = urlsplit(params.get("redirect_uri", ""))
-    if not redirect.scheme or not redirect.hostname:
+    redirect = _split(params.get("redirect_uri", ""))
+    if redirect is None or not redirect.scheme or not redirect.hostname:
         problems.append("redirect_uri is missing or not absolute")
-    elif redirect.scheme != "https" and not _is_loopback(redirect.hostname):
+    elif redirect.scheme not in ("https", "http") or (
+        redirect.scheme == "http" and not _is_loopback(redirect.hostname)
+    ):
         problems.append("redirect_uri is not https")
+    elif redirect.fragment:
+        problems.append("redirect_uri has a #fragment (RFC 6749 3.1.2)")
 
     scopes = set(params.get("scope", "").split())
     wanted = set(request.scopes)
@@ -94,8 +127,7 @@ def check_link(url: str, request: InitialiseRequest) -> Link:
     if missing:
         problems.append(f"scope lacks {', '.join(missing)}")
 
-    additional = parse_additional_params(request.additional_params)
-    expected_prompt = request.prompt
+    expected_prompt = request.prompt or None
     if expected_prompt is None and "approval_prompt" not in {k for k, _ in additional}:
         expected_prompt = "login"
     if expected_prompt is not None:

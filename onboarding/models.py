@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 from ulid import ULID
 
@@ -94,3 +102,14 @@ class ErrorBody(BaseModel):
     message: str
     fields: list[ErrorFieldBody] = Field(default_factory=list)
     details: str = ""
+
+    @field_validator("fields", "details", mode="before")
+    @classmethod
+    def _lenient(cls, value: object, info: ValidationInfo) -> object:
+        # Optional members may come as null, and details as any JSON: neither may cost the
+        # error its Versori code and message.
+        if value is None:
+            return [] if info.field_name == "fields" else ""
+        if info.field_name == "details" and not isinstance(value, str):
+            return json.dumps(value, separators=(",", ":"))
+        return value

@@ -32,6 +32,9 @@ class OnboardingJob:
     deliver: Delivery = Delivery.STORE
     run_id: str | None = None
     clock: Callable[[], datetime] = field(default=utcnow)
+    # The latest attempt's result per tenant, for the flow to collect without asking the
+    # orchestrator for it. Written by worker threads, popped by the flow: one key per tenant.
+    latest: dict[str, TenantOutcome | Exception] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,21 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
             job.ledger.record_failure(**identity, error_code=code, error_message=message)
         except Exception:
             log.exception("could not record the failure of tenant %s", tenant.tenant_id)
+        job.latest[tenant.tenant_id] = exc
         raise
     if job.deliver is Delivery.STORE:
         job.ledger.mark_delivered(tenant.tenant_id, profile.connector_id, channel="store")
         status = Status.DELIVERED
     else:
         status = Status.LINK_CREATED
-    return TenantOutcome(
+    outcome = TenantOutcome(
         tenant_id=tenant.tenant_id,
         status=status.value,
         link_host=link.host,
         masked_state=mask_state(link.state),
     )
+    job.latest[tenant.tenant_id] = outcome
+    return outcome
 
 
 def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:

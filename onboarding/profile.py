@@ -160,7 +160,9 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[str | int, ...], i
     lines: dict[tuple[str | int, ...], int] = {}
 
     def walk(n: Any, at: tuple[str | int, ...]) -> None:
-        lines[at] = n.start_mark.line + 1
+        # A mapping value keeps its key's line: "additional_params: ..." names the key's line,
+        # not the line its block value starts on.
+        lines.setdefault(at, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
             for key, value in n.value:
                 lines[(*at, key.value)] = key.start_mark.line + 1

@@ -135,10 +135,12 @@ def _check(
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
     needed = profile.fields_used if profile else []
+    # Once each: admin_email is both required and, often, used by the templates.
+    checked = list(dict.fromkeys([*REQUIRED_COLUMNS, *needed]))
     header_missing: set[str] = set()
     if fmt == "csv":
         columns = _csv_header(path, source)
-        for name in [*REQUIRED_COLUMNS, *needed]:
+        for name in checked:
             if name not in columns:
                 header_missing.add(name)
                 used = "" if name in REQUIRED_COLUMNS else " (the profile's templates use it)"
@@ -149,8 +151,10 @@ def _check(
         values, row_problems = _normalise(raw)
         for fld, message in row_problems:
             problems.append(Problem(source, line, fld, message))
-        for name in [*REQUIRED_COLUMNS, *needed]:
-            if name not in header_missing and not values.get(name):
+        # A missing column, or a value refused above, has been reported already.
+        reported = header_missing | {fld for fld, _ in row_problems}
+        for name in checked:
+            if name not in reported and not values.get(name):
                 what = (
                     "is required"
                     if name in REQUIRED_COLUMNS
@@ -247,8 +251,11 @@ def _normalise(raw: Any) -> tuple[dict[str, str], list[tuple[str, str]]]:
 
 
 def _csv_header(path: Path, source: str) -> list[str]:
-    with _open_text(path, source) as f:
-        header = next(csv.reader(f), None)
+    try:
+        with _open_text(path, source) as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError as err:  # the first read decodes a whole chunk, not just line 1
+        raise _not_utf8(source, err) from err
     if not header:
         raise InputError([Problem(source, 1, "", "empty file; the first line names the columns")])
     return [h.strip() for h in header]
@@ -273,19 +280,28 @@ def _records(path: Path, fmt: str, source: str) -> Iterator[tuple[int, Any]]:
         else:
             yield from _yaml_records(path, source)
     except UnicodeDecodeError as err:
-        raise InputError(
-            [Problem(source, None, "", f"not UTF-8 text (byte {err.start}); save it as UTF-8")]
-        ) from err
+        raise _not_utf8(source, err) from err
+
+
+def _not_utf8(source: str, err: UnicodeDecodeError) -> InputError:
+    return InputError(
+        [Problem(source, None, "", f"not UTF-8 text (byte {err.start}); save it as UTF-8")]
+    )
 
 
 def _csv_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    # csv.reader, not DictReader: DictReader skips blank lines inside next(), which would make
+    # every row after a blank line report the blank line's number.
     with _open_text(path, source) as f:
-        reader = csv.DictReader(f, skipinitialspace=False)
-        reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
-        start = reader.line_num + 1
+        reader = csv.reader(f)
         try:
-            for row in reader:
-                if any(v for k, v in row.items() if k is not None) or row.get(None):  # type: ignore[call-overload]
+            columns = [h.strip() for h in next(reader, [])]
+            start = reader.line_num + 1
+            for cells in reader:
+                if any(cells):
+                    row: dict[str | None, Any] = dict(zip(columns, cells, strict=False))
+                    if len(cells) > len(columns):
+                        row[None] = cells[len(columns) :]
                     yield start, row
                 start = reader.line_num + 1
         except csv.Error as err:
@@ -316,21 +332,35 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     def fail(pos: int, message: str) -> InputError:
         return InputError([Problem(source, text.count("\n", 0, pos) + 1, "", message)])
 
+    def tenants_value(pos: int) -> int:
+        # Where the top-level "tenants" value starts (the last one, as json.loads keeps); a search
+        # for the text '"tenants"' could land on a nested key or a string value instead.
+        found, pos = pos, skip(pos + 1)
+        while not text.startswith("}", pos):
+            key, end = decoder.raw_decode(text, pos)
+            pos = skip(skip(end) + 1)  # past the ':'
+            if key == "tenants":
+                found = pos
+            _value, end = decoder.raw_decode(text, pos)
+            pos = skip(end)
+            if text.startswith(",", pos):
+                pos = skip(pos + 1)
+        return found
+
     pos = skip(0)
-    if text.startswith("{", pos):
+    wrapped = text.startswith("{", pos)
+    if wrapped:
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
             raise fail(err.pos, f"bad JSON: {err.msg}") from err
         if not isinstance(document.get("tenants"), list):
             raise fail(pos, 'expected a JSON array of tenants, or {"tenants": [...]}')
-        pos = skip(text.index("[", text.index('"tenants"')))
+        pos = tenants_value(pos)  # the document parsed, so this walk cannot fail
     if not text.startswith("[", pos):
         raise fail(pos, 'expected a JSON array of tenants, or {"tenants": [...]}')
     pos = skip(pos + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
+    while not text.startswith("]", pos):
         try:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
@@ -339,10 +369,13 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         pos = skip(end)
         if text.startswith(",", pos):
             pos = skip(pos + 1)
-        elif text.startswith("]", pos):
-            return
-        else:
+            if text.startswith("]", pos):
+                raise fail(pos, "bad JSON: a , before ]")
+        elif not text.startswith("]", pos):
             raise fail(pos, "expected , or ] after a tenant")
+    if not wrapped and skip(pos + 1) < len(text):
+        # e.g. two arrays one after the other: the second would be dropped without a word.
+        raise fail(skip(pos + 1), "unexpected text after the array of tenants")
 
 
 def _yaml_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:

@@ -1,0 +1,191 @@
+"""Throughput and memory of the onboard-tenants flow against a plain httpx loop, in one run.
+
+    uv run python bench/run.py --tenants 2000 --latency-ms 50 --concurrency 16
+
+Starts the emulator as its own process (so it does not compete with the measured process for
+the GIL), onboards N generated tenants through the real flow with a SQLite ledger, and, in the
+same run and against the same emulator, times a plain thread-pool httpx loop at the same
+concurrency. The machine is shared and noisy: compare the two numbers, not either alone.
+The last line is `ratio=<flow tenants/s ÷ plain tenants/s>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
+from onboarding.profile import load_profile  # noqa: E402
+from tests.helpers import free_port, wait_for_http  # noqa: E402
+
+PROFILE = PROJECT / "examples" / "profile.yaml"
+
+
+class PeakRSS:
+    """Samples this process's resident memory; ru_maxrss alone cannot say which phase peaked."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def write_roster(path: Path, n: int, prefix: str = "b") -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tenant_id", "name", "admin_email", "subdomain"])
+        for i in range(n):
+            w.writerow(
+                [f"{prefix}{i:07d}", f"Bench {i}", f"admin{i}@bench.example.com", f"bench{i}"]
+            )
+
+
+def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
+    """The floor: the same requests from a thread pool sharing one httpx.Client, nothing else."""
+    profile = load_profile(PROFILE)
+    path = f"/o/{profile.organisation_id}/connectors/{profile.connector_id}/oauth2/initialise"
+    bodies = [
+        profile.render(
+            {"subdomain": f"bench{i}", "admin_email": f"admin{i}@bench.example.com"}
+        ).to_wire()
+        for i in range(n)
+    ]
+    with httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"},
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        timeout=30,
+    ) as client:
+
+        def call(body: dict[str, object]) -> int:
+            return client.post(path, json=body).status_code
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            statuses = list(pool.map(call, bodies))
+        elapsed = time.perf_counter() - started
+    return elapsed, sum(1 for s in statuses if s == 200)
+
+
+def flow_run(roster: Path, concurrency: int) -> tuple[float, dict[str, object]]:
+    from flows.onboard_tenants import onboard_tenants
+
+    started = time.perf_counter()
+    state = onboard_tenants(
+        roster=str(roster), profile=str(PROFILE), concurrency=concurrency, return_state=True
+    )
+    elapsed = time.perf_counter() - started
+    return elapsed, state.result(raise_on_failure=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tenants", type=int, default=2000)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="onboard-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
+    os.environ["ONBOARD_DB_URL"] = f"sqlite:///{work / 'ledger.db'}"
+    os.environ["VERSORI_API_KEY"] = DEFAULT_API_KEY
+    os.environ.pop("VERSORI_API_KEY_BLOCK", None)
+    roster = work / "roster.csv"
+    write_roster(roster, args.tenants)
+    warmup = work / "warmup.csv"
+    write_roster(warmup, 1, prefix="warmup")
+
+    port = free_port()
+    emulator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "onboarding.cli",
+            "emulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(args.latency_ms),
+        ],
+        cwd=PROJECT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base_url}/healthz", proc=emulator)
+        os.environ["VERSORI_BASE_URL"] = base_url
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+        logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
+        # Start Prefect's temporary server and import everything before timing anything.
+        flow_run(warmup, 1)
+
+        limit = args.concurrency / (args.latency_ms / 1000) if args.latency_ms else float("inf")
+        print(
+            f"tenants={args.tenants} latency_ms={args.latency_ms:g} "
+            f"concurrency={args.concurrency} (latency-bound limit {limit:.0f}/s)"
+        )
+
+        with PeakRSS() as plain_mem:
+            plain_s, plain_ok = plain_loop(base_url, args.tenants, args.concurrency)
+        plain_rate = args.tenants / plain_s
+        print(
+            f"plain httpx loop : {plain_rate:7.1f} tenants/s  ({plain_ok} ok in {plain_s:.1f} s)"
+            f"  peak RSS {plain_mem.peak / 2**20:.0f} MiB"
+        )
+
+        with PeakRSS() as flow_mem:
+            flow_s, summary = flow_run(roster, args.concurrency)
+        flow_rate = args.tenants / flow_s
+        by_status = summary.get("by_status") if isinstance(summary, dict) else summary
+        print(
+            f"onboard-tenants  : {flow_rate:7.1f} tenants/s  ({by_status} in {flow_s:.1f} s)"
+            f"  peak RSS {flow_mem.peak / 2**20:.0f} MiB"
+        )
+        stats = httpx.get(f"{base_url}/_emulator/stats").json()
+        print(f"emulator         : {stats['requests']} requests, by status {stats['by_status']}")
+        print(f"ratio={flow_rate / plain_rate:.2f}")
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The ledger on SQLite and PostgreSQL (see the `ledger` fixture in conftest.py)."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from onboarding.errors import InputError
+from onboarding.ledger import Ledger, Record, Status, records
+
+pytestmark = pytest.mark.timeout(120)
+
+CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
+OTHER = "01M8F12B95S4BX0QFB3TPDWZ0Z"
+NOW = datetime(2030, 5, 17, 12, 30, 15, 123456, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+
+
+def link(
+    ledger: Ledger,
+    tenant_id: str,
+    *,
+    connector_id: str = CONNECTOR,
+    created_at: datetime = NOW,
+    ttl: timedelta = 72 * HOUR,
+    **overrides: Any,
+) -> None:
+    values: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "connector_id": connector_id,
+        "profile": "zendesk-demo",
+        "tenant_name": f"Tenant {tenant_id}",
+        "admin_email": f"admin@{tenant_id}.example.com",
+        "url": f"https://login.example.com/authorize?state=state-{tenant_id}",
+        "state": f"state-{tenant_id}",
+        "created_at": created_at,
+        "expires_at": created_at + ttl,
+        "run_id": "run-1",
+    }
+    values.update(overrides)
+    ledger.record_link(**values)
+
+
+def fail(ledger: Ledger, tenant_id: str, *, connector_id: str = CONNECTOR, **kw: Any) -> None:
+    values: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "connector_id": connector_id,
+        "profile": "zendesk-demo",
+        "tenant_name": f"Tenant {tenant_id}",
+        "admin_email": f"admin@{tenant_id}.example.com",
+        "error_code": "server_error",
+        "error_message": "HTTP 503 unavailable: try later",
+        "run_id": "run-2",
+    }
+    values.update(kw)
+    ledger.record_failure(**values)
+
+
+def get(ledger: Ledger, tenant_id: str, connector_id: str = CONNECTOR) -> Record:
+    record = ledger.get(tenant_id, connector_id)
+    assert record is not None
+    return record
+
+
+def set_status(ledger: Ledger, tenant_id: str, status: Status) -> None:
+    # Nothing in the Ledger writes `connected` (the app's callback does); write it directly.
+    with ledger.engine.begin() as conn:
+        conn.execute(
+            records.update().where(records.c.tenant_id == tenant_id).values(status=status.value)
+        )
+
+
+def assert_utc(value: datetime | None) -> None:
+    assert value is not None
+    assert value.tzinfo is not None
+    assert value.utcoffset() == timedelta(0)
+
+
+# --- writes and reads ------------------------------------------------------------------------
+
+
+def test_record_link_then_get(ledger: Ledger) -> None:
+    before = datetime.now(UTC)
+    link(ledger, "t1")
+    record = get(ledger, "t1")
+    assert record == Record(
+        tenant_id="t1",
+        connector_id=CONNECTOR,
+        profile="zendesk-demo",
+        tenant_name="Tenant t1",
+        admin_email="admin@t1.example.com",
+        status=Status.LINK_CREATED,
+        url="https://login.example.com/authorize?state=state-t1",
+        state="state-t1",
+        created_at=NOW,
+        expires_at=NOW + 72 * HOUR,
+        delivered_at=None,
+        connected_at=None,
+        delivery_channel=None,
+        attempts=1,
+        error_code=None,
+        error_message=None,
+        run_id="run-1",
+        updated_at=record.updated_at,
+    )
+    assert isinstance(record.status, Status)
+    for value in (record.created_at, record.expires_at, record.updated_at):
+        assert_utc(value)
+    assert before - timedelta(seconds=5) <= record.updated_at <= datetime.now(UTC) + HOUR
+
+
+def test_get_unknown(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    assert ledger.get("t2", CONNECTOR) is None
+    assert ledger.get("t1", OTHER) is None
+
+
+def test_times_with_another_offset_keep_their_instant(ledger: Ledger) -> None:
+    paris = timezone(timedelta(hours=2))
+    created = NOW.astimezone(paris)
+    link(ledger, "t1", created_at=created, ttl=HOUR)
+    record = get(ledger, "t1")
+    assert record.created_at == NOW
+    assert record.expires_at == NOW + HOUR
+    assert_utc(record.created_at)
+    # `now` in another offset compares as the same instant too.
+    minute = timedelta(minutes=1)
+    assert ledger.live_tenant_ids(CONNECTOR, now=(NOW + 59 * minute).astimezone(paris)) == {"t1"}
+    assert ledger.live_tenant_ids(CONNECTOR, now=(NOW + 61 * minute).astimezone(paris)) == set()
+    assert ledger.count_past_expiry(CONNECTOR, (NOW + 59 * minute).astimezone(paris)) == 0
+    assert ledger.count_past_expiry(CONNECTOR, (NOW + 61 * minute).astimezone(paris)) == 1
+    ledger.mark_delivered("t1", CONNECTOR, channel="email", at=(NOW + minute).astimezone(paris))
+    assert get(ledger, "t1").delivered_at == NOW + minute
+
+
+def test_attempts_count_across_links_and_failures(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    assert get(ledger, "t1").attempts == 1
+    fail(ledger, "t1")
+    assert get(ledger, "t1").attempts == 2
+    link(ledger, "t1", created_at=NOW + HOUR)
+    assert get(ledger, "t1").attempts == 3
+    fail(ledger, "t1", count_attempt=False)
+    assert get(ledger, "t1").attempts == 3
+    fail(ledger, "t1")
+    assert get(ledger, "t1").attempts == 4
+
+
+def test_record_failure_keeps_the_previous_link(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    fail(ledger, "t1", error_code="x" * 150, error_message="boom " * 100, tenant_name="Renamed")
+    record = get(ledger, "t1")
+    assert record.status is Status.FAILED
+    assert record.url == "https://login.example.com/authorize?state=state-t1"
+    assert record.state == "state-t1"
+    assert record.created_at == NOW
+    assert record.expires_at == NOW + 72 * HOUR
+    assert record.error_code == "x" * 100
+    assert record.error_message == "boom " * 100
+    assert record.tenant_name == "Renamed"
+    assert record.run_id == "run-2"
+
+
+def test_first_failure_creates_the_row(ledger: Ledger) -> None:
+    fail(ledger, "t1")
+    fail(ledger, "t2", count_attempt=False)
+    one, two = get(ledger, "t1"), get(ledger, "t2")
+    assert (one.status, one.attempts, one.url, one.state) == (Status.FAILED, 1, None, None)
+    assert (two.status, two.attempts) == (Status.FAILED, 0)
+    assert one.error_code == "server_error"
+    assert one.created_at is None
+
+
+def test_a_new_link_clears_the_error_and_the_delivery(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    ledger.mark_delivered("t1", CONNECTOR, channel="email", at=NOW + HOUR)
+    fail(ledger, "t1")
+    link(ledger, "t1", created_at=NOW + 2 * HOUR, url="https://x/?state=s2", state="s2")
+    record = get(ledger, "t1")
+    assert record.status is Status.LINK_CREATED
+    assert (record.error_code, record.error_message) == (None, None)
+    assert (record.delivered_at, record.delivery_channel) == (None, None)
+    assert (record.url, record.state, record.created_at) == (
+        "https://x/?state=s2",
+        "s2",
+        NOW + 2 * HOUR,
+    )
+    assert ledger.find_by_state("state-t1") is None
+
+
+def test_mark_delivered(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    link(ledger, "t2")
+    ledger.mark_delivered("t1", CONNECTOR, channel="store", at=NOW + HOUR)
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    ledger.mark_delivered("t2", CONNECTOR, channel="email")
+    one, two = get(ledger, "t1"), get(ledger, "t2")
+    assert (one.status, one.delivery_channel, one.delivered_at) == (
+        Status.DELIVERED,
+        "store",
+        NOW + HOUR,
+    )
+    assert_utc(one.delivered_at)
+    assert (two.status, two.delivery_channel) == (Status.DELIVERED, "email")
+    assert two.delivered_at is not None and two.delivered_at >= before
+    assert one.url is not None and one.attempts == 1
+    ledger.mark_delivered("nobody", CONNECTOR, channel="store")
+    assert ledger.get("nobody", CONNECTOR) is None
+
+
+def test_find_by_state(ledger: Ledger) -> None:
+    link(ledger, "t1")
+    link(ledger, "t2", connector_id=OTHER)
+    found = ledger.find_by_state("state-t2")
+    assert found is not None
+    assert (found.tenant_id, found.connector_id) == ("t2", OTHER)
+    assert ledger.find_by_state("state-t1") == get(ledger, "t1")
+    assert ledger.find_by_state("no-such-state") is None
+    assert ledger.find_by_state("") is None
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed(ledger: Ledger) -> Ledger:
+    """Rows in every situation, for CONNECTOR unless named otherwise."""
+    link(ledger, "live")  # expires NOW + 72h
+    link(ledger, "expired", created_at=NOW - 100 * HOUR)  # expired at NOW - 28h
+    link(ledger, "delivered")
+    ledger.mark_delivered("delivered", CONNECTOR, channel="email")
+    link(ledger, "reminded")
+    set_status(ledger, "reminded", Status.REMINDED)
+    link(ledger, "stale-delivered", created_at=NOW - 100 * HOUR)
+    ledger.mark_delivered("stale-delivered", CONNECTOR, channel="email")
+    link(ledger, "failed")
+    fail(ledger, "failed")  # keeps its unexpired link, but failed is not live
+    fail(ledger, "never-linked")
+    link(ledger, "connected", created_at=NOW - 100 * HOUR)
+    set_status(ledger, "connected", Status.CONNECTED)  # live even though its link expired
+    link(ledger, "marked-expired")
+    set_status(ledger, "marked-expired", Status.EXPIRED)
+    link(ledger, "other", connector_id=OTHER)
+    return ledger
+
+
+def test_live_tenant_ids(mixed: Ledger) -> None:
+    assert mixed.live_tenant_ids(CONNECTOR, now=NOW) == {
+        "live",
+        "delivered",
+        "reminded",
+        "connected",
+    }
+    assert mixed.live_tenant_ids(OTHER, now=NOW) == {"other"}
+    assert mixed.live_tenant_ids("01M8F12B95S4BX0QFB3TPDWZ00", now=NOW) == set()
+    # At the expiry instant a link is no longer live.
+    assert mixed.live_tenant_ids(CONNECTOR, now=NOW + 72 * HOUR) == {"connected"}
+    # Without `now`: the real clock, long before NOW (2030), so every link is still live.
+    assert mixed.live_tenant_ids(CONNECTOR) == {
+        "live",
+        "expired",
+        "delivered",
+        "reminded",
+        "stale-delivered",
+        "connected",
+    }
+
+
+def test_counts_by_status(mixed: Ledger) -> None:
+    assert mixed.counts_by_status(CONNECTOR) == {
+        "link_created": 2,
+        "delivered": 2,
+        "reminded": 1,
+        "failed": 2,
+        "connected": 1,
+        "expired": 1,
+    }
+    assert mixed.counts_by_status(OTHER) == {"link_created": 1}
+    assert mixed.counts_by_status() == {
+        "link_created": 3,
+        "delivered": 2,
+        "reminded": 1,
+        "failed": 2,
+        "connected": 1,
+        "expired": 1,
+    }
+
+
+def test_counts_by_status_empty(ledger: Ledger) -> None:
+    assert ledger.counts_by_status() == {}
+    assert ledger.count_past_expiry(None, NOW) == 0
+    assert list(ledger.iter_records()) == []
+    assert ledger.live_tenant_ids(CONNECTOR) == set()
+
+
+def test_count_past_expiry(mixed: Ledger) -> None:
+    # expired + stale-delivered; not failed, connected, or the `expired` status.
+    assert mixed.count_past_expiry(CONNECTOR, NOW) == 2
+    assert mixed.count_past_expiry(None, NOW) == 2
+    assert mixed.count_past_expiry(OTHER, NOW) == 0
+    # At NOW + 72h the fresh links' time is up too: live, delivered, reminded; and other's.
+    assert mixed.count_past_expiry(CONNECTOR, NOW + 72 * HOUR) == 5
+    assert mixed.count_past_expiry(None, NOW + 72 * HOUR) == 6
+    assert mixed.count_past_expiry(None, NOW - 1000 * HOUR) == 0
+
+
+def test_iter_records_order_and_filter(ledger: Ledger) -> None:
+    for tenant_id in ["t3", "t10", "a", "t1", "t2"]:
+        link(ledger, tenant_id)
+        link(ledger, tenant_id, connector_id=OTHER)
+    everything = [(r.connector_id, r.tenant_id) for r in ledger.iter_records()]
+    expected = sorted(["a", "t1", "t10", "t2", "t3"])
+    assert everything == [(CONNECTOR, t) for t in expected] + [(OTHER, t) for t in expected]
+    only = list(ledger.iter_records(OTHER))
+    assert [r.tenant_id for r in only] == expected
+    assert all(r.connector_id == OTHER and isinstance(r, Record) for r in only)
+
+
+def test_iter_records_streams_many(ledger: Ledger) -> None:
+    """More rows than one yield_per batch (1000)."""
+    row = {
+        "connector_id": CONNECTOR,
+        "profile": "p",
+        "status": Status.LINK_CREATED.value,
+        "updated_at": NOW,
+        "attempts": 1,
+    }
+    with ledger.engine.begin() as conn:  # one statement: 1500 upserts would be slow
+        conn.execute(records.insert(), [{**row, "tenant_id": f"t{n:04d}"} for n in range(1500)])
+    ids = [r.tenant_id for r in ledger.iter_records(CONNECTOR)]
+    assert ids == [f"t{n:04d}" for n in range(1500)]
+
+
+def test_reopening_keeps_the_rows(ledger_url: str) -> None:
+    first = Ledger(ledger_url)
+    try:
+        link(first, "t1")
+    finally:
+        first.close()
+    second = Ledger(ledger_url)  # create_all again: must not fail nor wipe
+    try:
+        assert get(second, "t1").attempts == 1
+    finally:
+        second.close()
+
+
+def test_concurrent_record_link(ledger: Ledger) -> None:
+    threads, per_thread = 8, 50
+    start = threading.Barrier(threads)
+
+    def work(worker: int) -> None:
+        start.wait()
+        for n in range(per_thread):
+            link(ledger, f"w{worker}-t{n:02d}")
+            link(ledger, f"shared-{n:02d}", run_id=f"run-{worker}")
+
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(work, w) for w in range(threads)]:
+            future.result()  # re-raises, e.g. "database is locked"
+    rows = list(ledger.iter_records(CONNECTOR))
+    assert len(rows) == threads * per_thread + per_thread
+    shared = [r for r in rows if r.tenant_id.startswith("shared-")]
+    assert len(shared) == per_thread
+    assert {r.attempts for r in shared} == {threads}  # no lost update
+    own = [r for r in rows if not r.tenant_id.startswith("shared-")]
+    assert {r.attempts for r in own} == {1}
+    assert ledger.counts_by_status(CONNECTOR) == {"link_created": threads * per_thread + per_thread}
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "nosuchdb://admin:s3cr3t-pw@db.example.com/onboarding",
+        "postgresql+nosuchdriver://admin:s3cr3t-pw@db.example.com/onboarding",
+    ],
+)
+def test_bad_url(url: str) -> None:
+    with pytest.raises(InputError) as info:
+        Ledger(url)
+    message = str(info.value)
+    assert "ONBOARD_DB_URL" in message
+    assert "s3cr3t-pw" not in message
+    if "admin" in url:
+        assert "admin:***@db.example.com" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://admin:s3cr3t-pw@127.0.0.1:1/onboarding",
+        # libpq refuses an unknown option before connecting: still the URL's fault.
+        "postgresql+psycopg://admin:s3cr3t-pw@127.0.0.1:1/onboarding?no_such_option=1",
+    ],
+)
+def test_unreachable_postgres(url: str) -> None:
+    with pytest.raises(InputError) as info:
+        Ledger(url)
+    message = str(info.value)
+    assert message.startswith(
+        "cannot open the ledger at postgresql+psycopg://admin:***@127.0.0.1:1/"
+    )
+    assert "check ONBOARD_DB_URL" in message
+    assert "s3cr3t-pw" not in message
+
+
+def test_sqlite_in_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(
+        InputError, match=r"cannot open the ledger at sqlite:///.*check ONBOARD_DB_URL"
+    ):
+        Ledger(f"sqlite:///{tmp_path}/no/such/folder/ledger.db")
+
+
+def test_a_failing_statement_does_not_show_the_link(ledger: Ledger) -> None:
+    state = uuid.uuid4().hex  # not in this file's source, which a traceback quotes
+    url = f"https://login.example.com/authorize?state={state}"
+    with pytest.raises(IntegrityError) as info:
+        link(ledger, "t1", profile=None, url=url, state=state)  # NOT NULL violated
+    shown = "".join(traceback.format_exception(info.value))  # with the driver's error
+    assert state not in shown
+    assert state not in repr(info.value)
+    assert "hidden" in str(info.value)
+    # The ledger still works afterwards.
+    link(ledger, "t1")
+    assert get(ledger, "t1").attempts == 1
