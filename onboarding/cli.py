@@ -141,6 +141,7 @@ def run(
     except InputError as error:
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     summary = _run_flow(roster, profile, deliver, concurrency, dry_run, only)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
@@ -177,6 +178,7 @@ def demo(
             ONBOARD_DB_URL=ledger_url,
         )
         os.environ.pop("VERSORI_API_KEY_BLOCK", None)
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         _quiet_task_logs(verbose=True)
         summary = _run_flow(roster, profile, Delivery.STORE, 8, False, None)
     if summary is None:
@@ -298,4 +300,4 @@ def main() -> None:  # pragma: no cover - console script entry
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -199,20 +199,24 @@ class Ledger:
         created_at: datetime,
         expires_at: datetime,
         run_id: str | None = None,
+        delivered_by: str | None = None,
     ) -> None:
-        """A fresh link: status link_created, error cleared, one more attempt counted."""
+        """A fresh link: status link_created, error cleared, one more attempt counted.
+
+        With `delivered_by` (a channel that delivers by storing, like "store") the row goes
+        straight to delivered in the same statement: one write per tenant, not two."""
         values = {
             "profile": profile,
             "tenant_name": tenant_name,
             "admin_email": admin_email,
-            "status": Status.LINK_CREATED.value,
+            "status": (Status.DELIVERED if delivered_by else Status.LINK_CREATED).value,
             "url": url,
             "state": state,
             "created_at": _utc(created_at),
             "expires_at": _utc(expires_at),
-            "delivered_at": None,
+            "delivered_at": _utc(created_at) if delivered_by else None,
             "connected_at": None,
-            "delivery_channel": None,
+            "delivery_channel": delivered_by,
             "error_code": None,
             "error_message": None,
             "run_id": run_id,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from onboarding.client import VersoriClient
 from onboarding.errors import OnboardingError
@@ -57,7 +58,7 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     """Make, check, record and deliver one tenant's link. Every failure is recorded, then raised
     again so that the caller may retry it."""
     profile = job.profile
-    identity = {
+    identity: dict[str, Any] = {
         "tenant_id": tenant.tenant_id,
         "connector_id": profile.connector_id,
         "profile": profile.name,
@@ -76,6 +77,7 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
             state=link.state,
             created_at=created,
             expires_at=created + timedelta(hours=profile.link_ttl_hours),
+            delivered_by=job.deliver.value if job.deliver is Delivery.STORE else None,
         )
     except Exception as exc:
         code = exc.code if isinstance(exc, OnboardingError) else "internal_error"
@@ -86,11 +88,7 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
             log.exception("could not record the failure of tenant %s", tenant.tenant_id)
         job.latest[tenant.tenant_id] = exc
         raise
-    if job.deliver is Delivery.STORE:
-        job.ledger.mark_delivered(tenant.tenant_id, profile.connector_id, channel="store")
-        status = Status.DELIVERED
-    else:
-        status = Status.LINK_CREATED
+    status = Status.DELIVERED if job.deliver is Delivery.STORE else Status.LINK_CREATED
     outcome = TenantOutcome(
         tenant_id=tenant.tenant_id,
         status=status.value,

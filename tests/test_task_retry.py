@@ -1,0 +1,82 @@
+"""The task's retry decision: transient failures only, and never sooner than Retry-After."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+
+import tasks.initialise as initialise
+from onboarding.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    LinkCheckError,
+    NotFoundError,
+    RateLimitedError,
+    RetryableStatusError,
+    ServerError,
+)
+
+
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    calls: list[float] = []
+    monkeypatch.setattr(initialise.time, "sleep", calls.append)
+    return calls
+
+
+def decide(exc: BaseException) -> bool:
+    state: Any = Failed(data=exc)
+    return initialise.retry_transient(initialise.onboard_tenant_task, None, state)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (ServerError(503, "unavailable", "down"), True),
+        (ServerError(500, "internal", "boom"), True),
+        (RetryableStatusError(408, "timeout", "slow"), True),
+        (RetryableStatusError(425, "too_early", "early"), True),
+        (RateLimitedError(429, "rate_limited", "slow down"), True),
+        (APIConnectionError("refused"), True),
+        (APITimeoutError("timed out"), True),
+        (BadRequestError(400, "validation_failed", "bad"), False),
+        (AuthenticationError(401, "unauthenticated", "key"), False),
+        (NotFoundError(404, "not_found", "none"), False),
+        (LinkCheckError(["has no state"]), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(
+    exc: BaseException, retried: bool, slept: list[float]
+) -> None:
+    assert decide(exc) is retried
+    assert slept == []
+
+
+def test_retry_after_is_waited_out_before_prefects_own_backoff(slept: list[float]) -> None:
+    assert decide(RateLimitedError(429, "rate_limited", "slow", retry_after=7.0)) is True
+    assert slept == [7.0]
+
+
+def test_retry_after_beyond_the_cap_fails_the_tenant_for_this_run(slept: list[float]) -> None:
+    too_long = initialise.constants.MAX_RETRY_AFTER_SECONDS + 1
+    assert decide(RateLimitedError(429, "rate_limited", "later", retry_after=too_long)) is False
+    assert slept == []
+
+
+def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
+    state: Any = Completed(data=1)
+    assert initialise.retry_transient(initialise.onboard_tenant_task, None, state) is False  # type: ignore[arg-type]
+
+
+def test_task_declares_retries_with_backoff_and_jitter() -> None:
+    task = initialise.onboard_tenant_task
+    assert task.retries == initialise.constants.TASK_RETRIES
+    assert task.retry_delay_seconds == [1.0, 2.0, 4.0]
+    assert task.retry_jitter_factor == initialise.constants.TASK_RETRY_JITTER_FACTOR
+    assert task.cache_policy is NO_CACHE, "a side-effecting task must never be served from cache"
