@@ -27,7 +27,7 @@ from onboarding.onboard import (
     failed_outcome,
 )
 from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import Roster, load_roster
+from onboarding.roster import Roster, display_source, load_roster
 from onboarding.settings import LedgerSettings, VersoriSettings
 from tasks.initialise import onboard_tenant_task
 
@@ -43,7 +43,7 @@ def run_name() -> str:
         name = load_profile(str(params["profile"])).name
     except Exception:  # the flow itself reports a bad profile; the name must not fail first
         name = Path(str(params["profile"])).stem
-    return f"{name} from {Path(str(params['roster'])).name}"
+    return f"{name} from {Path(display_source(str(params['roster']))).name}"
 
 
 @flow(name="onboard-tenants", flow_run_name=run_name, log_prints=False)
@@ -64,7 +64,7 @@ def onboard_tenants(
     logger.info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
         len(tenants),
-        roster,
+        display_source(roster),
         connector.name,
         concurrency,
         deliver.value,
@@ -88,7 +88,9 @@ def onboard_tenants(
         )
         with client:
             outcomes = _run_batch(job, tenants, live, concurrency)
-    summary = _summarise(connector, roster, outcomes, time.monotonic() - started, dry_run)
+    summary = _summarise(
+        connector, display_source(roster), outcomes, time.monotonic() - started, dry_run
+    )
     _publish(connector, summary, outcomes)
     ledger.close()
     if summary["failed"]:

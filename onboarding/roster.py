@@ -77,16 +77,28 @@ class Roster:
         return self.count
 
 
+def display_source(location: str | Path) -> str:
+    """A roster's location fit for logs and run names: a URL loses its user info, query and
+    fragment, where signed URLs keep their tokens."""
+    text = str(location)
+    if text.startswith(("http://", "https://")):
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    return text
+
+
 def load_roster(
     location: str | Path,
     profile: ConnectorProfile | None = None,
     only: Iterable[str] | None = None,
 ) -> Roster:
     """Check every row; raise InputError listing all problems, or return a streamable Roster."""
-    source = str(location)
+    source = display_source(location)
     tmp = None
     if source.startswith(("http://", "https://")):
-        tmp, path = _download(source)
+        tmp, path = _download(str(location))
     else:
         path = Path(location)
         if not path.exists():
@@ -125,7 +137,10 @@ def _download(url: str) -> tuple[Any, Path]:
                 for chunk in response.iter_bytes():
                     out.write(chunk)
     except httpx.HTTPError as err:
-        raise InputError(f"{url}: cannot download the roster ({err})") from err
+        # httpx's message would repeat the URL, token and all: name the failure by its type.
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        why = f"HTTP {status}" if status else type(err).__name__
+        raise InputError(f"{display_source(url)}: cannot download the roster ({why})") from err
     return tmp, path
 
 
