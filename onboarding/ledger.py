@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Column,
     DateTime,
     Engine,
@@ -26,7 +27,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 class Status(StrEnum):
     PENDING = "pending"
     LINK_CREATED = "link_created"
+    SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
     EXPIRED = "expired"
@@ -46,8 +50,13 @@ class Status(StrEnum):
     CONNECTED = "connected"
 
 
-# A tenant in one of these, with an unexpired link, is skipped by the next run.
-LIVE_STATUSES = (Status.LINK_CREATED, Status.DELIVERED, Status.REMINDED)
+# A link in one of these is out with (or on its way to) the tenant until it expires.
+LIVE_STATUSES = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
+# A tenant in one of these, with an unexpired link, needs nothing from the next run. A link
+# that was created but not yet delivered (link_created, sending) is delivered by the next run.
+DONE_STATUSES = (Status.DELIVERED, Status.REMINDED)
+# Channels that send the link to the admin, which reminders send again.
+SENDING_CHANNELS = ("email", "both")
 
 metadata = MetaData()
 records = Table(
@@ -71,7 +80,35 @@ records = Table(
     Column("error_message", Text),
     Column("run_id", String(64)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Added for email delivery and reminders; nullable or defaulted so that an older ledger
+    # gains them in place (see _add_missing_columns).
+    Column("tenant_fields", JSON),
+    Column("message_id", String(200)),
+    Column("last_sent_at", DateTime(timezone=True)),
+    Column("reminders", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("connection_id", String(200)),
 )
+
+# Every state a tenant was given before its current one, so that a late OAuth callback carrying
+# an old state can still be traced to its tenant.
+superseded_links = Table(
+    "onboarding_superseded_links",
+    metadata,
+    Column("state", String(256), primary_key=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("connector_id", String(26), nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+    Column("superseded_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class SupersededLink:
+    state: str
+    tenant_id: str
+    connector_id: str
+    created_at: datetime | None
+    superseded_at: datetime
 
 
 @dataclass(frozen=True)
@@ -94,14 +131,30 @@ class Record:
     error_message: str | None
     run_id: str | None
     updated_at: datetime
+    tenant_fields: dict[str, str] | None = None
+    message_id: str | None = None
+    last_sent_at: datetime | None = None
+    reminders: int = 0
+    connection_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Record:
         values = dict(row._mapping)
-        for key in ("created_at", "expires_at", "delivered_at", "connected_at", "updated_at"):
+        for key in _DATETIME_COLUMNS:
             values[key] = _aware(values[key])
         values["status"] = Status(values["status"])
+        values["reminders"] = values["reminders"] or 0
         return cls(**values)
+
+
+_DATETIME_COLUMNS = (
+    "created_at",
+    "expires_at",
+    "delivered_at",
+    "connected_at",
+    "updated_at",
+    "last_sent_at",
+)
 
 
 EXPORT_KEYS = (
@@ -171,6 +224,7 @@ class Ledger:
         )
         try:
             metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
         except DBAPIError as err:  # unreachable, refused, or a bad option in the URL's query
             self.engine.dispose()
             raise InputError(
@@ -200,6 +254,7 @@ class Ledger:
         expires_at: datetime,
         run_id: str | None = None,
         delivered_by: str | None = None,
+        tenant_fields: dict[str, str] | None = None,
     ) -> None:
         """A fresh link: status link_created, error cleared, one more attempt counted.
 
@@ -215,18 +270,41 @@ class Ledger:
             "created_at": _utc(created_at),
             "expires_at": _utc(expires_at),
             "delivered_at": _utc(created_at) if delivered_by else None,
+            "last_sent_at": None,
+            "message_id": None,
             "connected_at": None,
+            "connection_id": None,
             "delivery_channel": delivered_by,
             "error_code": None,
             "error_message": None,
             "run_id": run_id,
             "updated_at": utcnow(),
         }
-        self._upsert(
-            {"tenant_id": tenant_id, "connector_id": connector_id},
-            {**values, "attempts": 1},
-            {**values, "attempts": records.c.attempts + 1},
+        if tenant_fields is not None:
+            values["tenant_fields"] = tenant_fields
+        key = {"tenant_id": tenant_id, "connector_id": connector_id}
+        stmt = self._insert(records).values(**key, **values, attempts=1)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "connector_id"],
+            set_={**values, "attempts": records.c.attempts + 1},
         )
+        with self.engine.begin() as conn:
+            previous = conn.execute(
+                select(records.c.state, records.c.created_at).where(
+                    records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
+                )
+            ).first()
+            if previous is not None and previous.state and previous.state != state:
+                conn.execute(
+                    superseded_links.insert().values(
+                        state=previous.state,
+                        tenant_id=tenant_id,
+                        connector_id=connector_id,
+                        created_at=previous.created_at,
+                        superseded_at=utcnow(),
+                    )
+                )
+            conn.execute(stmt)
 
     def record_failure(
         self,
@@ -259,20 +337,108 @@ class Ledger:
             {**values, "attempts": records.c.attempts + step},
         )
 
-    def mark_delivered(
-        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
-    ) -> None:
+    def _update(self, tenant_id: str, connector_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 records.update()
                 .where(records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
-                .values(
-                    status=Status.DELIVERED.value,
-                    delivery_channel=channel,
-                    delivered_at=_utc(at or utcnow()),
-                    updated_at=utcnow(),
-                )
+                .values(**values, updated_at=utcnow())
             )
+
+    def mark_delivered(
+        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
+    ) -> None:
+        when = _utc(at or utcnow())
+        self._update(
+            tenant_id,
+            connector_id,
+            status=Status.DELIVERED.value,
+            delivery_channel=channel,
+            delivered_at=when,
+            last_sent_at=when,
+            error_code=None,
+            error_message=None,
+        )
+
+    def mark_sending(self, tenant_id: str, connector_id: str, *, message_id: str) -> None:
+        """Written before the SMTP transaction: a row left `sending` marks the one window in
+        which a crash can lead to a second copy of the same message (same Message-ID)."""
+        self._update(tenant_id, connector_id, status=Status.SENDING.value, message_id=message_id)
+
+    def mark_reminded(
+        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
+    ) -> None:
+        self._update(
+            tenant_id,
+            connector_id,
+            status=Status.REMINDED.value,
+            delivery_channel=channel,
+            last_sent_at=_utc(at or utcnow()),
+            reminders=records.c.reminders + 1,
+            error_code=None,
+            error_message=None,
+        )
+
+    def mark_connected(
+        self, tenant_id: str, connector_id: str, *, connection_id: str | None, at: datetime
+    ) -> None:
+        self._update(
+            tenant_id,
+            connector_id,
+            status=Status.CONNECTED.value,
+            connection_id=connection_id,
+            connected_at=_utc(at),
+            error_code=None,
+            error_message=None,
+        )
+
+    def expire_links(self, connector_id: str, now: datetime) -> int:
+        """Mark every link past its time and not connected `expired`; return how many."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                records.update()
+                .where(
+                    records.c.connector_id == connector_id,
+                    records.c.status.in_([s.value for s in LIVE_STATUSES]),
+                    records.c.expires_at <= _utc(now),
+                )
+                .values(status=Status.EXPIRED.value, updated_at=utcnow())
+            )
+            return int(result.rowcount or 0)
+
+    def due_for_reminder(
+        self, connector_id: str, *, sent_before: datetime, max_reminders: int
+    ) -> list[Record]:
+        """Tenants sent a link by email, not connected, last sent before `sent_before`, and
+        reminded fewer than `max_reminders` times, oldest first."""
+        last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
+        query = (
+            select(records)
+            .where(
+                records.c.connector_id == connector_id,
+                records.c.status.in_(
+                    [Status.DELIVERED.value, Status.REMINDED.value, Status.EXPIRED.value]
+                ),
+                records.c.delivery_channel.in_(SENDING_CHANNELS),
+                records.c.reminders < max_reminders,
+                last_sent <= _utc(sent_before),
+            )
+            .order_by(last_sent, records.c.tenant_id)
+        )
+        with self.engine.connect() as conn:
+            return [Record.from_row(row) for row in conn.execute(query)]
+
+    def find_superseded(self, state: str) -> SupersededLink | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(superseded_links).where(superseded_links.c.state == state)
+            ).first()
+        if row is None:
+            return None
+        values = dict(row._mapping)
+        values["created_at"] = _aware(values["created_at"])
+        values["superseded_at"] = _aware(values["superseded_at"])
+        return SupersededLink(**values)
 
     def get(self, tenant_id: str, connector_id: str) -> Record | None:
         with self.engine.connect() as conn:
@@ -289,13 +455,14 @@ class Ledger:
         return Record.from_row(row) if row else None
 
     def live_tenant_ids(self, connector_id: str, now: datetime | None = None) -> set[str]:
-        """Tenants that need nothing from a new run: connected, or holding an unexpired link."""
+        """Tenants that need nothing from a new run: connected, or holding an unexpired link
+        that was delivered."""
         now = _utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
             (records.c.status == Status.CONNECTED.value)
             | (
-                records.c.status.in_([s.value for s in LIVE_STATUSES])
+                records.c.status.in_([s.value for s in DONE_STATUSES])
                 & (records.c.expires_at > now)
             ),
         )
@@ -329,6 +496,24 @@ class Ledger:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a ledger made by an older version up to date by adding the columns it lacks.
+    Only additive, nullable-or-defaulted columns are ever added, so this is safe to run on
+    every start; anything more needs a real migration tool."""
+    existing = {c["name"] for c in inspect(engine).get_columns(records.name)}
+    missing = [c for c in records.columns if c.name not in existing]
+    if not missing:
+        return
+    with engine.begin() as conn:
+        for column in missing:
+            ddl = f"ALTER TABLE {records.name} ADD COLUMN {column.name} "
+            ddl += column.type.compile(dialect=engine.dialect)
+            if column.server_default is not None:
+                ddl += " NOT NULL DEFAULT 0"
+            conn.execute(text(ddl))
+            log.info("ledger: added column %s", column.name)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
