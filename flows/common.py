@@ -5,13 +5,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from onboarding.client import VersoriClient
+from onboarding.errors import InputError
+from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
+
+if TYPE_CHECKING:
+    from onboarding.mail import MailSender, MailTemplates, SmtpSettings
 
 
 def resolve_api_key(settings: VersoriSettings) -> str | None:
@@ -23,6 +31,64 @@ def resolve_api_key(settings: VersoriSettings) -> str | None:
 
         return str(Secret.load(settings.api_key_block).get())
     return None
+
+
+def open_client(concurrency: int) -> VersoriClient:
+    """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once."""
+    versori = VersoriSettings()
+    return VersoriClient(
+        api_key=resolve_api_key(versori),
+        base_url=versori.base_url,
+        connect_timeout=versori.connect_timeout,
+        read_timeout=versori.read_timeout,
+        call_deadline=versori.call_deadline,
+        max_connections=concurrency,
+    )
+
+
+def load_templates(profile: ConnectorProfile) -> MailTemplates:
+    """The profile's email templates (its `email_templates` folder over the defaults)."""
+    from onboarding.mail import MailTemplates
+
+    return MailTemplates(Path(profile.email_templates) if profile.email_templates else None)
+
+
+def open_mailer(stack: ExitStack) -> MailSender:
+    """The SMTP sender from ONBOARD_SMTP_* settings, or from the prefect-email
+    EmailServerCredentials block named by ONBOARD_SMTP_BLOCK; closed with `stack`."""
+    from onboarding.mail import MailSender, SmtpSettings
+
+    settings = SmtpSettings()
+    sender = _sender_from_block(settings) if settings.block else MailSender.from_settings(settings)
+    return stack.enter_context(sender)
+
+
+def _sender_from_block(settings: SmtpSettings) -> MailSender:
+    from prefect_email import EmailServerCredentials
+
+    from onboarding.mail import MailSender
+
+    assert settings.block
+    try:
+        block = EmailServerCredentials.load(settings.block)
+    except ValueError as err:
+        raise InputError(
+            f"ONBOARD_SMTP_BLOCK: no EmailServerCredentials block named {settings.block!r} "
+            "(create it with `onboard blocks create` or in the Prefect UI)"
+        ) from err
+    kind = getattr(block.smtp_type, "name", str(block.smtp_type)).upper()
+    security = {"SSL": "ssl", "STARTTLS": "starttls", "INSECURE": "none"}.get(kind, "starttls")
+    password = block.password.get_secret_value() if block.password else None
+    return MailSender(
+        host=block.smtp_server,
+        port=block.smtp_port,
+        username=block.username,
+        password=password,
+        security=security,
+        timeout=settings.timeout,
+        email_from=settings.email_from or block.username,
+        ca_file=settings.ca_file,
+    )
 
 
 class _DropRoutineTaskRunLogs(logging.Filter):

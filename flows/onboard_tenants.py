@@ -1,39 +1,25 @@
-"""Flow `onboard-tenants`: one link per tenant of a roster, recorded in the ledger."""
+"""Flow `onboard-tenants`: one link per tenant of a roster, recorded and delivered."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
-from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
+from prefect.states import State
 
-from flows.common import Progress, quiet_routine_task_logs, resolve_api_key
-from onboarding.client import VersoriClient
-from onboarding.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from flows.batch import final_state, publish, run_batch, summarise
+from flows.common import load_templates, open_client, open_mailer
 from onboarding.ledger import Ledger
-from onboarding.onboard import (
-    Delivery,
-    OnboardingJob,
-    TenantOutcome,
-    failed_outcome,
-)
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import Roster, display_source, load_roster
-from onboarding.settings import LedgerSettings, VersoriSettings
+from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome
+from onboarding.profile import load_profile
+from onboarding.roster import Roster, Tenant, display_source, load_roster
+from onboarding.settings import LedgerSettings
 from tasks.initialise import onboard_tenant_task
-
-# Errors that would fail every remaining tenant the same way: stop the batch, say it once.
-BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
-TABLE_ROWS_MAX = 1000
 
 
 def run_name() -> str:
@@ -55,16 +41,21 @@ def onboard_tenants(
     concurrency: int = 16,
     only: list[str] | None = None,
 ) -> State[dict[str, Any]]:
-    """Initialise a Versori OAuth2 link for every tenant of `roster` that lacks a live one."""
+    """Initialise a Versori OAuth2 link for every tenant of `roster` that lacks a live one, and
+    deliver it: `store` keeps it in the ledger, `email` sends it to the admin, `both` does both."""
     logger = get_run_logger()
     connector = load_profile(profile)
-    tenants = load_roster(roster, connector, only)
+    templates = load_templates(connector) if deliver.sends_email else None
+    tenants = load_roster(
+        roster, connector, only, also_needs=templates.tenant_fields_used if templates else ()
+    )
+    source = display_source(roster)
     ledger = Ledger(LedgerSettings().db_url)
     live = ledger.live_tenant_ids(connector.connector_id)
     logger.info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
         len(tenants),
-        display_source(roster),
+        source,
         connector.name,
         concurrency,
         deliver.value,
@@ -72,170 +63,46 @@ def onboard_tenants(
     )
     started = time.monotonic()
     if dry_run:
-        outcomes = _dry_run(tenants, live)
+        outcomes = [
+            TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
+            for t in tenants
+        ]
     else:
-        versori = VersoriSettings()
-        client = VersoriClient(
-            api_key=resolve_api_key(versori),
-            base_url=versori.base_url,
-            connect_timeout=versori.connect_timeout,
-            read_timeout=versori.read_timeout,
-            call_deadline=versori.call_deadline,
-            max_connections=concurrency,
-        )
-        job = OnboardingJob(
-            profile=connector, client=client, ledger=ledger, deliver=deliver, run_id=flow_run.id
-        )
-        with client:
-            outcomes = _run_batch(job, tenants, live, concurrency)
-    summary = _summarise(
-        connector, display_source(roster), outcomes, time.monotonic() - started, dry_run
+        with ExitStack() as stack:
+            client = stack.enter_context(open_client(concurrency))
+            mailer = open_mailer(stack) if deliver.sends_email else None
+            job = OnboardingJob(
+                profile=connector,
+                client=client,
+                ledger=ledger,
+                deliver=deliver,
+                mailer=mailer,
+                templates=templates,
+                run_id=flow_run.id,
+            )
+            outcomes = run_batch(
+                job, onboard_tenant_task, _work(tenants, live), len(tenants), concurrency
+            )
+    summary = summarise(
+        outcomes,
+        time.monotonic() - started,
+        profile=connector.name,
+        connector_id=connector.connector_id,
+        roster=source,
+        dry_run=dry_run,
+        deliver=deliver.value,
     )
-    _publish(connector, summary, outcomes)
+    publish(
+        f"onboarding-{connector.slug}",
+        f"Onboarding {connector.name}",
+        f"Roster `{source}`",
+        summary,
+        outcomes,
+    )
     ledger.close()
-    if summary["failed"]:
-        return Failed(
-            message=f"{summary['failed']} of {summary['total']} tenant(s) failed; "
-            "the next run retries them",
-            data=summary,
-        )
-    return Completed(message=f"{summary['total']} tenant(s) onboarded or skipped", data=summary)
+    return final_state(summary, "onboarded or skipped")
 
 
-def _dry_run(tenants: Roster, live: set[str]) -> list[TenantOutcome]:
-    return [
-        TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
-        for t in tenants
-    ]
-
-
-def _run_batch(
-    job: OnboardingJob, tenants: Roster, live: set[str], concurrency: int
-) -> list[TenantOutcome]:
-    """Submit tenants as workers free up, so at most 2x concurrency futures exist at once."""
-    logger = get_run_logger()
-    progress = Progress(len(tenants), job.profile.name)
-    outcomes: list[TenantOutcome] = []
-    in_flight: dict[PrefectFuture[TenantOutcome], str] = {}
-    stop_reason = ""
-
-    def collect(done: set[PrefectFuture[TenantOutcome]]) -> None:
-        nonlocal stop_reason
-        for future in done:
-            tenant_id = in_flight.pop(future)
-            result = job.latest.pop(tenant_id, None)
-            if result is None:  # the task failed before reaching the core: ask Prefect
-                result = future.result(raise_on_failure=False)
-            if isinstance(result, TenantOutcome):
-                outcome = result
-            else:
-                outcome = failed_outcome(tenant_id, result)
-                if isinstance(result, BATCH_FATAL) and not stop_reason:
-                    stop_reason = str(result)
-                    logger.error("Stopping the batch: %s", stop_reason)
-            outcomes.append(outcome)
-            progress.advance(failed=not outcome.ok)
-
-    def wait_for_one() -> None:
-        by_wrapped = {f.wrapped_future: f for f in in_flight}  # type: ignore[attr-defined]
-        done, _ = concurrent.futures.wait(
-            by_wrapped, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        collect({by_wrapped[w] for w in done})
-
-    with quiet_routine_task_logs(), ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        for tenant in tenants:
-            if tenant.tenant_id in live:
-                outcomes.append(TenantOutcome(tenant.tenant_id, "skipped"))
-                progress.advance()
-                continue
-            if stop_reason:
-                outcomes.append(_not_attempted(job, tenant.tenant_id, tenant, stop_reason))
-                progress.advance(failed=True)
-                continue
-            while len(in_flight) >= 2 * concurrency:
-                wait_for_one()
-            # quote(): Prefect would otherwise walk the job (client, ledger, results) per task.
-            future = runner.submit(onboard_tenant_task, {"tenant": tenant, "job": quote(job)})
-            in_flight[future] = tenant.tenant_id
-        while in_flight:
-            wait_for_one()
-    progress.finish()
-    return outcomes
-
-
-def _not_attempted(job: OnboardingJob, tenant_id: str, tenant: Any, reason: str) -> TenantOutcome:
-    message = f"not attempted: the batch stopped early because {reason}"
-    job.ledger.record_failure(
-        tenant_id=tenant_id,
-        connector_id=job.profile.connector_id,
-        profile=job.profile.name,
-        tenant_name=tenant.name,
-        admin_email=tenant.admin_email,
-        error_code="not_attempted",
-        error_message=message,
-        run_id=job.run_id,
-        count_attempt=False,
-    )
-    return TenantOutcome(tenant_id, "failed", error_code="not_attempted", error_message=message)
-
-
-def _summarise(
-    connector: ConnectorProfile,
-    roster: str,
-    outcomes: list[TenantOutcome],
-    seconds: float,
-    dry_run: bool,
-) -> dict[str, Any]:
-    by_status = Counter(o.status for o in outcomes)
-    errors = Counter(o.error_code for o in outcomes if o.error_code)
-    return {
-        "profile": connector.name,
-        "connector_id": connector.connector_id,
-        "roster": roster,
-        "dry_run": dry_run,
-        "total": len(outcomes),
-        "failed": by_status.get("failed", 0),
-        "skipped": by_status.get("skipped", 0),
-        "by_status": dict(by_status),
-        "errors": dict(errors),
-        "seconds": round(seconds, 2),
-        "outcomes": [o.__dict__ for o in outcomes],
-    }
-
-
-def _publish(
-    connector: ConnectorProfile, summary: dict[str, Any], outcomes: list[TenantOutcome]
-) -> None:
-    """The table and summary artifacts, under keys stable per profile so the UI keeps history."""
-    failed_first = sorted(outcomes, key=lambda o: (o.status != "failed", o.tenant_id))
-    rows = [
-        {
-            "tenant": o.tenant_id,
-            "status": o.status,
-            "link host": o.link_host,
-            "state": o.masked_state,
-            "error": f"{o.error_code}: {o.error_message}" if o.error_code else "",
-        }
-        for o in failed_first[:TABLE_ROWS_MAX]
-    ]
-    cut = len(outcomes) - len(rows)
-    create_table_artifact(
-        key=f"onboarding-{connector.slug}",
-        table=rows,
-        description=f"Tenants of {summary['roster']}"
-        + (f" (first {len(rows)}, failures first; `onboard export` has all)" if cut else ""),
-    )
-    lines = [
-        f"# Onboarding {connector.name}{' (dry run)' if summary['dry_run'] else ''}",
-        "",
-        f"Roster `{summary['roster']}`: {summary['total']} tenant(s) in {summary['seconds']} s.",
-        "",
-        "| status | tenants |",
-        "| --- | --- |",
-        *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
-    ]
-    if summary["errors"]:
-        lines += ["", "| error | tenants |", "| --- | --- |"]
-        lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]
-    create_markdown_artifact(key=f"onboarding-summary-{connector.slug}", markdown="\n".join(lines))
+def _work(tenants: Roster, live: set[str]) -> Iterator[Tenant | TenantOutcome]:
+    for tenant in tenants:
+        yield TenantOutcome(tenant.tenant_id, "skipped") if tenant.tenant_id in live else tenant

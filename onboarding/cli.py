@@ -55,14 +55,20 @@ def _quiet_task_logs(verbose: bool) -> None:
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
 
-def _preflight(roster: str, profile: str, only: list[str] | None, dry_run: bool) -> None:
+def _preflight(
+    roster: str | None, profile: str, only: list[str] | None, dry_run: bool, deliver: Delivery
+) -> None:
     """Check everything a run needs before Prefect starts, so bad input exits 2 at once."""
     from flows.common import resolve_api_key
     from onboarding.profile import load_profile
     from onboarding.roster import load_roster
 
     connector = load_profile(profile)
-    load_roster(roster, connector, only)
+    needs: list[str] = []
+    if deliver.sends_email:
+        needs = _check_mail_settings(connector.email_templates)
+    if roster is not None:
+        load_roster(roster, connector, only, also_needs=needs)
     Ledger(LedgerSettings().db_url).close()
     if not dry_run:
         versori = VersoriSettings()
@@ -72,6 +78,30 @@ def _preflight(roster: str, profile: str, only: list[str] | None, dry_run: bool)
                 "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
             )
         resolve_api_key(versori)
+
+
+def _check_mail_settings(templates: str | None) -> list[str]:
+    """Fail fast on templates or SMTP settings; return the roster columns the templates read."""
+    from onboarding.mail import MailTemplates, SmtpSettings
+
+    fields = MailTemplates(Path(templates) if templates else None).tenant_fields_used
+    settings = SmtpSettings()
+    if settings.block:
+        return fields  # read when the flow starts; a missing block fails it with its name
+    missing = [
+        name
+        for name, value in (
+            ("ONBOARD_SMTP_HOST", settings.host),
+            ("ONBOARD_EMAIL_FROM", settings.email_from),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"email delivery needs {' and '.join(missing)} (or ONBOARD_SMTP_BLOCK, the name of "
+            "a prefect-email EmailServerCredentials block); see the README's Configuration"
+        )
+    return fields
 
 
 def _run_flow(
@@ -126,7 +156,9 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
 def run(
     roster: Annotated[str, typer.Option(help="Roster file (.csv .json .jsonl .yaml) or URL.")],
     profile: Annotated[str, typer.Option(help="Connector profile YAML.")],
-    deliver: Annotated[Delivery, typer.Option(help="Where links go.")] = Delivery.STORE,
+    deliver: Annotated[
+        Delivery, typer.Option(help="store: ledger only; email: send to the admin; both.")
+    ] = Delivery.STORE,
     concurrency: Annotated[int, typer.Option(min=1, max=256, help="Tenants at once.")] = 16,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check inputs, call nothing.")] = False,
     only: Annotated[
@@ -137,7 +169,7 @@ def run(
     """Onboard a roster. Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad
     input (nothing was called)."""
     try:
-        _preflight(roster, profile, only, dry_run)
+        _preflight(roster, profile, only, dry_run, deliver)
     except InputError as error:
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
@@ -153,39 +185,58 @@ def run(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option(help="Folder for the demo's ledger.")] = Path(
+    output: Annotated[Path, typer.Option(help="Folder for the demo's ledger and mail.")] = Path(
         "demo-output"
     ),
 ) -> None:
-    """Onboard the example roster against a local emulator: no account, no set-up."""
+    """Onboard the example roster against a local emulator and a local SMTP server: no
+    account, no set-up."""
     from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+    from onboarding.mail import LocalSmtpServer
 
     output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob("onboarding.db*"):
+    mail_dir = output / "mail"
+    for stale in [*output.glob("onboarding.db*"), *mail_dir.glob("*.eml")]:
         stale.unlink()
     ledger_url = f"sqlite:///{(output / 'onboarding.db').resolve()}"
     roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
     out.print(
         "[bold]Demo:[/] onboarding the 25 tenants of examples/tenants.csv through a local "
-        "Versori emulator.\nFour tenants meet injected faults: two recover after retries, "
-        "two fail (a 503 that never clears, a returned URL without a state).",
+        "Versori emulator, emailing each admin through a local SMTP server.\nFour tenants meet "
+        "injected faults: two recover after retries, two fail (a 503 that never clears, a "
+        "returned URL without a state).",
         highlight=False,
     )
-    with EmulatorServer(EmulatorConfig(script=DEMO_SCRIPT, seed=7)) as emulator:
+    with (
+        EmulatorServer(EmulatorConfig(script=DEMO_SCRIPT, seed=7)) as emulator,
+        LocalSmtpServer(mail_dir) as smtp,
+    ):
+        for name in (
+            "VERSORI_API_KEY_BLOCK",
+            "ONBOARD_SMTP_BLOCK",
+            "ONBOARD_SMTP_USERNAME",
+            "ONBOARD_SMTP_PASSWORD",
+            "ONBOARD_SMTP_CA_FILE",
+        ):
+            os.environ.pop(name, None)
         os.environ.update(
             VERSORI_BASE_URL=emulator.base_url,
             VERSORI_API_KEY=DEFAULT_API_KEY,
             ONBOARD_DB_URL=ledger_url,
+            ONBOARD_SMTP_HOST=smtp.host,
+            ONBOARD_SMTP_PORT=str(smtp.port),
+            ONBOARD_SMTP_SECURITY="none",
+            ONBOARD_EMAIL_FROM="onboarding@demo.example.com",
         )
-        os.environ.pop("VERSORI_API_KEY_BLOCK", None)
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        _quiet_task_logs(verbose=True)
-        summary = _run_flow(roster, profile, Delivery.STORE, 8, False, None)
+        summary = _run_flow(roster, profile, Delivery.BOTH, 8, False, None)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=True)
+    emails = len(list(mail_dir.glob("*.eml")))
     out.print(
         f"\nWhere to look next:\n"
+        f"  emails     {mail_dir}/ ({emails} .eml file(s), one per delivered tenant)\n"
         f"  ledger     {output / 'onboarding.db'}\n"
         f"  counts     ONBOARD_DB_URL={ledger_url} uv run onboard status\n"
         f"  links      ONBOARD_DB_URL={ledger_url} uv run onboard export --format csv\n"
@@ -193,6 +244,73 @@ def demo(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+def remind(
+    profile: Annotated[str, typer.Option(help="Connector profile YAML.")],
+    after_hours: Annotated[
+        float, typer.Option(min=0, help="Remind when the last email is older than this.")
+    ] = 48.0,
+    max_reminders: Annotated[int, typer.Option(min=0, help="Stop after this many.")] = 3,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Tenants at once.")] = 4,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List who is due; send nothing.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log every task run.")] = False,
+) -> None:
+    """Re-send links to admins who have not connected, re-issuing links past their time.
+    Exit 0: all reminders sent; 1: some failed; 2: bad input."""
+    from flows.remind_tenants import remind_tenants
+
+    try:
+        _preflight(None, profile, None, dry_run, Delivery.EMAIL if not dry_run else Delivery.STORE)
+    except InputError as error:
+        raise _bad_input(error) from None
+    _quiet_task_logs(verbose)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    state = remind_tenants(
+        profile=profile,
+        after_hours=after_hours,
+        max_reminders=max_reminders,
+        concurrency=concurrency,
+        dry_run=dry_run,
+        return_state=True,
+    )
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        err.print(f"[bold red]The run did not finish:[/] {state.message}", highlight=False)
+        raise typer.Exit(EXIT_SOME_FAILED)
+    _print_outcomes(summary, everything=True)
+    if summary.get("expired"):
+        out.print(f"{summary['expired']} link(s) past their time were marked expired.")
+    if summary["failed"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command("mark-connected")
+def mark_connected(
+    state: Annotated[str, typer.Option(help="The state your OAuth callback received.")],
+    connection_id: Annotated[
+        str | None, typer.Option(help="Versori's id of the new connection.")
+    ] = None,
+) -> None:
+    """Record that the tenant owning STATE connected. Exit 0: recorded; 1: unknown or
+    superseded state (nothing recorded); 2: bad input."""
+    from flows.record_connection import record_connection_flow
+
+    try:
+        Ledger(LedgerSettings().db_url).close()
+    except InputError as error:
+        raise _bad_input(error) from None
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    result = record_connection_flow(state=state, connection_id=connection_id, return_state=True)
+    data = result.result(raise_on_failure=False)
+    if result.is_completed() and isinstance(data, dict):
+        out.print(f"Tenant {data['tenant_id']} is connected.", highlight=False)
+        return
+    err.print(f"[bold red]Not recorded:[/] {result.message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()

@@ -1,26 +1,40 @@
-"""One tenant's data path, without Prefect: render, initialise, check, record, deliver."""
+"""One tenant's data path, without Prefect: render, initialise, check, record, deliver; and
+later, remind (re-issuing a stale link) and record the connection the tenant made."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onboarding.client import VersoriClient
 from onboarding.errors import OnboardingError
-from onboarding.ledger import Ledger, Status, utcnow
-from onboarding.links import check_link, mask_state
+from onboarding.ledger import Ledger, Record, Status, utcnow
+from onboarding.links import Link, check_link, mask_state
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Tenant
 
+if TYPE_CHECKING:
+    from onboarding.mail import MailSender, MailTemplates
+
 log = logging.getLogger(__name__)
+
+# A link this close to its expiry is not worth sending: make a fresh one instead.
+REUSE_MARGIN = timedelta(minutes=30)
 
 
 class Delivery(StrEnum):
     STORE = "store"
+    EMAIL = "email"
+    BOTH = "both"
+
+    @property
+    def sends_email(self) -> bool:
+        return self is not Delivery.STORE
 
 
 @dataclass
@@ -28,9 +42,11 @@ class OnboardingJob:
     """What every tenant of one batch shares. One per flow run; safe to use from many threads."""
 
     profile: ConnectorProfile
-    client: VersoriClient
+    client: VersoriClient | None
     ledger: Ledger
     deliver: Delivery = Delivery.STORE
+    mailer: MailSender | None = None
+    templates: MailTemplates | None = None
     run_id: str | None = None
     clock: Callable[[], datetime] = field(default=utcnow)
     # The latest attempt's result per tenant, for the flow to collect without asking the
@@ -54,49 +70,84 @@ class TenantOutcome:
         return self.status not in (Status.FAILED, Status.PENDING)
 
 
+class UnknownStateError(OnboardingError):
+    code = "unknown_state"
+
+
+class SupersededStateError(OnboardingError):
+    code = "superseded_state"
+
+
 def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
-    """Make, check, record and deliver one tenant's link. Every failure is recorded, then raised
-    again so that the caller may retry it."""
-    profile = job.profile
-    identity: dict[str, Any] = {
-        "tenant_id": tenant.tenant_id,
-        "connector_id": profile.connector_id,
-        "profile": profile.name,
-        "tenant_name": tenant.name,
-        "admin_email": tenant.admin_email,
-        "run_id": job.run_id,
-    }
-    try:
-        request = profile.render(tenant.values)
-        url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
-        link = check_link(url, request)
-        created = job.clock()
-        job.ledger.record_link(
-            **identity,
-            url=link.url,
-            state=link.state,
-            created_at=created,
-            expires_at=created + timedelta(hours=profile.link_ttl_hours),
-            delivered_by=job.deliver.value if job.deliver is Delivery.STORE else None,
+    """Make (or reuse), check, record and deliver one tenant's link. Every failure is recorded,
+    then raised again so that the caller may retry it."""
+    with _recording_failures(job, tenant):
+        issued = _reusable_link(job, tenant.tenant_id) if job.deliver.sends_email else None
+        link, expires_at = issued or _initialise(job, tenant)
+        if job.deliver.sends_email:
+            _send(job, tenant, link, expires_at, reminder=0)
+            job.ledger.mark_delivered(
+                tenant.tenant_id, job.profile.connector_id, channel=job.deliver.value
+            )
+    return _succeeded(job, tenant.tenant_id, Status.DELIVERED, link)
+
+
+def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
+    """Send a reminder to a tenant that has not connected; re-issue its link first when the
+    old one is past its time (the old state stays traceable in the ledger's history)."""
+    record = job.ledger.get(tenant_id, job.profile.connector_id)
+    if record is None:
+        raise UnknownStateError(f"tenant {tenant_id} is not in the ledger")
+    if record.status is Status.CONNECTED:
+        return TenantOutcome(tenant_id, Status.CONNECTED.value)
+    tenant = tenant_of(record)
+    with _recording_failures(job, tenant):
+        link, expires_at = _reusable_link(job, tenant_id, record) or _initialise(job, tenant)
+        _send(job, tenant, link, expires_at, reminder=record.reminders + 1)
+        job.ledger.mark_reminded(
+            tenant_id, job.profile.connector_id, channel=record.delivery_channel or "email"
         )
-    except Exception as exc:
-        code = exc.code if isinstance(exc, OnboardingError) else "internal_error"
-        message = str(exc) if isinstance(exc, OnboardingError) else f"{type(exc).__name__}: {exc}"
-        try:
-            job.ledger.record_failure(**identity, error_code=code, error_message=message)
-        except Exception:
-            log.exception("could not record the failure of tenant %s", tenant.tenant_id)
-        job.latest[tenant.tenant_id] = exc
-        raise
-    status = Status.DELIVERED if job.deliver is Delivery.STORE else Status.LINK_CREATED
-    outcome = TenantOutcome(
-        tenant_id=tenant.tenant_id,
-        status=status.value,
-        link_host=link.host,
-        masked_state=mask_state(link.state),
+    return _succeeded(job, tenant_id, Status.REMINDED, link)
+
+
+def record_connection(
+    ledger: Ledger, state: str, connection_id: str | None = None, now: datetime | None = None
+) -> Record:
+    """Mark the tenant owning `state` connected (the app's OAuth callback calls this)."""
+    record = ledger.find_by_state(state)
+    if record is None:
+        old = ledger.find_superseded(state)
+        if old is not None:
+            raise SupersededStateError(
+                f"state {mask_state(state)} belonged to tenant {old.tenant_id}, but a newer "
+                f"link replaced it on {old.superseded_at:%Y-%m-%d %H:%M} UTC; the connection "
+                "was not recorded: the tenant should use the newest link"
+            )
+        raise UnknownStateError(
+            f"no tenant owns state {mask_state(state)}: check that the callback passes the "
+            "state Versori returned, and that ONBOARD_DB_URL is the ledger that made the link"
+        )
+    if record.status is not Status.CONNECTED or (
+        connection_id and connection_id != record.connection_id
+    ):
+        ledger.mark_connected(
+            record.tenant_id,
+            record.connector_id,
+            connection_id=connection_id or record.connection_id,
+            at=now or utcnow(),
+        )
+    updated = ledger.get(record.tenant_id, record.connector_id)
+    assert updated is not None
+    return updated
+
+
+def tenant_of(record: Record) -> Tenant:
+    return Tenant(
+        tenant_id=record.tenant_id,
+        name=record.tenant_name,
+        admin_email=record.admin_email,
+        fields=record.tenant_fields or {},
     )
-    job.latest[tenant.tenant_id] = outcome
-    return outcome
 
 
 def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
@@ -107,3 +158,103 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
         error_code=code,
         error_message=str(exc) if isinstance(exc, OnboardingError) else type(exc).__name__,
     )
+
+
+@contextmanager
+def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[None]:
+    """Records any failure of the block in the ledger (a stored link stays, for reuse), keeps it
+    as the tenant's latest result, and lets it propagate for the caller's retry policy."""
+    try:
+        yield
+    except Exception as exc:
+        known = isinstance(exc, OnboardingError)
+        try:
+            job.ledger.record_failure(
+                **_identity(job, tenant),
+                error_code=exc.code if isinstance(exc, OnboardingError) else "internal_error",
+                error_message=str(exc) if known else f"{type(exc).__name__}: {exc}",
+            )
+        except Exception:
+            log.exception("could not record the failure of tenant %s", tenant.tenant_id)
+        job.latest[tenant.tenant_id] = exc
+        raise
+
+
+def _identity(job: OnboardingJob, tenant: Tenant) -> dict[str, Any]:
+    return {
+        "tenant_id": tenant.tenant_id,
+        "connector_id": job.profile.connector_id,
+        "profile": job.profile.name,
+        "tenant_name": tenant.name,
+        "admin_email": tenant.admin_email,
+        "run_id": job.run_id,
+    }
+
+
+def _reusable_link(
+    job: OnboardingJob, tenant_id: str, record: Record | None = None
+) -> tuple[Link, datetime] | None:
+    """The tenant's stored link when it was made but not yet delivered (a retry after a mail
+    failure, a crash while sending) and has time left: no second initialise, same Message-ID."""
+    record = record or job.ledger.get(tenant_id, job.profile.connector_id)
+    if record is None or not (record.url and record.state and record.expires_at):
+        return None
+    if record.expires_at - REUSE_MARGIN <= job.clock():
+        return None
+    return Link(url=record.url, state=record.state), record.expires_at
+
+
+def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
+    if job.client is None:
+        raise OnboardingError("no Versori client configured for this job")
+    profile = job.profile
+    request = profile.render(tenant.values)
+    url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
+    link = check_link(url, request)
+    created = job.clock()
+    expires_at = created + timedelta(hours=profile.link_ttl_hours)
+    job.ledger.record_link(
+        **_identity(job, tenant),
+        url=link.url,
+        state=link.state,
+        created_at=created,
+        expires_at=expires_at,
+        delivered_by=None if job.deliver.sends_email else job.deliver.value,
+        tenant_fields=tenant.fields,
+    )
+    return link, expires_at
+
+
+def _send(
+    job: OnboardingJob, tenant: Tenant, link: Link, expires_at: datetime, reminder: int
+) -> None:
+    from onboarding.mail import build_message
+
+    if job.mailer is None or job.templates is None:
+        raise OnboardingError("email delivery asked for, but no SMTP sender is configured")
+    message = build_message(
+        tenant=tenant,
+        connector_name=job.profile.name,
+        connector_id=job.profile.connector_id,
+        link_url=link.url,
+        state=link.state,
+        expires_at=expires_at,
+        email_from=job.mailer.email_from,
+        templates=job.templates,
+        reminder=reminder,
+    )
+    job.ledger.mark_sending(
+        tenant.tenant_id, job.profile.connector_id, message_id=str(message["Message-ID"])
+    )
+    job.mailer.send(message)
+
+
+def _succeeded(job: OnboardingJob, tenant_id: str, status: Status, link: Link) -> TenantOutcome:
+    outcome = TenantOutcome(
+        tenant_id=tenant_id,
+        status=status.value,
+        link_host=link.host,
+        masked_state=mask_state(link.state),
+    )
+    job.latest[tenant_id] = outcome
+    return outcome

@@ -68,6 +68,9 @@ class ConnectorProfile(BaseModel):
     # A URL-encoded query string template, or a mapping of key to value template.
     additional_params: str | dict[str, str] = ""
     link_ttl_hours: float = Field(constants.DEFAULT_LINK_TTL_HOURS, gt=0)
+    # A folder of email templates (subject.txt, body.txt, body.html) overriding the defaults;
+    # relative to the profile file.
+    email_templates: str | None = None
 
     @field_validator("authorize_url")
     @classmethod
@@ -205,12 +208,19 @@ def load_profile(path: str | Path) -> ConnectorProfile:
             ]
         )
     try:
-        return ConnectorProfile.model_validate(data)
+        profile = ConnectorProfile.model_validate(data)
     except ValidationError as err:
         raise InputError(
             problems_from_validation(err, str(path), lines),
             hint="See examples/profile.yaml for a complete profile.",
         ) from err
+    if profile.email_templates is not None:
+        folder = (path.parent / profile.email_templates).resolve()
+        if not folder.is_dir():
+            line = lines.get(("email_templates",))
+            raise InputError([Problem(str(path), line, "email_templates", f"no folder {folder}")])
+        profile = profile.model_copy(update={"email_templates": str(folder)})
+    return profile
 
 
 def host_of(url: str) -> str:

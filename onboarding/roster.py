@@ -93,6 +93,7 @@ def load_roster(
     location: str | Path,
     profile: ConnectorProfile | None = None,
     only: Iterable[str] | None = None,
+    also_needs: Iterable[str] = (),
 ) -> Roster:
     """Check every row; raise InputError listing all problems, or return a streamable Roster."""
     source = display_source(location)
@@ -110,7 +111,7 @@ def load_roster(
         raise InputError(
             f"{source}: unknown roster format; name the file .csv, .json, .jsonl or .yaml"
         )
-    problems, ids = _check(path, fmt, source, profile)
+    problems, ids = _check(path, fmt, source, profile, list(also_needs))
     wanted = frozenset(only) if only else None
     if wanted:
         for tenant_id in sorted(wanted - ids):
@@ -145,11 +146,16 @@ def _download(url: str) -> tuple[Any, Path]:
 
 
 def _check(
-    path: Path, fmt: str, source: str, profile: ConnectorProfile | None
+    path: Path,
+    fmt: str,
+    source: str,
+    profile: ConnectorProfile | None,
+    also_needs: list[str],
 ) -> tuple[list[Problem], set[str]]:
+    """`also_needs`: columns something other than the profile reads (the email templates)."""
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    needed = profile.fields_used if profile else []
+    needed = list(dict.fromkeys([*(profile.fields_used if profile else []), *also_needs]))
     # Once each: admin_email is both required and, often, used by the templates.
     checked = list(dict.fromkeys([*REQUIRED_COLUMNS, *needed]))
     header_missing: set[str] = set()

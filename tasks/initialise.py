@@ -13,7 +13,7 @@ from prefect.tasks import exponential_backoff
 
 from onboarding import constants
 from onboarding.errors import RateLimitedError, is_transient
-from onboarding.onboard import OnboardingJob, TenantOutcome, onboard_tenant
+from onboarding.onboard import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 from onboarding.roster import Tenant
 
 
@@ -49,3 +49,17 @@ def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
 )
 def onboard_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
     return onboard_tenant(job, tenant)
+
+
+@task(
+    name="remind-tenant",
+    task_run_name="remind-{tenant.tenant_id}",
+    retries=constants.TASK_RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=constants.TASK_RETRY_BACKOFF_SECONDS),
+    retry_jitter_factor=constants.TASK_RETRY_JITTER_FACTOR,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def remind_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
+    return remind_tenant(job, tenant.tenant_id)

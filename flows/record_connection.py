@@ -1,0 +1,43 @@
+"""Flow `record-connection`: the app's OAuth callback reports that a tenant connected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed, State
+
+from onboarding.ledger import Ledger
+from onboarding.links import mask_state
+from onboarding.onboard import SupersededStateError, UnknownStateError, record_connection
+from onboarding.settings import LedgerSettings
+
+
+@flow(name="record-connection", flow_run_name="record-connection", log_prints=False)
+def record_connection_flow(state: str, connection_id: str | None = None) -> State[dict[str, Any]]:
+    """Mark the tenant whose link carried `state` as connected. An unknown or superseded state
+    fails the run with a message saying which and why; it is never recorded."""
+    logger = get_run_logger()
+    ledger = Ledger(LedgerSettings().db_url)
+    try:
+        record = record_connection(ledger, state.strip(), connection_id)
+    except (UnknownStateError, SupersededStateError) as err:
+        logger.error("%s", err)
+        return Failed(message=str(err), data={"code": err.code, "error": str(err)})
+    finally:
+        ledger.close()
+    logger.info(
+        "Tenant %s is connected to %s (state %s)",
+        record.tenant_id,
+        record.profile,
+        mask_state(state),
+    )
+    return Completed(
+        message=f"tenant {record.tenant_id} connected",
+        data={
+            "tenant_id": record.tenant_id,
+            "connector_id": record.connector_id,
+            "status": record.status.value,
+            "connection_id": record.connection_id,
+        },
+    )

@@ -1,0 +1,103 @@
+"""Flow `remind-tenants`: chase the admins who were sent a link but have not connected."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from flows.batch import final_state, publish, run_batch, summarise
+from flows.common import load_templates, open_client, open_mailer
+from onboarding.ledger import Ledger, utcnow
+from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome, tenant_of
+from onboarding.profile import load_profile
+from onboarding.settings import LedgerSettings
+from tasks.initialise import remind_tenant_task
+
+
+def run_name() -> str:
+    return f"remind {Path(str(flow_run.parameters['profile'])).stem}"
+
+
+@flow(name="remind-tenants", flow_run_name=run_name, log_prints=False)
+def remind_tenants(
+    profile: str,
+    after_hours: float = 48.0,
+    max_reminders: int = 3,
+    dry_run: bool = False,
+    concurrency: int = 4,
+) -> State[dict[str, Any]]:
+    """Re-send the link to every tenant delivered by email more than `after_hours` ago that has
+    not connected, at most `max_reminders` times. A link past its `link_ttl_hours` is re-issued
+    first (a fresh state; the old one stays traceable). Links past their time that are not
+    re-issued are marked `expired`."""
+    logger = get_run_logger()
+    if after_hours < 0 or max_reminders < 0:
+        raise ValueError("after_hours and max_reminders must be 0 or more")
+    connector = load_profile(profile)
+    ledger = Ledger(LedgerSettings().db_url)
+    now = utcnow()
+    due = ledger.due_for_reminder(
+        connector.connector_id,
+        sent_before=now - timedelta(hours=after_hours),
+        max_reminders=max_reminders,
+    )
+    logger.info(
+        "%d tenant(s) of %s are due a reminder (sent over %g h ago, fewer than %d reminders)",
+        len(due),
+        connector.name,
+        after_hours,
+        max_reminders,
+    )
+    started = time.monotonic()
+    if dry_run:
+        outcomes = [
+            TenantOutcome(
+                r.tenant_id,
+                "would_reissue" if r.expires_at and r.expires_at <= now else "would_remind",
+            )
+            for r in due
+        ]
+        expired = ledger.count_past_expiry(connector.connector_id, now)
+    else:
+        with ExitStack() as stack:
+            client = stack.enter_context(open_client(concurrency))
+            mailer, templates = open_mailer(stack), load_templates(connector)
+            job = OnboardingJob(
+                profile=connector,
+                client=client,
+                ledger=ledger,
+                deliver=Delivery.EMAIL,
+                mailer=mailer,
+                templates=templates,
+                run_id=flow_run.id,
+            )
+            outcomes = run_batch(
+                job, remind_tenant_task, (tenant_of(r) for r in due), len(due), concurrency
+            )
+        expired = ledger.expire_links(connector.connector_id, utcnow())
+    if expired:
+        logger.info("%d link(s) past their time and not re-issued are now expired", expired)
+    summary = summarise(
+        outcomes,
+        time.monotonic() - started,
+        profile=connector.name,
+        connector_id=connector.connector_id,
+        dry_run=dry_run,
+        expired=expired,
+    )
+    publish(
+        f"reminders-{connector.slug}",
+        f"Reminders for {connector.name}",
+        f"Ledger, {len(due)} due",
+        summary,
+        outcomes,
+    )
+    ledger.close()
+    return final_state(summary, "reminded")
