@@ -346,12 +346,21 @@ class Ledger:
             )
 
     def mark_delivered(
-        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
+        self,
+        tenant_id: str,
+        connector_id: str,
+        *,
+        channel: str,
+        at: datetime | None = None,
+        count_attempt: bool = False,
     ) -> None:
+        """`count_attempt`: this write ends an attempt that recorded nothing else (it reused a
+        stored link), so it counts it."""
         when = _utc(at or utcnow())
         self._update(
             tenant_id,
             connector_id,
+            attempts=records.c.attempts + int(count_attempt),
             status=Status.DELIVERED.value,
             delivery_channel=channel,
             delivered_at=when,
@@ -366,11 +375,18 @@ class Ledger:
         self._update(tenant_id, connector_id, status=Status.SENDING.value, message_id=message_id)
 
     def mark_reminded(
-        self, tenant_id: str, connector_id: str, *, channel: str, at: datetime | None = None
+        self,
+        tenant_id: str,
+        connector_id: str,
+        *,
+        channel: str,
+        at: datetime | None = None,
+        count_attempt: bool = False,
     ) -> None:
         self._update(
             tenant_id,
             connector_id,
+            attempts=records.c.attempts + int(count_attempt),
             status=Status.REMINDED.value,
             delivery_channel=channel,
             last_sent_at=_utc(at or utcnow()),

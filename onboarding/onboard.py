@@ -81,13 +81,19 @@ class SupersededStateError(OnboardingError):
 def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     """Make (or reuse), check, record and deliver one tenant's link. Every failure is recorded,
     then raised again so that the caller may retry it."""
-    with _recording_failures(job, tenant):
+    with _recording_failures(job, tenant) as attempt:
         issued = _reusable_link(job, tenant.tenant_id) if job.deliver.sends_email else None
-        link, expires_at = issued or _initialise(job, tenant)
+        if issued is None:
+            issued = _initialise(job, tenant)
+            attempt.counted = True
+        link, expires_at = issued
         if job.deliver.sends_email:
             _send(job, tenant, link, expires_at, reminder=0)
             job.ledger.mark_delivered(
-                tenant.tenant_id, job.profile.connector_id, channel=job.deliver.value
+                tenant.tenant_id,
+                job.profile.connector_id,
+                channel=job.deliver.value,
+                count_attempt=not attempt.counted,
             )
     return _succeeded(job, tenant.tenant_id, Status.DELIVERED, link)
 
@@ -101,11 +107,18 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     if record.status is Status.CONNECTED:
         return TenantOutcome(tenant_id, Status.CONNECTED.value)
     tenant = tenant_of(record)
-    with _recording_failures(job, tenant):
-        link, expires_at = _reusable_link(job, tenant_id, record) or _initialise(job, tenant)
+    with _recording_failures(job, tenant) as attempt:
+        issued = _reusable_link(job, tenant_id, record)
+        if issued is None:
+            issued = _initialise(job, tenant)
+            attempt.counted = True
+        link, expires_at = issued
         _send(job, tenant, link, expires_at, reminder=record.reminders + 1)
         job.ledger.mark_reminded(
-            tenant_id, job.profile.connector_id, channel=record.delivery_channel or "email"
+            tenant_id,
+            job.profile.connector_id,
+            channel=record.delivery_channel or "email",
+            count_attempt=not attempt.counted,
         )
     return _succeeded(job, tenant_id, Status.REMINDED, link)
 
@@ -160,12 +173,19 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
     )
 
 
+@dataclass
+class _Attempt:
+    counted: bool = False  # the ledger already counted this attempt (a link was recorded)
+
+
 @contextmanager
-def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[None]:
+def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[_Attempt]:
     """Records any failure of the block in the ledger (a stored link stays, for reuse), keeps it
-    as the tenant's latest result, and lets it propagate for the caller's retry policy."""
+    as the tenant's latest result, and lets it propagate for the caller's retry policy. Each
+    attempt counts once in the ledger, whether it failed before or after recording a link."""
+    attempt = _Attempt()
     try:
-        yield
+        yield attempt
     except Exception as exc:
         known = isinstance(exc, OnboardingError)
         try:
@@ -173,6 +193,7 @@ def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[None]:
                 **_identity(job, tenant),
                 error_code=exc.code if isinstance(exc, OnboardingError) else "internal_error",
                 error_message=str(exc) if known else f"{type(exc).__name__}: {exc}",
+                count_attempt=not attempt.counted,
             )
         except Exception:
             log.exception("could not record the failure of tenant %s", tenant.tenant_id)

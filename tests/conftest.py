@@ -54,3 +54,12 @@ def ledger(ledger_url: str) -> Iterator[Ledger]:
         yield ledger
     finally:
         ledger.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (own database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -16,7 +16,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.testing.utilities import prefect_test_harness
 
 import flows.onboard_tenants as flow_module
 from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
@@ -27,10 +26,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(autouse=True)
