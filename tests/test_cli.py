@@ -217,3 +217,94 @@ def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -
         assert "The next `onboard run` retries the failed tenants." in result.stdout
         # 1 attempt + 3 retries each, all 503: transient, retried, then recorded.
         assert httpx.get(f"{base}/_emulator/stats").json()["by_status"] == {"503": 8}
+
+
+@pytest.mark.e2e
+def test_email_batch_rerun_remind_and_connect_from_the_command_line(tmp_path: Path) -> None:
+    from tests.smtp_server import SmtpTestServer
+
+    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
+    assert onboard
+    port = free_port()
+    env = base_env(tmp_path)
+    roster = tmp_path / "tenants.csv"
+    roster.write_text(
+        "tenant_id,name,admin_email,subdomain\n"
+        "a1,Acme,admin@acme.example.com,acme\n"
+        "g2,Globex,it@globex.example.com,globex\n"
+    )
+    with (
+        SmtpTestServer(tls="starttls", auth=True) as smtp,
+        child([onboard, "emulator", "--port", str(port)], env, tmp_path / "emulator.log") as emu,
+    ):
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz", proc=emu)
+        mail = smtp.sender_kwargs()
+        env.update(
+            VERSORI_BASE_URL=base,
+            VERSORI_API_KEY="emulator-key",
+            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
+            ONBOARD_SMTP_HOST=mail["host"],
+            ONBOARD_SMTP_PORT=str(mail["port"]),
+            ONBOARD_SMTP_SECURITY="starttls",
+            ONBOARD_SMTP_CA_FILE=str(mail["ca_file"]),
+            ONBOARD_SMTP_USERNAME=mail["username"],
+            ONBOARD_SMTP_PASSWORD=mail["password"],
+            ONBOARD_EMAIL_FROM="onboarding@saas.example.com",
+        )
+
+        def onboard_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [onboard, *args],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
+        run_args = ["run", "--roster", str(roster), "--profile", PROFILE, "--deliver", "email"]
+        first = onboard_cli(*run_args)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "2 delivered" in first.stdout
+        assert sorted(str(r.message()["To"]) for r in smtp.messages) == [
+            "admin@acme.example.com",
+            "it@globex.example.com",
+        ]
+        assert mail["password"] not in first.stdout + first.stderr
+
+        again = onboard_cli(*run_args)
+        assert again.returncode == 0 and "2 skipped" in again.stdout
+        assert len(smtp.messages) == 2, "a re-run never mails a delivered tenant again"
+
+        reminded = onboard_cli("remind", "--profile", PROFILE, "--after-hours", "0")
+        assert reminded.returncode == 0, reminded.stdout + reminded.stderr
+        assert len(smtp.messages) == 4
+        assert str(smtp.messages[-1].message()["Subject"]).startswith("Reminder")
+
+        exported = onboard_cli("export", "--format", "jsonl")
+        state = next(
+            json.loads(line)["state"]
+            for line in exported.stdout.splitlines()
+            if json.loads(line)["tenant_id"] == "a1"
+        )
+        connected = onboard_cli("mark-connected", "--state", state, "--connection-id", "c-9")
+        assert connected.returncode == 0, connected.stdout + connected.stderr
+        assert "Tenant a1 is connected" in connected.stdout
+        unknown = onboard_cli("mark-connected", "--state", "not-a-state")
+        assert unknown.returncode == 1 and "no tenant owns state" in unknown.stderr
+
+        status = onboard_cli("status")
+        assert "connected" in status.stdout and "reminded" in status.stdout
+
+
+def test_email_delivery_without_smtp_settings_exits_2(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("ONBOARD_SMTP_HOST", "ONBOARD_EMAIL_FROM", "ONBOARD_SMTP_BLOCK"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(
+        app, ["run", "--roster", ROSTER, "--profile", PROFILE, "--deliver", "email"]
+    )
+    assert result.exit_code == 2
+    assert "ONBOARD_SMTP_HOST and ONBOARD_EMAIL_FROM" in result.stderr
