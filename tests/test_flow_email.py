@@ -283,3 +283,40 @@ def test_record_connection_marks_the_owner_and_refuses_unknown_or_superseded_sta
     # A connected tenant is never reminded.
     _, summary = remind(after_hours=0, max_reminders=3)
     assert "t1" not in {o["tenant_id"] for o in summary["outcomes"]}
+
+
+def test_secrets_from_prefect_blocks(
+    tmp_path: Path, ledger: Ledger, smtp: SmtpTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+    from prefect_email import EmailServerCredentials
+
+    kwargs = smtp.sender_kwargs()
+    Secret(value=DEFAULT_API_KEY).save("versori-api-key-test", overwrite=True)
+    EmailServerCredentials(
+        smtp_server=kwargs["host"],
+        smtp_port=kwargs["port"],
+        smtp_type="STARTTLS",
+        username=kwargs["username"],
+        password=kwargs["password"],
+    ).save("smtp-test", overwrite=True)
+    for name in (
+        "VERSORI_API_KEY",
+        "ONBOARD_SMTP_HOST",
+        "ONBOARD_SMTP_PORT",
+        "ONBOARD_SMTP_USERNAME",
+        "ONBOARD_SMTP_PASSWORD",
+        "ONBOARD_SMTP_SECURITY",
+    ):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VERSORI_API_KEY_BLOCK", "versori-api-key-test")
+    monkeypatch.setenv("ONBOARD_SMTP_BLOCK", "smtp-test")
+    state, summary = onboard(roster(tmp_path, ["Blocky"]))
+    assert state == "COMPLETED", summary
+    assert sent_to(smtp) == {"admin1@t1.example.com": 1}
+
+    monkeypatch.setenv("ONBOARD_SMTP_BLOCK", "no-such-block")
+    state, result = onboard(roster(tmp_path, ["Other"]))
+    assert state == "FAILED" and "no EmailServerCredentials block named 'no-such-block'" in str(
+        result
+    )
