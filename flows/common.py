@@ -33,6 +33,18 @@ def resolve_api_key(settings: VersoriSettings) -> str | None:
     return None
 
 
+def tag_run(profile: ConnectorProfile) -> None:
+    """Tag the current flow run `profile:<slug>`, so the UI can filter runs by profile."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    tag = f"profile:{profile.slug}"
+    if flow_run.id is None or tag in (flow_run.tags or []):
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*(flow_run.tags or []), tag])
+
+
 def open_client(concurrency: int) -> VersoriClient:
     """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once."""
     versori = VersoriSettings()

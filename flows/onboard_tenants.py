@@ -6,55 +6,86 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import State
+from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import load_templates, open_client, open_mailer
+from flows.common import load_templates, open_client, open_mailer, tag_run
+from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome
 from onboarding.profile import load_profile
-from onboarding.roster import Roster, Tenant, display_source, load_roster
+from onboarding.roster import (
+    Roster,
+    Tenant,
+    TenantRow,
+    display_source,
+    load_inline_roster,
+    load_roster,
+)
 from onboarding.settings import LedgerSettings
 from tasks.initialise import onboard_tenant_task
 
+MAX_INLINE_TENANTS = 100
+
 
 def run_name() -> str:
-    """'<profile name> from <roster file>', e.g. 'zendesk-demo from tenants.csv'."""
+    """'<profile> from <roster file>', or '<profile> for t1, t2' when tenants came inline."""
     params = flow_run.parameters
     try:
         name = load_profile(str(params["profile"])).name
     except Exception:  # the flow itself reports a bad profile; the name must not fail first
         name = Path(str(params["profile"])).stem
-    return f"{name} from {Path(display_source(str(params['roster']))).name}"
+    if params.get("roster"):
+        return f"{name} from {Path(display_source(str(params['roster']))).name}"
+    ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]
+    shown = ", ".join(ids[:3]) + (f" +{len(ids) - 3}" if len(ids) > 3 else "")
+    return f"{name} for {shown or 'no tenants'}"
 
 
 @flow(name="onboard-tenants", flow_run_name=run_name, log_prints=False)
 def onboard_tenants(
-    roster: str,
     profile: str,
+    roster: str | None = None,
+    tenants: Annotated[list[TenantRow] | None, Field(max_length=MAX_INLINE_TENANTS)] = None,
     deliver: Delivery = Delivery.STORE,
     dry_run: bool = False,
-    concurrency: int = 16,
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
 ) -> State[dict[str, Any]]:
-    """Initialise a Versori OAuth2 link for every tenant of `roster` that lacks a live one, and
-    deliver it: `store` keeps it in the ledger, `email` sends it to the admin, `both` does both."""
+    """Initialise a Versori OAuth2 link for every tenant that lacks a live one, and deliver it.
+
+    Args:
+        profile: Path of the connector profile YAML, as the worker sees it.
+        roster: Path or http(s) URL of a roster (.csv, .json, .jsonl, .yaml). Give this or
+            `tenants`.
+        tenants: Up to 100 tenants inline, for a backend calling the API. Give this or `roster`.
+        deliver: store keeps the link in the ledger; email sends it to the admin; both does both.
+        dry_run: Check the inputs and report what would happen; call nothing, send nothing.
+        concurrency: Tenants in flight at once.
+        only: Onboard only these tenant ids of the roster.
+    """
     logger = get_run_logger()
+    if (roster is None) == (tenants is None):
+        raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
     connector = load_profile(profile)
+    tag_run(connector)
     templates = load_templates(connector) if deliver.sends_email else None
-    tenants = load_roster(
-        roster, connector, only, also_needs=templates.tenant_fields_used if templates else ()
-    )
-    source = display_source(roster)
+    needs = templates.tenant_fields_used if templates else ()
+    if roster is not None:
+        batch = load_roster(roster, connector, only, also_needs=needs)
+    else:
+        batch = load_inline_roster(tenants or [], connector, only, also_needs=needs)
+    source = display_source(roster) if roster is not None else batch.source
     ledger = Ledger(LedgerSettings().db_url)
     live = ledger.live_tenant_ids(connector.connector_id)
     logger.info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
-        len(tenants),
+        len(batch),
         source,
         connector.name,
         concurrency,
@@ -65,7 +96,7 @@ def onboard_tenants(
     if dry_run:
         outcomes = [
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
-            for t in tenants
+            for t in batch
         ]
     else:
         with ExitStack() as stack:
@@ -81,7 +112,7 @@ def onboard_tenants(
                 run_id=flow_run.id,
             )
             outcomes = run_batch(
-                job, onboard_tenant_task, _work(tenants, live), len(tenants), concurrency
+                job, onboard_tenant_task, _work(batch, live), len(batch), concurrency
             )
     summary = summarise(
         outcomes,

@@ -16,7 +16,12 @@ from onboarding.settings import LedgerSettings
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)
 def record_connection_flow(state: str, connection_id: str | None = None) -> State[dict[str, Any]]:
     """Mark the tenant whose link carried `state` as connected. An unknown or superseded state
-    fails the run with a message saying which and why; it is never recorded."""
+    fails the run with a message saying which and why; it is never recorded.
+
+    Args:
+        state: The `state` your OAuth callback received.
+        connection_id: Versori's id of the new connection, if you have it.
+    """
     logger = get_run_logger()
     ledger = Ledger(LedgerSettings().db_url)
     try:

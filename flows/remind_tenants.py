@@ -6,14 +6,15 @@ import time
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import State
+from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import load_templates, open_client, open_mailer
+from flows.common import load_templates, open_client, open_mailer, tag_run
 from onboarding.ledger import Ledger, utcnow
 from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
@@ -28,19 +29,26 @@ def run_name() -> str:
 @flow(name="remind-tenants", flow_run_name=run_name, log_prints=False)
 def remind_tenants(
     profile: str,
-    after_hours: float = 48.0,
-    max_reminders: int = 3,
+    after_hours: Annotated[float, Field(ge=0)] = 48.0,
+    max_reminders: Annotated[int, Field(ge=0)] = 3,
     dry_run: bool = False,
-    concurrency: int = 4,
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4,
 ) -> State[dict[str, Any]]:
     """Re-send the link to every tenant delivered by email more than `after_hours` ago that has
     not connected, at most `max_reminders` times. A link past its `link_ttl_hours` is re-issued
     first (a fresh state; the old one stays traceable). Links past their time that are not
-    re-issued are marked `expired`."""
+    re-issued are marked `expired`.
+
+    Args:
+        profile: Path of the connector profile YAML, as the worker sees it.
+        after_hours: Remind a tenant whose last email is older than this.
+        max_reminders: Stop reminding a tenant after this many reminders.
+        dry_run: Report who is due; send nothing, re-issue nothing.
+        concurrency: Tenants in flight at once.
+    """
     logger = get_run_logger()
-    if after_hours < 0 or max_reminders < 0:
-        raise ValueError("after_hours and max_reminders must be 0 or more")
     connector = load_profile(profile)
+    tag_run(connector)
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()
     due = ledger.due_for_reminder(

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
 from onboarding.profile import ConnectorProfile
@@ -55,6 +55,22 @@ class Tenant(BaseModel):
             "name": self.name,
             "admin_email": self.admin_email,
         }
+
+
+class TenantRow(BaseModel):
+    """One tenant passed inline (an API call), checked exactly like a roster row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: str = Field(description="Your stable id for this customer")
+    name: str = Field(description="The customer's display name")
+    admin_email: str = Field(description="Who receives the link")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Template fields, e.g. {\"subdomain\": \"acme\"}"
+    )
+
+
+INLINE_SOURCE = "tenants parameter"
 
 
 @dataclass
@@ -126,6 +142,36 @@ def load_roster(
         )
     count = len(ids & wanted) if wanted else len(ids)
     return Roster(source=source, path=path, fmt=fmt, count=count, only=wanted, _tmp=tmp)
+
+
+def load_inline_roster(
+    rows: Iterable[TenantRow | dict[str, Any]],
+    profile: ConnectorProfile | None = None,
+    only: Iterable[str] | None = None,
+    also_needs: Iterable[str] = (),
+) -> Roster:
+    """Tenants passed as a parameter, checked by the same rules as a roster file. Problems name
+    `tenants parameter:N`, N counting the tenants from 1."""
+    tmp = tempfile.TemporaryDirectory(prefix="onboard-inline-")
+    path = Path(tmp.name) / "tenants.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            data = row if isinstance(row, dict) else row.model_dump()
+            flat = {**data.get("fields", {}), **{k: v for k, v in data.items() if k != "fields"}}
+            out.write(json.dumps(flat) + "\n")
+    problems, ids = _check(path, "jsonl", INLINE_SOURCE, profile, list(also_needs))
+    wanted = frozenset(only) if only else None
+    if wanted:
+        problems += [
+            Problem(INLINE_SOURCE, None, "only", f"tenant_id {t!r} is not in it")
+            for t in sorted(wanted - ids)
+        ]
+    if problems:
+        raise InputError(problems, hint="Fix the tenants; nothing was sent to Versori.")
+    count = len(ids & wanted) if wanted else len(ids)
+    return Roster(
+        source=INLINE_SOURCE, path=path, fmt="jsonl", count=count, only=wanted, _tmp=tmp
+    )
 
 
 def _download(url: str) -> tuple[Any, Path]:

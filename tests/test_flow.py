@@ -216,3 +216,40 @@ def test_artifacts_hold_no_link_or_state(env: dict[str, Any], emulator: Any) -> 
     for s in states:
         assert s and s not in text
     assert "state=" not in text
+
+
+def test_tenants_inline_instead_of_a_roster(env: dict[str, Any], emulator: Any) -> None:
+    tenants = [
+        {
+            "tenant_id": "api-1",
+            "name": "One",
+            "admin_email": "one@x.com",
+            "fields": {"subdomain": "one"},
+        },
+        {
+            "tenant_id": "api-2",
+            "name": "Two",
+            "admin_email": "two@x.com",
+            "fields": {"subdomain": "two"},
+        },
+    ]
+    state = flow_module.onboard_tenants(profile=PROFILE, tenants=tenants, return_state=True)
+    assert state.is_completed()
+    assert state.result()["by_status"] == {"delivered": 2}  # type: ignore[index]
+    assert state.result()["roster"] == "tenants parameter"  # type: ignore[index]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)  # type: ignore[arg-type]
+    assert run.name == "zendesk-demo for api-1, api-2"
+    assert "profile:zendesk-demo" in run.tags
+
+    bad = [{"tenant_id": "api-3", "name": "Three", "admin_email": "three", "fields": {}}]
+    state = flow_module.onboard_tenants(profile=PROFILE, tenants=bad, return_state=True)
+    assert state.is_failed()
+    text = str(state.result(raise_on_failure=False))
+    assert "tenants parameter:1: admin_email" in text and "tenants parameter:1: subdomain" in text
+    assert emulator.stats()["requests"] == 2
+
+    both = flow_module.onboard_tenants(
+        profile=PROFILE, tenants=tenants, roster="x.csv", return_state=True
+    )
+    assert both.is_failed() and "not both" in str(both.result(raise_on_failure=False))
