@@ -66,12 +66,15 @@ def load_templates(profile: ConnectorProfile) -> MailTemplates:
 
 
 def open_mailer(stack: ExitStack) -> MailSender:
-    """The SMTP sender from ONBOARD_SMTP_* settings, or from the prefect-email
-    EmailServerCredentials block named by ONBOARD_SMTP_BLOCK; closed with `stack`."""
+    """The SMTP sender from ONBOARD_SMTP_* settings, or, when ONBOARD_SMTP_HOST is not set, from
+    the prefect-email EmailServerCredentials block named by ONBOARD_SMTP_BLOCK; closed with
+    `stack`."""
     from onboarding.mail import MailSender, SmtpSettings
 
     settings = SmtpSettings()
-    sender = _sender_from_block(settings) if settings.block else MailSender.from_settings(settings)
+    # Settings given directly win over a block name, as VERSORI_API_KEY wins over its block.
+    use_block = bool(settings.block) and not settings.host
+    sender = _sender_from_block(settings) if use_block else MailSender.from_settings(settings)
     return stack.enter_context(sender)
 
 

@@ -86,7 +86,7 @@ def _check_mail_settings(templates: str | None) -> list[str]:
 
     fields = MailTemplates(Path(templates) if templates else None).tenant_fields_used
     settings = SmtpSettings()
-    if settings.block:
+    if settings.block and not settings.host:
         return fields  # read when the flow starts; a missing block fails it with its name
     missing = [
         name
@@ -344,6 +344,87 @@ def emulator(
         highlight=False,
     )
     run_emulator(config, host=host, port=port)
+
+
+@app.command()
+def serve() -> None:
+    """Serve every deployment of prefect.yaml from this process (schedules included) against
+    the Prefect API in PREFECT_API_URL. Stop with Ctrl-C."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise _bad_input(
+            InputError(
+                "PREFECT_API_URL is not set: start a server (`uv run prefect server start`) and "
+                "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at Prefect Cloud"
+            )
+        )
+    from deployments.serve import serve_all
+
+    serve_all()
+
+
+blocks_app = typer.Typer(help="Keep secrets in Prefect blocks instead of the environment.")
+app.add_typer(blocks_app, name="blocks")
+
+
+@blocks_app.command("register")
+def blocks_register() -> None:
+    """Register the block types this project uses (Secret, EmailServerCredentials)."""
+    from prefect.blocks.system import Secret
+    from prefect_email import EmailServerCredentials
+
+    for block_type in (Secret, EmailServerCredentials):
+        block_type.register_type_and_schema()
+    out.print("Registered block types: Secret, EmailServerCredentials")
+
+
+@blocks_app.command("create")
+def blocks_create(
+    api_key_block: Annotated[str, typer.Option(help="Secret block for the API key.")] = (
+        "versori-api-key"
+    ),
+    smtp_block: Annotated[
+        str, typer.Option(help="EmailServerCredentials block for SMTP.")
+    ] = "onboarding-smtp",
+    skip_smtp: Annotated[bool, typer.Option("--skip-smtp", help="Only the API key.")] = False,
+) -> None:
+    """Save VERSORI_API_KEY and the ONBOARD_SMTP_* settings of this environment into blocks
+    (asking for what is missing when run in a terminal), so that deployments name the blocks
+    and nothing secret sits in prefect.yaml or in parameters."""
+    from prefect.blocks.system import Secret
+
+    versori = VersoriSettings()
+    key = versori.api_key.get_secret_value() if versori.api_key else _ask("VERSORI_API_KEY")
+    Secret(value=key).save(api_key_block, overwrite=True)
+    out.print(f"Saved the Versori API key in Secret block {api_key_block!r}.")
+    names = [f"VERSORI_API_KEY_BLOCK={api_key_block}"]
+    if not skip_smtp:
+        from prefect_email import EmailServerCredentials
+
+        from onboarding.mail import SmtpSettings
+
+        smtp = SmtpSettings()
+        host = smtp.host or _ask("ONBOARD_SMTP_HOST", hide=False)
+        password = smtp.password.get_secret_value() if smtp.password else None
+        kind = {"ssl": "SSL", "starttls": "STARTTLS", "none": "INSECURE"}[smtp.security]
+        EmailServerCredentials(
+            smtp_server=host,
+            smtp_port=smtp.port,
+            smtp_type=kind,
+            username=smtp.username,
+            password=password,
+        ).save(smtp_block, overwrite=True)
+        out.print(f"Saved SMTP settings for {host} in EmailServerCredentials block {smtp_block!r}.")
+        names.append(f"ONBOARD_SMTP_BLOCK={smtp_block}")
+    out.print("Runs find them with: " + " ".join(names), highlight=False, soft_wrap=True)
+
+
+def _ask(variable: str, hide: bool = True) -> str:
+    if not sys.stdin.isatty():
+        raise _bad_input(InputError(f"{variable} is not set; set it, or run this in a terminal"))
+    value: str = typer.prompt(variable, hide_input=hide)
+    return value
 
 
 def _open_ledger() -> Ledger:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +23,19 @@ def free_port() -> int:
 
 
 def wait_for_http(
-    url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+    url: str,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    found: bool = False,
 ) -> None:
+    """Wait until `url` answers (any status below 500; with `found`, a 200)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            status = httpx.get(url, timeout=2).status_code
+            if status == 200 or (status < 500 and not found):
                 return
         except httpx.HTTPError:
             pass
@@ -65,3 +71,26 @@ def base_env(tmp: Path) -> dict[str, str]:
     }
     env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return env
+
+
+@contextmanager
+def prefect_server(
+    tmp: Path, database_url: str | None = None, log: Path | None = None
+) -> Iterator[str]:
+    """A real `prefect server start` on a free loopback port with its own home (and database,
+    SQLite in that home unless `database_url` says otherwise). Yields the API URL."""
+    port = free_port()
+    env = base_env(tmp)
+    env["PREFECT_HOME"] = str(tmp / "prefect-server-home")
+    env["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    api = f"http://127.0.0.1:{port}/api"
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with child(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        log or tmp / "prefect-server.log",
+    ) as proc:
+        wait_for_http(f"{api}/health", timeout=120, proc=proc)
+        yield api
