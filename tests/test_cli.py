@@ -308,3 +308,33 @@ def test_email_delivery_without_smtp_settings_exits_2(
     )
     assert result.exit_code == 2
     assert "ONBOARD_SMTP_HOST and ONBOARD_EMAIL_FROM" in result.stderr
+
+
+def test_blocks_create_saves_what_the_environment_holds(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+    from prefect_email import EmailServerCredentials
+
+    monkeypatch.setenv("VERSORI_API_KEY", "key-from-env")
+    monkeypatch.setenv("ONBOARD_SMTP_HOST", "smtp.example.com")
+    monkeypatch.setenv("ONBOARD_SMTP_USERNAME", "mailer")
+    monkeypatch.setenv("ONBOARD_SMTP_PASSWORD", "pw-from-env")
+    monkeypatch.setenv("ONBOARD_SMTP_SECURITY", "ssl")
+    assert runner.invoke(app, ["blocks", "register"]).exit_code == 0
+    result = runner.invoke(app, ["blocks", "create", "--api-key-block", "k", "--smtp-block", "s"])
+    assert result.exit_code == 0, result.output
+    assert "key-from-env" not in result.output and "pw-from-env" not in result.output
+    assert "VERSORI_API_KEY_BLOCK=k ONBOARD_SMTP_BLOCK=s" in result.output
+    assert Secret.load("k").get() == "key-from-env"
+    smtp = EmailServerCredentials.load("s")
+    assert (smtp.smtp_server, smtp.username, smtp.smtp_type.name) == (
+        "smtp.example.com",
+        "mailer",
+        "SSL",
+    )
+    assert smtp.password.get_secret_value() == "pw-from-env"
+
+    monkeypatch.delenv("VERSORI_API_KEY")
+    missing = runner.invoke(app, ["blocks", "create", "--skip-smtp"])
+    assert missing.exit_code == 2 and "VERSORI_API_KEY is not set" in missing.stderr
