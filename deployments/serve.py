@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,13 @@ def serve_all() -> None:
     # environment already says otherwise.
     for key, value in pool_env(config).items():
         os.environ.setdefault(key, value)
+    # A service manager stops us with SIGTERM: shut down as on Ctrl-C, not wait for SIGKILL.
+    signal.signal(signal.SIGTERM, _interrupt)
     serve(*deployments_from_yaml(config), print_starting_message=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -359,6 +359,18 @@ def serve() -> None:
                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at Prefect Cloud"
             )
         )
+    import httpx
+
+    api = str(PREFECT_API_URL.value()).rstrip("/")
+    try:
+        httpx.get(f"{api}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        raise _bad_input(
+            InputError(
+                f"cannot reach the Prefect API at {api} ({type(error).__name__}); is "
+                "`prefect server start` running, and is PREFECT_API_URL right?"
+            )
+        ) from None
     from deployments.serve import serve_all
 
     serve_all()
