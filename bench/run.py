@@ -103,15 +103,49 @@ def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
     return elapsed, sum(1 for s in statuses if s == 200)
 
 
-def flow_run(roster: Path, concurrency: int) -> tuple[float, dict[str, object]]:
+def flow_run(roster: Path, profile: Path, concurrency: int) -> tuple[float, dict[str, object]]:
     from flows.onboard_tenants import onboard_tenants
 
     started = time.perf_counter()
     state = onboard_tenants(
-        roster=str(roster), profile=str(PROFILE), concurrency=concurrency, return_state=True
+        roster=str(roster), profile=str(profile), concurrency=concurrency, return_state=True
     )
     elapsed = time.perf_counter() - started
     return elapsed, state.result(raise_on_failure=False)
+
+
+def bench_profile(work: Path, rate_limit: float | None) -> Path:
+    """The example profile, paced at the emulator's limit when there is one."""
+    text = PROFILE.read_text()
+    if rate_limit:
+        text += f"\nrate_limit_per_second: {rate_limit:g}\n"
+    path = work / "profile.yaml"
+    path.write_text(text)
+    return path
+
+
+def start_emulator(
+    latency_ms: float, rate_limit: float | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "onboarding.cli",
+        "emulator",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+    ]
+    if rate_limit:
+        command += ["--rate-limit", str(rate_limit)]
+    proc = subprocess.Popen(
+        command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{base_url}/healthz", proc=proc)
+    return proc, base_url
 
 
 def main() -> int:
@@ -119,6 +153,15 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="emulator answers 429 beyond this many calls/s; the profile is paced at it",
+    )
+    parser.add_argument(
+        "--skip-plain", action="store_true", help="no plain-loop baseline (for memory runs)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="onboard-bench-"))
@@ -127,55 +170,42 @@ def main() -> int:
     os.environ["ONBOARD_DB_URL"] = f"sqlite:///{work / 'ledger.db'}"
     os.environ["VERSORI_API_KEY"] = DEFAULT_API_KEY
     os.environ.pop("VERSORI_API_KEY_BLOCK", None)
-    roster = work / "roster.csv"
+    roster, warmup = work / "roster.csv", work / "warmup.csv"
     write_roster(roster, args.tenants)
-    warmup = work / "warmup.csv"
     write_roster(warmup, 1, prefix="warmup")
+    profile = bench_profile(work, args.rate_limit)
 
-    port = free_port()
-    emulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "onboarding.cli",
-            "emulator",
-            "--port",
-            str(port),
-            "--latency-ms",
-            str(args.latency_ms),
-        ],
-        cwd=PROJECT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}"
+    plain_emulator, plain_url = start_emulator(args.latency_ms, None)
+    emulator, base_url = start_emulator(args.latency_ms, args.rate_limit)
     try:
-        wait_for_http(f"{base_url}/healthz", proc=emulator)
         os.environ["VERSORI_BASE_URL"] = base_url
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-        logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
         # Start Prefect's temporary server and import everything before timing anything.
-        flow_run(warmup, 1)
+        flow_run(warmup, profile, 1)
+        before = httpx.get(f"{base_url}/_emulator/stats").json()
 
         limit = args.concurrency / (args.latency_ms / 1000) if args.latency_ms else float("inf")
         print(
             f"tenants={args.tenants} latency_ms={args.latency_ms:g} "
-            f"concurrency={args.concurrency} (latency-bound limit {limit:.0f}/s)"
+            f"concurrency={args.concurrency} rate_limit={args.rate_limit} "
+            f"(latency-bound limit {limit:.0f}/s)"
         )
-
-        cpu = time.process_time()
-        with PeakRSS() as plain_mem:
-            plain_s, plain_ok = plain_loop(base_url, args.tenants, args.concurrency)
-        plain_cpu = (time.process_time() - cpu) * 1000 / args.tenants
-        plain_rate = args.tenants / plain_s
-        print(
-            f"plain httpx loop : {plain_rate:7.1f} tenants/s  ({plain_ok} ok in {plain_s:.1f} s)"
-            f"  CPU {plain_cpu:.2f} ms/tenant  peak RSS {plain_mem.peak / 2**20:.0f} MiB"
-        )
+        plain_rate = None
+        if not args.skip_plain:
+            cpu = time.process_time()
+            with PeakRSS() as plain_mem:
+                plain_s, plain_ok = plain_loop(plain_url, args.tenants, args.concurrency)
+            plain_cpu = (time.process_time() - cpu) * 1000 / args.tenants
+            plain_rate = args.tenants / plain_s
+            print(
+                f"plain httpx loop : {plain_rate:7.1f} tenants/s  ({plain_ok} ok in "
+                f"{plain_s:.1f} s)  CPU {plain_cpu:.2f} ms/tenant  "
+                f"peak RSS {plain_mem.peak / 2**20:.0f} MiB"
+            )
 
         cpu = time.process_time()
         with PeakRSS() as flow_mem:
-            flow_s, summary = flow_run(roster, args.concurrency)
+            flow_s, summary = flow_run(roster, profile, args.concurrency)
         flow_cpu = (time.process_time() - cpu) * 1000 / args.tenants
         flow_rate = args.tenants / flow_s
         by_status = summary.get("by_status") if isinstance(summary, dict) else summary
@@ -183,12 +213,25 @@ def main() -> int:
             f"onboard-tenants  : {flow_rate:7.1f} tenants/s  ({by_status} in {flow_s:.1f} s)"
             f"  CPU {flow_cpu:.2f} ms/tenant  peak RSS {flow_mem.peak / 2**20:.0f} MiB"
         )
-        stats = httpx.get(f"{base_url}/_emulator/stats").json()
-        print(f"emulator         : {stats['requests']} requests, by status {stats['by_status']}")
-        print(f"ratio={flow_rate / plain_rate:.2f}")
+        after = httpx.get(f"{base_url}/_emulator/stats").json()
+        requests = after["requests"] - before["requests"]
+        limited = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
+        print(
+            f"emulator         : {requests} requests, {limited} answered 429 "
+            f"({100 * limited / max(requests, 1):.2f}%)"
+        )
+        print(f"peak_rss_mib={flow_mem.peak / 2**20:.0f}")
+        if args.rate_limit:
+            print(
+                f"rate_share={flow_rate / args.rate_limit:.3f}  "
+                f"(of {args.rate_limit:g}/s; 429s {limited})"
+            )
+        if plain_rate:
+            print(f"ratio={flow_rate / plain_rate:.2f}")
     finally:
-        emulator.terminate()
-        emulator.wait(10)
+        for proc in (emulator, plain_emulator):
+            proc.terminate()
+            proc.wait(10)
     return 0
 
 

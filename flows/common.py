@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -15,6 +17,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
+from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
 
@@ -43,6 +46,75 @@ def tag_run(profile: ConnectorProfile) -> None:
         return
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, tags=[*(flow_run.tags or []), tag])
+
+
+def rate_limit_name(profile: ConnectorProfile) -> str:
+    return f"onboarding-rate-{profile.slug}"
+
+
+def make_pacer(profile: ConnectorProfile) -> Pacer:
+    """A pacer that, when the profile sets `rate_limit_per_second`, takes its slots from a
+    Prefect global concurrency limit with slot decay, so the rate holds across every process
+    and machine running the profile. The limit is created, or corrected, first: a missing one
+    would otherwise not be enforced at all."""
+    rate = profile.rate_limit_per_second
+    if rate is None:
+        return Pacer()
+    from prefect.client.orchestration import get_client
+
+    name = rate_limit_name(profile)
+    block = max(1, math.ceil(rate / 5))
+    # Capacity of one second's worth of calls (at least a block): slots free up continuously
+    # at `rate` per second, and a burst never exceeds what the API accepts in a second.
+    capacity = max(block, math.floor(rate))
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, capacity, slot_decay_per_second=rate)
+        limit = client.read_global_concurrency_limit_by_name(name)
+        if not limit.active:
+            from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active=True))
+    get_run_logger().info(
+        "Pacing at %g calls/s across all runs of %s (global concurrency limit %r)",
+        rate,
+        profile.name,
+        name,
+    )
+    return Pacer(acquire=SlotDispenser(name, rate, block))
+
+
+class SlotDispenser:
+    """Takes slots from the global limit `block` at a time and hands them out one by one, at
+    most `rate` a second from this process.
+
+    One slot per call would cost a Prefect API round trip per tenant, and measured here that
+    tops out at 10-16 acquisitions a second, below the rates this must hold. Blocks of
+    rate/5 need about five round trips a second; the local spacing keeps a block from
+    reaching the API as a burst."""
+
+    def __init__(self, name: str, rate: float, block: int) -> None:
+        self.name, self.rate, self.block = name, rate, block
+        self._lock = threading.Lock()
+        self._available = 0
+        self._next_at = 0.0
+
+    def __call__(self) -> None:
+        from prefect.concurrency.sync import rate_limit
+
+        # One thread at a time refills and spaces; the others queue here, which is the pace.
+        with self._lock:
+            if self._available == 0:
+                rate_limit(self.name, occupy=self.block, strict=True)
+                self._available = self.block
+            self._available -= 1
+            wait = self._next_at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._next_at = max(time.monotonic(), self._next_at) + 1.0 / self.rate
+
+
+def effective_concurrency(profile: ConnectorProfile, asked: int) -> int:
+    return min(asked, profile.max_concurrency) if profile.max_concurrency else asked
 
 
 def open_client(concurrency: int) -> VersoriClient:

@@ -14,7 +14,14 @@ from prefect.states import State
 from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import load_templates, open_client, open_mailer, tag_run
+from flows.common import (
+    effective_concurrency,
+    load_templates,
+    make_pacer,
+    open_client,
+    open_mailer,
+    tag_run,
+)
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome
@@ -92,6 +99,7 @@ def onboard_tenants(
         deliver.value,
         ", dry run" if dry_run else "",
     )
+    concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
         outcomes = [
@@ -110,6 +118,7 @@ def onboard_tenants(
                 mailer=mailer,
                 templates=templates,
                 run_id=flow_run.id,
+                pacer=make_pacer(connector),
             )
             outcomes = run_batch(
                 job, onboard_tenant_task, _work(batch, live), len(batch), concurrency

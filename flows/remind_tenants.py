@@ -14,7 +14,14 @@ from prefect.states import State
 from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import load_templates, open_client, open_mailer, tag_run
+from flows.common import (
+    effective_concurrency,
+    load_templates,
+    make_pacer,
+    open_client,
+    open_mailer,
+    tag_run,
+)
 from onboarding.ledger import Ledger, utcnow
 from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
@@ -63,6 +70,7 @@ def remind_tenants(
         after_hours,
         max_reminders,
     )
+    concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
         outcomes = [
@@ -85,6 +93,7 @@ def remind_tenants(
                 mailer=mailer,
                 templates=templates,
                 run_id=flow_run.id,
+                pacer=make_pacer(connector),
             )
             outcomes = run_batch(
                 job, remind_tenant_task, (tenant_of(r) for r in due), len(due), concurrency

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from ulid import ULID
@@ -453,7 +453,11 @@ def create_app(config: EmulatorConfig) -> Starlette:
     latency = config.latency_ms / 1000.0
 
     async def initialise(request: Request) -> Response:
-        response = await _initialise(request)
+        try:
+            response = await _initialise(request)
+        except ClientDisconnect:
+            # The caller went away mid-request (a killed batch): nothing to answer, no traceback.
+            return Response(status_code=499)
         runtime.record(response.status_code)
         return response
 

@@ -12,9 +12,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from onboarding.client import VersoriClient
-from onboarding.errors import OnboardingError
+from onboarding.errors import OnboardingError, RateLimitedError
 from onboarding.ledger import Ledger, Record, Status, utcnow
 from onboarding.links import Link, check_link, mask_state
+from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Tenant
 
@@ -48,6 +49,7 @@ class OnboardingJob:
     mailer: MailSender | None = None
     templates: MailTemplates | None = None
     run_id: str | None = None
+    pacer: Pacer = field(default_factory=Pacer)
     clock: Callable[[], datetime] = field(default=utcnow)
     # The latest attempt's result per tenant, for the flow to collect without asking the
     # orchestrator for it. Written by worker threads, popped by the flow: one key per tenant.
@@ -230,7 +232,12 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
         raise OnboardingError("no Versori client configured for this job")
     profile = job.profile
     request = profile.render(tenant.values)
-    url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
+    job.pacer.wait_turn()
+    try:
+        url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
+    except RateLimitedError as err:
+        job.pacer.brake(err.retry_after if err.retry_after is not None else 1.0)
+        raise
     link = check_link(url, request)
     created = job.clock()
     expires_at = created + timedelta(hours=profile.link_ttl_hours)

@@ -68,6 +68,10 @@ class ConnectorProfile(BaseModel):
     # A URL-encoded query string template, or a mapping of key to value template.
     additional_params: str | dict[str, str] = ""
     link_ttl_hours: float = Field(constants.DEFAULT_LINK_TTL_HOURS, gt=0)
+    # Pacing: calls per second across every process running this profile (None: no limit),
+    # and a cap on the tenants in flight in one process, whatever a run asks for.
+    rate_limit_per_second: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
     # A folder of email templates (subject.txt, body.txt, body.html) overriding the defaults;
     # relative to the profile file.
     email_templates: str | None = None

@@ -66,7 +66,7 @@ class TenantRow(BaseModel):
     name: str = Field(description="The customer's display name")
     admin_email: str = Field(description="Who receives the link")
     fields: dict[str, str] = Field(
-        default_factory=dict, description="Template fields, e.g. {\"subdomain\": \"acme\"}"
+        default_factory=dict, description='Template fields, e.g. {"subdomain": "acme"}'
     )
 
 
@@ -169,9 +169,7 @@ def load_inline_roster(
     if problems:
         raise InputError(problems, hint="Fix the tenants; nothing was sent to Versori.")
     count = len(ids & wanted) if wanted else len(ids)
-    return Roster(
-        source=INLINE_SOURCE, path=path, fmt="jsonl", count=count, only=wanted, _tmp=tmp
-    )
+    return Roster(source=INLINE_SOURCE, path=path, fmt="jsonl", count=count, only=wanted, _tmp=tmp)
 
 
 def _download(url: str) -> tuple[Any, Path]:
