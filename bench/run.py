@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -30,9 +31,10 @@ sys.path.insert(0, str(PROJECT))
 
 from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402
-from tests.helpers import free_port, wait_for_http  # noqa: E402
+from tests.helpers import free_port, prefect_server, wait_for_http  # noqa: E402
 
 PROFILE = PROJECT / "examples" / "profile.yaml"
+PG_ADMIN = os.environ.get("ONBOARD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 class PeakRSS:
@@ -162,8 +164,38 @@ def main() -> int:
     parser.add_argument(
         "--skip-plain", action="store_true", help="no plain-loop baseline (for memory runs)"
     )
+    parser.add_argument(
+        "--prefect-db",
+        choices=["ephemeral", "postgres"],
+        default=None,
+        help="ephemeral: Prefect's temporary SQLite server; postgres: a `prefect server start` "
+        "on a fresh database of the local PostgreSQL (the default with --rate-limit: shared "
+        "pacing needs a real server)",
+    )
     args = parser.parse_args()
+    if args.prefect_db is None:
+        args.prefect_db = "postgres" if args.rate_limit else "ephemeral"
+    with ExitStack() as stack:
+        if args.prefect_db == "postgres":
+            server_dir = Path(tempfile.mkdtemp(prefix="onboard-bench-server-"))
+            os.environ["PREFECT_API_URL"] = stack.enter_context(
+                prefect_server(server_dir, database_url=fresh_postgres_database())
+            )
+        return run(args)
 
+
+def fresh_postgres_database() -> str:
+    """A new, empty database on the local PostgreSQL for this run's Prefect server."""
+    import psycopg
+
+    name = f"onboard_bench_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+
+def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="onboard-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -188,6 +220,7 @@ def main() -> int:
         print(
             f"tenants={args.tenants} latency_ms={args.latency_ms:g} "
             f"concurrency={args.concurrency} rate_limit={args.rate_limit} "
+            f"prefect_db={args.prefect_db} "
             f"(latency-bound limit {limit:.0f}/s)"
         )
         plain_rate = None
