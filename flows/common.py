@@ -17,6 +17,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
+from onboarding.ledger import Ledger
+from onboarding.onboard import Delivery, OnboardingJob
 from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
@@ -163,6 +165,30 @@ class SlotDispenser:
                         "it is created at the start of each run"
                     )
                 return
+
+
+def open_job(
+    stack: ExitStack,
+    profile: ConnectorProfile,
+    ledger: Ledger,
+    deliver: Delivery,
+    templates: MailTemplates | None,
+    concurrency: int,
+) -> OnboardingJob:
+    """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer.
+    Closed with `stack`."""
+    from prefect.runtime import flow_run
+
+    return OnboardingJob(
+        profile=profile,
+        client=stack.enter_context(open_client(concurrency)),
+        ledger=ledger,
+        deliver=deliver,
+        mailer=open_mailer(stack) if deliver.sends_email else None,
+        templates=templates,
+        run_id=flow_run.id,
+        pacer=make_pacer(profile),
+    )
 
 
 def effective_concurrency(profile: ConnectorProfile, asked: int) -> int:

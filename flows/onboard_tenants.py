@@ -14,17 +14,10 @@ from prefect.states import State
 from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import (
-    effective_concurrency,
-    load_templates,
-    make_pacer,
-    open_client,
-    open_mailer,
-    tag_run,
-)
+from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome
+from onboarding.onboard import Delivery, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import (
     Roster,
@@ -108,18 +101,7 @@ def onboard_tenants(
         ]
     else:
         with ExitStack() as stack:
-            client = stack.enter_context(open_client(concurrency))
-            mailer = open_mailer(stack) if deliver.sends_email else None
-            job = OnboardingJob(
-                profile=connector,
-                client=client,
-                ledger=ledger,
-                deliver=deliver,
-                mailer=mailer,
-                templates=templates,
-                run_id=flow_run.id,
-                pacer=make_pacer(connector),
-            )
+            job = open_job(stack, connector, ledger, deliver, templates, concurrency)
             outcomes = run_batch(
                 job, onboard_tenant_task, _work(batch, live), len(batch), concurrency
             )

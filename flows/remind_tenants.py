@@ -14,16 +14,9 @@ from prefect.states import State
 from pydantic import Field
 
 from flows.batch import final_state, publish, run_batch, summarise
-from flows.common import (
-    effective_concurrency,
-    load_templates,
-    make_pacer,
-    open_client,
-    open_mailer,
-    tag_run,
-)
+from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from onboarding.ledger import Ledger, utcnow
-from onboarding.onboard import Delivery, OnboardingJob, TenantOutcome, tenant_of
+from onboarding.onboard import Delivery, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
 from tasks.initialise import remind_tenant_task
@@ -83,18 +76,8 @@ def remind_tenants(
         expired = ledger.count_past_expiry(connector.connector_id, now)
     else:
         with ExitStack() as stack:
-            client = stack.enter_context(open_client(concurrency))
-            mailer, templates = open_mailer(stack), load_templates(connector)
-            job = OnboardingJob(
-                profile=connector,
-                client=client,
-                ledger=ledger,
-                deliver=Delivery.EMAIL,
-                mailer=mailer,
-                templates=templates,
-                run_id=flow_run.id,
-                pacer=make_pacer(connector),
-            )
+            templates = load_templates(connector)
+            job = open_job(stack, connector, ledger, Delivery.EMAIL, templates, concurrency)
             outcomes = run_batch(
                 job, remind_tenant_task, (tenant_of(r) for r in due), len(due), concurrency
             )

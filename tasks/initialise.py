@@ -35,31 +35,24 @@ def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
     return True
 
 
-# No timeout_seconds: Prefect cannot interrupt a sync task in a worker thread (it only warns
-# and waits). The client's own call deadline is what really bounds one attempt.
-@task(
-    name="onboard-tenant",
-    task_run_name="onboard-{tenant.tenant_id}",
-    retries=constants.TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=constants.TASK_RETRY_BACKOFF_SECONDS),
-    retry_jitter_factor=constants.TASK_RETRY_JITTER_FACTOR,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+# The policy both tasks share. No timeout_seconds: Prefect cannot interrupt a sync task in a
+# worker thread (it only warns and waits); the client's own call deadline bounds one attempt.
+# Side-effecting tasks never cache, and their results stay in memory.
+RETRY_POLICY: dict[str, Any] = {
+    "retries": constants.TASK_RETRIES,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=constants.TASK_RETRY_BACKOFF_SECONDS),
+    "retry_jitter_factor": constants.TASK_RETRY_JITTER_FACTOR,
+    "retry_condition_fn": retry_transient,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+@task(name="onboard-tenant", task_run_name="onboard-{tenant.tenant_id}", **RETRY_POLICY)
 def onboard_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
     return onboard_tenant(job, tenant)
 
 
-@task(
-    name="remind-tenant",
-    task_run_name="remind-{tenant.tenant_id}",
-    retries=constants.TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(backoff_factor=constants.TASK_RETRY_BACKOFF_SECONDS),
-    retry_jitter_factor=constants.TASK_RETRY_JITTER_FACTOR,
-    retry_condition_fn=retry_transient,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(name="remind-tenant", task_run_name="remind-{tenant.tenant_id}", **RETRY_POLICY)
 def remind_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
     return remind_tenant(job, tenant.tenant_id)
