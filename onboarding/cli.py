@@ -123,6 +123,12 @@ def _run_flow(
         only=only,
         return_state=True,
     )
+    return _summary_of(state)
+
+
+def _summary_of(state: Any) -> dict[str, Any] | None:
+    """A finished run's summary (Completed or Failed alike), or None after saying why the run
+    did not get that far (bad input inside the flow, a crash)."""
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         return result
@@ -277,9 +283,8 @@ def remind(
         dry_run=dry_run,
         return_state=True,
     )
-    summary = state.result(raise_on_failure=False)
-    if not isinstance(summary, dict):
-        err.print(f"[bold red]The run did not finish:[/] {state.message}", highlight=False)
+    summary = _summary_of(state)
+    if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=True)
     if summary.get("expired"):
