@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,29 @@ from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
 ROSTER = str(PROJECT / "examples" / "tenants.csv")
 runner = CliRunner()
+
+
+ONBOARD = str(Path(sys.executable).parent / "onboard")
+
+
+@contextmanager
+def emulator_process(
+    tmp_path: Path, *flags: str, key: str = "emulator-key"
+) -> Iterator[dict[str, str]]:
+    """`onboard emulator` in its own process, and the environment an `onboard` command needs
+    to use it with a fresh SQLite ledger (and a private Prefect home)."""
+    port = free_port()
+    env = base_env(tmp_path)
+    args = [ONBOARD, "emulator", "--port", str(port), *flags]
+    with child(args, dict(env), tmp_path / "emulator.log") as emulator:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz", proc=emulator)
+        env.update(
+            VERSORI_BASE_URL=base,
+            VERSORI_API_KEY=key,
+            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
+        )
+        yield env
 
 
 @pytest.fixture
@@ -89,23 +113,10 @@ def test_bad_ledger_url_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.e2e
 def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
-    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
-    assert onboard, "the onboard console script is installed with the project"
-    port = free_port()
-    env = base_env(tmp_path)
-    emulator_env = dict(env)
-    with child(
-        [onboard, "emulator", "--port", str(port), "--api-key", "e2e-key"],
-        emulator_env,
-        tmp_path / "emulator.log",
-    ) as emulator:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/healthz", proc=emulator)
-        env.update(
-            VERSORI_BASE_URL=base,
-            VERSORI_API_KEY="e2e-key",
-            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
-        )
+    assert Path(ONBOARD).exists(), "the onboard console script is installed with the project"
+    onboard = ONBOARD
+    with emulator_process(tmp_path, "--api-key", "e2e-key", key="e2e-key") as env:
+        base = env["VERSORI_BASE_URL"]
         first = subprocess.run(
             [onboard, "run", "--roster", ROSTER, "--profile", PROFILE, "--concurrency", "4"],
             env=env,
@@ -177,22 +188,9 @@ def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -> None:
-    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
-    assert onboard
-    port = free_port()
-    env = base_env(tmp_path)
-    with child(
-        [onboard, "emulator", "--port", str(port), "--error-rate", "1.0"],
-        env,
-        tmp_path / "emulator.log",
-    ) as emulator:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/healthz", proc=emulator)
-        env.update(
-            VERSORI_BASE_URL=base,
-            VERSORI_API_KEY="emulator-key",
-            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
-        )
+    onboard = ONBOARD
+    with emulator_process(tmp_path, "--error-rate", "1.0") as env:
+        base = env["VERSORI_BASE_URL"]
         result = subprocess.run(
             [
                 onboard,
@@ -223,10 +221,7 @@ def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -
 def test_email_batch_rerun_remind_and_connect_from_the_command_line(tmp_path: Path) -> None:
     from tests.smtp_server import SmtpTestServer
 
-    onboard = shutil.which("onboard", path=str(Path(sys.executable).parent))
-    assert onboard
-    port = free_port()
-    env = base_env(tmp_path)
+    onboard = ONBOARD
     roster = tmp_path / "tenants.csv"
     roster.write_text(
         "tenant_id,name,admin_email,subdomain\n"
@@ -235,15 +230,10 @@ def test_email_batch_rerun_remind_and_connect_from_the_command_line(tmp_path: Pa
     )
     with (
         SmtpTestServer(tls="starttls", auth=True) as smtp,
-        child([onboard, "emulator", "--port", str(port)], env, tmp_path / "emulator.log") as emu,
+        emulator_process(tmp_path) as env,
     ):
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/healthz", proc=emu)
         mail = smtp.sender_kwargs()
         env.update(
-            VERSORI_BASE_URL=base,
-            VERSORI_API_KEY="emulator-key",
-            ONBOARD_DB_URL=f"sqlite:///{tmp_path / 'ledger.db'}",
             ONBOARD_SMTP_HOST=mail["host"],
             ONBOARD_SMTP_PORT=str(mail["port"]),
             ONBOARD_SMTP_SECURITY="starttls",
