@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prefect import Task, get_run_logger
@@ -25,20 +25,71 @@ BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 TABLE_ROWS_MAX = 1000
 
 
+class Tally:
+    """A batch's counts, and a sample of its outcomes for the table: every failure up to `keep`,
+    then others until `keep` rows in all. Memory stays flat however many tenants go by; the
+    ledger (`onboard export`) has every tenant."""
+
+    def __init__(self, keep: int = TABLE_ROWS_MAX) -> None:
+        self.keep = keep
+        self.by_status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self._failed: list[dict[str, str]] = []
+        self._others: list[dict[str, str]] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+    def add(self, outcome: TenantOutcome) -> None:
+        self.by_status[outcome.status] += 1
+        if outcome.error_code:
+            self.errors[outcome.error_code] += 1
+        self._keep(dict(outcome.__dict__))
+
+    def merge(self, summary: dict[str, Any]) -> None:
+        """Fold in another batch's summary (a chunk's), sample included."""
+        self.by_status.update(summary["by_status"])
+        self.errors.update(summary["errors"])
+        for row in summary["outcomes"]:
+            self._keep(row)
+
+    def _keep(self, row: dict[str, str]) -> None:
+        failed = row["status"] == "failed"
+        if failed and len(self._failed) < self.keep:
+            self._failed.append(row)
+        elif not failed and len(self._failed) + len(self._others) < self.keep:
+            self._others.append(row)
+
+    def rows(self) -> list[dict[str, str]]:
+        """Failures first, each part in tenant order; at most `keep`."""
+        ordered = sorted(self._failed, key=lambda r: r["tenant_id"])
+        ordered += sorted(self._others, key=lambda r: r["tenant_id"])
+        return ordered[: self.keep]
+
+    @classmethod
+    def of(cls, outcomes: Iterable[TenantOutcome]) -> Tally:
+        tally = cls()
+        for outcome in outcomes:
+            tally.add(outcome)
+        return tally
+
+
 def run_batch(
     job: OnboardingJob,
     task: Task[..., TenantOutcome],
     work: Iterable[Tenant | TenantOutcome],
     total: int,
     concurrency: int,
-) -> list[TenantOutcome]:
+    progress: Progress | None = None,
+) -> Tally:
     """Run `task(tenant=…, job=…)` for each Tenant of `work` (an outcome in `work` is a tenant
     decided without a task, e.g. skipped), submitting as workers free up so that at most
     2x concurrency futures exist at once. No tenant's failure stops the others, except a
     batch-fatal one, after which the rest are recorded `not_attempted`."""
     logger = get_run_logger()
-    progress = Progress(total, job.profile.name)
-    outcomes: list[TenantOutcome] = []
+    progress = progress or Progress(total, job.profile.name)
+    outcomes = Tally()
     in_flight: dict[PrefectFuture[TenantOutcome], str] = {}
     stop_reason = ""
 
@@ -56,7 +107,7 @@ def run_batch(
                 if isinstance(result, BATCH_FATAL) and not stop_reason:
                     stop_reason = str(result)
                     logger.error("Stopping the batch: %s", stop_reason)
-            outcomes.append(outcome)
+            outcomes.add(outcome)
             progress.advance(failed=not outcome.ok)
 
     def wait_for_one() -> None:
@@ -69,11 +120,11 @@ def run_batch(
     with quiet_routine_task_logs(), ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         for item in work:
             if isinstance(item, TenantOutcome):
-                outcomes.append(item)
+                outcomes.add(item)
                 progress.advance(failed=not item.ok)
                 continue
             if stop_reason:
-                outcomes.append(not_attempted(job, item, stop_reason))
+                outcomes.add(not_attempted(job, item, stop_reason))
                 progress.advance(failed=True)
                 continue
             while len(in_flight) >= 2 * concurrency:
@@ -85,6 +136,12 @@ def run_batch(
             wait_for_one()
     progress.finish()
     return outcomes
+
+
+def skip_live(tenants: Iterable[Tenant], live: set[str]) -> Iterator[Tenant | TenantOutcome]:
+    """The tenants to onboard, with those that need nothing already decided as skipped."""
+    for tenant in tenants:
+        yield TenantOutcome(tenant.tenant_id, "skipped") if tenant.tenant_id in live else tenant
 
 
 def not_attempted(job: OnboardingJob, tenant: Tenant, reason: str) -> TenantOutcome:
@@ -105,37 +162,35 @@ def not_attempted(job: OnboardingJob, tenant: Tenant, reason: str) -> TenantOutc
     )
 
 
-def summarise(outcomes: list[TenantOutcome], seconds: float, **about: Any) -> dict[str, Any]:
-    by_status = Counter(o.status for o in outcomes)
-    errors = Counter(o.error_code for o in outcomes if o.error_code)
+def summarise(tally: Tally, seconds: float, **about: Any) -> dict[str, Any]:
+    """A run's result: counts, and `outcomes`, the table's sample (every tenant up to 1,000)."""
+    rows = tally.rows()
     return {
         **about,
-        "total": len(outcomes),
-        "failed": by_status.get("failed", 0),
-        "skipped": by_status.get("skipped", 0),
-        "by_status": dict(by_status),
-        "errors": dict(errors),
+        "total": tally.total,
+        "failed": tally.by_status.get("failed", 0),
+        "skipped": tally.by_status.get("skipped", 0),
+        "by_status": dict(tally.by_status),
+        "errors": dict(tally.errors),
         "seconds": round(seconds, 2),
-        "outcomes": [o.__dict__ for o in outcomes],
+        "outcomes": rows,
+        "outcomes_left_out": tally.total - len(rows),
     }
 
 
-def publish(
-    key: str, title: str, source: str, summary: dict[str, Any], outcomes: list[TenantOutcome]
-) -> None:
+def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
     """The table and summary artifacts, under keys stable per profile so the UI keeps history."""
-    failed_first = sorted(outcomes, key=lambda o: (o.status != "failed", o.tenant_id))
     rows = [
         {
-            "tenant": o.tenant_id,
-            "status": o.status,
-            "link host": o.link_host,
-            "state": o.masked_state,
-            "error": f"{o.error_code}: {o.error_message}" if o.error_code else "",
+            "tenant": o["tenant_id"],
+            "status": o["status"],
+            "link host": o["link_host"],
+            "state": o["masked_state"],
+            "error": f"{o['error_code']}: {o['error_message']}" if o["error_code"] else "",
         }
-        for o in failed_first[:TABLE_ROWS_MAX]
+        for o in summary["outcomes"]
     ]
-    cut = len(outcomes) - len(rows)
+    cut = summary["outcomes_left_out"]
     create_table_artifact(
         key=key,
         table=rows,

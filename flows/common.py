@@ -294,9 +294,10 @@ class Progress:
         self._last_update = self._last_log = time.monotonic()
         self._last_logged_pct = 0.0
 
-    def advance(self, failed: bool = False, count: int = 1) -> None:
+    def advance(self, failed: int = 0, count: int = 1) -> None:
+        """`count` more tenants done, `failed` of them failed (a bool counts as 0 or 1)."""
         self.done += count
-        self.failed += int(failed) * count
+        self.failed += int(failed)
         now = time.monotonic()
         pct = 100.0 * self.done / self.total
         if now - self._last_update >= 1.0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,15 +12,15 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
-from flows.batch import final_state, publish, run_batch, summarise
+from flows.batch import Tally, final_state, publish, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.fan_out import run_chunks
+from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, TenantOutcome
+from onboarding.onboard import Delivery, FanOut, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import (
-    Roster,
-    Tenant,
     TenantRow,
     display_source,
     load_inline_roster,
@@ -56,6 +55,9 @@ def onboard_tenants(
     dry_run: bool = False,
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
+    chunk_size: Annotated[int, Field(ge=1)] = constants.CHUNK_SIZE,
+    fan_out: FanOut = FanOut.IN_PROCESS,
+    chunk_deployment: str = constants.CHUNK_DEPLOYMENT,
 ) -> State[dict[str, Any]]:
     """Initialise a Versori OAuth2 link for every tenant that lacks a live one, and deliver it.
 
@@ -66,8 +68,15 @@ def onboard_tenants(
         tenants: Up to 100 tenants inline, for a backend calling the API. Give this or `roster`.
         deliver: store keeps the link in the ledger; email sends it to the admin; both does both.
         dry_run: Check the inputs and report what would happen; call nothing, send nothing.
-        concurrency: Tenants in flight at once.
+        concurrency: Tenants in flight at once (in each chunk).
         only: Onboard only these tenant ids of the roster.
+        chunk_size: A roster of more tenants than this runs as chunks of this many, each its
+            own child flow run.
+        fan_out: Where chunks run. in_process: one after another in this run's process.
+            deployment: as runs of `chunk_deployment` on its work pool, spread over its workers
+            (each must see the profile and roster at the same path or URL, and share the
+            ledger database).
+        chunk_deployment: The deployment that runs chunks when fan_out is deployment.
     """
     logger = get_run_logger()
     if (roster is None) == (tenants is None):
@@ -82,7 +91,6 @@ def onboard_tenants(
         batch = load_inline_roster(tenants or [], connector, only, also_needs=needs)
     source = display_source(roster) if roster is not None else batch.source
     ledger = Ledger(LedgerSettings().db_url)
-    live = ledger.live_tenant_ids(connector.connector_id)
     logger.info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
         len(batch),
@@ -95,18 +103,34 @@ def onboard_tenants(
     concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
-        outcomes = [
+        live = ledger.live_tenant_ids(connector.connector_id)
+        tally = Tally.of(
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
             for t in batch
-        ]
+        )
+    elif roster is not None and len(batch) > chunk_size:
+        tally = run_chunks(
+            batch=batch,
+            location=roster,
+            profile_path=profile,
+            profile=connector,
+            ledger=ledger,
+            deliver=deliver,
+            concurrency=concurrency,
+            only=only,
+            chunk_size=chunk_size,
+            fan_out=fan_out,
+            chunk_deployment=chunk_deployment,
+        )
     else:
+        live = ledger.live_tenant_ids(connector.connector_id)
         with ExitStack() as stack:
             job = open_job(stack, connector, ledger, deliver, templates, concurrency)
-            outcomes = run_batch(
-                job, onboard_tenant_task, _work(batch, live), len(batch), concurrency
+            tally = run_batch(
+                job, onboard_tenant_task, skip_live(batch, live), len(batch), concurrency
             )
     summary = summarise(
-        outcomes,
+        tally,
         time.monotonic() - started,
         profile=connector.name,
         connector_id=connector.connector_id,
@@ -119,12 +143,6 @@ def onboard_tenants(
         f"Onboarding {connector.name}",
         f"Roster `{source}`",
         summary,
-        outcomes,
     )
     ledger.close()
     return final_state(summary, "onboarded or skipped")
-
-
-def _work(tenants: Roster, live: set[str]) -> Iterator[Tenant | TenantOutcome]:
-    for tenant in tenants:
-        yield TenantOutcome(tenant.tenant_id, "skipped") if tenant.tenant_id in live else tenant

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
-from flows.batch import final_state, publish, run_batch, summarise
+from flows.batch import Tally, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from onboarding.ledger import Ledger, utcnow
 from onboarding.onboard import Delivery, TenantOutcome, tenant_of
@@ -66,13 +66,13 @@ def remind_tenants(
     concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
-        outcomes = [
+        outcomes = Tally.of(
             TenantOutcome(
                 r.tenant_id,
                 "would_reissue" if r.expires_at and r.expires_at <= now else "would_remind",
             )
             for r in due
-        ]
+        )
         expired = ledger.count_past_expiry(connector.connector_id, now)
     else:
         with ExitStack() as stack:
@@ -97,7 +97,6 @@ def remind_tenants(
         f"Reminders for {connector.name}",
         f"Ledger, {len(due)} due",
         summary,
-        outcomes,
     )
     ledger.close()
     return final_state(summary, "reminded")

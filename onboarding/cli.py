@@ -16,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import EXPORT_KEYS, Ledger, utcnow
-from onboarding.onboard import Delivery
+from onboarding.onboard import Delivery, FanOut
 from onboarding.settings import LedgerSettings, VersoriSettings
 
 app = typer.Typer(
@@ -111,6 +112,7 @@ def _run_flow(
     concurrency: int,
     dry_run: bool,
     only: list[str] | None,
+    **chunking: Any,
 ) -> dict[str, Any] | None:
     from flows.onboard_tenants import onboard_tenants
 
@@ -121,6 +123,7 @@ def _run_flow(
         concurrency=concurrency,
         dry_run=dry_run,
         only=only,
+        **chunking,
         return_state=True,
     )
     return _summary_of(state)
@@ -151,6 +154,10 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
                 r["tenant_id"], r["status"], r["link_host"], r["masked_state"], error, style=style
             )
         out.print(table)
+    if summary.get("outcomes_left_out"):
+        out.print(
+            f"…and {summary['outcomes_left_out']} more tenant(s): `onboard export` lists every one."
+        )
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
     out.print(
         f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: {counts}",
@@ -170,6 +177,19 @@ def run(
     only: Annotated[
         list[str] | None, typer.Option(help="Only this tenant_id (repeatable).")
     ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Above this many tenants, run chunks of this many.")
+    ] = constants.CHUNK_SIZE,
+    fan_out: Annotated[
+        FanOut,
+        typer.Option(
+            help="Where chunks run: in_process, or deployment (runs of --chunk-deployment on "
+            "its work pool's workers; needs PREFECT_API_URL)."
+        ),
+    ] = FanOut.IN_PROCESS,
+    chunk_deployment: Annotated[
+        str, typer.Option(help="flow/deployment that runs chunks with --fan-out deployment.")
+    ] = constants.CHUNK_DEPLOYMENT,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every task run.")] = False,
 ) -> None:
     """Onboard a roster. Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad
@@ -180,7 +200,17 @@ def run(
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    summary = _run_flow(roster, profile, deliver, concurrency, dry_run, only)
+    summary = _run_flow(
+        roster,
+        profile,
+        deliver,
+        concurrency,
+        dry_run,
+        only,
+        chunk_size=chunk_size,
+        fan_out=fan_out,
+        chunk_deployment=chunk_deployment,
+    )
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=dry_run)

@@ -27,3 +27,8 @@ DEFAULT_LINK_TTL_HOURS = 72.0
 RESERVED_QUERY_KEYS = frozenset(
     {"redirect_uri", "state", "prompt", "scope", "response_type", "client_id"}
 )
+
+# Above this many tenants a roster runs as chunks, each a child flow run of its own.
+CHUNK_SIZE = 1000
+# The deployment (flow/deployment) that runs chunks when they fan out to a work pool.
+CHUNK_DEPLOYMENT = "onboard-tenants-chunk/chunks"

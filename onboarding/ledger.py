@@ -8,7 +8,7 @@ statement in its own transaction, so a crash never leaves a half-written row.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from onboarding.errors import InputError
 
 log = logging.getLogger(__name__)
+IN_LIST_MAX = 900
 
 
 class Status(StrEnum):
@@ -99,6 +100,20 @@ superseded_links = Table(
     Column("connector_id", String(26), nullable=False),
     Column("created_at", DateTime(timezone=True)),
     Column("superseded_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# What each chunk of a fanned-out batch came to, written by the chunk's run when it ends: how
+# the batch's parent learns it from a worker on another machine, and how a retried parent knows
+# a chunk is done. The parent deletes its batch's rows once it has published the batch.
+batch_chunks = Table(
+    "onboarding_batch_chunks",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("flow_run_id", String(64)),
+    Column("summary", JSON, nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -470,9 +485,14 @@ class Ledger:
             row = conn.execute(select(records).where(records.c.state == state)).first()
         return Record.from_row(row) if row else None
 
-    def live_tenant_ids(self, connector_id: str, now: datetime | None = None) -> set[str]:
+    def live_tenant_ids(
+        self,
+        connector_id: str,
+        now: datetime | None = None,
+        among: Collection[str] | None = None,
+    ) -> set[str]:
         """Tenants that need nothing from a new run: connected, or holding an unexpired link
-        that was delivered."""
+        that was delivered. With `among`, only those of these ids (a chunk's)."""
         now = _utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
@@ -483,7 +503,35 @@ class Ledger:
             ),
         )
         with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
+            if among is None:
+                return set(conn.execute(query).scalars())
+            ids, live = list(among), set[str]()
+            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+                part = ids[start : start + IN_LIST_MAX]
+                live.update(conn.execute(query.where(records.c.tenant_id.in_(part))).scalars())
+            return live
+
+    def record_chunk(
+        self, batch_id: str, chunk: int, flow_run_id: str | None, summary: dict[str, Any]
+    ) -> None:
+        """A chunk's summary, once it has run; a second write of the same chunk replaces it."""
+        values = {"flow_run_id": flow_run_id, "summary": summary, "finished_at": utcnow()}
+        stmt = self._insert(batch_chunks).values(batch_id=batch_id, chunk=chunk, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=["batch_id", "chunk"], set_=values)
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def chunk_summary(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
+        query = select(batch_chunks.c.summary).where(
+            batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk == chunk
+        )
+        with self.engine.connect() as conn:
+            summary = conn.execute(query).scalar_one_or_none()
+        return dict(summary) if summary is not None else None
+
+    def forget_batch(self, batch_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(batch_chunks.delete().where(batch_chunks.c.batch_id == batch_id))
 
     def counts_by_status(self, connector_id: str | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)

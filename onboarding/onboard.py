@@ -38,6 +38,14 @@ class Delivery(StrEnum):
         return self is not Delivery.STORE
 
 
+class FanOut(StrEnum):
+    """Where the chunks of a large batch run: one after another in the batch's own process, or
+    as runs of a deployment, spread over its work pool's workers."""
+
+    IN_PROCESS = "in_process"
+    DEPLOYMENT = "deployment"
+
+
 @dataclass
 class OnboardingJob:
     """What every tenant of one batch shares. One per flow run; safe to use from many threads."""

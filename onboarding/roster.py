@@ -8,6 +8,7 @@ memory as objects.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import tempfile
@@ -81,16 +82,58 @@ class Roster:
     count: int
     only: frozenset[str] | None = None
     _tmp: Any = field(default=None, repr=False)
+    digest: str = ""  # SHA-256 of the file that was checked
+    first: int = 0  # with `stop`, a slice: the tenants at positions first..stop-1
+    stop: int | None = None
 
     def __iter__(self) -> Iterator[Tenant]:
+        position = 0
         for _line, raw in _records(self.path, self.fmt, self.source):
+            if self.stop is not None and position >= self.stop:
+                return
             values, _ = _normalise(raw)
-            tenant = _tenant(values)
-            if self.only is None or tenant.tenant_id in self.only:
-                yield tenant
+            tenant_id = values.get("tenant_id", "")
+            if self.only is not None and tenant_id not in self.only:
+                continue
+            if position >= self.first:
+                yield _tenant(values)
+            position += 1
 
     def __len__(self) -> int:
         return self.count
+
+
+def open_roster_slice(
+    location: str | Path,
+    digest: str,
+    first: int,
+    stop: int,
+    only: Iterable[str] | None = None,
+) -> Roster:
+    """Tenants first..stop-1 (counting those `only` selects) of a roster that `load_roster`
+    checked as a whole, without checking every row again: a batch's chunk reads its part this
+    way. The file must be the one that was checked: a changed roster is refused."""
+    source = display_source(location)
+    tmp = None
+    if source.startswith(("http://", "https://")):
+        tmp, path = _download(str(location))
+    else:
+        path = Path(location)
+        if not path.is_file():
+            raise InputError(f"{source}: roster file not found where this worker looked")
+    if _digest(path) != digest:
+        raise InputError(
+            f"{source}: the roster changed after the batch checked it; start a new run so "
+            "that it is checked again"
+        )
+    fmt = FORMATS[Path(urlsplit(source).path).suffix.lower()]
+    wanted = frozenset(only) if only else None
+    return Roster(source, path, fmt, stop - first, wanted, tmp, digest, first, stop)
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def display_source(location: str | Path) -> str:
@@ -127,6 +170,7 @@ def load_roster(
         raise InputError(
             f"{source}: unknown roster format; name the file .csv, .json, .jsonl or .yaml"
         )
+    digest = _digest(path)  # of the bytes about to be checked; a chunk reads only these
     problems, ids = _check(path, fmt, source, profile, list(also_needs))
     wanted = frozenset(only) if only else None
     if wanted:
@@ -141,7 +185,7 @@ def load_roster(
             + f"Fix the roster ({len(problems)} problem(s)); nothing was sent to Versori.",
         )
     count = len(ids & wanted) if wanted else len(ids)
-    return Roster(source=source, path=path, fmt=fmt, count=count, only=wanted, _tmp=tmp)
+    return Roster(source, path, fmt, count, wanted, tmp, digest)
 
 
 def load_inline_roster(
@@ -169,7 +213,7 @@ def load_inline_roster(
     if problems:
         raise InputError(problems, hint="Fix the tenants; nothing was sent to Versori.")
     count = len(ids & wanted) if wanted else len(ids)
-    return Roster(source=INLINE_SOURCE, path=path, fmt="jsonl", count=count, only=wanted, _tmp=tmp)
+    return Roster(INLINE_SOURCE, path, "jsonl", count, wanted, tmp, digest=_digest(path))
 
 
 def _download(url: str) -> tuple[Any, Path]:

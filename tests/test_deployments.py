@@ -190,7 +190,7 @@ def test_prefect_deploy_all_onto_a_process_work_pool(stack: dict[str, Any]) -> N
     on_pool = {
         (d["name"], d["work_pool_name"]) for d in deployments if d["work_pool_name"] == "onboarding"
     }
-    assert {name for name, _ in on_pool} == {"scheduled", "manual", "api", "daily"}
+    assert {name for name, _ in on_pool} == {"scheduled", "manual", "api", "daily", "chunks"}
     daily = httpx.get(f"{api}/deployments/name/remind-tenants/daily").json()
     assert daily["work_pool_name"] == "onboarding"
     assert daily["job_variables"]["env"]["VERSORI_API_KEY_BLOCK"] == "versori-api-key"

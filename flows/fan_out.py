@@ -1,0 +1,209 @@
+"""A large batch as chunks: one child flow run per `chunk_size` tenants, in this process or on
+a work pool's workers, aggregated into one progress artifact and one table.
+
+Why chunks: each Prefect task run costs memory that its flow run keeps until the flow run ends,
+and a flow run of 100,000 task runs is more than the UI can draw. A chunk is a flow run of its
+own: its memory goes when it ends, and chunks on a work pool run on as many machines as there
+are workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from flows.batch import Tally
+from flows.common import Progress
+from onboarding.ledger import Ledger
+from onboarding.onboard import Delivery, FanOut
+from onboarding.profile import ConnectorProfile
+from onboarding.roster import Roster
+
+POLL_SECONDS = 2.0
+WAITING_LOG_SECONDS = 60.0
+READ_PAGE = 200  # the most flow runs the API returns in one read
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    first: int
+    stop: int
+
+    @property
+    def label(self) -> str:
+        return f"chunk {self.index + 1} (tenants {self.first + 1}-{self.stop})"
+
+
+def split(count: int, chunk_size: int) -> list[Chunk]:
+    return [
+        Chunk(i, first, min(first + chunk_size, count))
+        for i, first in enumerate(range(0, count, chunk_size))
+    ]
+
+
+def run_chunks(
+    *,
+    batch: Roster,
+    location: str,
+    profile_path: str,
+    profile: ConnectorProfile,
+    ledger: Ledger,
+    deliver: Delivery,
+    concurrency: int,
+    only: list[str] | None,
+    chunk_size: int,
+    fan_out: FanOut,
+    chunk_deployment: str,
+) -> Tally:
+    """Run every chunk of `batch` and fold their summaries into one Tally. A chunk already
+    finished for this batch (the parent was retried) is not run again; on a work pool each
+    chunk is started with an idempotency key from (batch, chunk), so a retried parent finds
+    the runs it started instead of starting them twice."""
+    logger = get_run_logger()
+    batch_id = str(flow_run.id)
+    chunks = split(len(batch), chunk_size)
+    progress = Progress(len(batch), profile.name)
+    tally = Tally()
+
+    def fold(chunk: Chunk, summary: dict[str, Any]) -> None:
+        tally.merge(summary)
+        progress.advance(failed=summary["failed"], count=chunk.stop - chunk.first)
+
+    def parameters(chunk: Chunk) -> dict[str, Any]:
+        return {
+            "profile": profile_path,
+            "roster": location,
+            "digest": batch.digest,
+            "batch_id": batch_id,
+            "chunk": chunk.index,
+            "chunks": len(chunks),
+            "first": chunk.first,
+            "stop": chunk.stop,
+            "deliver": deliver,
+            "concurrency": concurrency,
+            "only": only,
+        }
+
+    logger.info(
+        "%d tenants in %d chunks of up to %d, %s",
+        len(batch),
+        len(chunks),
+        chunk_size,
+        "one after another in this process"
+        if fan_out is FanOut.IN_PROCESS
+        else f"as runs of deployment {chunk_deployment!r} on its work pool",
+    )
+    todo = []
+    for chunk in chunks:
+        done = ledger.chunk_summary(batch_id, chunk.index)
+        if done is not None:
+            fold(chunk, done)
+        else:
+            todo.append(chunk)
+    if len(todo) < len(chunks):
+        logger.info(
+            "%d chunk(s) finished before this attempt; not run again", len(chunks) - len(todo)
+        )
+
+    if fan_out is FanOut.IN_PROCESS:
+        from flows.onboard_chunk import onboard_chunk
+
+        for chunk in todo:
+            state = onboard_chunk(**parameters(chunk), return_state=True)
+            fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, state))
+    else:
+        started = _start_chunk_runs(todo, parameters, chunk_deployment, batch_id)
+        for chunk, run_state in _wait_for_runs(started, logger):
+            fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, run_state))
+    progress.finish()
+    ledger.forget_batch(batch_id)
+    return tally
+
+
+def _start_chunk_runs(
+    chunks: list[Chunk],
+    parameters: Any,
+    deployment: str,
+    batch_id: str,
+) -> dict[UUID, Chunk]:
+    from prefect.deployments import run_deployment
+
+    started: dict[UUID, Chunk] = {}
+    for chunk in chunks:
+        run = run_deployment(
+            name=deployment,
+            parameters=parameters(chunk),
+            timeout=0,  # start it and move on; the loop below waits for all of them
+            idempotency_key=f"{batch_id}-chunk-{chunk.index}",
+            as_subflow=True,
+        )
+        started[run.id] = chunk
+    return started
+
+
+def _wait_for_runs(started: dict[UUID, Chunk], logger: Any) -> Any:
+    """Yield (chunk, final state) as each chunk run ends; say every minute what the rest
+    are doing, so a batch waiting for a worker says so."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    pending = dict(started)
+    last_word = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(POLL_SECONDS)
+            ids = list(pending)
+            states: Counter[str] = Counter()
+            for page in range(0, len(ids), READ_PAGE):
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=ids[page : page + READ_PAGE])
+                    ),
+                    limit=READ_PAGE,
+                )
+                for run in runs:
+                    if run.state is not None and run.state.is_final():
+                        yield pending.pop(run.id), run.state
+                    else:
+                        states[run.state.name if run.state else "unknown"] += 1
+            if pending and time.monotonic() - last_word >= WAITING_LOG_SECONDS:
+                logger.info(
+                    "%d chunk run(s) not finished: %s",
+                    len(pending),
+                    ", ".join(f"{n} {name}" for name, n in states.most_common()),
+                )
+                last_word = time.monotonic()
+
+
+def _lost(chunk: Chunk, state: Any) -> dict[str, Any]:
+    """A chunk run that ended without writing its summary (it crashed, was cancelled, or failed
+    before its first tenant): its tenants count as failed, and the next run picks up every one
+    of them that the ledger does not show as done."""
+    name = getattr(state, "name", None) or "without a state"
+    why = getattr(state, "message", None) or ""
+    message = f"the run of {chunk.label} ended {name} before reporting" + (
+        f" ({why})" if why else ""
+    )
+    count = chunk.stop - chunk.first
+    return {
+        "by_status": {"failed": count},
+        "errors": {"chunk_lost": count},
+        "failed": count,
+        "outcomes": [
+            {
+                "tenant_id": chunk.label,
+                "status": "failed",
+                "link_host": "",
+                "masked_state": "",
+                "error_code": "chunk_lost",
+                "error_message": message + "; see `onboard status`; the next run retries",
+            }
+        ],
+    }
