@@ -13,7 +13,7 @@ import pytest
 
 from onboarding.errors import InputError, Problem
 from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import MAX_PROBLEMS, Tenant, load_roster
+from onboarding.roster import MAX_PROBLEMS, Tenant, load_roster, open_roster_slice
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HEADER = "tenant_id,name,admin_email,subdomain,plan"
@@ -585,3 +585,45 @@ def test_20k_row_csv(tmp_path: Path, profile: ConnectorProfile) -> None:
         pass
     assert count == 20_000
     assert tenant.tenant_id == "t19999"
+
+
+# --- slices, as a chunk of a batch reads them --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["r.csv", "r.jsonl", "r.json", "r.yaml"])
+def test_slices_of_a_checked_roster_cover_it_once_in_order(tmp_path: Path, name: str) -> None:
+    rows = [
+        {"tenant_id": f"t{n}", "name": f"T{n}", "admin_email": f"a{n}@x.com"} for n in range(7)
+    ]
+    if name.endswith(".csv"):
+        content = "tenant_id,name,admin_email\n" + "".join(
+            f"{r['tenant_id']},{r['name']},{r['admin_email']}\n" for r in rows
+        )
+    elif name.endswith(".jsonl"):
+        content = "".join(json.dumps(r) + "\n" for r in rows)
+    else:  # JSON is YAML too
+        content = json.dumps(rows)
+    path = write(tmp_path, name, content)
+    roster = load_roster(path)
+    parts = [open_roster_slice(path, roster.digest, a, min(a + 3, 7)) for a in (0, 3, 6)]
+    assert [len(p) for p in parts] == [3, 3, 1]
+    assert [ids(p) for p in parts] == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6"]]
+
+
+def test_a_slice_counts_only_the_selected_tenants(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.csv", csv_text(*(f"t{n},T,a{n}@x.com,s{n},p" for n in range(6))))
+    roster = load_roster(path, only=["t1", "t3", "t4", "t5"])
+    assert len(roster) == 4
+    first = open_roster_slice(path, roster.digest, 0, 2, only=["t1", "t3", "t4", "t5"])
+    second = open_roster_slice(path, roster.digest, 2, 4, only=["t1", "t3", "t4", "t5"])
+    assert (ids(first), ids(second)) == (["t1", "t3"], ["t4", "t5"])
+
+
+def test_a_slice_of_a_roster_changed_since_it_was_checked_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.csv", csv_text("t1,A,a@x.com,a,p"))
+    digest = load_roster(path).digest
+    path.write_text(csv_text("t1,A,a@x.com,a,p", "t2,B,not-an-email,b,p"))
+    with pytest.raises(InputError, match="changed after the batch checked it"):
+        open_roster_slice(path, digest, 0, 1)
+    with pytest.raises(InputError, match="not found where this worker looked"):
+        open_roster_slice(tmp_path / "elsewhere.csv", digest, 0, 1)
