@@ -29,6 +29,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
+
+
+@app.callback()
+def _prefect_defaults() -> None:
+    """Before any command imports Prefect (its settings are read once, on import): no analytics
+    from a temporary server, and more than Prefect's 20 s for one to start on a busy machine.
+    Either, set in the environment, wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
 err = Console(stderr=True)
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -199,7 +210,6 @@ def run(
     except InputError as error:
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     summary = _run_flow(
         roster,
         profile,
@@ -264,7 +274,6 @@ def demo(
             ONBOARD_SMTP_SECURITY="none",
             ONBOARD_EMAIL_FROM="onboarding@demo.example.com",
         )
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         summary = _run_flow(roster, profile, Delivery.BOTH, 8, False, None)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
@@ -304,7 +313,6 @@ def remind(
     except InputError as error:
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     state = remind_tenants(
         profile=profile,
         after_hours=after_hours,
@@ -338,7 +346,6 @@ def mark_connected(
         Ledger(LedgerSettings().db_url).close()
     except InputError as error:
         raise _bad_input(error) from None
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     result = record_connection_flow(state=state, connection_id=connection_id, return_state=True)
     data = result.result(raise_on_failure=False)
     if result.is_completed() and isinstance(data, dict):

@@ -184,7 +184,10 @@ def emulator_states_by_tenant(emulator: EmulatorServer) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_size", [None, 100], ids=["one-run", "in-chunks-of-100"])
+def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
+    tmp_path: Path, chunk_size: int | None
+) -> None:
     onboard = Path(sys.executable).parent / "onboard"
     assert onboard.exists(), onboard
     roster = tmp_path / "tenants.csv"
@@ -193,6 +196,8 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(tmp_path: Path) -> 
     db_url = f"sqlite:///{db}"
     args = [str(onboard), "run", "--roster", str(roster), "--profile", PROFILE]
     args += ["--deliver", "email", "--concurrency", str(CONCURRENCY)]
+    if chunk_size:  # killed inside a chunk's child flow run; the re-run is a new batch
+        args += ["--chunk-size", str(chunk_size)]
     first_log, rerun_log = tmp_path / "first-run.log", tmp_path / "re-run.log"
 
     def tail(log: Path) -> str:
