@@ -7,12 +7,18 @@ the GIL), onboards N generated tenants through the real flow with a SQLite ledge
 same run and against the same emulator, times a plain thread-pool httpx loop at the same
 concurrency. The machine is shared and noisy: compare the two numbers, not either alone.
 The last line is `ratio=<flow tenants/s ÷ plain tenants/s>`.
+
+    uv run python bench/run.py --workers 2 --tenants 5000 --latency-ms 50
+
+With `--workers W`, the flow phase runs on a scale-out stack instead (bench/scale_out.py): a
+`prefect server` and the ledger on fresh PostgreSQL databases, a process work pool with W
+workers, and `onboard run --fan-out deployment` splitting the roster into chunk flow runs.
+Its tenants/s is over the whole `onboard run` command, start-up included.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import subprocess
@@ -20,21 +26,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from bench.scale_out import (  # noqa: E402
+    ScaleOutStack,
+    fresh_postgres_database,
+    pg_url,
+    write_roster,
+)
 from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402
 from tests.helpers import free_port, prefect_server, wait_for_http  # noqa: E402
 
 PROFILE = PROJECT / "examples" / "profile.yaml"
-PG_ADMIN = os.environ.get("ONBOARD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 class PeakRSS:
@@ -66,16 +79,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.now())
-
-
-def write_roster(path: Path, n: int, prefix: str = "b") -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tenant_id", "name", "admin_email", "subdomain"])
-        for i in range(n):
-            w.writerow(
-                [f"{prefix}{i:07d}", f"Bench {i}", f"admin{i}@bench.example.com", f"bench{i}"]
-            )
 
 
 def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
@@ -172,33 +175,47 @@ def main() -> int:
         "on a fresh database of the local PostgreSQL (the default with --rate-limit: shared "
         "pacing needs a real server)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="run the flow phase on a process work pool with this many workers (chunks fan "
+        "out as deployment runs; Prefect server and ledger on PostgreSQL)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="with --workers: tenants per chunk run (default max(250, tenants / (4 x workers)))",
+    )
+    parser.add_argument(
+        "--worker-limit",
+        type=int,
+        default=1,
+        help="with --workers: flow runs each worker runs at once (its --limit)",
+    )
     args = parser.parse_args()
+    if args.workers:
+        return run_scale_out(args)
     if args.prefect_db is None:
         args.prefect_db = "postgres" if args.rate_limit else "ephemeral"
     with ExitStack() as stack:
         if args.prefect_db == "postgres":
             server_dir = Path(tempfile.mkdtemp(prefix="onboard-bench-server-"))
+            database = stack.enter_context(fresh_postgres_database())
             os.environ["PREFECT_API_URL"] = stack.enter_context(
-                prefect_server(server_dir, database_url=fresh_postgres_database())
+                prefect_server(server_dir, database_url=pg_url(database, "asyncpg"))
             )
         return run(args)
-
-
-def fresh_postgres_database() -> str:
-    """A new, empty database on the local PostgreSQL for this run's Prefect server."""
-    import psycopg
-
-    name = f"onboard_bench_{os.getpid()}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
 def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="onboard-bench-"))
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary server gets 20 s to start by default, too few on this busy machine
+    # (as in the CLI); read when Prefect is first imported, which is below.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ["ONBOARD_DB_URL"] = f"sqlite:///{work / 'ledger.db'}"
     os.environ["VERSORI_API_KEY"] = DEFAULT_API_KEY
     os.environ.pop("VERSORI_API_KEY_BLOCK", None)
@@ -223,18 +240,7 @@ def run(args: argparse.Namespace) -> int:
             f"prefect_db={args.prefect_db} "
             f"(latency-bound limit {limit:.0f}/s)"
         )
-        plain_rate = None
-        if not args.skip_plain:
-            cpu = time.process_time()
-            with PeakRSS() as plain_mem:
-                plain_s, plain_ok = plain_loop(plain_url, args.tenants, args.concurrency)
-            plain_cpu = (time.process_time() - cpu) * 1000 / args.tenants
-            plain_rate = args.tenants / plain_s
-            print(
-                f"plain httpx loop : {plain_rate:7.1f} tenants/s  ({plain_ok} ok in "
-                f"{plain_s:.1f} s)  CPU {plain_cpu:.2f} ms/tenant  "
-                f"peak RSS {plain_mem.peak / 2**20:.0f} MiB"
-            )
+        plain_rate = None if args.skip_plain else measure_plain(plain_url, args)
 
         cpu = time.process_time()
         with PeakRSS() as flow_mem:
@@ -247,24 +253,122 @@ def run(args: argparse.Namespace) -> int:
             f"  CPU {flow_cpu:.2f} ms/tenant  peak RSS {flow_mem.peak / 2**20:.0f} MiB"
         )
         after = httpx.get(f"{base_url}/_emulator/stats").json()
-        requests = after["requests"] - before["requests"]
-        limited = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
-        print(
-            f"emulator         : {requests} requests, {limited} answered 429 "
-            f"({100 * limited / max(requests, 1):.2f}%)"
-        )
         print(f"peak_rss_mib={flow_mem.peak / 2**20:.0f}")
-        if args.rate_limit:
-            print(
-                f"rate_share={flow_rate / args.rate_limit:.3f}  "
-                f"(of {args.rate_limit:g}/s; 429s {limited})"
-            )
-        if plain_rate:
-            print(f"ratio={flow_rate / plain_rate:.2f}")
+        print_tail(args, before, after, flow_rate, plain_rate)
     finally:
         for proc in (emulator, plain_emulator):
             proc.terminate()
             proc.wait(10)
+    return 0
+
+
+def measure_plain(plain_url: str, args: argparse.Namespace) -> float:
+    cpu = time.process_time()
+    with PeakRSS() as plain_mem:
+        plain_s, plain_ok = plain_loop(plain_url, args.tenants, args.concurrency)
+    plain_cpu = (time.process_time() - cpu) * 1000 / args.tenants
+    plain_rate: float = args.tenants / plain_s
+    print(
+        f"plain httpx loop : {plain_rate:7.1f} tenants/s  ({plain_ok} ok in "
+        f"{plain_s:.1f} s)  CPU {plain_cpu:.2f} ms/tenant  "
+        f"peak RSS {plain_mem.peak / 2**20:.0f} MiB"
+    )
+    return plain_rate
+
+
+def print_tail(
+    args: argparse.Namespace,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    flow_rate: float,
+    plain_rate: float | None,
+) -> None:
+    """The emulator's count of the flow phase's requests and 429s, then the ratios."""
+    requests = after["requests"] - before["requests"]
+    limited = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
+    print(
+        f"emulator         : {requests} requests, {limited} answered 429 "
+        f"({100 * limited / max(requests, 1):.2f}%)"
+    )
+    if args.rate_limit:
+        print(
+            f"rate_share={flow_rate / args.rate_limit:.3f}  "
+            f"(of {args.rate_limit:g}/s; 429s {limited})"
+        )
+    if plain_rate:
+        print(f"ratio={flow_rate / plain_rate:.2f}")
+
+
+def run_scale_out(args: argparse.Namespace) -> int:
+    """The flow phase on a work pool: `onboard run --fan-out deployment` with W workers."""
+    work = Path(tempfile.mkdtemp(prefix="onboard-bench-scale-"))
+    roster = work / "roster.csv"
+    write_roster(roster, args.tenants)
+    profile = bench_profile(work, args.rate_limit)
+    chunk_size = args.chunk_size or max(250, args.tenants // (4 * args.workers))
+    chunks = -(-args.tenants // chunk_size)
+    limit = args.concurrency / (args.latency_ms / 1000) if args.latency_ms else float("inf")
+    print(
+        f"tenants={args.tenants} latency_ms={args.latency_ms:g} "
+        f"concurrency={args.concurrency} rate_limit={args.rate_limit} "
+        f"workers={args.workers} worker_limit={args.worker_limit} chunk_size={chunk_size} "
+        f"({chunks} chunks; latency-bound limit {limit:.0f}/s per chunk run)"
+    )
+    plain_rate = None
+    if not args.skip_plain:
+        plain_emulator, plain_url = start_emulator(args.latency_ms, None)
+        try:
+            plain_rate = measure_plain(plain_url, args)
+        finally:
+            plain_emulator.terminate()
+            plain_emulator.wait(10)
+    started = time.monotonic()
+    with ScaleOutStack(
+        work / "stack",
+        args.workers,
+        worker_limit=args.worker_limit,
+        latency_ms=args.latency_ms,
+        rate_limit=args.rate_limit,
+    ) as stack:
+        print(
+            f"stack up in {time.monotonic() - started:.0f} s "
+            + " ".join(f"{step}={s:g}s" for step, s in stack.timings.items())
+            + f"  (logs in {stack.tmp})"
+        )
+        before = stack.emulator_stats()
+        result = stack.run_batch(
+            roster,
+            chunk_size=chunk_size,
+            concurrency=args.concurrency,
+            profile=str(profile),
+        )
+        after = stack.emulator_stats()
+        if result.exit_code != 0:
+            print(result.output[-4000:])
+            print(f"onboard run exited {result.exit_code}")
+            return 1
+        flow_rate = args.tenants / result.seconds
+        states = Counter(run.state for run in result.chunk_runs)
+        per_worker = ", ".join(
+            f"{worker}: {n}" for worker, n in sorted(result.chunks_per_worker().items(), key=str)
+        )
+        print(
+            f"onboard-tenants  : {flow_rate:7.1f} tenants/s  (exit {result.exit_code}, "
+            f"{args.tenants} tenants in {result.seconds:.1f} s, `onboard run` start-up included)"
+        )
+        window, mean = result.chunk_window(), result.mean_chunk_seconds()
+        if window and mean:
+            print(
+                f"chunk runs       : {dict(states)}; by worker {per_worker}; first start to "
+                f"last end {window:.1f} s ({args.tenants / window:.1f} tenants/s); each ran "
+                f"{mean:.1f} s on average"
+            )
+        recorded = stack.task_runs_recorded([run.id for run in result.chunk_runs])
+        print(
+            f"prefect server   : {recorded} of {args.tenants} task runs recorded Completed; "
+            f"{stack.server_dropped_events()} events dropped (subscription queue full)"
+        )
+        print_tail(args, before, after, flow_rate, plain_rate)
     return 0
 
 

@@ -1,0 +1,70 @@
+"""Scale-out for real: one roster of 5,000 tenants split into 10 chunk flow runs of the
+`onboard-tenants-chunk/chunks` deployment, run by two `prefect worker start` processes on a
+process work pool, against a `prefect server` and a ledger both on PostgreSQL. The batch's
+parent is `onboard run --fan-out deployment` in a process of its own. Every process is stopped
+on the way out, failures included (bench/scale_out.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from bench.scale_out import CONNECTOR, ScaleOutStack
+from onboarding.ledger import Ledger, Status, batch_chunks
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
+
+TENANTS = 5000
+CHUNK_SIZE = 500
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[ScaleOutStack]:
+    try:
+        import psycopg
+
+        from bench.scale_out import PG_ADMIN
+
+        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
+    except Exception as error:
+        pytest.skip(f"no PostgreSQL for the scale-out stack: {error}")
+    with ScaleOutStack(tmp_path, workers=2, worker_limit=2, latency_ms=5) as stack:
+        yield stack
+
+
+def test_one_roster_fans_out_over_two_workers(stack: ScaleOutStack) -> None:
+    result = stack.run_batch(TENANTS, chunk_size=CHUNK_SIZE, concurrency=16)
+    assert result.exit_code == 0, result.output[-4000:]
+    assert f"{TENANTS} tenant(s) in" in result.output
+
+    runs = result.chunk_runs
+    assert sorted(run.chunk for run in runs) == list(range(TENANTS // CHUNK_SIZE)), runs
+    assert len({run.batch_id for run in runs}) == 1, "one batch"
+    assert {run.state for run in runs} == {"COMPLETED"}, runs
+    # Which worker ran each chunk: the label the worker put on the run, which its log confirms.
+    assert all(run.worker for run in runs), runs
+    assert {run.id: run.worker for run in runs} == {
+        run.id: result.claimed_in_logs.get(run.id) for run in runs
+    }
+    per_worker = result.chunks_per_worker()
+    assert set(per_worker) == {"worker-1", "worker-2"}, per_worker
+
+    ledger = Ledger(stack.ledger_url)
+    try:
+        records = list(ledger.iter_records(CONNECTOR))
+        assert len(records) == TENANTS
+        assert len({r.tenant_id for r in records}) == TENANTS
+        assert {r.status for r in records} == {Status.DELIVERED}
+        assert all(r.url for r in records)
+        assert {r.attempts for r in records} == {1}
+        with ledger.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(batch_chunks)).scalar_one() == 0
+    finally:
+        ledger.close()
+
+    stats = stack.emulator_stats()
+    assert stats["requests"] == TENANTS, stats  # each tenant initialised exactly once
+    assert stats["by_status"] == {"200": TENANTS}, stats
