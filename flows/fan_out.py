@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +21,7 @@ from prefect.runtime import flow_run
 
 from flows.batch import Tally
 from flows.common import Progress
-from onboarding.ledger import Ledger
+from onboarding.ledger import Ledger, utcnow
 from onboarding.onboard import Delivery, FanOut
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Roster
@@ -28,6 +29,7 @@ from onboarding.roster import Roster
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0
 READ_PAGE = 200  # the most flow runs the API returns in one read
+STALE_CHUNK_DAYS = 7  # chunk summaries left by a parent that was killed go after this long
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def run_chunks(
             fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, run_state))
     progress.finish()
     ledger.forget_batch(batch_id)
+    ledger.forget_chunks_before(utcnow() - timedelta(days=STALE_CHUNK_DAYS))
     return tally
 
 

@@ -167,7 +167,8 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         out.print(table)
     if summary.get("outcomes_left_out"):
         out.print(
-            f"…and {summary['outcomes_left_out']} more tenant(s): `onboard export` lists every one."
+            f"…and {summary['outcomes_left_out']} more tenant(s) not listed here: "
+            "`onboard status` and `onboard export` show the ledger."
         )
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
     out.print(

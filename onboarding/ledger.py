@@ -533,6 +533,12 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(batch_chunks.delete().where(batch_chunks.c.batch_id == batch_id))
 
+    def forget_chunks_before(self, when: datetime) -> int:
+        """Chunk summaries of batches whose parent never came back for them (it was killed)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(batch_chunks.delete().where(batch_chunks.c.finished_at < when))
+        return int(done.rowcount or 0)
+
     def counts_by_status(self, connector_id: str | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)
         if connector_id:

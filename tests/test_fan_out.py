@@ -69,15 +69,12 @@ def test_a_tally_merges_chunk_summaries_into_one_table() -> None:
     second.add(outcome(8))
     batch = Tally(keep=4)
     for part in (first, second):
-        batch.merge(
-            {"by_status": part.by_status, "errors": part.errors, "outcomes": part.rows()}
-        )
+        batch.merge({"by_status": part.by_status, "errors": part.errors, "outcomes": part.rows()})
     assert batch.total == 5 and batch.by_status["failed"] == 1
     assert [r["tenant_id"] for r in batch.rows()] == ["t00007", "t00000", "t00001", "t00002"]
 
 
 # --- the flow ----------------------------------------------------------------------------------
-
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from onboarding.errors import InputError
-from onboarding.ledger import Ledger, Record, Status, records
+from onboarding.ledger import Ledger, Record, Status, records, utcnow
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -435,3 +435,26 @@ def test_a_failing_statement_does_not_show_the_link(ledger: Ledger) -> None:
     # The ledger still works afterwards.
     link(ledger, "t1")
     assert get(ledger, "t1").attempts == 1
+
+
+def test_chunk_summaries_are_kept_per_batch_and_forgotten(ledger: Ledger) -> None:
+    summary = {"by_status": {"delivered": 2}, "errors": {}, "failed": 0, "outcomes": []}
+    ledger.record_chunk("b1", 0, "run-a", summary)
+    ledger.record_chunk("b1", 0, "run-b", {**summary, "failed": 1})  # a re-run replaces it
+    ledger.record_chunk("b2", 3, None, summary)
+    assert ledger.chunk_summary("b1", 0) == {**summary, "failed": 1}
+    assert ledger.chunk_summary("b1", 1) is None
+    ledger.forget_batch("b1")
+    assert ledger.chunk_summary("b1", 0) is None and ledger.chunk_summary("b2", 3) == summary
+    assert ledger.forget_chunks_before(utcnow() - timedelta(days=1)) == 0
+    assert ledger.forget_chunks_before(utcnow() + timedelta(seconds=1)) == 1
+    assert ledger.chunk_summary("b2", 3) is None
+
+
+def test_live_tenant_ids_among_a_chunk_of_more_ids_than_one_query_takes(ledger: Ledger) -> None:
+    for n in (5, 1500):
+        link(ledger, f"t{n}")
+        ledger.mark_delivered(f"t{n}", CONNECTOR, channel="store")
+    among = [f"t{n}" for n in range(2000)]
+    assert ledger.live_tenant_ids(CONNECTOR, among=among) == {"t5", "t1500"}
+    assert ledger.live_tenant_ids(CONNECTOR, among=["t6"]) == set()

@@ -592,9 +592,7 @@ def test_20k_row_csv(tmp_path: Path, profile: ConnectorProfile) -> None:
 
 @pytest.mark.parametrize("name", ["r.csv", "r.jsonl", "r.json", "r.yaml"])
 def test_slices_of_a_checked_roster_cover_it_once_in_order(tmp_path: Path, name: str) -> None:
-    rows = [
-        {"tenant_id": f"t{n}", "name": f"T{n}", "admin_email": f"a{n}@x.com"} for n in range(7)
-    ]
+    rows = [{"tenant_id": f"t{n}", "name": f"T{n}", "admin_email": f"a{n}@x.com"} for n in range(7)]
     if name.endswith(".csv"):
         content = "tenant_id,name,admin_email\n" + "".join(
             f"{r['tenant_id']},{r['name']},{r['admin_email']}\n" for r in rows
