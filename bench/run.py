@@ -108,12 +108,19 @@ def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
     return elapsed, sum(1 for s in statuses if s == 200)
 
 
-def flow_run(roster: Path, profile: Path, concurrency: int) -> tuple[float, dict[str, object]]:
+def flow_run(
+    roster: Path, profile: Path, concurrency: int, chunk_size: int | None = None
+) -> tuple[float, dict[str, object]]:
     from flows.onboard_tenants import onboard_tenants
 
+    chunking = {"chunk_size": chunk_size} if chunk_size else {}
     started = time.perf_counter()
     state = onboard_tenants(
-        roster=str(roster), profile=str(profile), concurrency=concurrency, return_state=True
+        roster=str(roster),
+        profile=str(profile),
+        concurrency=concurrency,
+        return_state=True,
+        **chunking,
     )
     elapsed = time.perf_counter() - started
     return elapsed, state.result(raise_on_failure=False)
@@ -244,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
         cpu = time.process_time()
         with PeakRSS() as flow_mem:
-            flow_s, summary = flow_run(roster, profile, args.concurrency)
+            flow_s, summary = flow_run(roster, profile, args.concurrency, args.chunk_size)
         flow_cpu = (time.process_time() - cpu) * 1000 / args.tenants
         flow_rate = args.tenants / flow_s
         by_status = summary.get("by_status") if isinstance(summary, dict) else summary
