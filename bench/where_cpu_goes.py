@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args()
     raw = Path(tempfile.mkdtemp(prefix="onboard-profile-")) / "flow.txt"
     bench = [
