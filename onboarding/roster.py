@@ -113,14 +113,7 @@ def open_roster_slice(
     """Tenants first..stop-1 (counting those `only` selects) of a roster that `load_roster`
     checked as a whole, without checking every row again: a batch's chunk reads its part this
     way. The file must be the one that was checked: a changed roster is refused."""
-    source = display_source(location)
-    tmp = None
-    if source.startswith(("http://", "https://")):
-        tmp, path = _download(str(location))
-    else:
-        path = Path(location)
-        if not path.is_file():
-            raise InputError(f"{source}: roster file not found where this worker looked")
+    source, path, tmp = _fetch(location, where=" where this worker looked")
     if _digest(path) != digest:
         raise InputError(
             f"{source}: the roster changed after the batch checked it; start a new run so "
@@ -155,16 +148,7 @@ def load_roster(
     also_needs: Iterable[str] = (),
 ) -> Roster:
     """Check every row; raise InputError listing all problems, or return a streamable Roster."""
-    source = display_source(location)
-    tmp = None
-    if source.startswith(("http://", "https://")):
-        tmp, path = _download(str(location))
-    else:
-        path = Path(location)
-        if not path.exists():
-            raise InputError(f"{source}: roster file not found")
-        if path.is_dir():
-            raise InputError(f"{source}: is a folder; give the roster file")
+    source, path, tmp = _fetch(location)
     fmt = FORMATS.get(Path(urlsplit(source).path).suffix.lower())
     if fmt is None:
         raise InputError(
@@ -214,6 +198,20 @@ def load_inline_roster(
         raise InputError(problems, hint="Fix the tenants; nothing was sent to Versori.")
     count = len(ids & wanted) if wanted else len(ids)
     return Roster(INLINE_SOURCE, path, "jsonl", count, wanted, tmp, digest=_digest(path))
+
+
+def _fetch(location: str | Path, where: str = "") -> tuple[str, Path, Any]:
+    """(label, local path, temporary folder or None): a URL is downloaded first."""
+    source = display_source(location)
+    if source.startswith(("http://", "https://")):
+        tmp, path = _download(str(location))
+        return source, path, tmp
+    path = Path(location)
+    if not path.exists():
+        raise InputError(f"{source}: roster file not found{where}")
+    if path.is_dir():
+        raise InputError(f"{source}: is a folder; give the roster file")
+    return source, path, None
 
 
 def _download(url: str) -> tuple[Any, Path]:
