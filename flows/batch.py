@@ -1,11 +1,14 @@
-"""Running one task per tenant over a stream of tenants, and reporting on it: what the
-onboarding and reminder flows share."""
+"""Running slices of tenants as task runs over a stream of tenants, and reporting on it: what
+the onboarding and reminder flows share."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import math
+import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 from prefect import Task, get_run_logger
@@ -16,12 +19,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.common import Progress, quiet_routine_task_logs
-from onboarding.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
 from onboarding.roster import Tenant
+from onboarding.slices import SliceFailed, TenantSlice, not_attempted
 
-# Errors that would fail every remaining tenant the same way: stop the batch, say it once.
-BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 TABLE_ROWS_MAX = 1000
 
 
@@ -75,91 +76,130 @@ class Tally:
         return tally
 
 
+# Up to this many tenants, one task run per tenant: the UI shows each by name. Above it, one
+# task run per slice of SLICE_SIZE tenants: a task run costs the engine milliseconds of CPU and
+# the server ~3 events, a tenant's call ~1-2 ms, so per-tenant task runs would make Prefect,
+# not Versori, the bottleneck (bench/run.py measures both).
+ONE_TASK_PER_TENANT_MAX = 100
+SLICE_SIZE = 100
+
+
+def tenants_per_task(total: int, asked: int | None = None) -> int:
+    """`asked` when given; else one for a small batch, SLICE_SIZE for a large one."""
+    if asked:
+        return asked
+    return 1 if total <= ONE_TASK_PER_TENANT_MAX else SLICE_SIZE
+
+
+def slice_up(
+    work: Iterable[Tenant | TenantOutcome], size: int
+) -> Iterator[TenantSlice | TenantOutcome]:
+    """Group the tenants of `work` into slices of `size`, in roster order; an outcome (a tenant
+    decided without a task) passes through."""
+    tenants: list[Tenant] = []
+    first = position = 0
+    for position, item in enumerate(work, 1):
+        if isinstance(item, TenantOutcome):
+            yield item
+            continue
+        if not tenants:
+            first = position
+        tenants.append(item)
+        if len(tenants) == size:
+            yield TenantSlice(tenants, first, position)
+            tenants = []
+    if tenants:
+        yield TenantSlice(tenants, first, position)
+
+
 def run_batch(
     job: OnboardingJob,
-    task: Task[..., TenantOutcome],
+    task: Task[..., list[TenantOutcome]],
     work: Iterable[Tenant | TenantOutcome],
     total: int,
     concurrency: int,
+    per_task: int | None = None,
     progress: Progress | None = None,
 ) -> Tally:
-    """Run `task(tenant=…, job=…)` for each Tenant of `work` (an outcome in `work` is a tenant
-    decided without a task, e.g. skipped), submitting as workers free up so that at most
-    2x concurrency futures exist at once. No tenant's failure stops the others, except a
-    batch-fatal one, after which the rest are recorded `not_attempted`."""
+    """Run `task` over the tenants of `work` in slices of `per_task` (automatic when None), at
+    most `concurrency` tenants in flight in all: slices share one thread pool of that size.
+    Slices are submitted as task runners free up, so memory stays flat however long `work`
+    is. No tenant's failure stops the others, except a batch-fatal one, after which the rest
+    are recorded `not_attempted`."""
     logger = get_run_logger()
+    size = tenants_per_task(total, per_task)
     progress = progress or Progress(total, job.profile.name)
-    outcomes = Tally()
-    in_flight: dict[PrefectFuture[TenantOutcome], str] = {}
-    stop_reason = ""
+    tally = Tally()
+    # Enough slices at once to keep every tenant thread busy while one slice winds down.
+    slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
+    in_flight: dict[PrefectFuture[list[TenantOutcome]], TenantSlice] = {}
+    finished: queue.SimpleQueue[PrefectFuture[list[TenantOutcome]]] = queue.SimpleQueue()
+    announced = False
 
-    def collect(done: set[PrefectFuture[TenantOutcome]]) -> None:
-        nonlocal stop_reason
-        for future in done:
-            tenant_id = in_flight.pop(future)
-            result = job.latest.pop(tenant_id, None)
-            if result is None:  # the task failed before reaching the core: ask Prefect
-                result = future.result(raise_on_failure=False)
-            if isinstance(result, TenantOutcome):
-                outcome = result
-            else:
-                outcome = failed_outcome(tenant_id, result)
-                if isinstance(result, BATCH_FATAL) and not stop_reason:
-                    stop_reason = str(result)
-                    logger.error("Stopping the batch: %s", stop_reason)
-            outcomes.add(outcome)
-            progress.advance(failed=not outcome.ok)
+    def add(outcomes: list[TenantOutcome]) -> None:
+        nonlocal announced
+        for outcome in outcomes:
+            tally.add(outcome)
+        progress.advance(failed=sum(not o.ok for o in outcomes), count=len(outcomes))
+        if job.stop_reason and not announced:
+            announced = True
+            logger.error("Stopping the batch: %s", job.stop_reason)
 
-    def wait_for_one() -> None:
-        by_wrapped = {f.wrapped_future: f for f in in_flight}  # type: ignore[attr-defined]
-        done, _ = concurrent.futures.wait(
-            by_wrapped, return_when=concurrent.futures.FIRST_COMPLETED
+    def collect_one() -> None:
+        future = finished.get()
+        add(outcomes_of(in_flight.pop(future), future.result(raise_on_failure=False)))
+
+    if size > 1:
+        logger.info(
+            "%d tenants per task run, %d task runs at once sharing %d tenant threads",
+            size,
+            slices_at_once,
+            concurrency,
         )
-        collect({by_wrapped[w] for w in done})
-
-    with quiet_routine_task_logs(), ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        for item in work:
+    with ExitStack() as stack:
+        stack.enter_context(quiet_routine_task_logs())
+        pool = None
+        if size > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(concurrency, "tenant"))
+        runner = stack.enter_context(ThreadPoolTaskRunner(max_workers=slices_at_once))
+        for item in slice_up(work, size):
             if isinstance(item, TenantOutcome):
-                outcomes.add(item)
-                progress.advance(failed=not item.ok)
-                continue
-            if stop_reason:
-                outcomes.add(not_attempted(job, item, stop_reason))
-                progress.advance(failed=True)
-                continue
-            while len(in_flight) >= 2 * concurrency:
-                wait_for_one()
-            # quote(): Prefect would otherwise walk the job (client, ledger, results) per task.
-            future = runner.submit(task, {"tenant": item, "job": quote(job)})
-            in_flight[future] = item.tenant_id
+                add([item])
+            elif job.stop_reason:
+                add([not_attempted(job, t) for t in item.tenants])
+            else:
+                while len(in_flight) >= 2 * slices_at_once:
+                    collect_one()
+                # quote(): Prefect would otherwise walk the job (client, ledger) per task run.
+                future = runner.submit(
+                    task, {"tenant_slice": quote(item), "job": quote(job), "pool": quote(pool)}
+                )
+                in_flight[future] = item
+                future.add_done_callback(finished.put)
         while in_flight:
-            wait_for_one()
+            collect_one()
     progress.finish()
-    return outcomes
+    return tally
+
+
+def outcomes_of(tenant_slice: TenantSlice, result: object) -> list[TenantOutcome]:
+    """Every tenant's outcome from what a slice's task run ended with: its list of outcomes,
+    a SliceFailed carrying them, or another error (a one-tenant slice's own, or a crash)."""
+    if isinstance(result, list):
+        return result
+    if isinstance(result, SliceFailed):
+        return result.outcomes
+    error = result if isinstance(result, BaseException) else RuntimeError(repr(result))
+    return [
+        tenant_slice.done.get(t.tenant_id) or failed_outcome(t.tenant_id, error)
+        for t in tenant_slice.tenants
+    ]
 
 
 def skip_live(tenants: Iterable[Tenant], live: set[str]) -> Iterator[Tenant | TenantOutcome]:
     """The tenants to onboard, with those that need nothing already decided as skipped."""
     for tenant in tenants:
         yield TenantOutcome(tenant.tenant_id, "skipped") if tenant.tenant_id in live else tenant
-
-
-def not_attempted(job: OnboardingJob, tenant: Tenant, reason: str) -> TenantOutcome:
-    message = f"not attempted: the batch stopped early because {reason}"
-    job.ledger.record_failure(
-        tenant_id=tenant.tenant_id,
-        connector_id=job.profile.connector_id,
-        profile=job.profile.name,
-        tenant_name=tenant.name,
-        admin_email=tenant.admin_email,
-        error_code="not_attempted",
-        error_message=message,
-        run_id=job.run_id,
-        count_attempt=False,
-    )
-    return TenantOutcome(
-        tenant.tenant_id, "failed", error_code="not_attempted", error_message=message
-    )
 
 
 def summarise(tally: Tally, seconds: float, **about: Any) -> dict[str, Any]:

@@ -15,11 +15,12 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.events import TenantEventSender
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, OnboardingJob
-from onboarding.pacing import Pacer
+from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
+from onboarding.pacing import Pacer, Spacing
 from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
 
@@ -55,13 +56,26 @@ def rate_limit_name(profile: ConnectorProfile) -> str:
 
 
 def make_pacer(profile: ConnectorProfile) -> Pacer:
-    """A pacer that, when the profile sets `rate_limit_per_second`, takes its slots from a
-    Prefect global concurrency limit with slot decay, so the rate holds across every process
-    and machine running the profile. The limit is created, or corrected, first: a missing one
-    would otherwise not be enforced at all."""
+    """A pacer at the profile's `rate_limit_per_second`, if it sets one.
+
+    Against a Prefect server, slots come from a Prefect global concurrency limit with slot
+    decay, so the rate holds across every process and machine running the profile; the limit
+    is created, or corrected, first (a missing one would not be enforced at all). Against
+    Prefect's temporary server (no PREFECT_API_URL), no other process can share the limit: the
+    pacer spaces calls in this process, which costs no API round trips."""
     rate = profile.rate_limit_per_second
     if rate is None:
         return Pacer()
+    from prefect.settings import get_current_settings
+
+    logger = get_run_logger()
+    if get_current_settings().api.url is None:
+        logger.info(
+            "Pacing at %g calls/s in this process (Prefect's temporary server: no other "
+            "process shares it)",
+            rate,
+        )
+        return Pacer(acquire=Spacing(rate))
     from prefect.client.orchestration import get_client
 
     name = rate_limit_name(profile)
@@ -76,16 +90,13 @@ def make_pacer(profile: ConnectorProfile) -> Pacer:
             from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active=True))
-    get_run_logger().info(
+    logger.info(
         "Pacing at %g calls/s across all runs of %s (global concurrency limit %r)",
         rate,
         profile.name,
         name,
     )
     return Pacer(acquire=SlotDispenser(name, rate, block))
-
-
-CATCH_UP_SECONDS = 0.5
 
 
 class SlotDispenser:
@@ -99,37 +110,33 @@ class SlotDispenser:
     `rate_limit`) with the synchronous client, and honours the server's 423 + Retry-After the
     same way. A block of rate/5 slots needs about five requests a second; the next block is
     fetched in the background while the current one is spent, and the local spacing keeps a
-    block from reaching the API as a burst."""
+    block from reaching the API as a burst. A failed fetch fails only the callers waiting for
+    that block; the next caller fetches again."""
 
     def __init__(self, name: str, rate: float, block: int) -> None:
-        self.name, self.rate, self.block = name, rate, block
+        self.name, self.block = name, block
+        self._spacing = Spacing(rate)
         self._lock = threading.Lock()
         self._available = 0
-        self._next_at = 0.0
         self._fetched = threading.Event()
         self._fetching = False
         self._error: BaseException | None = None
 
     def __call__(self) -> None:
-        # One thread at a time refills and spaces; the others queue here, which is the pace.
+        # One thread at a time refills; the others queue here.
         with self._lock:
             if self._available == 0:
                 if not self._fetching:
                     self._prefetch()
                 self._fetched.wait()
                 self._fetching = False
-                if self._error is not None:
-                    raise self._error
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
                 self._available = self.block
                 self._prefetch()  # the next block is on its way while this one is spent
             self._available -= 1
-            wait = self._next_at - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            # After a stall, catch up by up to half a second's worth of calls, no more: still far
-            # below a second's burst, and the global limit bounds every process together.
-            self._next_at = max(time.monotonic() - CATCH_UP_SECONDS, self._next_at)
-            self._next_at += 1.0 / self.rate
+        self._spacing()
 
     def _prefetch(self) -> None:
         def fetch() -> None:
@@ -174,9 +181,10 @@ def open_job(
     deliver: Delivery,
     templates: MailTemplates | None,
     concurrency: int,
+    events: TenantEvents = TenantEvents.ALL,
 ) -> OnboardingJob:
-    """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer.
-    Closed with `stack`."""
+    """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer,
+    tenant events. Closed with `stack`."""
     from prefect.runtime import flow_run
 
     return OnboardingJob(
@@ -188,6 +196,7 @@ def open_job(
         templates=templates,
         run_id=flow_run.id,
         pacer=make_pacer(profile),
+        on_status=stack.enter_context(TenantEventSender(events)),
     )
 
 

@@ -1,10 +1,10 @@
-"""A large batch as chunks: one child flow run per `chunk_size` tenants, in this process or on
-a work pool's workers, aggregated into one progress artifact and one table.
+"""A large batch fanned out to a work pool: one run of the chunk deployment per `chunk_size`
+tenants, spread over the pool's workers, aggregated into one progress artifact and one table.
 
-Why chunks: each Prefect task run costs memory that its flow run keeps until the flow run ends,
-and a flow run of 100,000 task runs is more than the UI can draw. A chunk is a flow run of its
-own: its memory goes when it ends, and chunks on a work pool run on as many machines as there
-are workers.
+Chunks pay where workers have cores or machines of their own; on one machine a batch runs in
+its own flow run, in slices (flows/batch.py), with flat memory. A retried parent adopts the
+chunk runs of its earlier attempt that are still going, and starts again those that ended
+without a summary; past the deadline, chunk runs still going are cancelled and count as lost.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from flows.batch import Tally
 from flows.common import Progress
 from onboarding.ledger import Ledger, utcnow
-from onboarding.onboard import Delivery, FanOut
+from onboarding.onboard import Delivery, TenantEvents
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Roster
 
@@ -61,13 +61,14 @@ def run_chunks(
     concurrency: int,
     only: list[str] | None,
     chunk_size: int,
-    fan_out: FanOut,
     chunk_deployment: str,
+    tenants_per_task: int | None,
+    tenant_events: TenantEvents,
+    deadline_minutes: float,
 ) -> Tally:
-    """Run every chunk of `batch` and fold their summaries into one Tally. A chunk already
-    finished for this batch (the parent was retried) is not run again; on a work pool each
-    chunk is started with an idempotency key from (batch, chunk), so a retried parent finds
-    the runs it started instead of starting them twice."""
+    """Run every chunk of `batch` on the work pool and fold their summaries into one Tally. A
+    chunk already finished for this batch (the parent was retried) is not run again; one whose
+    earlier run is still going is waited for, not started twice."""
     logger = get_run_logger()
     batch_id = str(flow_run.id)
     chunks = split(len(batch), chunk_size)
@@ -91,16 +92,16 @@ def run_chunks(
             "deliver": deliver,
             "concurrency": concurrency,
             "only": only,
+            "tenants_per_task": tenants_per_task,
+            "tenant_events": tenant_events,
         }
 
     logger.info(
-        "%d tenants in %d chunks of up to %d, %s",
+        "%d tenants in %d chunks of up to %d, as runs of deployment %r on its work pool",
         len(batch),
         len(chunks),
         chunk_size,
-        "one after another in this process"
-        if fan_out is FanOut.IN_PROCESS
-        else f"as runs of deployment {chunk_deployment!r} on its work pool",
+        chunk_deployment,
     )
     todo = []
     for chunk in chunks:
@@ -114,16 +115,10 @@ def run_chunks(
             "%d chunk(s) finished before this attempt; not run again", len(chunks) - len(todo)
         )
 
-    if fan_out is FanOut.IN_PROCESS:
-        from flows.onboard_chunk import onboard_chunk
-
-        for chunk in todo:
-            state = onboard_chunk(**parameters(chunk), return_state=True)
-            fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, state))
-    else:
-        started = _start_chunk_runs(todo, parameters, chunk_deployment, batch_id)
-        for chunk, run_state in _wait_for_runs(started, logger):
-            fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, run_state))
+    started = _start_chunk_runs(todo, parameters, chunk_deployment, batch_id)
+    deadline = time.monotonic() + deadline_minutes * 60
+    for chunk, run_state in _wait_for_runs(started, logger, deadline):
+        fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, run_state))
     progress.finish()
     ledger.forget_batch(batch_id)
     ledger.forget_chunks_before(utcnow() - timedelta(days=STALE_CHUNK_DAYS))
@@ -136,31 +131,71 @@ def _start_chunk_runs(
     deployment: str,
     batch_id: str,
 ) -> dict[UUID, Chunk]:
+    """Start a run for each chunk, or adopt the run an earlier attempt of this parent started
+    that has not ended. The idempotency key names this attempt, so a retried parent gets a new
+    run for a chunk whose earlier run crashed, instead of the crashed one back."""
     from prefect.deployments import run_deployment
 
+    tag = f"onboarding-batch:{batch_id}"
+    going = _unfinished_chunk_runs(tag)
+    attempt = flow_run.run_count or 1
     started: dict[UUID, Chunk] = {}
     for chunk in chunks:
+        if chunk.index in going:
+            started[going[chunk.index]] = chunk
+            continue
         run = run_deployment(
             name=deployment,
             parameters=parameters(chunk),
             timeout=0,  # start it and move on; the loop below waits for all of them
-            idempotency_key=f"{batch_id}-chunk-{chunk.index}",
+            idempotency_key=f"{batch_id}-chunk-{chunk.index}-attempt-{attempt}",
+            tags=[tag],
             as_subflow=True,
         )
         started[run.id] = chunk
     return started
 
 
-def _wait_for_runs(started: dict[UUID, Chunk], logger: Any) -> Any:
+def _unfinished_chunk_runs(tag: str) -> dict[int, UUID]:
+    """Chunk runs of this batch (by tag) that have not ended, by chunk index."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    going: dict[int, UUID] = {}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+        )
+    for run in runs:
+        if run.state is None or not run.state.is_final():
+            going[int(run.parameters["chunk"])] = run.id
+    return going
+
+
+def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> Any:
     """Yield (chunk, final state) as each chunk run ends; say every minute what the rest
-    are doing, so a batch waiting for a worker says so."""
+    are doing, so a batch waiting for a worker says so. Past `deadline`, cancel the runs
+    still going and yield them with their last state."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelling
 
     pending = dict(started)
     last_word = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
+            if time.monotonic() > deadline:
+                logger.error(
+                    "%d chunk run(s) still going past the deadline: cancelling them; their "
+                    "tenants count as failed and the next run retries them",
+                    len(pending),
+                )
+                for run_id in list(pending):
+                    client.set_flow_run_state(
+                        run_id, Cancelling(message="past the batch's deadline"), force=True
+                    )
+                    yield pending.pop(run_id), Cancelling(message="past the batch's deadline")
+                return
             time.sleep(POLL_SECONDS)
             ids = list(pending)
             states: Counter[str] = Counter()

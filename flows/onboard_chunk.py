@@ -7,9 +7,12 @@ writes its summary to the ledger, where the parent, on this machine or another, 
 
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Annotated, Any
+from uuid import UUID
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -19,11 +22,13 @@ from pydantic import Field
 from flows.batch import final_state, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery
+from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.profile import load_profile
 from onboarding.roster import open_roster_slice
 from onboarding.settings import LedgerSettings
-from tasks.initialise import onboard_tenant_task
+from tasks.initialise import onboard_slice_task
+
+PARENT_CHECK_SECONDS = 10.0
 
 
 def chunk_run_name() -> str:
@@ -47,6 +52,8 @@ def onboard_chunk(
     deliver: Delivery = Delivery.STORE,
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
+    tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
+    tenant_events: TenantEvents = TenantEvents.ALL,
 ) -> State[dict[str, Any]]:
     """Onboard tenants first..stop-1 of a roster that the batch's parent run has checked.
 
@@ -62,6 +69,8 @@ def onboard_chunk(
         deliver: As in onboard-tenants.
         concurrency: Tenants in flight at once in this chunk.
         only: As in onboard-tenants.
+        tenants_per_task: As in onboard-tenants.
+        tenant_events: As in onboard-tenants.
     """
     connector = load_profile(profile)
     tag_run(connector)
@@ -76,12 +85,50 @@ def onboard_chunk(
         concurrency = effective_concurrency(connector, concurrency)
         started = time.monotonic()
         with ExitStack() as stack:
-            job = open_job(stack, connector, ledger, deliver, templates, concurrency)
+            job = open_job(stack, connector, ledger, deliver, templates, concurrency, tenant_events)
+            stack.enter_context(stop_when_parent_ends(job, batch_id))
             tally = run_batch(
-                job, onboard_tenant_task, skip_live(tenants, live), len(tenants), concurrency
+                job,
+                onboard_slice_task,
+                skip_live(tenants, live),
+                len(tenants),
+                concurrency,
+                tenants_per_task,
             )
         summary = summarise(tally, time.monotonic() - started, chunk=chunk, first=first, stop=stop)
         ledger.record_chunk(batch_id, chunk, str(flow_run.id), summary)
         return final_state(summary, "onboarded or skipped")
     finally:
         ledger.close()
+
+
+@contextmanager
+def stop_when_parent_ends(job: OnboardingJob, batch_id: str) -> Iterator[None]:
+    """Every PARENT_CHECK_SECONDS, ask whether the batch's parent run has ended (crashed,
+    cancelled, failed); if so, stop this chunk: its tenants not yet started are recorded
+    not_attempted, and the batch that replaces the parent does them. An orphaned chunk thus
+    stops instead of working alongside the new batch."""
+    from prefect.client.orchestration import get_client
+
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.wait(PARENT_CHECK_SECONDS):
+                try:
+                    parent = client.read_flow_run(UUID(batch_id))
+                except Exception:  # the API hiccuped: ask again next time
+                    continue
+                if parent.state is not None and parent.state.is_final():
+                    job.stop_reason = (
+                        f"the batch's parent run ended {parent.state.name}; the next batch "
+                        "does these tenants"
+                    )
+                    return
+
+    watcher = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()

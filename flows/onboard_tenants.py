@@ -18,7 +18,7 @@ from flows.fan_out import run_chunks
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, FanOut, TenantOutcome
+from onboarding.onboard import Delivery, FanOut, TenantEvents, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import (
     TenantRow,
@@ -27,7 +27,7 @@ from onboarding.roster import (
     load_roster,
 )
 from onboarding.settings import LedgerSettings
-from tasks.initialise import onboard_tenant_task
+from tasks.initialise import onboard_slice_task
 
 MAX_INLINE_TENANTS = 100
 
@@ -55,9 +55,12 @@ def onboard_tenants(
     dry_run: bool = False,
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
-    chunk_size: Annotated[int, Field(ge=1)] = constants.CHUNK_SIZE,
+    tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
+    tenant_events: TenantEvents = TenantEvents.ALL,
     fan_out: FanOut = FanOut.IN_PROCESS,
+    chunk_size: Annotated[int, Field(ge=1)] = constants.CHUNK_SIZE,
     chunk_deployment: str = constants.CHUNK_DEPLOYMENT,
+    chunk_deadline_minutes: Annotated[float, Field(gt=0)] = constants.CHUNK_DEADLINE_MINUTES,
 ) -> State[dict[str, Any]]:
     """Initialise a Versori OAuth2 link for every tenant that lacks a live one, and deliver it.
 
@@ -70,13 +73,18 @@ def onboard_tenants(
         dry_run: Check the inputs and report what would happen; call nothing, send nothing.
         concurrency: Tenants in flight at once (in each chunk).
         only: Onboard only these tenant ids of the roster.
-        chunk_size: A roster of more tenants than this runs as chunks of this many, each its
-            own child flow run.
-        fan_out: Where chunks run. in_process: one after another in this run's process.
-            deployment: as runs of `chunk_deployment` on its work pool, spread over its workers
-            (each must see the profile and roster at the same path or URL, and share the
-            ledger database).
+        tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants (each
+            task run named after its tenant), 100 per task run above that.
+        tenant_events: Which tenant status changes become Prefect events
+            (`onboarding.tenant.<status>`): all, failures only, or off.
+        fan_out: in_process: the whole batch in this flow run. deployment: split into chunks
+            of `chunk_size`, each a run of `chunk_deployment` on its work pool, spread over its
+            workers (each must see the profile and roster at the same path or URL, and share
+            the ledger database).
+        chunk_size: With fan_out deployment, tenants per chunk run.
         chunk_deployment: The deployment that runs chunks when fan_out is deployment.
+        chunk_deadline_minutes: With fan_out deployment, how long to wait for the chunk runs;
+            those still unfinished then are cancelled and their tenants counted as failed.
     """
     logger = get_run_logger()
     if (roster is None) == (tenants is None):
@@ -108,7 +116,7 @@ def onboard_tenants(
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
             for t in batch
         )
-    elif roster is not None and len(batch) > chunk_size:
+    elif roster is not None and fan_out is FanOut.DEPLOYMENT and len(batch) > chunk_size:
         tally = run_chunks(
             batch=batch,
             location=roster,
@@ -119,15 +127,22 @@ def onboard_tenants(
             concurrency=concurrency,
             only=only,
             chunk_size=chunk_size,
-            fan_out=fan_out,
             chunk_deployment=chunk_deployment,
+            tenants_per_task=tenants_per_task,
+            tenant_events=tenant_events,
+            deadline_minutes=chunk_deadline_minutes,
         )
     else:
         live = ledger.live_tenant_ids(connector.connector_id)
         with ExitStack() as stack:
-            job = open_job(stack, connector, ledger, deliver, templates, concurrency)
+            job = open_job(stack, connector, ledger, deliver, templates, concurrency, tenant_events)
             tally = run_batch(
-                job, onboard_tenant_task, skip_live(batch, live), len(batch), concurrency
+                job,
+                onboard_slice_task,
+                skip_live(batch, live),
+                len(batch),
+                concurrency,
+                tenants_per_task,
             )
     summary = summarise(
         tally,

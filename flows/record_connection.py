@@ -7,9 +7,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
+from flows.events import TenantEventSender
 from onboarding.ledger import Ledger
 from onboarding.links import mask_state
-from onboarding.onboard import SupersededStateError, UnknownStateError, record_connection
+from onboarding.onboard import (
+    StatusChange,
+    SupersededStateError,
+    TenantEvents,
+    UnknownStateError,
+    record_connection,
+)
 from onboarding.settings import LedgerSettings
 
 
@@ -31,6 +38,8 @@ def record_connection_flow(state: str, connection_id: str | None = None) -> Stat
         return Failed(message=str(err), data={"code": err.code, "error": str(err)})
     finally:
         ledger.close()
+    with TenantEventSender(TenantEvents.ALL) as events:
+        events(StatusChange(record.tenant_id, record.connector_id, record.profile, "connected"))
     logger.info(
         "Tenant %s is connected to %s (state %s)",
         record.tenant_id,

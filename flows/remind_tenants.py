@@ -15,11 +15,11 @@ from pydantic import Field
 
 from flows.batch import Tally, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
-from onboarding.ledger import Ledger, utcnow
-from onboarding.onboard import Delivery, TenantOutcome, tenant_of
+from onboarding.ledger import Ledger, Status, utcnow
+from onboarding.onboard import Delivery, TenantEvents, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
-from tasks.initialise import remind_tenant_task
+from tasks.initialise import remind_slice_task
 
 
 def run_name() -> str:
@@ -33,6 +33,8 @@ def remind_tenants(
     max_reminders: Annotated[int, Field(ge=0)] = 3,
     dry_run: bool = False,
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4,
+    tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
+    tenant_events: TenantEvents = TenantEvents.ALL,
 ) -> State[dict[str, Any]]:
     """Re-send the link to every tenant delivered by email more than `after_hours` ago that has
     not connected, at most `max_reminders` times. A link past its `link_ttl_hours` is re-issued
@@ -45,6 +47,10 @@ def remind_tenants(
         max_reminders: Stop reminding a tenant after this many reminders.
         dry_run: Report who is due; send nothing, re-issue nothing.
         concurrency: Tenants in flight at once.
+        tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants, 100
+            per task run above that.
+        tenant_events: Which tenant status changes become Prefect events: all, failures
+            only, or off.
     """
     logger = get_run_logger()
     connector = load_profile(profile)
@@ -77,11 +83,21 @@ def remind_tenants(
     else:
         with ExitStack() as stack:
             templates = load_templates(connector)
-            job = open_job(stack, connector, ledger, Delivery.EMAIL, templates, concurrency)
-            outcomes = run_batch(
-                job, remind_tenant_task, (tenant_of(r) for r in due), len(due), concurrency
+            job = open_job(
+                stack, connector, ledger, Delivery.EMAIL, templates, concurrency, tenant_events
             )
-        expired = ledger.expire_links(connector.connector_id, utcnow())
+            outcomes = run_batch(
+                job,
+                remind_slice_task,
+                (tenant_of(r) for r in due),
+                len(due),
+                concurrency,
+                tenants_per_task,
+            )
+            expired_ids = ledger.expire_links(connector.connector_id, utcnow())
+            for tenant_id in expired_ids:
+                job.report(tenant_id, Status.EXPIRED)
+        expired = len(expired_ids)
     if expired:
         logger.info("%d link(s) past their time and not re-issued are now expired", expired)
     summary = summarise(

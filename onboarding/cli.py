@@ -19,7 +19,7 @@ from rich.table import Table
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import EXPORT_KEYS, Ledger, utcnow
-from onboarding.onboard import Delivery, FanOut
+from onboarding.onboard import Delivery, FanOut, TenantEvents
 from onboarding.settings import LedgerSettings, VersoriSettings
 
 app = typer.Typer(
@@ -123,7 +123,7 @@ def _run_flow(
     concurrency: int,
     dry_run: bool,
     only: list[str] | None,
-    **chunking: Any,
+    **options: Any,
 ) -> dict[str, Any] | None:
     from flows.onboard_tenants import onboard_tenants
 
@@ -134,7 +134,7 @@ def _run_flow(
         concurrency=concurrency,
         dry_run=dry_run,
         only=only,
-        **chunking,
+        **options,
         return_state=True,
     )
     return _summary_of(state)
@@ -189,16 +189,28 @@ def run(
     only: Annotated[
         list[str] | None, typer.Option(help="Only this tenant_id (repeatable).")
     ] = None,
-    chunk_size: Annotated[
-        int, typer.Option(min=1, help="Above this many tenants, run chunks of this many.")
-    ] = constants.CHUNK_SIZE,
+    tenants_per_task: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="Tenants per Prefect task run [default: 1 up to 100 tenants, else 100].",
+        ),
+    ] = None,
+    tenant_events: Annotated[
+        TenantEvents,
+        typer.Option(help="Tenant status changes sent as Prefect events: all, failures, off."),
+    ] = TenantEvents.ALL,
     fan_out: Annotated[
         FanOut,
         typer.Option(
-            help="Where chunks run: in_process, or deployment (runs of --chunk-deployment on "
-            "its work pool's workers; needs PREFECT_API_URL)."
+            help="in_process: the whole batch in one flow run; deployment: chunks as runs of "
+            "--chunk-deployment on its work pool's workers (needs PREFECT_API_URL)."
         ),
     ] = FanOut.IN_PROCESS,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="With --fan-out deployment: tenants per chunk run.")
+    ] = constants.CHUNK_SIZE,
     chunk_deployment: Annotated[
         str, typer.Option(help="flow/deployment that runs chunks with --fan-out deployment.")
     ] = constants.CHUNK_DEPLOYMENT,
@@ -221,6 +233,8 @@ def run(
         chunk_size=chunk_size,
         fan_out=fan_out,
         chunk_deployment=chunk_deployment,
+        tenants_per_task=tenants_per_task,
+        tenant_events=tenant_events,
     )
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)

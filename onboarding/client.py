@@ -124,7 +124,9 @@ class VersoriClient:
                 "User-Agent": f"versori-onboarding/{__version__}",
             },
             limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
             ),
             transport=transport,
             follow_redirects=False,

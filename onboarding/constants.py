@@ -10,6 +10,11 @@ READ_TIMEOUT_SECONDS = 30.0
 # An upper bound on one whole initialise call, read timeouts included: a server that trickles
 # bytes could otherwise hold a worker for many read timeouts in a row.
 CALL_DEADLINE_SECONDS = 60.0
+# An idle pooled connection is dropped after this long. httpx's default (5 s) equals uvicorn's
+# keep-alive timeout, so a connection idle for 5 s could be reused just as the server closed it
+# ("Server disconnected without sending a response"): a failed attempt that never reached the
+# server. Shorter than the usual server timeouts (uvicorn 5 s, nginx 75 s, AWS ALB 60 s).
+KEEPALIVE_EXPIRY_SECONDS = 2.0
 
 # Retries live in the Prefect task (tasks/initialise.py), never in the client, so attempts do not
 # multiply. These are the task's numbers.
@@ -28,7 +33,9 @@ RESERVED_QUERY_KEYS = frozenset(
     {"redirect_uri", "state", "prompt", "scope", "response_type", "client_id"}
 )
 
-# Above this many tenants a roster runs as chunks, each a child flow run of its own.
+# With fan-out to a work pool, a roster of more tenants than this runs as chunks of this many,
+# each a run of the chunk deployment (flow/deployment) below.
 CHUNK_SIZE = 1000
-# The deployment (flow/deployment) that runs chunks when they fan out to a work pool.
 CHUNK_DEPLOYMENT = "onboard-tenants-chunk/chunks"
+# How long the parent waits for its chunk runs before cancelling the rest.
+CHUNK_DEADLINE_MINUTES = 24 * 60.0

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -172,6 +173,26 @@ _DATETIME_COLUMNS = (
 )
 
 
+# What record_link writes, keys first.
+_LINK_COLUMNS = (
+    "tenant_id",
+    "connector_id",
+    "profile",
+    "tenant_name",
+    "admin_email",
+    "status",
+    "url",
+    "state",
+    "created_at",
+    "expires_at",
+    "delivered_at",
+    "delivery_channel",
+    "run_id",
+    "updated_at",
+    "tenant_fields",
+)
+
+
 EXPORT_KEYS = (
     "tenant_id",
     "connector_id",
@@ -216,6 +237,7 @@ class Ledger:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._link_sql: tuple[Any, Any] | None = None
         try:
             # hide_parameters: a failed statement must not print the link it was writing.
             kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
@@ -271,11 +293,14 @@ class Ledger:
         delivered_by: str | None = None,
         tenant_fields: dict[str, str] | None = None,
     ) -> None:
-        """A fresh link: status link_created, error cleared, one more attempt counted.
+        """A fresh link: status link_created, error cleared, one more attempt counted. The
+        state it replaces, if any, goes to the history in the same transaction.
 
         With `delivered_by` (a channel that delivers by storing, like "store") the row goes
         straight to delivered in the same statement: one write per tenant, not two."""
         values = {
+            "tenant_id": tenant_id,
+            "connector_id": connector_id,
             "profile": profile,
             "tenant_name": tenant_name,
             "admin_email": admin_email,
@@ -285,41 +310,68 @@ class Ledger:
             "created_at": _utc(created_at),
             "expires_at": _utc(expires_at),
             "delivered_at": _utc(created_at) if delivered_by else None,
-            "last_sent_at": None,
-            "message_id": None,
-            "connected_at": None,
-            "connection_id": None,
             "delivery_channel": delivered_by,
-            "error_code": None,
-            "error_message": None,
             "run_id": run_id,
             "updated_at": utcnow(),
+            "tenant_fields": tenant_fields,
         }
-        if tenant_fields is not None:
-            values["tenant_fields"] = tenant_fields
-        key = {"tenant_id": tenant_id, "connector_id": connector_id}
-        stmt = self._insert(records).values(**key, **values, attempts=1)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["tenant_id", "connector_id"],
-            set_={**values, "attempts": records.c.attempts + 1},
-        )
+        supersede, upsert = self._link_statements()
         with self.engine.begin() as conn:
-            previous = conn.execute(
-                select(records.c.state, records.c.created_at).where(
-                    records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
+            conn.execute(supersede, values)
+            conn.execute(upsert, values)
+
+    def _link_statements(self) -> tuple[Any, Any]:
+        """record_link's two statements, built once per ledger: building and hashing a
+        statement of this size cost more CPU than the rest of a tenant's path together
+        (bench/run.py under py-spy), so each call only binds new values to them."""
+        if self._link_sql is None:
+            now = bindparam("updated_at")
+            current = select(
+                records.c.state,
+                records.c.tenant_id,
+                records.c.connector_id,
+                records.c.created_at,
+                now,
+            ).where(
+                records.c.tenant_id == bindparam("tenant_id"),
+                records.c.connector_id == bindparam("connector_id"),
+                records.c.state.is_not(None),
+                records.c.state != bindparam("state"),
+            )
+            supersede = (
+                self._insert(superseded_links)
+                .from_select(
+                    ["state", "tenant_id", "connector_id", "created_at", "superseded_at"], current
                 )
-            ).first()
-            if previous is not None and previous.state and previous.state != state:
-                conn.execute(
-                    superseded_links.insert().values(
-                        state=previous.state,
-                        tenant_id=tenant_id,
-                        connector_id=connector_id,
-                        created_at=previous.created_at,
-                        superseded_at=utcnow(),
-                    )
+                .on_conflict_do_nothing()
+            )
+            insert = self._insert(records).values(
+                {**{name: bindparam(name) for name in _LINK_COLUMNS}, "attempts": 1}
+            )
+            cleared = dict.fromkeys(
+                (
+                    "last_sent_at",
+                    "message_id",
+                    "connected_at",
+                    "connection_id",
+                    "error_code",
+                    "error_message",
                 )
-            conn.execute(stmt)
+            )
+            upsert = insert.on_conflict_do_update(
+                index_elements=["tenant_id", "connector_id"],
+                set_={
+                    **{name: insert.excluded[name] for name in _LINK_COLUMNS[2:]},
+                    **cleared,
+                    # A caller that does not know the tenant's fields keeps the stored ones.
+                    "tenant_fields": func.coalesce(
+                        insert.excluded.tenant_fields, records.c.tenant_fields
+                    ),
+                    "attempts": records.c.attempts + 1,
+                },
+            )
+            self._link_sql = (supersede, upsert)
+        return self._link_sql
 
     def record_failure(
         self,
@@ -423,19 +475,22 @@ class Ledger:
             error_message=None,
         )
 
-    def expire_links(self, connector_id: str, now: datetime) -> int:
-        """Mark every link past its time and not connected `expired`; return how many."""
+    def expire_links(self, connector_id: str, now: datetime) -> list[str]:
+        """Mark every link past its time and not connected `expired`; return their tenants."""
+        past = (
+            records.c.connector_id == connector_id,
+            records.c.status.in_([s.value for s in LIVE_STATUSES]),
+            records.c.expires_at <= _utc(now),
+        )
         with self.engine.begin() as conn:
-            result = conn.execute(
-                records.update()
-                .where(
-                    records.c.connector_id == connector_id,
-                    records.c.status.in_([s.value for s in LIVE_STATUSES]),
-                    records.c.expires_at <= _utc(now),
+            ids = list(conn.execute(select(records.c.tenant_id).where(*past)).scalars())
+            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+                conn.execute(
+                    records.update()
+                    .where(*past, records.c.tenant_id.in_(ids[start : start + IN_LIST_MAX]))
+                    .values(status=Status.EXPIRED.value, updated_at=utcnow())
                 )
-                .values(status=Status.EXPIRED.value, updated_at=utcnow())
-            )
-            return int(result.rowcount or 0)
+        return ids
 
     def due_for_reminder(
         self, connector_id: str, *, sent_before: datetime, max_reminders: int

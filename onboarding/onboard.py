@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from onboarding import constants
 from onboarding.client import VersoriClient
 from onboarding.errors import OnboardingError, RateLimitedError
 from onboarding.ledger import Ledger, Record, Status, utcnow
@@ -39,11 +40,39 @@ class Delivery(StrEnum):
 
 
 class FanOut(StrEnum):
-    """Where the chunks of a large batch run: one after another in the batch's own process, or
-    as runs of a deployment, spread over its work pool's workers."""
+    """Where a batch runs: all of it in the batch's own flow run (in_process), or split into
+    chunks that run as runs of a deployment, spread over its work pool's workers."""
 
     IN_PROCESS = "in_process"
     DEPLOYMENT = "deployment"
+
+
+class TenantEvents(StrEnum):
+    """Which tenant status changes are reported as events: every one, failures only, none."""
+
+    ALL = "all"
+    FAILURES = "failures"
+    OFF = "off"
+
+    def wants(self, status: str) -> bool:
+        return self is TenantEvents.ALL or (
+            self is TenantEvents.FAILURES and status == Status.FAILED
+        )
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """A tenant's ledger status changed. Nothing secret: no link, state or email address."""
+
+    tenant_id: str
+    connector_id: str
+    profile: str
+    status: str
+    error_code: str = ""
+
+
+def _ignore(change: StatusChange) -> None:
+    pass
 
 
 @dataclass
@@ -59,9 +88,25 @@ class OnboardingJob:
     run_id: str | None = None
     pacer: Pacer = field(default_factory=Pacer)
     clock: Callable[[], datetime] = field(default=utcnow)
-    # The latest attempt's result per tenant, for the flow to collect without asking the
-    # orchestrator for it. Written by worker threads, popped by the flow: one key per tenant.
-    latest: dict[str, TenantOutcome | Exception] = field(default_factory=dict)
+    # Told of every ledger status change (the flow layer turns them into Prefect events).
+    on_status: Callable[[StatusChange], None] = field(default=_ignore)
+    # Set by the first batch-fatal failure (bad key, wrong connector): every tenant not yet
+    # started is then recorded not_attempted rather than failing the same way.
+    stop_reason: str = ""
+
+    def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None:
+        try:
+            self.on_status(
+                StatusChange(
+                    tenant_id=tenant_id,
+                    connector_id=self.profile.connector_id,
+                    profile=self.profile.name,
+                    status=str(status),
+                    error_code=error_code,
+                )
+            )
+        except Exception:  # reporting must never fail a tenant whose ledger row is written
+            log.exception("could not report the status of tenant %s", tenant_id)
 
 
 @dataclass(frozen=True)
@@ -105,7 +150,8 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
                 channel=job.deliver.value,
                 count_attempt=not attempt.counted,
             )
-    return _succeeded(job, tenant.tenant_id, Status.DELIVERED, link)
+            job.report(tenant.tenant_id, Status.DELIVERED)
+    return _succeeded(tenant.tenant_id, Status.DELIVERED, link)
 
 
 def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
@@ -130,7 +176,8 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
             channel=record.delivery_channel or "email",
             count_attempt=not attempt.counted,
         )
-    return _succeeded(job, tenant_id, Status.REMINDED, link)
+        job.report(tenant_id, Status.REMINDED)
+    return _succeeded(tenant_id, Status.REMINDED, link)
 
 
 def record_connection(
@@ -190,9 +237,9 @@ class _Attempt:
 
 @contextmanager
 def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[_Attempt]:
-    """Records any failure of the block in the ledger (a stored link stays, for reuse), keeps it
-    as the tenant's latest result, and lets it propagate for the caller's retry policy. Each
-    attempt counts once in the ledger, whether it failed before or after recording a link."""
+    """Records any failure of the block in the ledger (a stored link stays, for reuse) and lets
+    it propagate for the caller's retry policy. Each attempt counts once in the ledger, whether
+    it failed before or after recording a link."""
     attempt = _Attempt()
     try:
         yield attempt
@@ -207,7 +254,6 @@ def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[_Attempt
             )
         except Exception:
             log.exception("could not record the failure of tenant %s", tenant.tenant_id)
-        job.latest[tenant.tenant_id] = exc
         raise
 
 
@@ -244,7 +290,9 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
     try:
         url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
     except RateLimitedError as err:
-        job.pacer.brake(err.retry_after if err.retry_after is not None else 1.0)
+        # Clamped: a hostile or broken Retry-After must not stall every worker for a day.
+        asked = err.retry_after if err.retry_after is not None else 1.0
+        job.pacer.brake(min(asked, constants.MAX_RETRY_AFTER_SECONDS))
         raise
     link = check_link(url, request)
     created = job.clock()
@@ -257,6 +305,9 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
         expires_at=expires_at,
         delivered_by=None if job.deliver.sends_email else job.deliver.value,
         tenant_fields=tenant.fields,
+    )
+    job.report(
+        tenant.tenant_id, Status.LINK_CREATED if job.deliver.sends_email else Status.DELIVERED
     )
     return link, expires_at
 
@@ -285,12 +336,10 @@ def _send(
     job.mailer.send(message)
 
 
-def _succeeded(job: OnboardingJob, tenant_id: str, status: Status, link: Link) -> TenantOutcome:
-    outcome = TenantOutcome(
+def _succeeded(tenant_id: str, status: Status, link: Link) -> TenantOutcome:
+    return TenantOutcome(
         tenant_id=tenant_id,
         status=status.value,
         link_host=link.host,
         masked_state=mask_state(link.state),
     )
-    job.latest[tenant_id] = outcome
-    return outcome

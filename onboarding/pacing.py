@@ -1,5 +1,6 @@
-"""Pacing of initialise calls within one process: an optional shared limiter (across processes
-and machines, supplied by the flow layer) and a brake that a 429 applies to every worker."""
+"""Pacing of initialise calls within one process: an optional limiter (local spacing, or one
+shared across processes and machines, supplied by the flow layer) and a brake that a 429
+applies to every worker."""
 
 from __future__ import annotations
 
@@ -36,3 +37,36 @@ class Pacer:
         with self._lock:
             self._not_before = max(self._not_before, self._clock() + max(seconds, 0.0))
             self.brakes += 1
+
+
+# After a stall, callers may catch up by up to this many seconds' worth of calls, no more: well
+# below a second's burst, which is what a rate-limited API is usually sized for.
+CATCH_UP_SECONDS = 0.5
+
+
+class Spacing:
+    """Lets callers through at most `rate` a second, evenly spaced, across threads.
+
+    Written here rather than taken from a library: the kept rate limiters (aiolimiter, limits)
+    are for asyncio or count windows, and this needs a blocking, thread-safe spacer whose
+    catch-up after a stall is bounded; it is a dozen lines."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_at = 0.0
+
+    def __call__(self) -> None:
+        # One thread at a time is spaced; the others queue on the lock, which is the pace.
+        with self._lock:
+            wait = self._next_at - self._clock()
+            if wait > 0:
+                self._sleep(wait)
+            self._next_at = max(self._clock() - CATCH_UP_SECONDS, self._next_at) + 1.0 / self.rate

@@ -1,42 +1,49 @@
-"""The Prefect task around one tenant's onboarding: retries, run name, no caching."""
+"""The Prefect tasks over a slice of tenants: retries, run names, no caching.
+
+A task run holds one tenant for small batches and up to a hundred for large ones (see
+flows/batch.py). Retries are Prefect task retries; a retried slice calls again only its tenants
+that failed transiently (onboarding/slices.py)."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Executor
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.runtime import task_run as current_task_run
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from onboarding import constants
-from onboarding.errors import RateLimitedError, is_transient
 from onboarding.onboard import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 from onboarding.roster import Tenant
+from onboarding.slices import SliceFailed, Step, TenantSlice, retry_after, run_slice, worth_retrying
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry transport errors, 408, 425, 429 and 5xx only; never sooner than Retry-After asks.
+    """Retry a slice that has tenants worth retrying (transport errors, 408, 425, 429, 5xx);
+    never sooner than Retry-After asks.
 
     Prefect's retry delays are fixed when the task is declared, so a server's Retry-After is
     honoured here, where the failure is known: the wait happens before Prefect's own backoff,
-    which then adds to it. Sleeping is only reached when Prefect will retry (it asks this
-    function only while retries are left).
-    """
+    which then adds to it. Prefect asks this function only while retries are left."""
     exc = state.result(raise_on_failure=False)
-    if not isinstance(exc, BaseException) or not is_transient(exc):
+    if isinstance(exc, SliceFailed):
+        wait, retry = exc.wait_seconds, bool(exc.retryable)
+    elif isinstance(exc, BaseException):
+        wait, retry = retry_after(exc), worth_retrying(exc)
+    else:
         return False
-    if isinstance(exc, RateLimitedError) and exc.retry_after:
-        if exc.retry_after > constants.MAX_RETRY_AFTER_SECONDS:
-            return False
-        time.sleep(exc.retry_after)
-    return True
+    if retry and wait:
+        time.sleep(wait)
+    return retry
 
 
 # The policy both tasks share. No timeout_seconds: Prefect cannot interrupt a sync task in a
-# worker thread (it only warns and waits); the client's own call deadline bounds one attempt.
+# worker thread (it only warns and waits); the client's own call deadline bounds each call.
 # Side-effecting tasks never cache, and their results stay in memory.
 RETRY_POLICY: dict[str, Any] = {
     "retries": constants.TASK_RETRIES,
@@ -48,11 +55,58 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
-@task(name="onboard-tenant", task_run_name="onboard-{tenant.tenant_id}", **RETRY_POLICY)
-def onboard_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
-    return onboard_tenant(job, tenant)
+def _run(
+    verb: str, step: Step, tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None
+) -> list[TenantOutcome]:
+    # Prefect retries while retries are left; on the last attempt a transient failure is final.
+    last_attempt = (current_task_run.run_count or 1) > _retries_of_current_task()
+    try:
+        return run_slice(job, tenant_slice, step, pool, last_attempt)
+    except SliceFailed as failed:
+        logger = get_run_logger()
+        for outcome in failed.outcomes:
+            if not outcome.ok:
+                again = " (will retry)" if outcome.tenant_id in failed.retryable else ""
+                logger.warning(
+                    "%s %s failed%s: %s: %s",
+                    verb,
+                    outcome.tenant_id,
+                    again,
+                    outcome.error_code,
+                    outcome.error_message,
+                )
+        raise
 
 
-@task(name="remind-tenant", task_run_name="remind-{tenant.tenant_id}", **RETRY_POLICY)
-def remind_tenant_task(tenant: Tenant, job: OnboardingJob) -> TenantOutcome:
+def _retries_of_current_task() -> int:
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return context.task.retries if context is not None else 0
+
+
+def _name(verb: str) -> Any:
+    """'onboard t001' for one tenant, 'onboard tenants 101-200' for a slice."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        return f"{verb} {parameters['tenant_slice'].label}"
+
+    return name
+
+
+@task(name="onboard-tenants-slice", task_run_name=_name("onboard"), **RETRY_POLICY)
+def onboard_slice_task(
+    tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None = None
+) -> list[TenantOutcome]:
+    return _run("onboard", onboard_tenant, tenant_slice, job, pool)
+
+
+def _remind(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     return remind_tenant(job, tenant.tenant_id)
+
+
+@task(name="remind-tenants-slice", task_run_name=_name("remind"), **RETRY_POLICY)
+def remind_slice_task(
+    tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None = None
+) -> list[TenantOutcome]:
+    return _run("remind", _remind, tenant_slice, job, pool)

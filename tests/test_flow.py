@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
 import flows.onboard_tenants as flow_module
 from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from tasks.initialise import onboard_tenant_task
+from tasks.initialise import onboard_slice_task
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
@@ -34,8 +34,8 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     # Same retry policy, without the seconds of backoff.
     monkeypatch.setattr(
         flow_module,
-        "onboard_tenant_task",
-        onboard_tenant_task.with_options(retry_delay_seconds=0.01, retry_jitter_factor=None),
+        "onboard_slice_task",
+        onboard_slice_task.with_options(retry_delay_seconds=0.01, retry_jitter_factor=None),
     )
 
 
@@ -105,13 +105,14 @@ def test_all_succeed_then_rerun_skips_everything(env: dict[str, Any], emulator: 
     ],
     indirect=True,
 )
+@pytest.mark.parametrize("per_task", [1, 6, 4], ids=["one-per-task", "one-slice", "two-slices"])
 def test_retries_only_transient_failures_and_records_why(
-    env: dict[str, Any], emulator: Any
+    env: dict[str, Any], emulator: Any, per_task: int
 ) -> None:
     roster = write_roster(
         env["tmp"] / "r.csv", ["ok", "flaky", "throttled", "down", "invalid", "badlink"]
     )
-    state, summary = run(roster, concurrency=3)
+    state, summary = run(roster, concurrency=3, tenants_per_task=per_task)
     assert state == "FAILED"
     outcomes = {o["tenant_id"]: o for o in summary["outcomes"]}
     ledger = Ledger(env["db"])
@@ -150,12 +151,13 @@ def test_rerun_picks_up_failed_tenants(
     assert summary["by_status"] == {"delivered": 3}
 
 
+@pytest.mark.parametrize("per_task", [1, 5])
 def test_unauthorised_key_stops_the_batch_early(
-    env: dict[str, Any], emulator: Any, monkeypatch: pytest.MonkeyPatch
+    env: dict[str, Any], emulator: Any, monkeypatch: pytest.MonkeyPatch, per_task: int
 ) -> None:
     monkeypatch.setenv("VERSORI_API_KEY", "wrong-key")
     roster = write_roster(env["tmp"] / "r.csv", [f"t{i}" for i in range(40)])
-    state, summary = run(roster, concurrency=2)
+    state, summary = run(roster, concurrency=2, tenants_per_task=per_task)
     assert state == "FAILED"
     assert emulator.stats()["requests"] <= 6, "401 is not retried and stops new submissions"
     codes = {o["error_code"] for o in summary["outcomes"]}
@@ -253,3 +255,61 @@ def test_tenants_inline_instead_of_a_roster(env: dict[str, Any], emulator: Any) 
         profile=PROFILE, tenants=tenants, roster="x.csv", return_state=True
     )
     assert both.is_failed() and "not both" in str(both.result(raise_on_failure=False))
+
+
+def tenant_events(flow_run_id: Any, expected: int, timeout: float = 15.0) -> list[Any]:
+    """The onboarding.tenant.* events related to a flow run, once `expected` have arrived."""
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    query = EventFilter(
+        event=EventNameFilter(prefix=["onboarding.tenant."]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+    )
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(filter=query, limit=50)
+            if len(page.events) >= expected or time.monotonic() > deadline:
+                return page.events
+            time.sleep(0.25)
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(script={"bad": ["400"]})], indirect=True)
+@pytest.mark.parametrize("per_task", [1, 3])
+def test_each_status_change_is_a_prefect_event_without_secrets(
+    env: dict[str, Any], emulator: Any, per_task: int
+) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "bad", "c"])
+    final = flow_module.onboard_tenants(
+        roster=roster, profile=PROFILE, tenants_per_task=per_task, return_state=True
+    )
+    assert final.is_failed()
+    events = tenant_events(final.state_details.flow_run_id, 3)
+    by_tenant = {e.resource.id: e for e in events}
+    assert {k: e.event for k, e in by_tenant.items()} == {
+        "onboarding.tenant.t001": "onboarding.tenant.delivered",
+        "onboarding.tenant.t002": "onboarding.tenant.failed",
+        "onboarding.tenant.t003": "onboarding.tenant.delivered",
+    }
+    assert len(events) == 3, "one event per status change, none for a transient retry"
+    failed = by_tenant["onboarding.tenant.t002"]
+    assert failed.payload == {"error_code": "validation_failed"}
+    assert failed.resource["onboarding.connector-id"] == "01M8F12B95S4BX0QFB3TPDWZ0Q"
+    assert failed.resource["onboarding.profile"] == "zendesk-demo"
+    ledger = Ledger(env["db"])
+    secrets = [r.state for r in ledger.iter_records() if r.state]
+    secrets += [r.url for r in ledger.iter_records() if r.url]
+    text = json.dumps([e.model_dump(mode="json") for e in events])
+    assert secrets and not any(s in text for s in secrets)
+    assert "@" not in text, "no email address in an event"
+
+
+def test_tenant_events_can_be_failures_only_or_off(env: dict[str, Any], emulator: Any) -> None:
+    roster = write_roster(env["tmp"] / "r.csv", ["a", "b"])
+    quiet = flow_module.onboard_tenants(
+        roster=roster, profile=PROFILE, tenant_events="failures", return_state=True
+    )
+    assert quiet.is_completed()
+    assert tenant_events(quiet.state_details.flow_run_id, 1, timeout=3) == []

@@ -1,0 +1,180 @@
+"""A slice: several tenants handled as one unit of work (one Prefect task run), each tenant
+still tried, recorded and reported on its own.
+
+One attempt at a slice runs its pending tenants concurrently on the batch's shared thread pool,
+one call per tenant. A tenant that failed transiently stays pending, so a retried slice calls
+only those tenants again: its done tenants are never called twice, and attempts never multiply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from onboarding import constants
+from onboarding.errors import (
+    AuthenticationError,
+    NotFoundError,
+    OnboardingError,
+    PermissionDeniedError,
+    RateLimitedError,
+    is_transient,
+)
+from onboarding.ledger import Status
+from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
+from onboarding.roster import Tenant
+
+# Errors that would fail every remaining tenant the same way: stop the batch, say it once.
+BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
+
+Step = Callable[[OnboardingJob, Tenant], TenantOutcome]
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Transport errors, 408, 425, 429 and 5xx, unless the server asks us to wait longer than
+    we are willing to (that tenant fails for this run; the next run picks it up)."""
+    if not is_transient(exc):
+        return False
+    retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+    return retry_after is None or retry_after <= constants.MAX_RETRY_AFTER_SECONDS
+
+
+def retry_after(exc: BaseException) -> float:
+    """Seconds the server asked us to wait before trying again (0 when it did not say)."""
+    if isinstance(exc, RateLimitedError) and exc.retry_after:
+        return min(exc.retry_after, constants.MAX_RETRY_AFTER_SECONDS)
+    return 0.0
+
+
+@dataclass
+class TenantSlice:
+    """Some tenants of a batch, found between roster positions `first` and `last` (1-based;
+    tenants that needed nothing were left out), and what became of each so far."""
+
+    tenants: list[Tenant]
+    first: int = 1
+    last: int = 0
+    done: dict[str, TenantOutcome] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if len(self.tenants) == 1:
+            return self.tenants[0].tenant_id
+        return f"tenants {self.first}-{max(self.last, self.first + len(self.tenants) - 1)}"
+
+    def pending(self) -> list[Tenant]:
+        return [t for t in self.tenants if t.tenant_id not in self.done]
+
+    def outcomes(self) -> list[TenantOutcome]:
+        """One outcome per tenant, in roster order; a tenant still pending counts as failed
+        with the error of its last attempt (see SliceFailed)."""
+        return [self.done[t.tenant_id] for t in self.tenants if t.tenant_id in self.done]
+
+
+class SliceFailed(OnboardingError):
+    """Some tenants of a slice failed. `retryable` are those a retry of the slice would call
+    again (their last error by tenant id); `outcomes` has every tenant, the retryable ones
+    counted as failed, for when no retry is left."""
+
+    code = "slice_failed"
+
+    def __init__(
+        self,
+        label: str,
+        outcomes: list[TenantOutcome],
+        retryable: dict[str, BaseException],
+    ) -> None:
+        self.label = label
+        self.outcomes = outcomes
+        self.retryable = retryable
+        failed = [o for o in outcomes if not o.ok]
+        shown = "; ".join(f"{o.tenant_id}: {o.error_code}" for o in failed[:5])
+        more = f"; +{len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(
+            f"{len(failed)} of {len(outcomes)} tenant(s) of {label} failed ({shown}{more})"
+            + (f"; {len(retryable)} may be retried" if retryable else "")
+        )
+
+    @property
+    def wait_seconds(self) -> float:
+        """The longest Retry-After among the tenants to retry, capped."""
+        return max((retry_after(e) for e in self.retryable.values()), default=0.0)
+
+
+def run_slice(
+    job: OnboardingJob,
+    tenant_slice: TenantSlice,
+    step: Step,
+    pool: Executor | None,
+    last_attempt: bool,
+) -> list[TenantOutcome]:
+    """One attempt over the slice's pending tenants: `step(job, tenant)` for each, concurrently
+    on `pool` (in this thread for one tenant, or without a pool).
+
+    Returns every tenant's outcome when all succeeded. Otherwise raises: a one-tenant slice
+    raises the tenant's own error (the task run shows the real cause), a larger one raises
+    SliceFailed, so that the task run's state says some of its tenants failed. A transiently failed tenant stays pending unless this is the last attempt;
+    every other outcome is final and reported once."""
+    pending = tenant_slice.pending()
+
+    def attempt(tenant: Tenant) -> TenantOutcome | BaseException:
+        if job.stop_reason:
+            return not_attempted(job, tenant)
+        try:
+            return step(job, tenant)
+        except Exception as exc:
+            if isinstance(exc, BATCH_FATAL) and not job.stop_reason:
+                job.stop_reason = str(exc)
+            return exc
+
+    if pool is None or len(pending) == 1:
+        results = [attempt(t) for t in pending]
+    else:
+        results = list(pool.map(attempt, pending))
+
+    retryable: dict[str, BaseException] = {}
+    errors: dict[str, BaseException] = {}
+    for tenant, result in zip(pending, results, strict=True):
+        tid = tenant.tenant_id
+        if isinstance(result, TenantOutcome):
+            tenant_slice.done[tid] = result
+            continue
+        errors[tid] = result
+        if worth_retrying(result) and not last_attempt:
+            retryable[tid] = result
+            continue
+        outcome = failed_outcome(tid, result)
+        tenant_slice.done[tid] = outcome
+        job.report(tid, Status.FAILED, outcome.error_code)
+
+    if not retryable and all(o.ok for o in tenant_slice.done.values()):
+        return tenant_slice.outcomes()
+    if len(tenant_slice.tenants) == 1:
+        raise next(iter(errors.values()))
+    # A tenant that failed for good in an earlier attempt keeps the slice failed.
+    outcomes = [
+        tenant_slice.done.get(t.tenant_id) or failed_outcome(t.tenant_id, retryable[t.tenant_id])
+        for t in tenant_slice.tenants
+    ]
+    raise SliceFailed(tenant_slice.label, outcomes, retryable)
+
+
+def not_attempted(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
+    """A tenant left untried because the batch stopped; recorded so the next run does it."""
+    message = f"not attempted: the batch stopped early because {job.stop_reason}"
+    job.ledger.record_failure(
+        tenant_id=tenant.tenant_id,
+        connector_id=job.profile.connector_id,
+        profile=job.profile.name,
+        tenant_name=tenant.name,
+        admin_email=tenant.admin_email,
+        error_code="not_attempted",
+        error_message=message,
+        run_id=job.run_id,
+        count_attempt=False,
+    )
+    job.report(tenant.tenant_id, Status.FAILED, "not_attempted")
+    return TenantOutcome(
+        tenant.tenant_id, "failed", error_code="not_attempted", error_message=message
+    )
