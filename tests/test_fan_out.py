@@ -1,6 +1,8 @@
-"""Large rosters as chunks: child flow runs in-process, one table for the batch, chunks that
-are not run twice, a chunk that dies without reporting. Under Prefect's test harness, against
-the emulator on a real socket. (Chunks on a work pool's workers: tests/test_scale_out.py.)"""
+"""Large rosters: in one flow run as slices, or fanned out as chunk runs of a deployment (one
+table for the batch, chunks that are not run twice, a chunk that dies without reporting, a
+deadline). Under Prefect's test harness, against the emulator on a real socket; chunk runs
+start in this process instead of on a worker (on a work pool's workers:
+tests/test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
 )
 
+import flows.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
 from flows.batch import Tally
 from flows.fan_out import split
@@ -116,17 +119,53 @@ def table_of(flow_run_id: Any) -> list[dict[str, str]]:
         return list(json.loads(data) if isinstance(data, str) else data)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def chunks_in_this_process(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Stands in for run_deployment only: each chunk runs here, as a flow run of its own,
+    and the parent then waits for it through the API as it would for a worker's run."""
+    started: list[dict[str, Any]] = []
+
+    def start(chunks: list[Any], parameters: Any, deployment: str, batch_id: str) -> Any:
+        runs = {}
+        for chunk in chunks:
+            started.append(parameters(chunk))
+            state = chunk_module.onboard_chunk(**parameters(chunk), return_state=True)
+            runs[state.state_details.flow_run_id] = chunk
+        return runs
+
+    monkeypatch.setattr(fan_out_module, "_start_chunk_runs", start)
+    monkeypatch.setattr(fan_out_module, "POLL_SECONDS", 0.05)
+    return started
+
+
 @pytest.mark.usefixtures("prefect_harness")
-def test_a_roster_over_chunk_size_runs_as_child_flow_runs(env: dict[str, Any]) -> None:
+def test_fan_out_folds_every_chunk_run_into_one_batch(
+    env: dict[str, Any], chunks_in_this_process: list[dict[str, Any]]
+) -> None:
     roster = write_roster(env["tmp"] / "r.csv", 25)
     before = {r.id for r in chunk_runs()}
     state = onboard_tenants(
-        roster=roster, profile=PROFILE, chunk_size=10, concurrency=4, return_state=True
+        roster=roster,
+        profile=PROFILE,
+        chunk_size=10,
+        fan_out="deployment",
+        concurrency=4,
+        tenants_per_task=4,
+        tenant_events="failures",
+        return_state=True,
     )
     summary = state.result()
     assert state.is_completed(), state.message
     assert summary["total"] == 25 and summary["by_status"] == {"delivered": 25}
     assert env["emulator"].stats()["requests"] == 25, "each tenant initialised once"
+    assert [(p["first"], p["stop"]) for p in chunks_in_this_process] == [
+        (0, 10),
+        (10, 20),
+        (20, 25),
+    ]
+    assert {(p["tenants_per_task"], p["tenant_events"]) for p in chunks_in_this_process} == {
+        (4, "failures")
+    }, "the batch's options reach every chunk"
 
     children = [r for r in chunk_runs() if r.id not in before]
     assert sorted(r.name for r in children) == [
@@ -135,7 +174,6 @@ def test_a_roster_over_chunk_size_runs_as_child_flow_runs(env: dict[str, Any]) -
         "chunk 3/3: tenants 21-25",
     ]
     assert all(r.state and r.state.is_completed() for r in children)
-    assert all(r.parent_task_run_id is not None for r in children), "linked to the parent"
     assert all("profile:zendesk-demo" in r.tags for r in children)
 
     rows = table_of(state.state_details.flow_run_id)
@@ -147,9 +185,34 @@ def test_a_roster_over_chunk_size_runs_as_child_flow_runs(env: dict[str, Any]) -
     assert ledger.chunk_summary(str(state.state_details.flow_run_id), 0) is None, "cleaned up"
     ledger.close()
 
-    again = onboard_tenants(roster=roster, profile=PROFILE, chunk_size=10, return_state=True)
+    again = onboard_tenants(
+        roster=roster, profile=PROFILE, chunk_size=10, fan_out="deployment", return_state=True
+    )
     assert again.result()["by_status"] == {"skipped": 25}
     assert env["emulator"].stats()["requests"] == 25
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_in_process_a_large_roster_is_one_flow_run_of_slices(env: dict[str, Any]) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    roster = write_roster(env["tmp"] / "r.csv", 250)
+    before = {r.id for r in chunk_runs()}
+    state = onboard_tenants(roster=roster, profile=PROFILE, chunk_size=10, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["by_status"] == {"delivered": 250}
+    assert [r for r in chunk_runs() if r.id not in before] == [], "no child flow runs"
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert sorted(t.name for t in task_runs) == [
+        "onboard tenants 1-100",
+        "onboard tenants 101-200",
+        "onboard tenants 201-250",
+    ]
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -182,7 +245,7 @@ def test_a_finished_chunk_run_again_does_nothing_twice(env: dict[str, Any]) -> N
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_does_them(
-    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, chunks_in_this_process: Any
 ) -> None:
     roster = write_roster(env["tmp"] / "r.csv", 12)
     real_slice = chunk_module.open_roster_slice
@@ -193,7 +256,8 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
         return real_slice(location, digest, first, stop, only)
 
     monkeypatch.setattr(chunk_module, "open_roster_slice", second_chunk_dies)
-    state = onboard_tenants(roster=roster, profile=PROFILE, chunk_size=5, return_state=True)
+    fan_out = {"chunk_size": 5, "fan_out": "deployment"}
+    state = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
     assert state.is_failed()
     summary = state.result(raise_on_failure=False)
     assert summary["by_status"] == {"delivered": 7, "failed": 5}
@@ -204,6 +268,44 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
     assert "5 of 12 tenant(s) failed" in (state.message or "")
 
     monkeypatch.setattr(chunk_module, "open_roster_slice", real_slice)
-    again = onboard_tenants(roster=roster, profile=PROFILE, chunk_size=5, return_state=True)
+    again = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
     assert again.result()["by_status"] == {"skipped": 7, "delivered": 5}
     assert env["emulator"].stats()["requests"] == 12
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_chunk_runs_past_the_deadline_are_cancelled_and_count_as_lost(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.states import Scheduled
+
+    created: list[Any] = []
+
+    def start_runs_nobody_picks_up(chunks: list[Any], parameters: Any, *_: Any) -> Any:
+        with get_client(sync_client=True) as client:
+            for chunk in chunks:
+                run = client.create_flow_run(
+                    chunk_module.onboard_chunk, parameters=parameters(chunk), state=Scheduled()
+                )
+                created.append(run.id)
+        return dict(zip(created, chunks, strict=True))
+
+    monkeypatch.setattr(fan_out_module, "_start_chunk_runs", start_runs_nobody_picks_up)
+    monkeypatch.setattr(fan_out_module, "POLL_SECONDS", 0.05)
+    roster = write_roster(env["tmp"] / "r.csv", 4)
+    state = onboard_tenants(
+        roster=roster,
+        profile=PROFILE,
+        chunk_size=2,
+        fan_out="deployment",
+        chunk_deadline_minutes=0.02,
+        return_state=True,
+    )
+    assert state.is_failed()
+    summary = state.result(raise_on_failure=False)
+    assert summary["errors"] == {"chunk_lost": 4}
+    assert all("past the batch's deadline" in o["error_message"] for o in summary["outcomes"])
+    assert env["emulator"].stats()["requests"] == 0
+    with get_client(sync_client=True) as client:
+        states = {client.read_flow_run(run_id).state.type.value for run_id in created}  # type: ignore[union-attr]
+    assert states <= {"CANCELLING", "CANCELLED"}, states

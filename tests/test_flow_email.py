@@ -18,7 +18,7 @@ import flows.remind_tenants as remind_module
 from flows.record_connection import record_connection_flow
 from onboarding.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records, utcnow
-from tasks.initialise import onboard_tenant_task, remind_tenant_task
+from tasks.initialise import onboard_slice_task, remind_slice_task
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -31,10 +31,10 @@ CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     fast = {"retry_delay_seconds": 0.01, "retry_jitter_factor": None}
     monkeypatch.setattr(
-        onboard_module, "onboard_tenant_task", onboard_tenant_task.with_options(**fast)
+        onboard_module, "onboard_slice_task", onboard_slice_task.with_options(**fast)
     )
     monkeypatch.setattr(
-        remind_module, "remind_tenant_task", remind_tenant_task.with_options(**fast)
+        remind_module, "remind_slice_task", remind_slice_task.with_options(**fast)
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from onboarding.pacing import Pacer
+from onboarding.pacing import CATCH_UP_SECONDS, Pacer, Spacing
 
 
 class FakeTime:
@@ -44,6 +44,41 @@ def test_no_limiter_means_no_wait() -> None:
     for _ in range(5):
         pacer.wait_turn()
     assert t.slept == []
+
+
+def test_spacing_lets_calls_through_evenly_and_catches_up_by_half_a_second_at_most() -> None:
+    t = FakeTime()
+    spacing = Spacing(10.0, clock=t.clock, sleep=t.sleep)
+    burst = int(CATCH_UP_SECONDS * 10) + 1  # half a second's worth of calls, and this one
+    for _ in range(burst + 3):
+        spacing()
+    assert t.slept == [0.1, 0.1, 0.1], "after the allowed burst, one call every 0.1 s"
+    t.now += 5.0  # a stall: the next calls may come sooner, but only half a second's worth
+    t.slept.clear()
+    for _ in range(burst + 2):
+        spacing()
+    assert t.slept == [0.1, 0.1]
+
+
+def test_slots_recover_after_the_concurrency_api_failed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.common import SlotDispenser
+
+    calls: list[int] = []
+
+    def take_block(self: SlotDispenser) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the API went away for a moment")
+
+    monkeypatch.setattr(SlotDispenser, "_take_block", take_block)
+    dispenser = SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)
+    with pytest.raises(ConnectionError):
+        dispenser()
+    for _ in range(5):  # the API is back: every later call gets its slot
+        dispenser()
+    assert len(calls) >= 4
 
 
 @pytest.mark.usefixtures("prefect_harness")

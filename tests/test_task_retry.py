@@ -31,7 +31,7 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 def decide(exc: BaseException) -> bool:
     state: Any = Failed(data=exc)
-    return initialise.retry_transient(initialise.onboard_tenant_task, None, state)  # type: ignore[arg-type]
+    return initialise.retry_transient(initialise.onboard_slice_task, None, state)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -71,11 +71,28 @@ def test_retry_after_beyond_the_cap_fails_the_tenant_for_this_run(slept: list[fl
 
 def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
     state: Any = Completed(data=1)
-    assert initialise.retry_transient(initialise.onboard_tenant_task, None, state) is False  # type: ignore[arg-type]
+    assert initialise.retry_transient(initialise.onboard_slice_task, None, state) is False  # type: ignore[arg-type]
+
+
+def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
+    from onboarding.onboard import TenantOutcome
+    from onboarding.slices import SliceFailed
+
+    failed = TenantOutcome("t2", "failed", error_code="rate_limited")
+    ok = TenantOutcome("t1", "delivered")
+    retry = {"t2": RateLimitedError(429, "rate_limited", "slow", retry_after=4.0)}
+    assert decide(SliceFailed("tenants 1-2", [ok, failed], retry)) is True
+    assert slept == [4.0], "the longest Retry-After among the slice's tenants"
+    final = TenantOutcome("t2", "failed", error_code="validation_failed")
+    assert decide(SliceFailed("tenants 1-2", [ok, final], {})) is False
 
 
 def test_task_declares_retries_with_backoff_and_jitter() -> None:
-    task = initialise.onboard_tenant_task
+    for task in (initialise.onboard_slice_task, initialise.remind_slice_task):
+        check_policy(task)
+
+
+def check_policy(task: Any) -> None:
     assert task.retries == initialise.constants.TASK_RETRIES
     assert task.retry_delay_seconds == [1.0, 2.0, 4.0]
     assert task.retry_jitter_factor == initialise.constants.TASK_RETRY_JITTER_FACTOR
