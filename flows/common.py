@@ -181,7 +181,7 @@ def open_job(
     deliver: Delivery,
     templates: MailTemplates | None,
     concurrency: int,
-    events: TenantEvents = TenantEvents.ALL,
+    events: TenantEvents = TenantEvents.AUTO,
 ) -> OnboardingJob:
     """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer,
     tenant events. Closed with `stack`."""

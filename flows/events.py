@@ -42,7 +42,11 @@ class TenantEventSender:
 
     def __init__(self, level: TenantEvents, flow_run_id: str | None = None) -> None:
         from prefect.runtime import flow_run
+        from prefect.settings import get_current_settings
 
+        if level is TenantEvents.AUTO:
+            temporary = get_current_settings().api.url is None
+            level = TenantEvents.FAILURES if temporary else TenantEvents.ALL
         self.level = level
         run_id = flow_run_id or flow_run.id
         self._related = (

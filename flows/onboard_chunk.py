@@ -53,7 +53,7 @@ def onboard_chunk(
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
     tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
-    tenant_events: TenantEvents = TenantEvents.ALL,
+    tenant_events: TenantEvents = TenantEvents.AUTO,
 ) -> State[dict[str, Any]]:
     """Onboard tenants first..stop-1 of a roster that the batch's parent run has checked.
 

@@ -56,7 +56,7 @@ def onboard_tenants(
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16,
     only: list[str] | None = None,
     tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
-    tenant_events: TenantEvents = TenantEvents.ALL,
+    tenant_events: TenantEvents = TenantEvents.AUTO,
     fan_out: FanOut = FanOut.IN_PROCESS,
     chunk_size: Annotated[int, Field(ge=1)] = constants.CHUNK_SIZE,
     chunk_deployment: str = constants.CHUNK_DEPLOYMENT,
@@ -76,7 +76,8 @@ def onboard_tenants(
         tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants (each
             task run named after its tenant), 100 per task run above that.
         tenant_events: Which tenant status changes become Prefect events
-            (`onboarding.tenant.<status>`): all, failures only, or off.
+            (`onboarding.tenant.<status>`): all, failures only, or off; auto: all on a Prefect
+            server, failures only on Prefect's temporary server.
         fan_out: in_process: the whole batch in this flow run. deployment: split into chunks
             of `chunk_size`, each a run of `chunk_deployment` on its work pool, spread over its
             workers (each must see the profile and roster at the same path or URL, and share

@@ -34,7 +34,7 @@ def remind_tenants(
     dry_run: bool = False,
     concurrency: Annotated[int, Field(ge=1, le=64)] = 4,
     tenants_per_task: Annotated[int | None, Field(ge=1, le=1000)] = None,
-    tenant_events: TenantEvents = TenantEvents.ALL,
+    tenant_events: TenantEvents = TenantEvents.AUTO,
 ) -> State[dict[str, Any]]:
     """Re-send the link to every tenant delivered by email more than `after_hours` ago that has
     not connected, at most `max_reminders` times. A link past its `link_ttl_hours` is re-issued
@@ -50,7 +50,7 @@ def remind_tenants(
         tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants, 100
             per task run above that.
         tenant_events: Which tenant status changes become Prefect events: all, failures
-            only, or off.
+            only, off, or auto (all on a Prefect server, failures on the temporary one).
     """
     logger = get_run_logger()
     connector = load_profile(profile)

@@ -199,8 +199,11 @@ def run(
     ] = None,
     tenant_events: Annotated[
         TenantEvents,
-        typer.Option(help="Tenant status changes sent as Prefect events: all, failures, off."),
-    ] = TenantEvents.ALL,
+        typer.Option(
+            help="Tenant status changes sent as Prefect events: all, failures, off; auto: all "
+            "on a Prefect server, failures on the temporary one."
+        ),
+    ] = TenantEvents.AUTO,
     fan_out: Annotated[
         FanOut,
         typer.Option(

@@ -325,7 +325,7 @@ class Ledger:
         statement of this size cost more CPU than the rest of a tenant's path together
         (bench/run.py under py-spy), so each call only binds new values to them."""
         if self._link_sql is None:
-            now = bindparam("updated_at")
+            now: Any = bindparam("updated_at")
             current = select(
                 records.c.state,
                 records.c.tenant_id,

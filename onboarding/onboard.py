@@ -48,8 +48,12 @@ class FanOut(StrEnum):
 
 
 class TenantEvents(StrEnum):
-    """Which tenant status changes are reported as events: every one, failures only, none."""
+    """Which tenant status changes are reported as events: every one, failures only, none;
+    auto: every one on a Prefect server, failures only on Prefect's temporary server (it lives
+    as long as the run, no Automation watches it, and its in-memory broker drops events past
+    a few hundred a second)."""
 
+    AUTO = "auto"
     ALL = "all"
     FAILURES = "failures"
     OFF = "off"

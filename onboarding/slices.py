@@ -114,8 +114,9 @@ def run_slice(
 
     Returns every tenant's outcome when all succeeded. Otherwise raises: a one-tenant slice
     raises the tenant's own error (the task run shows the real cause), a larger one raises
-    SliceFailed, so that the task run's state says some of its tenants failed. A transiently failed tenant stays pending unless this is the last attempt;
-    every other outcome is final and reported once."""
+    SliceFailed, so that the task run's state says some of its tenants failed. A tenant that
+    failed transiently stays pending unless this is the last attempt; every other outcome is
+    final and reported once."""
     pending = tenant_slice.pending()
 
     def attempt(tenant: Tenant) -> TenantOutcome | BaseException:
