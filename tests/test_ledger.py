@@ -458,3 +458,55 @@ def test_live_tenant_ids_among_a_chunk_of_more_ids_than_one_query_takes(ledger: 
     among = [f"t{n}" for n in range(2000)]
     assert ledger.live_tenant_ids(CONNECTOR, among=among) == {"t5", "t1500"}
     assert ledger.live_tenant_ids(CONNECTOR, among=["t6"]) == set()
+
+
+def test_group_commit_writes_each_row_once_and_fails_only_the_bad_one() -> None:
+    import threading
+    import time
+
+    from onboarding.ledger import _GroupCommit
+
+    committed: list[str] = []
+    groups: list[int] = []
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        if any(r["tenant_id"] == "bad" for r in rows):
+            raise ValueError("constraint")
+        time.sleep(0.002)  # a commit takes a moment, so callers pile up behind it
+        groups.append(len(rows))
+        committed.extend(r["tenant_id"] for r in rows)
+
+    writer = _GroupCommit(flush)
+    errors: list[BaseException] = []
+
+    def caller(n: int) -> None:
+        for i in range(40):
+            tenant = "bad" if (n, i) == (3, 7) else f"t{n}-{i}"
+            try:
+                writer.write({"tenant_id": tenant, "connector_id": "c"})
+            except ValueError as err:
+                errors.append(err)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(committed) == sorted(
+        f"t{n}-{i}" for n in range(16) for i in range(40) if (n, i) != (3, 7)
+    )
+    assert len(errors) == 1, "only the bad row's caller fails"
+    assert max(groups) > 1, "rows that arrive together are committed together"
+
+
+def test_concurrent_links_all_land_once(ledger: Ledger) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> None:
+        link(ledger, f"c{i:03d}")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(200)))
+    records = list(ledger.iter_records())
+    assert len(records) == 200 and {r.attempts for r in records} == {1}
+    assert {r.state for r in records} == {f"state-c{i:03d}" for i in range(200)}
