@@ -15,6 +15,7 @@ import email.utils
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -116,21 +117,47 @@ class VersoriClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._call_deadline = call_deadline
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Accept": "application/json",
-                "User-Agent": f"versori-onboarding/{__version__}",
-            },
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
-            ),
-            transport=transport,
-            follow_redirects=False,
-        )
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json",
+            "User-Agent": f"versori-onboarding/{__version__}",
+        }
+        # One TLS context for every thread's connection pool: loading the CA bundle is slow.
+        tls = httpx.create_ssl_context() if self.base_url.startswith("https") else None
+
+        def new_pool() -> httpx.Client:
+            return httpx.Client(
+                base_url=self.base_url,
+                headers=headers,
+                limits=httpx.Limits(
+                    max_connections=1,
+                    max_keepalive_connections=1,
+                    keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
+                ),
+                transport=transport,
+                verify=tls if tls is not None else True,
+                follow_redirects=False,
+            )
+
+        # A connection pool per calling thread, not one shared by all: httpcore guards a pool
+        # with one lock, taken on every request and response close, and with 16 threads and
+        # the ledger's and Prefect's work competing for the GIL, tenant threads spent 43% of
+        # their time waiting for it (bench/run.py under py-spy --idle). A semaphore keeps the
+        # number of calls in flight at `max_connections`, as the shared pool did.
+        self._new_pool = new_pool
+        self._local = threading.local()
+        self._pools: list[httpx.Client] = []
+        self._pools_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    @property
+    def _http(self) -> httpx.Client:
+        pool: httpx.Client | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = self._new_pool()
+            with self._pools_lock:
+                self._pools.append(pool)
+        return pool
 
     def __enter__(self) -> VersoriClient:
         return self
@@ -139,7 +166,10 @@ class VersoriClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        with self._pools_lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.close()
 
     def initialise(
         self, organisation_id: str, connector_id: str, request: InitialiseRequest
@@ -161,6 +191,12 @@ class VersoriClient:
 
     def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
         deadline = time.monotonic() + self._call_deadline
+        with self._slots:
+            return self._post_within(path, payload, deadline)
+
+    def _post_within(
+        self, path: str, payload: dict[str, Any], deadline: float
+    ) -> tuple[int, httpx.Headers, bytes]:
         try:
             with self._http.stream(
                 "POST", path, json=payload, timeout=self._timeout(deadline)
