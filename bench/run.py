@@ -109,18 +109,17 @@ def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
 
 
 def flow_run(
-    roster: Path, profile: Path, concurrency: int, chunk_size: int | None = None
+    roster: Path, profile: Path, concurrency: int, **options: Any
 ) -> tuple[float, dict[str, object]]:
     from flows.onboard_tenants import onboard_tenants
 
-    chunking = {"chunk_size": chunk_size} if chunk_size else {}
     started = time.perf_counter()
     state = onboard_tenants(
         roster=str(roster),
         profile=str(profile),
         concurrency=concurrency,
         return_state=True,
-        **chunking,
+        **{k: v for k, v in options.items() if v is not None},
     )
     elapsed = time.perf_counter() - started
     return elapsed, state.result(raise_on_failure=False)
@@ -170,6 +169,18 @@ def main() -> int:
         type=float,
         default=None,
         help="emulator answers 429 beyond this many calls/s; the profile is paced at it",
+    )
+    parser.add_argument(
+        "--tenants-per-task",
+        type=int,
+        default=None,
+        help="tenants per task run (default: the flow's automatic choice)",
+    )
+    parser.add_argument(
+        "--tenant-events",
+        choices=["all", "failures", "off"],
+        default=None,
+        help="which tenant status changes become Prefect events (default: the flow's, all)",
     )
     parser.add_argument(
         "--skip-plain", action="store_true", help="no plain-loop baseline (for memory runs)"
@@ -251,7 +262,13 @@ def run(args: argparse.Namespace) -> int:
 
         cpu = time.process_time()
         with PeakRSS() as flow_mem:
-            flow_s, summary = flow_run(roster, profile, args.concurrency, args.chunk_size)
+            flow_s, summary = flow_run(
+                roster,
+                profile,
+                args.concurrency,
+                tenants_per_task=args.tenants_per_task,
+                tenant_events=args.tenant_events,
+            )
         flow_cpu = (time.process_time() - cpu) * 1000 / args.tenants
         flow_rate = args.tenants / flow_s
         by_status = summary.get("by_status") if isinstance(summary, dict) else summary
@@ -372,8 +389,9 @@ def run_scale_out(args: argparse.Namespace) -> int:
             )
         recorded = stack.task_runs_recorded([run.id for run in result.chunk_runs])
         print(
-            f"prefect server   : {recorded} of {args.tenants} task runs recorded Completed; "
-            f"{stack.server_dropped_events()} events dropped (subscription queue full)"
+            f"prefect server   : {recorded} task runs recorded Completed; "
+            f"{stack.count_events('onboarding.tenant.')} tenant events held; "
+            f"{stack.server_dropped_messages()} log lines of dropped or failed messages"
         )
         print_tail(args, before, after, flow_rate, plain_rate)
     return 0

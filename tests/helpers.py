@@ -75,22 +75,38 @@ def base_env(tmp: Path) -> dict[str, str]:
 
 @contextmanager
 def prefect_server(
-    tmp: Path, database_url: str | None = None, log: Path | None = None
+    tmp: Path,
+    database_url: str | None = None,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    separate_services: bool = False,
 ) -> Iterator[str]:
     """A real `prefect server start` on a free loopback port with its own home (and database,
-    SQLite in that home unless `database_url` says otherwise). Yields the API URL."""
+    SQLite in that home unless `database_url` says otherwise). `env` adds to (or overrides) the
+    server's environment, e.g. Prefect settings. With `separate_services`, the API runs with
+    `--no-services` and the background services in a `prefect server services start` process
+    of their own, logging beside `log` to "<log stem>-services<suffix>" (which needs a broker
+    and Docket that both processes reach, such as Redis, set in `env`). Yields the API URL."""
     port = free_port()
-    env = base_env(tmp)
-    env["PREFECT_HOME"] = str(tmp / "prefect-server-home")
-    env["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
+    server_env = base_env(tmp)
+    server_env["PREFECT_HOME"] = str(tmp / "prefect-server-home")
+    server_env["PREFECT_API_LOG_RETRYABLE_ERRORS"] = "true"
     if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+        server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    server_env.update(env or {})
     api = f"http://127.0.0.1:{port}/api"
     prefect = str(Path(sys.executable).parent / "prefect")
-    with child(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        log or tmp / "prefect-server.log",
-    ) as proc:
+    log = log or tmp / "prefect-server.log"
+    command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if separate_services:
+        command.append("--no-services")
+    with child(command, server_env, log) as proc:
         wait_for_http(f"{api}/health", timeout=120, proc=proc)
-        yield api
+        if not separate_services:
+            yield api
+            return
+        # Started once the API has migrated the database, so it need not migrate again.
+        services_env = dict(server_env, PREFECT_SERVER_DATABASE_MIGRATE_ON_START="false")
+        services_log = log.with_name(f"{log.stem}-services{log.suffix}")
+        with child([prefect, "server", "services", "start"], services_env, services_log):
+            yield api

@@ -184,10 +184,8 @@ def emulator_states_by_tenant(emulator: EmulatorServer) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("chunk_size", [None, 100], ids=["one-run", "in-chunks-of-100"])
-def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
-    tmp_path: Path, chunk_size: int | None
-) -> None:
+@pytest.mark.parametrize("per_task", [1, 100], ids=["task-per-tenant", "slices-of-100"])
+def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(tmp_path: Path, per_task: int) -> None:
     onboard = Path(sys.executable).parent / "onboard"
     assert onboard.exists(), onboard
     roster = tmp_path / "tenants.csv"
@@ -196,8 +194,7 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
     db_url = f"sqlite:///{db}"
     args = [str(onboard), "run", "--roster", str(roster), "--profile", PROFILE]
     args += ["--deliver", "email", "--concurrency", str(CONCURRENCY)]
-    if chunk_size:  # killed inside a chunk's child flow run; the re-run is a new batch
-        args += ["--chunk-size", str(chunk_size)]
+    args += ["--tenants-per-task", str(per_task)]  # killed inside a task run, or a slice's
     first_log, rerun_log = tmp_path / "first-run.log", tmp_path / "re-run.log"
 
     def tail(log: Path) -> str:

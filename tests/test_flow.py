@@ -313,3 +313,15 @@ def test_tenant_events_can_be_failures_only_or_off(env: dict[str, Any], emulator
     )
     assert quiet.is_completed()
     assert tenant_events(quiet.state_details.flow_run_id, 1, timeout=3) == []
+
+
+def test_the_example_automations_are_valid_for_prefect() -> None:
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec = yaml.safe_load((EXAMPLES / "automations.yaml").read_text())
+    automations = [AutomationCore.model_validate(a) for a in spec["automations"]]
+    assert [a.trigger.expect for a in automations] == [  # type: ignore[union-attr]
+        {"onboarding.tenant.failed"},
+        {"onboarding.tenant.connected"},
+    ]
