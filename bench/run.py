@@ -38,9 +38,12 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from bench.scale_out import (  # noqa: E402
+    REDIS_URL,
     ScaleOutStack,
+    dedicated_redis_db,
     fresh_postgres_database,
     pg_url,
+    redis_server_settings,
     write_roster,
 )
 from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
@@ -189,9 +192,9 @@ def main() -> int:
         "--prefect-db",
         choices=["ephemeral", "postgres"],
         default=None,
-        help="ephemeral: Prefect's temporary SQLite server; postgres: a `prefect server start` "
-        "on a fresh database of the local PostgreSQL (the default with --rate-limit: shared "
-        "pacing needs a real server)",
+        help="ephemeral: Prefect's temporary SQLite server (the default); postgres: a `prefect "
+        "server start` on a fresh database of the local PostgreSQL with the Redis messaging "
+        "broker, as bench/scale_out.py starts it",
     )
     parser.add_argument(
         "--workers",
@@ -216,13 +219,20 @@ def main() -> int:
     if args.workers:
         return run_scale_out(args)
     if args.prefect_db is None:
-        args.prefect_db = "postgres" if args.rate_limit else "ephemeral"
+        args.prefect_db = "ephemeral"
     with ExitStack() as stack:
         if args.prefect_db == "postgres":
+            # The server of bench/scale_out.py: PostgreSQL, the Redis broker, separate services.
             server_dir = Path(tempfile.mkdtemp(prefix="onboard-bench-server-"))
             database = stack.enter_context(fresh_postgres_database())
+            redis_db = stack.enter_context(dedicated_redis_db())
             os.environ["PREFECT_API_URL"] = stack.enter_context(
-                prefect_server(server_dir, database_url=pg_url(database, "asyncpg"))
+                prefect_server(
+                    server_dir,
+                    database_url=pg_url(database, "asyncpg"),
+                    env=redis_server_settings(REDIS_URL, redis_db),
+                    separate_services=True,
+                )
             )
         return run(args)
 

@@ -79,7 +79,9 @@ def make_pacer(profile: ConnectorProfile) -> Pacer:
     from prefect.client.orchestration import get_client
 
     name = rate_limit_name(profile)
-    block = max(1, math.ceil(rate / 5))
+    # Half a second's worth a block: the next block then has half a second to arrive, which a
+    # busy server needs (with rate/5, 0.2 s, a 50/s run reached 92% of the rate, not 95%).
+    block = max(1, math.ceil(rate / 2))
     # Capacity of one second's worth of calls (at least a block): slots free up continuously
     # at `rate` per second, and a burst never exceeds what the API accepts in a second.
     capacity = max(block, math.floor(rate))
@@ -108,7 +110,7 @@ class SlotDispenser:
     event loop, busy with every task run's events), so a 50/s profile ran at 5/s. This sends
     the same request to the same limit (`POST /v2/concurrency_limits/increment`, mode
     `rate_limit`) with the synchronous client, and honours the server's 423 + Retry-After the
-    same way. A block of rate/5 slots needs about five requests a second; the next block is
+    same way. A block of rate/2 slots needs about two requests a second; the next block is
     fetched in the background while the current one is spent, and the local spacing keeps a
     block from reaching the API as a burst. A failed fetch fails only the callers waiting for
     that block; the next caller fetches again."""
