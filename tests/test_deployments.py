@@ -109,7 +109,26 @@ def test_a_backend_starts_a_run_through_the_rest_api(stack: dict[str, Any]) -> N
         ).json()
         names = {t["name"] for t in task_runs}
         time.sleep(0.5)
-    assert names == {"onboard-cust-101", "onboard-cust-102"}
+    assert names == {"onboard cust-101", "onboard cust-102"}, "an API run: a task run per tenant"
+
+    # On a real server every tenant status change is an event (tenant_events: auto).
+    query = {
+        "filter": {
+            "event": {"prefix": ["onboarding.tenant."]},
+            "related": {"id": [f"prefect.flow-run.{run['id']}"]},
+        },
+        "limit": 50,
+    }
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = post(f"{api}/events/filter", query).json()["events"]
+        if len(events) >= 2:
+            break
+        time.sleep(0.5)
+    assert sorted((e["resource"]["prefect.resource.id"], e["event"]) for e in events) == [
+        ("onboarding.tenant.cust-101", "onboarding.tenant.delivered"),
+        ("onboarding.tenant.cust-102", "onboarding.tenant.delivered"),
+    ]
 
     artifacts = post(
         f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
