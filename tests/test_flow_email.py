@@ -33,9 +33,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         onboard_module, "onboard_slice_task", onboard_slice_task.with_options(**fast)
     )
-    monkeypatch.setattr(
-        remind_module, "remind_slice_task", remind_slice_task.with_options(**fast)
-    )
+    monkeypatch.setattr(remind_module, "remind_slice_task", remind_slice_task.with_options(**fast))
 
 
 @pytest.fixture
