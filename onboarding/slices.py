@@ -67,8 +67,7 @@ class TenantSlice:
         return [t for t in self.tenants if t.tenant_id not in self.done]
 
     def outcomes(self) -> list[TenantOutcome]:
-        """One outcome per tenant, in roster order; a tenant still pending counts as failed
-        with the error of its last attempt (see SliceFailed)."""
+        """The outcomes decided so far, in roster order (pending tenants have none yet)."""
         return [self.done[t.tenant_id] for t in self.tenants if t.tenant_id in self.done]
 
 
