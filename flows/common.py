@@ -15,7 +15,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows.events import TenantEventSender
+from flows.events import TenantEventSender, on_temporary_server
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
@@ -66,10 +66,8 @@ def make_pacer(profile: ConnectorProfile) -> Pacer:
     rate = profile.rate_limit_per_second
     if rate is None:
         return Pacer()
-    from prefect.settings import get_current_settings
-
     logger = get_run_logger()
-    if get_current_settings().api.url is None:
+    if on_temporary_server():
         logger.info(
             "Pacing at %g calls/s in this process (Prefect's temporary server: no other "
             "process shares it)",

@@ -30,6 +30,14 @@ BATCH_MAX = 500
 SEND_TRIES = 5
 
 
+def on_temporary_server() -> bool:
+    """True when no PREFECT_API_URL is set: Prefect starts a temporary server for this process
+    alone, which no other process shares and no Automation watches."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url is None
+
+
 def event_name(status: str) -> str:
     return f"onboarding.tenant.{EVENT_NAMES.get(status, status)}"
 
@@ -42,11 +50,9 @@ class TenantEventSender:
 
     def __init__(self, level: TenantEvents, flow_run_id: str | None = None) -> None:
         from prefect.runtime import flow_run
-        from prefect.settings import get_current_settings
 
         if level is TenantEvents.AUTO:
-            temporary = get_current_settings().api.url is None
-            level = TenantEvents.FAILURES if temporary else TenantEvents.ALL
+            level = TenantEvents.FAILURES if on_temporary_server() else TenantEvents.ALL
         self.level = level
         run_id = flow_run_id or flow_run.id
         self._related = (

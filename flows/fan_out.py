@@ -190,11 +190,10 @@ def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> 
                     "tenants count as failed and the next run retries them",
                     len(pending),
                 )
-                for run_id in list(pending):
-                    client.set_flow_run_state(
-                        run_id, Cancelling(message="past the batch's deadline"), force=True
-                    )
-                    yield pending.pop(run_id), Cancelling(message="past the batch's deadline")
+                why = "past the batch's deadline"
+                for run_id in list(pending):  # a state object each: a state belongs to one run
+                    client.set_flow_run_state(run_id, Cancelling(message=why), force=True)
+                    yield pending.pop(run_id), Cancelling(message=why)
                 return
             time.sleep(POLL_SECONDS)
             ids = list(pending)
