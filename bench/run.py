@@ -114,14 +114,16 @@ def plain_loop(base_url: str, n: int, concurrency: int) -> tuple[float, int]:
 def flow_run(
     roster: Path, profile: Path, concurrency: int, **options: Any
 ) -> tuple[float, dict[str, object]]:
+    from flows.local import run_here
     from flows.onboard_tenants import onboard_tenants
 
     started = time.perf_counter()
-    state = onboard_tenants(
+    # As `onboard run` runs it (flows/local.py: no heartbeats on the temporary server).
+    state = run_here(
+        onboard_tenants,
         roster=str(roster),
         profile=str(profile),
         concurrency=concurrency,
-        return_state=True,
         **{k: v for k, v in options.items() if v is not None},
     )
     elapsed = time.perf_counter() - started

@@ -125,9 +125,11 @@ def _run_flow(
     only: list[str] | None,
     **options: Any,
 ) -> dict[str, Any] | None:
+    from flows.local import run_here
     from flows.onboard_tenants import onboard_tenants
 
-    state = onboard_tenants(
+    state = run_here(
+        onboard_tenants,
         roster=roster,
         profile=profile,
         deliver=deliver,
@@ -135,7 +137,6 @@ def _run_flow(
         dry_run=dry_run,
         only=only,
         **options,
-        return_state=True,
     )
     return _summary_of(state)
 
@@ -324,6 +325,7 @@ def remind(
 ) -> None:
     """Re-send links to admins who have not connected, re-issuing links past their time.
     Exit 0: all reminders sent; 1: some failed; 2: bad input."""
+    from flows.local import run_here
     from flows.remind_tenants import remind_tenants
 
     try:
@@ -331,13 +333,13 @@ def remind(
     except InputError as error:
         raise _bad_input(error) from None
     _quiet_task_logs(verbose)
-    state = remind_tenants(
+    state = run_here(
+        remind_tenants,
         profile=profile,
         after_hours=after_hours,
         max_reminders=max_reminders,
         concurrency=concurrency,
         dry_run=dry_run,
-        return_state=True,
     )
     summary = _summary_of(state)
     if summary is None:
@@ -358,13 +360,14 @@ def mark_connected(
 ) -> None:
     """Record that the tenant owning STATE connected. Exit 0: recorded; 1: unknown or
     superseded state (nothing recorded); 2: bad input."""
+    from flows.local import run_here
     from flows.record_connection import record_connection_flow
 
     try:
         Ledger(LedgerSettings().db_url).close()
     except InputError as error:
         raise _bad_input(error) from None
-    result = record_connection_flow(state=state, connection_id=connection_id, return_state=True)
+    result = run_here(record_connection_flow, state=state, connection_id=connection_id)
     data = result.result(raise_on_failure=False)
     if result.is_completed() and isinstance(data, dict):
         out.print(f"Tenant {data['tenant_id']} is connected.", highlight=False)
