@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from prefect import Flow
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from prefect.states import State
 
 from flows.events import on_temporary_server
 
@@ -34,5 +34,4 @@ def no_heartbeats_on_temporary_server() -> Iterator[None]:
 def run_here(flow: Flow[..., Any], /, **parameters: Any) -> State[Any]:
     """Run `flow` in this process and return its final state (never raises for a failed run)."""
     with no_heartbeats_on_temporary_server():
-        state: State[Any] = flow(**parameters, return_state=True)
-    return state
+        return cast(State[Any], flow(**parameters, return_state=True))
