@@ -12,6 +12,7 @@ between header reads).
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import logging
 import math
 import os
@@ -44,7 +45,10 @@ __version__ = "0.1.0"
 
 
 def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if unusable."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if unusable.
+
+    Clamped to 0..`constants.MAX_RETRY_AFTER_SECONDS`: a hostile or broken header (`86400`,
+    `Fri, 31 Dec 9999 23:59:59 GMT`) must not stall every worker, or overflow a sleep."""
     if value is None:
         return None
     value = value.strip()
@@ -53,18 +57,32 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or _utcnow)()).total_seconds()
+        try:
+            seconds = (when - (now or _utcnow)()).total_seconds()
+        except OverflowError:
+            return None
     if math.isnan(seconds) or math.isinf(seconds):
         return None
-    return max(0.0, seconds)
+    return min(max(0.0, seconds), constants.MAX_RETRY_AFTER_SECONDS)
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class VersoriClient:
@@ -111,6 +129,15 @@ class VersoriClient:
             raise InputError(
                 f"VERSORI_BASE_URL {base_url!r} is not an http(s) URL; "
                 f"production is {constants.PRODUCTION_BASE_URL}"
+            )
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            # The API key goes in every request's Authorization header: never in clear over a
+            # network. Plain http only reaches a local emulator.
+            raise InputError(
+                f"VERSORI_BASE_URL is plain http to {parts.hostname}, not a loopback host: "
+                "the API key would cross the network in clear; use https (http only to "
+                f"127.0.0.1, ::1 or localhost, e.g. the emulator); production is "
+                f"{constants.PRODUCTION_BASE_URL}"
             )
         self.base_url = base_url.rstrip("/")
         self.host = parts.hostname

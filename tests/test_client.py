@@ -555,6 +555,44 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
         assert result == pytest.approx(expected)
 
 
+HOSTILE_RETRY_AFTER = [
+    "86400",
+    "1e300",
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+    "Fri, 31 Dec 9999 23:59:59 -2359",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_RETRY_AFTER)
+def test_parse_retry_after_clamps_a_hostile_value_to_the_cap(value: str) -> None:
+    result = parse_retry_after(value, now=lambda: FROZEN)
+    assert result == constants.MAX_RETRY_AFTER_SECONDS
+
+
+@pytest.mark.parametrize("value", HOSTILE_RETRY_AFTER)
+def test_a_hostile_retry_after_brakes_the_batch_for_the_cap_at_most(value: str) -> None:
+    """The 429 brake gets the clamped value: no day-long stall, no OverflowError in sleep."""
+    from onboarding.pacing import Pacer
+
+    exc = fail(
+        answer(429, {"code": "rate_limited", "message": "m"}, headers={"Retry-After": value})
+    )
+    assert isinstance(exc, RateLimitedError)
+    assert exc.retry_after is not None
+    assert exc.retry_after <= constants.MAX_RETRY_AFTER_SECONDS
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(clock=lambda: now[0], sleep=sleep)
+    pacer.brake(exc.retry_after)  # as the 429 handler does
+    pacer.wait_turn()
+    assert sum(slept) <= constants.MAX_RETRY_AFTER_SECONDS
+
+
 def test_parse_retry_after_defaults_to_the_real_clock() -> None:
     future = format_datetime(datetime.now(UTC) + timedelta(seconds=100), usegmt=True)
     result = parse_retry_after(future)
@@ -605,6 +643,34 @@ def test_bad_base_url_is_an_input_error(base_url: str) -> None:
         VersoriClient(api_key=API_KEY, base_url=base_url)
     assert "VERSORI_BASE_URL" in str(info.value)
     assert_no_secret(info.value)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://platform.versori.com/api/connect/v1",
+        "http://10.0.0.5:8700",
+        "http://emulator.internal:8700",
+        "http://user:pw@x.example/api",
+    ],
+)
+def test_plain_http_to_a_remote_base_url_is_refused(base_url: str) -> None:
+    """The API key rides in every request's header: never in clear across a network."""
+    with pytest.raises(InputError) as info:
+        VersoriClient(api_key=API_KEY, base_url=base_url)
+    message = str(info.value)
+    assert "VERSORI_BASE_URL" in message
+    assert "https" in message
+    assert "pw" not in message
+    assert_no_secret(info.value)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://127.0.0.1:8700", "http://localhost:8700/api", "http://[::1]:8700", "http://127.9.9.9"],
+)
+def test_plain_http_to_loopback_stays_allowed_for_the_emulator(base_url: str) -> None:
+    VersoriClient(api_key=API_KEY, base_url=base_url).close()
 
 
 def test_bad_base_url_from_environment_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
