@@ -41,7 +41,8 @@ def _prompt_values(prompt: str) -> set[str]:
     return {p for p in prompt.replace("+", " ").split(" ") if p}
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """Whether a URL's host (as urlsplit gives it) names this machine."""
     if host in ("localhost", None):
         return host == "localhost"
     try:
@@ -71,8 +72,36 @@ def _split(url: str) -> SplitResult | None:
         return None
 
 
-def check_link(url: str, request: InitialiseRequest) -> Link:
-    """Return the checked link, or raise LinkCheckError listing every problem found."""
+# Parameters that change where or how the provider answers (OAuth 2.0 Multiple Response Types,
+# JAR RFC 9101, OIDC Core 6, Dynamic Registration, web_message): a URL that carries one the
+# profile did not ask for (its authorize_url or additional_params) is refused.
+RESPONSE_ALTERING_KEYS = frozenset(
+    {
+        "response_mode",
+        "request",
+        "request_uri",
+        "registration",
+        "claims",
+        "redirect_url",
+        "web_message_uri",
+        "web_message_target",
+    }
+)
+
+_MAX_NAMED_SCOPE = 64
+
+
+def check_link(
+    url: str,
+    request: InitialiseRequest,
+    *,
+    redirect_uri: str | None = None,
+    redirect_host: str | None = None,
+) -> Link:
+    """Return the checked link, or raise LinkCheckError listing every problem found.
+
+    `redirect_uri` / `redirect_host` (the profile's pins, optional): the URL's redirect_uri must
+    equal the one, and its host must be the other."""
     problems: list[str] = []
     got = _split(url)
     if got is None:
@@ -113,11 +142,16 @@ def check_link(url: str, request: InitialiseRequest) -> Link:
     if redirect is None or not redirect.scheme or not redirect.hostname:
         problems.append("redirect_uri is missing or not absolute")
     elif redirect.scheme not in ("https", "http") or (
-        redirect.scheme == "http" and not _is_loopback(redirect.hostname)
+        redirect.scheme == "http" and not is_loopback(redirect.hostname)
     ):
         problems.append("redirect_uri is not https")
     elif redirect.fragment:
         problems.append("redirect_uri has a #fragment (RFC 6749 3.1.2)")
+    if redirect_uri is not None and params.get("redirect_uri") != redirect_uri:
+        problems.append("redirect_uri is not the profile's redirect_uri")
+    got_host = (redirect.hostname or "") if redirect is not None else ""
+    if redirect_host is not None and got_host.rstrip(".") != redirect_host.lower().rstrip("."):
+        problems.append("redirect_uri's host is not the profile's redirect_host")
 
     scopes = set(params.get("scope", "").split())
     wanted = set(request.scopes)
@@ -126,6 +160,21 @@ def check_link(url: str, request: InitialiseRequest) -> Link:
     missing = sorted(wanted - scopes)
     if missing:
         problems.append(f"scope lacks {', '.join(missing)}")
+    # Nothing beyond what was asked, but offline_access (which the API adds unless disabled).
+    extra = sorted(scopes - wanted - {"offline_access"})
+    if extra:
+        # A scope is named when it is short and not a piece of the state; else only counted.
+        state = params.get("state") or ""
+        named = [
+            s for s in extra if len(s) <= _MAX_NAMED_SCOPE and s.isprintable() and s not in state
+        ]
+        if len(named) < len(extra):
+            named.append(f"{len(extra) - len(named)} other(s)")
+        problems.append(f"scope has {', '.join(named)}, which the profile did not ask for")
+
+    asked = {k for k, _ in [*parse_qsl(want.query, keep_blank_values=True), *additional]}
+    for key in sorted(RESPONSE_ALTERING_KEYS & params.keys() - asked):
+        problems.append(f"carries {key}, which changes how the provider answers; not asked for")
 
     expected_prompt = request.prompt or None
     if expected_prompt is None and "approval_prompt" not in {k for k, _ in additional}:

@@ -298,7 +298,9 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
         asked = err.retry_after if err.retry_after is not None else 1.0
         job.pacer.brake(min(asked, constants.MAX_RETRY_AFTER_SECONDS))
         raise
-    link = check_link(url, request)
+    link = check_link(
+        url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host
+    )
     created = job.clock()
     expires_at = created + timedelta(hours=profile.link_ttl_hours)
     job.ledger.record_link(

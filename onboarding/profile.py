@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from onboarding import constants
 from onboarding.errors import InputError, Problem
+from onboarding.links import is_loopback
 from onboarding.models import (
     CredentialRef,
     InitialiseRequest,
@@ -75,6 +76,48 @@ class ConnectorProfile(BaseModel):
     # A folder of email templates (subject.txt, body.txt, body.html) overriding the defaults;
     # relative to the profile file.
     email_templates: str | None = None
+    # Pins on the authorize URL Versori returns: its redirect_uri must be exactly this, or
+    # its host this one. Unset: any https redirect_uri is accepted.
+    redirect_uri: str | None = None
+    redirect_host: str | None = None
+
+    @field_validator("redirect_uri")
+    @classmethod
+    def _redirect_uri_pin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        check_absolute_url(value)
+        parts = urlsplit(value)
+        if parts.scheme != "https" and not is_loopback(parts.hostname):
+            raise ValueError("must be an https URL (http only to a loopback host)")
+        return value
+
+    @field_validator("redirect_host")
+    @classmethod
+    def _redirect_host_pin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower().rstrip(".")
+        try:
+            parsed = urlsplit(f"https://{host}/")
+            port = parsed.port
+        except ValueError:
+            parsed, port = None, None
+        if not host or parsed is None or port is not None or parsed.hostname != host.strip("[]"):
+            raise ValueError(
+                "must be a host name alone (e.g. platform.versori.com): no scheme, port or path"
+            )
+        return host.strip("[]")
+
+    @model_validator(mode="after")
+    def _redirect_pins_agree(self) -> ConnectorProfile:
+        if self.redirect_uri is not None and self.redirect_host is not None:
+            host = (urlsplit(self.redirect_uri).hostname or "").rstrip(".")
+            if host != self.redirect_host:
+                raise ValueError(
+                    "redirect_uri's host is not redirect_host; set one or make them agree"
+                )
+        return self
 
     @field_validator("authorize_url")
     @classmethod

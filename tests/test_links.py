@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -64,9 +65,9 @@ def edit(**changes: str | None) -> Params:
     return params
 
 
-def problems_of(url: str, request: InitialiseRequest | None = None) -> list[str]:
+def problems_of(url: str, request: InitialiseRequest | None = None, **pins: str) -> list[str]:
     with pytest.raises(LinkCheckError) as info:
-        check_link(url, request or make_request())
+        check_link(url, request or make_request(), **pins)
     error = info.value
     for text in (str(error), repr(error), *error.problems):
         assert STATE not in text
@@ -102,7 +103,6 @@ def test_good_link_passes() -> None:
         + "&client_id=client-123&response_type=code&tenant=acme",
         build(endpoint="https://auth.example.com:443/oauth2/authorize"),
         build(endpoint="HTTPS://AUTH.example.com/oauth2/authorize"),
-        build(edit(scope="openid email offline_access profile")),  # more scopes than asked
         build([*good_params(), ("nonce", "n-1")]),  # extra parameters are fine
     ],
 )
@@ -158,6 +158,23 @@ DEFECTS: list[tuple[str, Callable[[], str], str]] = [
     ("prompt extra", lambda: build(edit(prompt="login consent")), "prompt is not 'login'"),
     ("additional missing", lambda: build(edit(hd=None)), "additional parameter hd"),
     ("additional changed", lambda: build(edit(access_type="online")), "parameter access_type"),
+    (
+        "scope extra",
+        lambda: build(edit(scope="openid email offline_access admin")),
+        "scope has admin, which the profile did not ask for",
+    ),
+    ("response_type two", lambda: build(edit(response_type="code id_token")), "response_type"),
+    (
+        "response_mode",
+        lambda: build([*good_params(), ("response_mode", "form_post")]),
+        "carries response_mode",
+    ),
+    ("request", lambda: build([*good_params(), ("request", "eyJhbGciOi.x.y")]), "carries request"),
+    (
+        "request_uri",
+        lambda: build([*good_params(), ("request_uri", "https://attacker.example/r")]),
+        "carries request_uri",
+    ),
 ]
 
 
@@ -300,3 +317,146 @@ def test_repeated_unknown_parameters_are_counted_not_named() -> None:
     problems = problems_of(url)
     assert "repeats parameter(s) scope, tenant, 1 other(s)" in problems
     assert not any("zz" in p for p in problems)
+
+
+# --- the profile's pins, extra scopes, response-altering parameters (issue 10 #7) ------------
+
+ATTACKER = "https://attacker.example/cb"
+
+
+def test_the_hostile_url_of_the_issue_is_refused_for_each_of_its_parts() -> None:
+    """redirect_uri to an attacker, an extra admin scope and response_mode=form_post."""
+    url = build(
+        [
+            *edit(redirect_uri=ATTACKER, scope="openid email offline_access admin"),
+            ("response_mode", "form_post"),
+        ]
+    )
+    problems = problems_of(url)
+    assert any("scope has admin" in p for p in problems), problems
+    assert any("carries response_mode" in p for p in problems), problems
+    pinned = problems_of(url, redirect_uri=REDIRECT)
+    assert "redirect_uri is not the profile's redirect_uri" in pinned
+    by_host = problems_of(url, redirect_host="app.versori.com")
+    assert "redirect_uri's host is not the profile's redirect_host" in by_host
+    for text in (*problems, *pinned, *by_host):
+        assert ATTACKER not in text
+
+
+def test_a_redirect_uri_that_matches_the_pins_passes() -> None:
+    url = build()
+    assert check_link(url, make_request(), redirect_uri=REDIRECT).state == STATE
+    assert check_link(url, make_request(), redirect_host="APP.versori.com").state == STATE
+    same_host = build(edit(redirect_uri="https://app.versori.com/other"))
+    assert "redirect_uri is not the profile's redirect_uri" in problems_of(
+        same_host, redirect_uri=REDIRECT
+    )
+    assert check_link(same_host, make_request(), redirect_host="app.versori.com")
+
+
+def test_a_response_altering_parameter_the_profile_asked_for_passes() -> None:
+    request = make_request(
+        additional_params="access_type=offline&hd=example.com&response_mode=query"
+    )
+    url = build([*good_params(), ("response_mode", "query")])
+    assert check_link(url, request).state == STATE
+    # ...but only with the value asked for.
+    url = build([*good_params(), ("response_mode", "form_post")])
+    assert any("response_mode is missing or changed" in p for p in problems_of(url, request))
+
+
+def test_an_extra_scope_that_holds_the_state_is_counted_not_named() -> None:
+    problems = problems_of(build(edit(scope=f"openid email offline_access {STATE}")))
+    assert "scope has 1 other(s), which the profile did not ask for" in problems
+
+
+def test_offline_access_is_the_one_scope_beyond_the_request_allowed() -> None:
+    request = make_request(scopes=["read"], disable_offline_access=True)
+    assert check_link(build(edit(scope="read offline_access")), request).state == STATE
+    assert "scope has write, which the profile did not ask for" in problems_of(
+        build(edit(scope="read write")), request
+    )
+
+
+def _profile(**pins: str) -> dict[str, Any]:
+    return {
+        "name": "p",
+        "organisation_id": "01J9Z6ZQ7T8KX3N5V2W4Y6A8C0",
+        "connector_id": "01J9Z6ZQ7T8KX3N5V2W4Y6A8C1",
+        "credential_id": "01J9Z6ZQ7T8KX3N5V2W4Y6A8C2",
+        "client_id": "client-123",
+        "authorize_url": ENDPOINT,
+        **pins,
+    }
+
+
+def test_the_profile_may_pin_the_redirect_uri_or_its_host() -> None:
+    from onboarding.profile import ConnectorProfile
+
+    profile = ConnectorProfile.model_validate(
+        _profile(redirect_uri=REDIRECT, redirect_host="App.Versori.com")
+    )
+    assert profile.redirect_uri == REDIRECT
+    assert profile.redirect_host == "app.versori.com"
+    assert ConnectorProfile.model_validate(_profile()).redirect_uri is None
+
+
+@pytest.mark.parametrize(
+    ("pins", "expected"),
+    [
+        ({"redirect_uri": "http://app.versori.com/cb"}, "must be an https URL"),
+        ({"redirect_uri": "/oauth2/callback"}, "absolute"),
+        ({"redirect_host": "https://app.versori.com"}, "host name alone"),
+        ({"redirect_host": "app.versori.com:443"}, "host name alone"),
+        ({"redirect_host": "app.versori.com/cb"}, "host name alone"),
+        ({"redirect_uri": REDIRECT, "redirect_host": "other.example"}, "make them agree"),
+    ],
+)
+def test_bad_redirect_pins_are_refused(pins: dict[str, str], expected: str) -> None:
+    from pydantic import ValidationError
+
+    from onboarding.profile import ConnectorProfile
+
+    with pytest.raises(ValidationError, match=expected):
+        ConnectorProfile.model_validate(_profile(**pins))
+
+
+def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: Path) -> None:
+    """The pins reach the check: a link to an attacker's redirect_uri is never stored."""
+    import httpx
+
+    from onboarding.client import VersoriClient
+    from onboarding.ledger import Ledger
+    from onboarding.onboard import OnboardingJob, onboard_tenant
+    from onboarding.profile import ConnectorProfile
+    from onboarding.roster import Tenant
+
+    hostile = build(edit(redirect_uri=ATTACKER))
+
+    def versori(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"url": hostile})
+
+    profile = ConnectorProfile.model_validate(
+        _profile(
+            authorize_url=f"{ENDPOINT}?tenant=acme",
+            scopes=["openid", "email"],
+            additional_params="access_type=offline&hd=example.com",
+            redirect_host="app.versori.com",
+        )
+    )
+    tenant = Tenant(tenant_id="t1", name="T1", admin_email="a@x.example", fields={})
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    client = VersoriClient(
+        api_key="k", base_url="https://x.example", transport=httpx.MockTransport(versori)
+    )
+    with client:
+        job = OnboardingJob(profile=profile, client=client, ledger=ledger)
+        with pytest.raises(LinkCheckError, match="redirect_host"):
+            onboard_tenant(job, tenant)
+        record = ledger.get("t1", profile.connector_id)
+        assert record is not None and not record.url
+        # The same link without the pin is accepted: the pin is what refused it.
+        job = OnboardingJob(
+            profile=profile.model_copy(update={"redirect_host": None}), client=client, ledger=ledger
+        )
+        assert onboard_tenant(job, tenant).ok
