@@ -16,7 +16,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.events import TenantEventSender, on_temporary_server
-from onboarding.client import VersoriClient
+from onboarding.client import VersoriClient, parse_retry_after
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
@@ -25,6 +25,8 @@ from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
     from onboarding.mail import MailSender, MailTemplates, SmtpSettings
 
 
@@ -99,6 +101,12 @@ def make_pacer(profile: ConnectorProfile) -> Pacer:
     return Pacer(acquire=SlotDispenser(name, rate, block))
 
 
+log = logging.getLogger(__name__)
+
+# Waits between tries of a failed slot request (transport error or 5xx): about 7.5 s in all.
+SLOT_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
 class SlotDispenser:
     """Takes slots from the global limit `block` at a time and hands them out one by one, at
     most `rate` a second from this process.
@@ -110,8 +118,9 @@ class SlotDispenser:
     `rate_limit`) with the synchronous client, and honours the server's 423 + Retry-After the
     same way. A block of rate/2 slots needs about two requests a second; the next block is
     fetched in the background while the current one is spent, and the local spacing keeps a
-    block from reaching the API as a burst. A failed fetch fails only the callers waiting for
-    that block; the next caller fetches again."""
+    block from reaching the API as a burst. A fetch that fails on a transport error or a 5xx
+    is retried (SLOT_RETRY_DELAYS); one that still fails fails only the callers waiting for
+    that block, and the next caller fetches again."""
 
     def __init__(self, name: str, rate: float, block: int) -> None:
         self.name, self.block = name, block
@@ -152,26 +161,55 @@ class SlotDispenser:
         threading.Thread(target=fetch, name=f"slots-{self.name}", daemon=True).start()
 
     def _take_block(self) -> None:
-        from httpx import HTTPStatusError
+        """One block of slots. A transport error or a 5xx from the API is retried (a new
+        client each time, after SLOT_RETRY_DELAYS), so one blip costs no caller its slot."""
+        from httpx import HTTPStatusError, TransportError
         from prefect.client.orchestration import get_client
 
-        with get_client(sync_client=True) as client:
-            while True:
-                try:
-                    response = client.increment_concurrency_slots(
-                        names=[self.name], slots=self.block, mode="rate_limit"
-                    )
-                except HTTPStatusError as err:
-                    if err.response.status_code != 423:
-                        raise
-                    time.sleep(float(err.response.headers.get("Retry-After", 1.0)))
-                    continue
-                if not response.json():  # strict: a limit that vanished is an error
-                    raise InputError(
-                        f"the global concurrency limit {self.name!r} does not exist any more; "
-                        "it is created at the start of each run"
-                    )
+        delays = iter(SLOT_RETRY_DELAYS)
+        while True:
+            try:
+                with get_client(sync_client=True) as client:
+                    self._increment(client)
                 return
+            except (TransportError, ConnectionError, TimeoutError) as err:
+                failure: BaseException = err
+            except HTTPStatusError as err:
+                if err.response.status_code < 500:
+                    raise
+                failure = err
+            delay = next(delays, None)
+            if delay is None:
+                raise failure
+            log.warning(
+                "Slots of %s: the concurrency API failed (%s); retrying in %g s",
+                self.name,
+                type(failure).__name__,
+                delay,
+            )
+            time.sleep(delay)
+
+    def _increment(self, client: SyncPrefectClient) -> None:
+        from httpx import HTTPStatusError
+
+        while True:
+            try:
+                response = client.increment_concurrency_slots(
+                    names=[self.name], slots=self.block, mode="rate_limit"
+                )
+            except HTTPStatusError as err:
+                if err.response.status_code != 423:
+                    raise
+                # Clamped, as a Versori 429 is: an odd header never stalls pacing for long.
+                wait = parse_retry_after(err.response.headers.get("Retry-After"))
+                time.sleep(1.0 if wait is None else wait)
+                continue
+            if not response.json():  # strict: a limit that vanished is an error
+                raise InputError(
+                    f"the global concurrency limit {self.name!r} does not exist any more; "
+                    "it is created at the start of each run"
+                )
+            return
 
 
 def open_job(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from onboarding import constants
 from onboarding.pacing import CATCH_UP_SECONDS, Pacer, Spacing
 
 
@@ -79,6 +80,120 @@ def test_slots_recover_after_the_concurrency_api_failed_once(
     for _ in range(5):  # the API is back: every later call gets its slot
         dispenser()
     assert len(calls) >= 4
+
+
+class FlakyConcurrencyAPI:
+    """Stands in for Prefect's sync client: `increment_concurrency_slots` raises each error of
+    `failures` in turn, then grants every request."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = list(failures)
+        self.requests = 0
+        self.clients = 0
+
+    def __call__(self, sync_client: bool = False) -> Any:
+        assert sync_client
+        self.clients += 1
+        return self
+
+    def __enter__(self) -> FlakyConcurrencyAPI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def increment_concurrency_slots(self, names: list[str], slots: int, mode: str) -> Any:
+        import httpx
+
+        self.requests += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return httpx.Response(200, json=[{"name": names[0]}])
+
+
+def _status_error(status: int, headers: dict[str, str] | None = None) -> BaseException:
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/v2/concurrency_limits/increment")
+    response = httpx.Response(status, headers=headers, request=request)
+    return httpx.HTTPStatusError(f"{status}", request=request, response=response)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: ConnectionError("the API went away for a moment"),
+        lambda: __import__("httpx").ConnectError("All connection attempts failed"),
+        lambda: _status_error(503),
+    ],
+    ids=["ConnectionError", "httpx.ConnectError", "503"],
+)
+def test_one_failed_slot_request_is_retried_and_pacing_recovers(
+    monkeypatch: pytest.MonkeyPatch, failure: Any
+) -> None:
+    """Issue 10 #9: the sync client fails once; no caller fails, every later slot is granted."""
+    import prefect.client.orchestration
+
+    from flows import common
+    from flows.common import SlotDispenser
+
+    api = FlakyConcurrencyAPI([failure()])
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
+    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    dispenser = SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)
+    for _ in range(9):
+        dispenser()
+    assert api.requests >= 5
+    assert api.clients == api.requests, "a new client for every try"
+
+
+def test_slot_requests_recover_after_the_retries_are_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.client.orchestration
+
+    from flows import common
+    from flows.common import SlotDispenser
+
+    api = FlakyConcurrencyAPI([ConnectionError("down")] * 3)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
+    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    dispenser = SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)
+    with pytest.raises(ConnectionError):
+        dispenser()  # three failures in a row: this caller is told
+    for _ in range(5):  # the API is back: every later call gets its slot
+        dispenser()
+
+
+def test_a_client_error_from_the_concurrency_api_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+    import prefect.client.orchestration
+
+    from flows import common
+    from flows.common import SlotDispenser
+
+    api = FlakyConcurrencyAPI([_status_error(404)])
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
+    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    with pytest.raises(httpx.HTTPStatusError):
+        SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)()
+    assert api.requests == 1
+
+
+def test_a_hostile_retry_after_on_423_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.client.orchestration
+
+    from flows import common
+    from flows.common import SlotDispenser
+
+    slept: list[float] = []
+    api = FlakyConcurrencyAPI(
+        [_status_error(423, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"})]
+    )
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)._take_block()
+    assert slept == [constants.MAX_RETRY_AFTER_SECONDS]
 
 
 @pytest.mark.usefixtures("prefect_harness")
