@@ -259,12 +259,16 @@ class MailSender:
             problem("ONBOARD_SMTP_PASSWORD", "is not set, but ONBOARD_SMTP_USERNAME is")
         if password is not None and not username:
             problem("ONBOARD_SMTP_USERNAME", "is not set, but ONBOARD_SMTP_PASSWORD is")
-        if username and security == "none" and host and not _is_loopback(host):
+        if security == "none" and host and not _is_loopback(host):
+            # Every message carries a tenant's authorize link (and AUTH the password): never in
+            # clear across a network. Plain SMTP only to a relay on this machine.
             problem(
                 "ONBOARD_SMTP_SECURITY",
-                f"is 'none' and ONBOARD_SMTP_USERNAME is set: refusing to send the password "
-                f"in clear to {host}; use starttls or ssl (plaintext AUTH only to a loopback "
-                "host)",
+                f"is 'none' for {host}, which is not a loopback host: refusing to send "
+                "authorize links"
+                + (" and the password" if username else "")
+                + " in clear; use starttls or ssl (security none only to 127.0.0.1, ::1 or "
+                "localhost)",
             )
         tls: ssl.SSLContext | None = None
         if security in ("starttls", "ssl"):
@@ -626,7 +630,9 @@ class _SampleTenant(Tenant):
         return out
 
 
-_SAMPLE_LINK = "https://auth.example.com/oauth2/authorize?state=sample-state-0123456789"
+_SAMPLE_HOST = "auth.example.com"
+_SAMPLE_STATE = "sample-state-0123456789"
+_SAMPLE_LINK = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}"
 
 
 class MailTemplates:
@@ -668,6 +674,7 @@ class MailTemplates:
             self._templates[name] = template
             self.files[name] = Path(template.filename or name)
         self.tenant_fields_used = self._fields_used()
+        self._subject_uses_link = self._uses_link("subject.txt")
         self._check()
 
     def __repr__(self) -> str:
@@ -734,11 +741,21 @@ class MailTemplates:
             problems = []
             if not subject or _has_line_break(subject):
                 problems.append((TEMPLATE_NAMES[0], "must render to exactly one non-empty line"))
+            elif self._subject_uses_link or _SAMPLE_STATE in subject or _SAMPLE_HOST in subject:
+                # Subjects end up in mail logs, list views and notifications: never the link.
+                problems.append(
+                    (TEMPLATE_NAMES[0], "must not show the link (or its state); remove {{ link }}")
+                )
             for name in TEMPLATE_NAMES[1:]:
                 if _SAMPLE_LINK not in out[name]:
                     problems.append((name, "does not show the link: use {{ link }}"))
             if problems:
                 raise InputError([Problem(str(self.files[n]), None, "", m) for n, m in problems])
+
+    def _uses_link(self, name: str) -> bool:
+        """Whether a template reads the variable `link` anywhere (filters, slices included)."""
+        source = self.files[name].read_text(encoding="utf-8")
+        return any(n.name == "link" for n in self._env.parse(source).find_all(nodes.Name))
 
     def _fields_used(self) -> list[str]:
         """Roster columns the templates read as tenant.fields.<x> or tenant.values.<x>."""

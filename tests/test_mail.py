@@ -276,6 +276,25 @@ def test_broken_override_fails_at_load(
     assert name in str(info.value) and expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "Connect now: {{ link }}",
+        "Connect {{ link | upper }}",
+        "Your code {{ link[-20:] }}",
+        "{% set x = link %}Connect {{ x }}",
+        "Connect {{ link.split('state=')[1] }}",
+    ],
+)
+def test_a_subject_that_shows_the_link_is_refused_at_load(tmp_path: Path, source: str) -> None:
+    """Subjects land in mail logs, list views and notifications: never the link or its state."""
+    (tmp_path / "subject.txt").write_text(source)
+    with pytest.raises(InputError) as info:
+        MailTemplates(tmp_path)
+    text = str(info.value)
+    assert "subject.txt" in text and "must not show the link" in text
+
+
 def test_missing_tenant_field_at_render_is_input_error_without_link(tmp_path: Path) -> None:
     (tmp_path / "body.txt").write_text("{{ link }} for {{ tenant.fields.region }}")
     templates = MailTemplates(tmp_path)
@@ -356,6 +375,19 @@ def test_wrong_password(templates: MailTemplates, caplog: pytest.LogCaptureFixtu
     assert err.__cause__ is None and err.__suppress_context__
     for secret in (wrong, PASSWORD):
         assert secret not in str(err) and secret not in repr(err) and secret not in caplog.text
+
+
+@pytest.mark.parametrize("host", ["smtp.example.com", "10.0.0.25", "mail.internal"])
+def test_plain_smtp_to_a_remote_host_is_refused_even_without_auth(host: str) -> None:
+    """Every message carries an authorize link: not in clear across a network."""
+    with pytest.raises(InputError, match="ONBOARD_SMTP_SECURITY") as info:
+        MailSender(host=host, security="none", email_from=FROM)
+    assert host in str(info.value) and "starttls or ssl" in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])
+def test_plain_smtp_to_loopback_stays_allowed_for_the_demo_server(host: str) -> None:
+    MailSender(host=host, security="none", email_from=FROM).close()
 
 
 def test_plaintext_auth_is_refused_unless_loopback() -> None:
