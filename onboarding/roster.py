@@ -8,10 +8,13 @@ memory as objects.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import ipaddress
 import json
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,14 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.profile import ConnectorProfile
+from onboarding.profile import (
+    ConnectorProfile,
+    load_yaml_with_lines,
+    resolve_under,
+    template_fields,
+    without_quotes,
+)
+from onboarding.settings import InputSettings
 
 REQUIRED_COLUMNS = ("tenant_id", "name", "admin_email")
 FORMATS = {
@@ -37,6 +47,9 @@ FORMATS = {
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
 MAX_PROBLEMS = 200
+# A YAML roster is parsed whole (CSV, JSON Lines are streamed): past these, use one of those.
+YAML_MAX_BYTES = 16 * 1024 * 1024
+YAML_MAX_NODES = 500_000
 
 
 class Tenant(BaseModel):
@@ -109,11 +122,13 @@ def open_roster_slice(
     first: int,
     stop: int,
     only: Iterable[str] | None = None,
+    *,
+    root: str | Path | None = None,
 ) -> Roster:
     """Tenants first..stop-1 (counting those `only` selects) of a roster that `load_roster`
     checked as a whole, without checking every row again: a batch's chunk reads its part this
     way. The file must be the one that was checked: a changed roster is refused."""
-    source, path, tmp = _fetch(location, where=" where this worker looked")
+    source, path, tmp = _fetch(location, where=" where this worker looked", root=root)
     if _digest(path) != digest:
         raise InputError(
             f"{source}: the roster changed after the batch checked it; start a new run so "
@@ -133,10 +148,13 @@ def display_source(location: str | Path) -> str:
     """A roster's location fit for logs and run names: a URL loses its user info, query and
     fragment, where signed URLs keep their tokens."""
     text = str(location)
-    if text.startswith(("http://", "https://")):
-        parts = urlsplit(text)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
+    if _URL.match(text):
+        try:
+            parts = urlsplit(text)
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # a bad port or [host]: loading says so; a label must not fail
+            return f"{text.split(':', 1)[0]}://(not a valid URL)"
         return f"{parts.scheme}://{host}{port}{parts.path}"
     return text
 
@@ -146,9 +164,15 @@ def load_roster(
     profile: ConnectorProfile | None = None,
     only: Iterable[str] | None = None,
     also_needs: Iterable[str] = (),
+    *,
+    root: str | Path | None = None,
 ) -> Roster:
-    """Check every row; raise InputError listing all problems, or return a streamable Roster."""
-    source, path, tmp = _fetch(location)
+    """Check every row; raise InputError listing all problems, or return a streamable Roster.
+
+    A URL is read only as InputSettings allow (https, or http to loopback; allowed hosts; size
+    and time caps). With `root` (runs started through a deployment), a local path must lie
+    under it."""
+    source, path, tmp = _fetch(location, root=root)
     fmt = FORMATS.get(Path(urlsplit(source).path).suffix.lower())
     if fmt is None:
         raise InputError(
@@ -200,35 +224,168 @@ def load_inline_roster(
     return Roster(INLINE_SOURCE, path, "jsonl", count, wanted, tmp, digest=_digest(path))
 
 
-def _fetch(location: str | Path, where: str = "") -> tuple[str, Path, Any]:
-    """(label, local path, temporary folder or None): a URL is downloaded first."""
+def _fetch(
+    location: str | Path, where: str = "", root: str | Path | None = None
+) -> tuple[str, Path, Any]:
+    """(label, local path, temporary folder or None): a URL is downloaded first, if the rules
+    of InputSettings allow it; with `root`, a local path must lie under it."""
     source = display_source(location)
-    if source.startswith(("http://", "https://")):
-        tmp, path = _download(str(location))
+    if _URL.match(str(location)):
+        tmp, path = _download(str(location), source, InputSettings())
         return source, path, tmp
-    path = Path(location)
+    path = resolve_under(Path(location), root, source, "roster")
     if not path.exists():
         raise InputError(f"{source}: roster file not found{where}")
     if path.is_dir():
         raise InputError(f"{source}: is a folder; give the roster file")
+    if not path.is_file():
+        raise InputError(f"{source}: not a regular file; give the roster file")
     return source, path, None
 
 
-def _download(url: str) -> tuple[Any, Path]:
-    tmp = tempfile.TemporaryDirectory(prefix="onboard-roster-")
-    path = Path(tmp.name) / (Path(urlsplit(url).path).name or "roster")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+MAX_REDIRECTS = 5
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        with httpx.stream("GET", url, timeout=30, follow_redirects=True) as response:
-            response.raise_for_status()
-            with path.open("wb") as out:
-                for chunk in response.iter_bytes():
-                    out.write(chunk)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _allowed(host: str, allowed: frozenset[str]) -> bool:
+    return host in allowed or any(
+        a.startswith("*.") and host.endswith(a[1:]) and len(host) > len(a) - 1 for a in allowed
+    )
+
+
+def _checked_url(url: str, settings: InputSettings, label: str) -> httpx.URL:
+    """The URL as httpx will request it, or InputError (before any connection) unless it is
+    https, or http to a loopback address, to a host ONBOARD_ROSTER_ALLOWED_HOSTS names. `label`
+    says which URL ("the roster URL", "redirect 2"); nothing of the URL's query is quoted."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0-65535
+        parsed = httpx.URL(url)
+        host = (parts.hostname or "").rstrip(".")
+        ok = (
+            bool(host)
+            and (_HOSTNAME.match(host) is not None or _is_ip(host))
+            and parsed.host.rstrip(".").lower() == host
+            and parsed.scheme == parts.scheme.lower()
+        )
+    except (ValueError, httpx.InvalidURL):
+        ok = False
+    if not ok:
+        raise InputError(f"{label}: not a valid URL (give https://host/path/roster.csv)")
+    shown = f"{parts.scheme.lower()}://{host}{f':{port}' if port else ''}"
+    if parsed.scheme not in ("http", "https"):
+        raise InputError(f"{label} ({shown}): only https URLs are read")
+    if parsed.scheme == "http" and not _is_loopback(host):
+        raise InputError(
+            f"{label} ({shown}): plain http is read from this machine (loopback) only; use https"
+        )
+    if not _allowed(host, settings.allowed_hosts):
+        raise InputError(
+            f"{label} ({shown}): {host} is not a host rosters may come from; an operator "
+            "allows it with ONBOARD_ROSTER_ALLOWED_HOSTS (comma-separated, *.example.com for "
+            "subdomains)"
+        )
+    return parsed
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _download(url: str, source: str, settings: InputSettings) -> tuple[Any, Path]:
+    """Download to a temporary folder within ONBOARD_ROSTER_DOWNLOAD_SECONDS (the whole of it:
+    connecting, redirects and every byte) and ONBOARD_ROSTER_MAX_BYTES; each redirect is checked
+    by the same rules as the URL itself before it is followed."""
+    first = _checked_url(url, settings, source)
+    tmp = tempfile.TemporaryDirectory(prefix="onboard-roster-")
+    path = Path(tmp.name) / ("roster" + Path(urlsplit(url).path).suffix.lower())
+    stop = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def work() -> None:
+        try:
+            _get(first, source, settings, path, stop)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    # The transfer runs in a thread of its own so that the deadline holds whatever the server
+    # does (one byte just inside every read timeout); a late thread stops at its next read.
+    worker = threading.Thread(target=work, name="roster-download", daemon=True)
+    worker.start()
+    worker.join(settings.roster_download_seconds)
+    if worker.is_alive() or not outcome:
+        stop.set()
+        raise InputError(
+            f"{source}: the roster was not downloaded within {settings.roster_download_seconds:g}"
+            " s (ONBOARD_ROSTER_DOWNLOAD_SECONDS); try again, or copy it next to the workers"
+        )
+    if outcome[0] is not None:
+        raise outcome[0]
+    return tmp, path
+
+
+def _get(
+    url: httpx.URL, source: str, settings: InputSettings, path: Path, stop: threading.Event
+) -> None:
+    cap = settings.roster_max_bytes
+    too_big = InputError(
+        f"{source}: larger than {cap} bytes (ONBOARD_ROSTER_MAX_BYTES); split the roster or "
+        "raise the cap"
+    )
+    read = min(30.0, settings.roster_download_seconds)
+    try:
+        with httpx.Client(
+            timeout=httpx.Timeout(read, connect=min(10.0, read)),
+            follow_redirects=False,
+            headers={"Accept-Encoding": "identity"},
+        ) as client:
+            for hop in range(MAX_REDIRECTS + 1):
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        if hop == MAX_REDIRECTS:
+                            raise InputError(f"{source}: more than {MAX_REDIRECTS} redirects")
+                        target = response.headers.get("location", "")
+                        try:
+                            following = str(url.join(target))
+                        except (httpx.InvalidURL, ValueError):
+                            following = ":"  # refused as not a valid URL just below
+                        url = _checked_url(following, settings, f"{source}: redirect {hop + 1}")
+                        continue
+                    response.raise_for_status()
+                    length = response.headers.get("content-length", "")
+                    if length.isdigit() and int(length) > cap:
+                        raise too_big
+                    total = 0
+                    with path.open("wb") as out:
+                        for chunk in response.iter_bytes():
+                            if stop.is_set():
+                                return
+                            total += len(chunk)
+                            if total > cap:
+                                raise too_big
+                            out.write(chunk)
+                    return
     except httpx.HTTPError as err:
         # httpx's message would repeat the URL, token and all: name the failure by its type.
         status = getattr(getattr(err, "response", None), "status_code", None)
         why = f"HTTP {status}" if status else type(err).__name__
-        raise InputError(f"{display_source(url)}: cannot download the roster ({why})") from err
-    return tmp, path
+        raise InputError(f"{source}: cannot download the roster ({why})") from None
+    except OSError as err:
+        raise InputError(f"{source}: cannot save the roster ({err.strerror})") from None
 
 
 def _check(
@@ -251,8 +408,15 @@ def _check(
             if name not in columns:
                 header_missing.add(name)
                 used = "" if name in REQUIRED_COLUMNS else " (the profile's templates use it)"
+                # The header is not quoted: a file that is no roster may hold anything there.
                 problems.append(
-                    Problem(source, 1, name, f"no such column{used}; columns: {', '.join(columns)}")
+                    Problem(
+                        source,
+                        1,
+                        name,
+                        f"no such column among the header's {len(columns)}{used}; check "
+                        "the first line's spelling",
+                    )
                 )
     for line, raw in _records(path, fmt, source):
         values, row_problems = _normalise(raw)
@@ -295,13 +459,33 @@ def _check(
             try:
                 validate_email(email, check_deliverability=False)
             except EmailNotValidError as err:
-                problems.append(Problem(source, line, "admin_email", str(err)))
+                problems.append(Problem(source, line, "admin_email", without_quotes(str(err))))
         if profile and all(values.get(n) for n in needed):
             problems += [Problem(source, line, f, m) for f, m in _render_problems(profile, values)]
     return problems, set(first_line)
 
 
+_IN_PATH_REFUSED = frozenset("/?#%\\")
+
+
+@functools.lru_cache(maxsize=64)
+def _path_fields(template: str) -> tuple[str, ...]:
+    """The {fields} of an authorize_url template that land in its path."""
+    names = template_fields(template)
+    markers = {name: f"zq{i}qz" for i, name in enumerate(names)}
+    path = urlsplit(template.format_map(markers)).path
+    return tuple(name for name in names if markers[name] in path)
+
+
 def _render_problems(profile: ConnectorProfile, values: dict[str, str]) -> list[tuple[str, str]]:
+    in_path = _path_fields(profile.authorize_url)
+    walks = [
+        (name, "lands in the authorize_url path: no / ? # % \\ and not . or ..; fix the value")
+        for name in in_path
+        if values.get(name, "") in (".", "..") or _IN_PATH_REFUSED & set(values.get(name, ""))
+    ]
+    if walks:
+        return walks
     try:
         request = profile.render(values)
     except ValidationError as err:
@@ -309,10 +493,11 @@ def _render_problems(profile: ConnectorProfile, values: dict[str, str]) -> list[
             (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
             for e in err.errors()
         ]
-    host = urlsplit(request.authorize_url).hostname or ""
+    parts = urlsplit(request.authorize_url)
+    if {".", ".."} & set(parts.path.split("/")):
+        return [(", ".join(in_path), "make a . or .. segment of the authorize_url path")]
+    host = parts.hostname or ""
     if not _HOSTNAME.match(host):
-        from onboarding.profile import template_fields
-
         used = ", ".join(template_fields(profile.authorize_url)) or "authorize_url"
         return [(used, "makes the authorize_url host invalid (letters, digits, - and . only)")]
     return []
@@ -335,7 +520,7 @@ def _normalise(raw: Any) -> tuple[dict[str, str], list[tuple[str, str]]]:
     values: dict[str, str] = {}
     problems: list[tuple[str, str]] = []
     for key, value in raw.items():
-        if key is None:  # csv.DictReader puts surplus cells under None
+        if key is None and isinstance(value, list):  # surplus CSV cells come under None
             problems.append(("", f"has {len(value)} more value(s) than the header has columns"))
             continue
         key = str(key).strip()
@@ -353,8 +538,19 @@ def _normalise(raw: Any) -> tuple[dict[str, str], list[tuple[str, str]]]:
             # Values end up in email headers and URLs; a line break could inject either.
             problems.append((key, "contains a line break or NUL; remove it"))
             continue
+        if not (value.isascii() or _encodes(value)) or not (key.isascii() or _encodes(key)):
+            problems.append((key, "is not valid Unicode text (a lone surrogate); fix it"))
+            continue
         values[key] = value
     return values, problems
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _csv_header(path: Path, source: str) -> list[str]:
@@ -421,9 +617,19 @@ def _jsonl_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
+                row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise InputError([Problem(source, number, "", f"bad JSON: {err.msg}")]) from err
+                raise InputError([Problem(source, number, "", f"bad JSON: {err.msg}")]) from None
+            except (RecursionError, ValueError) as err:
+                raise InputError([Problem(source, number, "", _json_limit(err))]) from None
+            yield number, row
+
+
+def _json_limit(err: BaseException) -> str:
+    """What is wrong when the JSON decoder stops short of a syntax error."""
+    if isinstance(err, RecursionError):
+        return "bad JSON: nested too deeply"
+    return "bad JSON: a number with too many digits"
 
 
 def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
@@ -460,7 +666,9 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
-            raise fail(err.pos, f"bad JSON: {err.msg}") from err
+            raise fail(err.pos, f"bad JSON: {err.msg}") from None
+        except (RecursionError, ValueError) as err:
+            raise fail(pos, _json_limit(err)) from None
         if not isinstance(document.get("tenants"), list):
             raise fail(pos, 'expected a JSON array of tenants, or {"tenants": [...]}')
         pos = tenants_value(pos)  # the document parsed, so this walk cannot fail
@@ -471,7 +679,9 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         try:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise fail(err.pos, f"bad JSON: {err.msg}") from err
+            raise fail(err.pos, f"bad JSON: {err.msg}") from None
+        except (RecursionError, ValueError) as err:
+            raise fail(pos, _json_limit(err)) from None
         yield text.count("\n", 0, pos) + 1, item
         pos = skip(end)
         if text.startswith(",", pos):
@@ -486,9 +696,9 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
 
 
 def _yaml_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
-    from onboarding.profile import load_yaml_with_lines
-
-    data, lines = load_yaml_with_lines(path)
+    data, lines = load_yaml_with_lines(
+        path, source, max_bytes=YAML_MAX_BYTES, max_nodes=YAML_MAX_NODES, what="roster"
+    )
     prefix: tuple[str | int, ...] = ()
     if isinstance(data, dict) and isinstance(data.get("tenants"), list):
         data, prefix = data["tenants"], ("tenants",)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,3 +30,37 @@ class LedgerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
 
     db_url: str = "sqlite:///onboarding.db"
+
+
+class InputSettings(BaseSettings):
+    """Where rosters and profiles may come from, and how much of them is read.
+
+    ONBOARD_ROSTER_ALLOWED_HOSTS: hosts a roster URL (and every redirect) may name, separated by
+    commas; `*.example.com` allows its subdomains. Empty (the default): no roster URLs at all.
+    ONBOARD_ROSTER_MAX_BYTES, ONBOARD_ROSTER_DOWNLOAD_SECONDS: a download's size cap and whole
+    deadline. ONBOARD_FILES_ROOT: for runs started through a deployment, the folder every local
+    profile and roster must lie in (unset: the run's working folder, the project checkout).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
+
+    roster_allowed_hosts: str = ""
+    roster_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    roster_download_seconds: float = Field(120.0, gt=0)
+    files_root: str | None = None
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        return frozenset(
+            h.strip().lower().rstrip(".") for h in self.roster_allowed_hosts.split(",") if h.strip()
+        )
+
+
+def files_root(from_deployment: bool) -> Path | None:
+    """The folder a run's local profile and roster must lie in: none for a run started by hand
+    (the CLI, a flow called in Python), ONBOARD_FILES_ROOT (default: the working folder, the
+    project checkout) for a run started through a deployment, where the caller chose them."""
+    if not from_deployment:
+        return None
+    configured = InputSettings().files_root
+    return Path(configured) if configured else Path.cwd()

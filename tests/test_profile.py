@@ -413,3 +413,93 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
     problem = only_problem(path)
     assert problem.line == 1
     assert "a profile is a YAML mapping" in problem.message
+
+
+# --- no content in errors, bombs, where a profile may be (issue 10, #1 and #5) -----------------
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("app.ini", f"[database]\npassword = {SECRET}\n"),
+        ("app.yaml", f"[database]\npassword = {SECRET}\n"),
+        ("app.yaml", f"name: x\npassword: {SECRET}: more\n"),
+        ("app.yaml", f'name: x\ntoken: "{SECRET}\\q"\n'),
+        ("app.yaml", f"name: x\n\tpassword: {SECRET}\n"),
+        ("app.yaml", f"name: *{SECRET}\n"),
+        ("app.yaml", f"name: !{SECRET} x\n"),
+        ("app.yaml", f"organisation_id: {SECRET}\n"),
+        ("app.yaml", f"name: x\nscopes: [{SECRET}\n"),
+    ],
+)
+def test_errors_never_quote_the_file(tmp_path: Path, name: str, text: str) -> None:
+    path = write(tmp_path, text, name)
+    with pytest.raises(InputError) as caught:
+        load_profile(path)
+    assert SECRET not in str(caught.value)
+    assert all(p.source == str(path) for p in caught.value.problems)
+
+
+def test_a_profile_is_a_yaml_file(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE, "profile.ini")
+    (problem,) = problems_of(path)
+    assert "name the profile .yaml" in problem.message
+
+
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+scopes: *g
+"""
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (BOMB, 2, "alias"),
+        ("&t [*t]\n", 1, "alias"),
+        (BASE + "prompt: *x\n", 12, "alias"),
+        ("scopes: " + "[" * 5000 + "]" * 5000 + "\n", 1, "nest"),
+        ("scopes: " + "{a: " * 3000 + "b" + "}" * 3000 + "\n", 1, "nest"),
+        ("scopes:\n" + "".join("  " * n + "- \n" for n in range(100)), 33, "nested"),
+        ("name: x\nlink_ttl_hours: " + "1" * 5000 + "\n", 2, "YAML"),
+        ("? [a, b]\n: c\n", 1, "YAML"),
+        ("!!python/object/apply:os.system [ls]\n", 1, "YAML"),
+    ],
+)
+def test_bombs_and_oddities_are_input_errors(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    import time
+
+    path = write(tmp_path, text)
+    started = time.monotonic()
+    problem = only_problem(path)
+    assert time.monotonic() - started < 5
+    assert (problem.source, problem.line) == (str(path), line)
+    assert message in problem.message
+
+
+def test_a_profile_has_a_size_cap(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "#" * (2 * 1024 * 1024) + "\n")
+    assert "larger than" in only_problem(path).message
+
+
+def test_a_profile_outside_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    inside = write(root, BASE)
+    outside = write(tmp_path, BASE, "other.yaml")
+    (root / "link.yaml").symlink_to(outside)
+    assert load_profile(inside, root=root).name == "Test Profile"
+    for path in (outside, root / ".." / "other.yaml", root / "link.yaml", tmp_path / "no.yaml"):
+        with pytest.raises(InputError, match="outside the folder runs may read"):
+            load_profile(path, root=root)

@@ -5,15 +5,24 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from onboarding.errors import InputError, Problem
 from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import MAX_PROBLEMS, Tenant, load_roster, open_roster_slice
+from onboarding.roster import (
+    MAX_PROBLEMS,
+    Tenant,
+    display_source,
+    load_roster,
+    open_roster_slice,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HEADER = "tenant_id,name,admin_email,subdomain,plan"
@@ -404,9 +413,12 @@ def test_missing_columns_reported_once_at_line_1(tmp_path: Path, profile: Connec
     path = write(tmp_path, "t.csv", text)
     problems = problems_of(path, profile)
     assert located(problems) == [(1, "name"), (1, "subdomain")]
-    assert problems[0].message == "no such column; columns: tenant_id, admin_email, plan"
+    assert problems[0].message == (
+        "no such column among the header's 3; check the first line's spelling"
+    )
     assert problems[1].message == (
-        "no such column (the profile's templates use it); columns: tenant_id, admin_email, plan"
+        "no such column among the header's 3 (the profile's templates use it); check the first "
+        "line's spelling"
     )
     assert str(problems[1]).startswith(f"{path}:1: subdomain: no such column")
 
@@ -417,7 +429,7 @@ def test_missing_column_both_required_and_templated(
     path = write(tmp_path, "t.csv", "tenant_id,name,subdomain\nt1,A,a\n")
     (problem,) = problems_of(path, profile)
     assert (problem.line, problem.field) == (1, "admin_email")
-    assert problem.message == "no such column; columns: tenant_id, name, subdomain"
+    assert problem.message.startswith("no such column among the header's 3")
 
 
 def test_template_field_needed_only_with_a_profile(tmp_path: Path) -> None:
@@ -554,6 +566,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         thread.join(5)
 
 
+@pytest.mark.usefixtures("allow_loopback")
 def test_roster_from_http_url(served: tuple[str, Path], profile: ConnectorProfile) -> None:
     base, folder = served
     (folder / "tenants.csv").write_text(csv_text("t1,A,a@x.com,a,p", "t2,B,b@x.com,b,p"))
@@ -565,6 +578,7 @@ def test_roster_from_http_url(served: tuple[str, Path], profile: ConnectorProfil
     assert ids(load_roster(f"{base}/tenants.jsonl", profile)) == ["t1"]
 
 
+@pytest.mark.usefixtures("allow_loopback")
 def test_roster_from_http_url_problems_name_the_url(served: tuple[str, Path]) -> None:
     base, folder = served
     (folder / "bad.csv").write_text(csv_text("t1,,a@x.com,a,p"))
@@ -625,3 +639,296 @@ def test_a_slice_of_a_roster_changed_since_it_was_checked_is_refused(tmp_path: P
         open_roster_slice(path, digest, 0, 1)
     with pytest.raises(InputError, match="not found where this worker looked"):
         open_roster_slice(tmp_path / "elsewhere.csv", digest, 0, 1)
+
+
+# --- where a roster may come from (issue 10, #1) -----------------------------------------------
+
+SECRET_LINE = "AccessKeyId=AKIAEXAMPLEKEY,SecretAccessKey=wJalrXUtnFEMI-s3cr3t"
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every address a connection is opened to, in order; anything but loopback is refused
+    here, so that no test ever reaches out of the machine."""
+    opened: list[tuple[str, int]] = []
+    real = socket.create_connection
+
+    def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        opened.append((address[0], address[1]))
+        if address[0] not in ("127.0.0.1", "localhost", "::1"):
+            raise ConnectionRefusedError(f"test: no connection to {address[0]}")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return opened
+
+
+class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers by path: /redirect?to=URL, /trickle (a byte every 0.1 s), /endless (bytes with
+    no length, forever), /secret.csv (a body holding credentials)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/secret.csv":
+            body = (SECRET_LINE + "\nx,y\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path in ("/trickle.csv", "/endless.csv"):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(HEADER.encode() + b"\n")
+            until = time.monotonic() + 15
+            try:
+                while time.monotonic() < until:
+                    if path == "/trickle.csv":
+                        self.wfile.write(b"t")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    else:
+                        self.wfile.write(b"t" * 65536)
+            except OSError:
+                pass
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture
+def scripted() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "127.0.0.1")
+
+
+def test_no_roster_url_is_fetched_unless_its_host_is_allowed(
+    monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]], served: tuple[str, Path]
+) -> None:
+    base, folder = served
+    (folder / "r.csv").write_text(csv_text("t1,A,a@x.com,a,p"))
+    monkeypatch.delenv("ONBOARD_ROSTER_ALLOWED_HOSTS", raising=False)
+    for url in (f"{base}/r.csv", "https://rosters.example.com/r.csv?sig=s3cret"):
+        with pytest.raises(InputError, match="ONBOARD_ROSTER_ALLOWED_HOSTS") as caught:
+            load_roster(url)
+        assert "s3cret" not in str(caught.value)
+    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "rosters.example.com, 127.0.0.1")
+    with pytest.raises(InputError, match="https") as caught:
+        load_roster("http://rosters.example.com/r.csv?sig=s3cret")
+    assert "s3cret" not in str(caught.value)
+    assert connections == [], "refused before any connection"
+    assert ids(load_roster(f"{base}/r.csv")) == ["t1"], "plain http to an allowed loopback host"
+
+
+@pytest.mark.usefixtures("allow_loopback")
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/r.csv",  # not https, not allowed
+        "https://169.254.169.254/r.csv",  # https, but not an allowed host
+        "https://evil.example.com/r.csv?X-Amz-Signature=s3cret",
+        "http://[::1]:1/r.csv",  # loopback, but not the allowed host
+        "file:///etc/passwd",
+    ],
+)
+def test_every_redirect_hop_is_checked_before_it_is_followed(
+    scripted: str, connections: list[tuple[str, int]], target: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(InputError, match="redirect") as caught:
+        load_roster(f"{scripted}/redirect.csv?to={target}")
+    assert time.monotonic() - started < 5
+    assert [host for host, _ in connections] == ["127.0.0.1"], "only the first hop connected"
+    assert "s3cret" not in str(caught.value) and "meta-data" not in str(caught.value)
+
+
+@pytest.mark.usefixtures("allow_loopback")
+def test_a_redirect_to_an_allowed_host_is_followed(scripted: str, served: tuple[str, Path]) -> None:
+    base, folder = served
+    (folder / "r.csv").write_text(csv_text("t1,A,a@x.com,a,p"))
+    assert ids(load_roster(f"{scripted}/redirect.csv?to={base}/r.csv")) == ["t1"]
+
+
+@pytest.mark.usefixtures("allow_loopback")
+def test_errors_never_quote_what_the_server_sent(scripted: str) -> None:
+    with pytest.raises(InputError) as caught:
+        load_roster(f"{scripted}/secret.csv")
+    text = str(caught.value)
+    assert "secret.csv:1: tenant_id: no such column" in text
+    for secret in ("AKIAEXAMPLEKEY", "s3cr3t", "AccessKeyId"):
+        assert secret not in text
+
+
+@pytest.mark.usefixtures("allow_loopback")
+def test_a_download_has_a_byte_cap(scripted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONBOARD_ROSTER_MAX_BYTES", str(1024 * 1024))
+    started = time.monotonic()
+    with pytest.raises(InputError, match="larger than 1048576 bytes"):
+        load_roster(f"{scripted}/endless.csv")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.usefixtures("allow_loopback")
+def test_a_download_has_a_whole_deadline(scripted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONBOARD_ROSTER_DOWNLOAD_SECONDS", "1")
+    started = time.monotonic()
+    with pytest.raises(InputError, match="not downloaded within 1 s"):
+        load_roster(f"{scripted}/trickle.csv")
+    assert time.monotonic() - started < 3, "the deadline is for the whole download"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com:99999/r.csv",
+        "https://example.com:port/r.csv",
+        "https://[::1/r.csv",
+        "https:///r.csv",
+    ],
+)
+def test_a_malformed_url_is_an_input_error(
+    url: str, monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]]
+) -> None:
+    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "example.com")
+    with pytest.raises(InputError, match="not a valid URL"):
+        load_roster(url)
+    assert connections == []
+    display_source(url)  # a label never fails either
+
+
+def test_local_paths_must_lie_under_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    inside = write(root / "sub", "r.csv", csv_text("t1,A,a@x.com,a,p"))
+    outside = write(tmp_path, "o.csv", csv_text("t1,A,a@x.com,a,p"))
+    (root / "link.csv").symlink_to(outside)
+    assert ids(load_roster(inside, root=root)) == ["t1"]
+    digest = load_roster(inside).digest
+    assert ids(open_roster_slice(inside, digest, 0, 1, root=root)) == ["t1"]
+    for path in (outside, root / "sub" / ".." / ".." / "o.csv", root / "link.csv"):
+        with pytest.raises(InputError, match="outside the folder runs may read"):
+            load_roster(path, root=root)
+        with pytest.raises(InputError, match="outside the folder runs may read"):
+            open_roster_slice(path, digest, 0, 1, root=root)
+    with pytest.raises(InputError, match="outside the folder runs may read"):
+        load_roster(tmp_path / "missing.csv", root=root)  # the same answer: no existence oracle
+    assert ids(load_roster(outside)) == ["t1"], "no root: any path (the CLI, a local run)"
+
+
+# --- bombs and malformed input (issue 10, #5) ---------------------------------------------------
+
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+tenants: [*g]
+"""
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (BILLION_LAUGHS, 2, "alias"),
+        ("&t [*t]\n", 1, "alias"),
+        ("- &r {tenant_id: t1, name: A, admin_email: a@x.com}\n- *r\n", 2, "alias"),
+        ("[" * 5000 + "]" * 5000 + "\n", 1, "nest"),
+        ("- " * 3000 + "x\n", 1, "nest"),
+        ("- {tenant_id: " + "1" * 5000 + ", name: A, admin_email: a@x.com}\n", 1, "YAML"),
+        ("- !!python/object:os.system {}\n", 1, "YAML"),
+        ("- ? [a]\n  : b\n", 1, "YAML"),
+    ],
+)
+def test_yaml_bombs_and_oddities_are_input_errors(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    path = write(tmp_path, "r.yaml", text)
+    started = time.monotonic()
+    (problem,) = problems_of(path)
+    assert time.monotonic() - started < 5
+    assert (problem.source, problem.line) == (str(path), line)
+    assert message in problem.message
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("r.json", "[" * 100_000 + "]" * 100_000),
+        ("r.json", '{"tenants": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        ("r.json", "[" + "{" * 0 + '{"tenant_id": ' + "[" * 100_000 + "]" * 100_000 + "}]"),
+        ("r.jsonl", '{"tenant_id": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+        ("r.json", '[{"tenant_id": ' + "1" * 5000 + "}]"),
+        ("r.jsonl", '{"tenant_id": ' + "1" * 5000 + "}\n"),
+    ],
+)
+def test_deep_or_huge_json_is_an_input_error(tmp_path: Path, name: str, text: str) -> None:
+    path = write(tmp_path, name, text)
+    (problem,) = problems_of(path)
+    assert problem.source == str(path) and problem.line == 1
+    assert "JSON" in problem.message
+
+
+# --- a value that lands in the authorize URL's path (issue 10, #11) -----------------------------
+
+
+@pytest.fixture
+def path_profile() -> ConnectorProfile:
+    return ConnectorProfile.model_validate(
+        {
+            "name": "path",
+            "organisation_id": "01M8F12B95S4BX0QFB3TPDWZ0P",
+            "connector_id": "01M8F12B95S4BX0QFB3TPDWZ0Q",
+            "credential_id": "01M8F12B95S4BX0QFB3TPDWZ0R",
+            "client_id": "c",
+            "authorize_url": "https://login.example.com/t/{region}/{tenant_id}/oauth/authorize",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("region", "tenant_id"),
+    [
+        ("..", "t1"),
+        (".", "t1"),
+        ("a/b", "t1"),
+        ("a?b=1", "t1"),
+        ("a#b", "t1"),
+        ("%2e%2e", "t1"),
+        ("%2F", "t1"),
+        ("a\\b", "t1"),
+    ],
+)
+def test_a_value_in_the_authorize_url_path_cannot_walk_it(
+    tmp_path: Path, path_profile: ConnectorProfile, region: str, tenant_id: str
+) -> None:
+    rows = [
+        {"tenant_id": "t0", "name": "ok", "admin_email": "a@x.com", "region": "eu"},
+        {"tenant_id": tenant_id, "name": "bad", "admin_email": "b@x.com", "region": region},
+    ]
+    path = write(tmp_path, "r.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    (problem,) = problems_of(path, path_profile)
+    assert (problem.source, problem.line, problem.field) == (str(path), 2, "region")
+    assert "authorize_url path" in problem.message
