@@ -4,7 +4,6 @@ the onboarding and reminder flows share."""
 from __future__ import annotations
 
 import math
-import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +12,9 @@ from typing import Any
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture
-from prefect.states import Completed, Failed, State
+from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -142,8 +142,8 @@ def run_batch(
     tally = Tally()
     # Enough slices at once to keep every tenant thread busy while one slice winds down.
     slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
+    threads = tenant_threads(job, concurrency)
     in_flight: dict[PrefectFuture[list[TenantOutcome]], TenantSlice] = {}
-    finished: queue.SimpleQueue[PrefectFuture[list[TenantOutcome]]] = queue.SimpleQueue()
     announced = False
 
     def add(outcomes: list[TenantOutcome]) -> None:
@@ -156,7 +156,8 @@ def run_batch(
             logger.error("Stopping the batch: %s", job.stop_reason)
 
     def collect_one() -> None:
-        future = finished.get()
+        """Wait for the first task run in flight to finish, and count its tenants."""
+        future = next(as_completed(list(in_flight)))
         add(outcomes_of(in_flight.pop(future), future.result(raise_on_failure=False)))
 
     if size > 1:
@@ -164,16 +165,16 @@ def run_batch(
             "%d tenants per task run, %d task runs at once sharing %d tenant threads",
             size,
             slices_at_once,
-            concurrency,
+            threads,
         )
     with ExitStack() as stack:
         stack.enter_context(quiet_routine_task_logs())
         pool = None
         if size > 1:
-            pool = stack.enter_context(
-                ThreadPoolExecutor(tenant_threads(job, concurrency), "tenant")
-            )
-        runner = stack.enter_context(ThreadPoolTaskRunner(max_workers=slices_at_once))
+            pool = stack.enter_context(ThreadPoolExecutor(threads, "tenant"))
+        runner: ThreadPoolTaskRunner[list[TenantOutcome]] = stack.enter_context(
+            ThreadPoolTaskRunner(max_workers=slices_at_once)
+        )
         for item in slice_up(work, size):
             if isinstance(item, TenantOutcome):
                 add([item])
@@ -187,7 +188,6 @@ def run_batch(
                     task, {"tenant_slice": quote(item), "job": quote(job), "pool": quote(pool)}
                 )
                 in_flight[future] = item
-                future.add_done_callback(finished.put)
         while in_flight:
             collect_one()
     progress.finish()

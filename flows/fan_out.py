@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger
+from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from flows.batch import Tally
@@ -144,7 +145,7 @@ def _start_chunk_runs(
         if chunk.index in going:
             started[going[chunk.index]] = chunk
             continue
-        run = run_deployment(
+        run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync: never a coroutine here
             name=deployment,
             parameters=parameters(chunk),
             timeout=0,  # start it and move on; the loop below waits for all of them
@@ -209,7 +210,7 @@ def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> 
                     if run.state is not None and run.state.is_final():
                         yield pending.pop(run.id), run.state
                     else:
-                        states[run.state.name if run.state else "unknown"] += 1
+                        states[(run.state.name if run.state else None) or "unknown"] += 1
             if pending and time.monotonic() - last_word >= WAITING_LOG_SECONDS:
                 logger.info(
                     "%d chunk run(s) not finished: %s",

@@ -15,12 +15,13 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
-from prefect.states import State
 from pydantic import Field
 
 from flows.batch import final_state, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.onboard_tenants import run_files_root
 from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.profile import load_profile
@@ -72,7 +73,8 @@ def onboard_chunk(
         tenants_per_task: As in onboard-tenants.
         tenant_events: As in onboard-tenants.
     """
-    connector = load_profile(profile)
+    root = run_files_root()  # through a deployment: the paths must lie in ONBOARD_FILES_ROOT
+    connector = load_profile(profile, root=root)
     tag_run(connector)
     ledger = Ledger(LedgerSettings().db_url)
     try:
@@ -80,7 +82,7 @@ def onboard_chunk(
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
             return final_state(done, "onboarded or skipped (earlier)")
         templates = load_templates(connector) if deliver.sends_email else None
-        tenants = list(open_roster_slice(roster, digest, first, stop, only))
+        tenants = list(open_roster_slice(roster, digest, first, stop, only, root=root))
         live = ledger.live_tenant_ids(connector.connector_id, among=[t.tenant_id for t in tenants])
         concurrency = effective_concurrency(connector, concurrency)
         started = time.monotonic()

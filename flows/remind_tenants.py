@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
-from prefect.states import State
 from pydantic import Field
 
 from flows.batch import Tally, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.onboard_tenants import run_files_root
 from onboarding.ledger import Ledger, Status, utcnow
 from onboarding.onboard import Delivery, TenantEvents, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
@@ -53,7 +54,7 @@ def remind_tenants(
             only, off, or auto (all on a Prefect server, failures on the temporary one).
     """
     logger = get_run_logger()
-    connector = load_profile(profile)
+    connector = load_profile(profile, root=run_files_root())
     tag_run(connector)
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()
