@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.context import FlowRunContext
+from prefect.runtime import deployment, flow_run
 from prefect.states import State
 from pydantic import Field
 
@@ -26,7 +27,7 @@ from onboarding.roster import (
     load_inline_roster,
     load_roster,
 )
-from onboarding.settings import LedgerSettings
+from onboarding.settings import LedgerSettings, files_root
 from tasks.initialise import onboard_slice_task
 
 MAX_INLINE_TENANTS = 100
@@ -36,7 +37,7 @@ def run_name() -> str:
     """'<profile> from <roster file>', or '<profile> for t1, t2' when tenants came inline."""
     params = flow_run.parameters
     try:
-        name = load_profile(str(params["profile"])).name
+        name = load_profile(str(params["profile"]), root=run_files_root()).name
     except Exception:  # the flow itself reports a bad profile; the name must not fail first
         name = Path(str(params["profile"])).stem
     if params.get("roster"):
@@ -44,6 +45,15 @@ def run_name() -> str:
     ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]
     shown = ", ".join(ids[:3]) + (f" +{len(ids) - 3}" if len(ids) > 3 else "")
     return f"{name} for {shown or 'no tenants'}"
+
+
+def run_files_root() -> Path | None:
+    """Local paths of a run started through a deployment (by whoever may call it) must lie in
+    ONBOARD_FILES_ROOT; a run started by hand reads any path its user can."""
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        return files_root(context.flow_run.deployment_id is not None)
+    return files_root(deployment.id is not None)  # naming a run: its context is not set yet
 
 
 @flow(name="onboard-tenants", flow_run_name=run_name, log_prints=False)
@@ -90,12 +100,13 @@ def onboard_tenants(
     logger = get_run_logger()
     if (roster is None) == (tenants is None):
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
-    connector = load_profile(profile)
+    root = run_files_root()
+    connector = load_profile(profile, root=root)
     tag_run(connector)
     templates = load_templates(connector) if deliver.sends_email else None
     needs = templates.tenant_fields_used if templates else ()
     if roster is not None:
-        batch = load_roster(roster, connector, only, also_needs=needs)
+        batch = load_roster(roster, connector, only, also_needs=needs, root=root)
     else:
         batch = load_inline_roster(tenants or [], connector, only, also_needs=needs)
     source = display_source(roster) if roster is not None else batch.source
