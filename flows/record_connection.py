@@ -6,11 +6,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
+from pydantic import SecretStr
 
 from flows.events import TenantEventSender
 from onboarding.ledger import Ledger
 from onboarding.links import mask_state
 from onboarding.onboard import (
+    ExpiredStateError,
+    StateUsedError,
     StatusChange,
     SupersededStateError,
     TenantEvents,
@@ -21,19 +24,25 @@ from onboarding.settings import LedgerSettings
 
 
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)
-def record_connection_flow(state: str, connection_id: str | None = None) -> State[dict[str, Any]]:
-    """Mark the tenant whose link carried `state` as connected. An unknown or superseded state
-    fails the run with a message saying which and why; it is never recorded.
+def record_connection_flow(
+    state: SecretStr, connection_id: str | None = None
+) -> State[dict[str, Any]]:
+    """Mark the tenant whose link carried `state` as connected. A state is accepted once, while
+    its link is the tenant's current one and unexpired; any other state fails the run with a
+    message saying why, and nothing is recorded.
 
     Args:
-        state: The `state` your OAuth callback received.
+        state: The `state` your OAuth callback received. A secret while its link is live
+            (whoever holds both can bind the tenant): the UI's form and run page mask it, and
+            a run started in-process (`onboard mark-connected`) stores it masked.
         connection_id: Versori's id of the new connection, if you have it.
     """
     logger = get_run_logger()
+    secret = state.get_secret_value().strip()
     ledger = Ledger(LedgerSettings().db_url)
     try:
-        record = record_connection(ledger, state.strip(), connection_id)
-    except (UnknownStateError, SupersededStateError) as err:
+        record = record_connection(ledger, secret, connection_id)
+    except (UnknownStateError, SupersededStateError, ExpiredStateError, StateUsedError) as err:
         logger.error("%s", err)
         return Failed(message=str(err), data={"code": err.code, "error": str(err)})
     finally:
@@ -44,7 +53,7 @@ def record_connection_flow(state: str, connection_id: str | None = None) -> Stat
         "Tenant %s is connected to %s (state %s)",
         record.tenant_id,
         record.profile,
-        mask_state(state),
+        mask_state(secret),
     )
     return Completed(
         message=f"tenant {record.tenant_id} connected",

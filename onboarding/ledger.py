@@ -7,10 +7,12 @@ statement in its own transaction, so a crash never leaves a half-written row.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     DateTime,
     Engine,
     Integer,
@@ -26,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -34,9 +38,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from onboarding.errors import InputError
+from onboarding.errors import InputError, OnboardingError
 
 log = logging.getLogger(__name__)
 IN_LIST_MAX = 900
@@ -72,7 +78,7 @@ records = Table(
     Column("admin_email", String(320), nullable=False, default=""),
     Column("status", String(20), nullable=False),
     Column("url", Text),
-    Column("state", String(256), index=True),
+    Column("state", String(256)),
     Column("created_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True)),
     Column("delivered_at", DateTime(timezone=True)),
@@ -90,6 +96,9 @@ records = Table(
     Column("last_sent_at", DateTime(timezone=True)),
     Column("reminders", Integer, nullable=False, default=0, server_default=text("0")),
     Column("connection_id", String(200)),
+    # sha256 of `state`: how a callback's state is looked up (see state_digest). Added in
+    # place to an older ledger, and filled in for its rows, when it is opened (see _migrate).
+    Column("state_hash", String(64), index=True),
 )
 
 # Every state a tenant was given before its current one, so that a late OAuth callback carrying
@@ -102,6 +111,7 @@ superseded_links = Table(
     Column("connector_id", String(26), nullable=False),
     Column("created_at", DateTime(timezone=True)),
     Column("superseded_at", DateTime(timezone=True), nullable=False),
+    Column("state_hash", String(64), index=True),
 )
 
 
@@ -153,6 +163,8 @@ class Record:
     last_sent_at: datetime | None = None
     reminders: int = 0
     connection_id: str | None = None
+    # Derived from `state` (see state_digest): not part of a record's identity.
+    state_hash: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_row(cls, row: Any) -> Record:
@@ -191,6 +203,7 @@ _LINK_COLUMNS = (
     "run_id",
     "updated_at",
     "tenant_fields",
+    "state_hash",
 )
 
 
@@ -224,13 +237,110 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
+# Query keys whose value is a secret (libpq's `password`, `sslpassword`, a driver's `pwd`...).
+_SECRET_QUERY_KEY = ("password", "passwd", "pwd", "secret", "token", "key")
 
+
+def _secret_key(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_QUERY_KEY)
+
+
+def _redact(url: str) -> str:
+    """The URL as it may be shown: its password and every password-like query value hidden."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
         return "<unparsable URL>"
+    query = {k: ("***" if _secret_key(k) else v) for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True)
+
+
+def redact_url(url: str) -> str:
+    """A database URL as it may be printed (see _redact)."""
+    return _redact(url)
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The secret values in a database URL, to scrub from a driver's message."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return []
+    found = [parsed.password] if parsed.password else []
+    for name, value in parsed.query.items():
+        if _secret_key(name):
+            found.extend([value] if isinstance(value, str) else value)
+    return [str(v) for v in found if v]
+
+
+def _scrub(message: str, url: str) -> str:
+    for secret in _secrets_of(url):
+        message = message.replace(secret, "***")
+    return message.replace(url, _redact(url))
+
+
+def state_digest(state: str) -> str:
+    """How a state is looked up: its sha256, hex. A state is a random value of Versori's
+    (a CSRF token), so a plain hash cannot be reversed by guessing; the index is on this, and
+    the lookup never compares the state itself."""
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _lock_key(tenant_id: str, connector_id: str) -> int:
+    """A tenant's PostgreSQL advisory lock key (64 bits; one key space, see _MIGRATION_LOCK)."""
+    digest = hashlib.sha256(f"{tenant_id}\0{connector_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+# pg_advisory_xact_lock(int, int): the two-key space, apart from the tenants' one-key locks.
+_MIGRATION_LOCK = (0x6F6E62, 1)  # "onb", schema version lock
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create a SQLite ledger's file readable by its owner only (0600) before SQLite opens it:
+    it holds live links. SQLite gives its -wal and -shm files the same mode. An existing file
+    keeps its mode (the operator chose it), but a readable-by-others one is logged."""
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = os.path.abspath(database)
+    if not os.path.isdir(os.path.dirname(path)):
+        return  # SQLite's own error names the problem
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("ledger %s is readable by other users: it holds live links", path)
+        return
+    except OSError:
+        return
+    os.close(fd)
+
+
+class LedgerSchemaError(OnboardingError):
+    """The ledger answered, but its tables could not be created or brought up to date. Not the
+    operator's input: a database permission, or a schema another tool changed."""
+
+    code = "ledger_schema"
+
+
+class ConnectOutcome(StrEnum):
+    CONNECTED = "connected"  # recorded now
+    UNKNOWN = "unknown"  # no tenant was ever given this state
+    SUPERSEDED = "superseded"  # a newer link replaced it
+    EXPIRED = "expired"  # its link is past its expiry
+    USED = "used"  # the tenant is connected already: a state is accepted once
+
+
+@dataclass(frozen=True)
+class ConnectResult:
+    outcome: ConnectOutcome
+    record: Record | None = None
+    superseded: SupersededLink | None = None
 
 
 class Ledger:
@@ -249,33 +359,48 @@ class Ledger:
                     "connect_args": {"check_same_thread": False, "timeout": 30},
                 }
             self.engine: Engine = create_engine(url, **kwargs)
-        except (ArgumentError, NoSuchModuleError, ImportError) as err:
+        except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
             raise InputError(
-                f"ONBOARD_DB_URL {_redact(url)!r} is not a usable database URL ({err}); use "
-                "sqlite:///path/to/onboarding.db or postgresql+psycopg://user@host:5432/db"
-            ) from err
+                f"ONBOARD_DB_URL {_redact(url)!r} is not a usable database URL "
+                f"({_scrub(str(err), url)}); use sqlite:///path/to/onboarding.db or "
+                "postgresql+psycopg://user@host:5432/db"
+            ) from None
+        self.postgres = self.engine.dialect.name == "postgresql"
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            _private_sqlite_file(url)
         else:
             event.listen(self.engine, "handle_error", _hide_failing_row)
-        self._insert = (
-            postgresql.insert if self.engine.dialect.name == "postgresql" else (sqlite.insert)
-        )
+        self._insert = postgresql.insert if self.postgres else sqlite.insert
         try:
-            metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            with self.engine.connect():
+                pass
         except DBAPIError as err:  # unreachable, refused, or a bad option in the URL's query
             self.engine.dispose()
             raise InputError(
-                f"cannot open the ledger at {_redact(url)}: {err.orig}; check ONBOARD_DB_URL"
-            ) from err
+                f"cannot open the ledger at {_redact(url)}: {_scrub(str(err.orig), url)}; "
+                "check ONBOARD_DB_URL"
+            ) from None
+        try:
+            _migrate(self.engine)
+        except DBAPIError as err:  # it answered: the schema is what failed, not the input
+            self.engine.dispose()
+            raise LedgerSchemaError(
+                f"cannot create or update the ledger's tables at {_redact(url)}: "
+                f"{_scrub(str(err.orig), url)}"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()
 
     def _upsert(self, key: dict[str, str], insert: dict[str, Any], update: dict[str, Any]) -> None:
+        """Insert, or update a row that is not connected (connected is final)."""
         stmt = self._insert(records).values(**key, **insert)
-        stmt = stmt.on_conflict_do_update(index_elements=["tenant_id", "connector_id"], set_=update)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "connector_id"],
+            set_=update,
+            where=records.c.status != Status.CONNECTED.value,
+        )
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
@@ -296,7 +421,12 @@ class Ledger:
         tenant_fields: dict[str, str] | None = None,
     ) -> None:
         """A fresh link: status link_created, error cleared, one more attempt counted. The
-        state it replaces, if any, goes to the history in the same transaction.
+        state it replaces, if any, goes to the history in the same transaction, so every state
+        Versori returned is either the tenant's current one or in its history, whatever other
+        processes write at the same time (see _write_links).
+
+        A connected tenant keeps its row (connected is final): the new state goes straight to
+        the history, so a callback with it is refused as superseded.
 
         With `delivered_by` (a channel that delivers by storing, like "store") the row goes
         straight to delivered in the same statement: one write per tenant, not two."""
@@ -316,28 +446,57 @@ class Ledger:
             "run_id": run_id,
             "updated_at": utcnow(),
             "tenant_fields": tenant_fields,
+            "state_hash": state_digest(state),
         }
         self._links.write(values)
 
     def _write_links(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for a group of record_link calls: their old states to the history,
-        then their rows (see _GroupCommit)."""
+        then their rows (see _GroupCommit).
+
+        The history statement reads each tenant's current state, and the upsert replaces it;
+        another process writing the same tenant in between would lose a state. So the two run
+        under the tenant's lock: on PostgreSQL an advisory lock per tenant, taken first, in
+        key order (no deadlock between groups), which also covers a tenant with no row yet
+        (SELECT ... FOR UPDATE locks only rows that exist); on SQLite the history statement
+        is a write, so the transaction holds the database's write lock from its start."""
         supersede, upsert = self._link_statements()
         with self.engine.begin() as conn:
+            if self.postgres:
+                self._lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
             conn.execute(supersede, rows)
             conn.execute(upsert, rows)
+
+    @staticmethod
+    def _lock_tenants(conn: Connection, keys: list[tuple[str, str]]) -> None:
+        """PostgreSQL: each tenant's advisory lock, held to the end of the transaction."""
+        ordered = sorted({_lock_key(t, c) for t, c in keys})
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
+            {"keys": ordered},
+        )
 
     def _link_statements(self) -> tuple[Any, Any]:
         """record_link's two statements, built once per ledger: building and hashing a
         statement of this size cost more CPU than the rest of a tenant's path together
         (bench/run.py under py-spy), so each call only binds new values to them."""
         if self._link_sql is None:
-            now: Any = bindparam("updated_at")
+            now: Any = bindparam("updated_at", type_=DateTime(timezone=True))
+            connected = records.c.status == Status.CONNECTED.value
+            # The state that leaves: the current one; for a connected tenant (whose row stays)
+            # the new one.
             current = select(
-                records.c.state,
+                case((connected, bindparam("state", type_=String)), else_=records.c.state),
+                case(
+                    (connected, bindparam("state_hash", type_=String)),
+                    else_=records.c.state_hash,
+                ),
                 records.c.tenant_id,
                 records.c.connector_id,
-                records.c.created_at,
+                case(
+                    (connected, bindparam("created_at", type_=DateTime(timezone=True))),
+                    else_=records.c.created_at,
+                ),
                 now,
             ).where(
                 records.c.tenant_id == bindparam("tenant_id"),
@@ -348,7 +507,15 @@ class Ledger:
             supersede = (
                 self._insert(superseded_links)
                 .from_select(
-                    ["state", "tenant_id", "connector_id", "created_at", "superseded_at"], current
+                    [
+                        "state",
+                        "state_hash",
+                        "tenant_id",
+                        "connector_id",
+                        "created_at",
+                        "superseded_at",
+                    ],
+                    current,
                 )
                 .on_conflict_do_nothing()
             )
@@ -376,6 +543,7 @@ class Ledger:
                     ),
                     "attempts": records.c.attempts + 1,
                 },
+                where=~connected,
             )
             self._link_sql = (supersede, upsert)
         return self._link_sql
@@ -393,7 +561,8 @@ class Ledger:
         run_id: str | None = None,
         count_attempt: bool = True,
     ) -> None:
-        """Status failed with why. A link stored earlier stays in the row for history."""
+        """Status failed with why. A link stored earlier stays in the row for history. A
+        connected tenant stays connected."""
         values = {
             "profile": profile,
             "tenant_name": tenant_name,
@@ -411,13 +580,22 @@ class Ledger:
             {**values, "attempts": records.c.attempts + step},
         )
 
-    def _update(self, tenant_id: str, connector_id: str, **values: Any) -> None:
+    def _update(self, tenant_id: str, connector_id: str, state: str | None, **values: Any) -> bool:
+        """Update a row that is not connected (connected is final) and, with `state`, still
+        holds that state (a write about a link must not land on the link that replaced it).
+        Whether a row was written."""
+        where = [
+            records.c.tenant_id == tenant_id,
+            records.c.connector_id == connector_id,
+            records.c.status != Status.CONNECTED.value,
+        ]
+        if state is not None:
+            where.append(records.c.state_hash == state_digest(state))
         with self.engine.begin() as conn:
-            conn.execute(
-                records.update()
-                .where(records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
-                .values(**values, updated_at=utcnow())
+            done = conn.execute(
+                records.update().where(*where).values(**values, updated_at=utcnow())
             )
+        return bool(done.rowcount)
 
     def mark_delivered(
         self,
@@ -427,13 +605,16 @@ class Ledger:
         channel: str,
         at: datetime | None = None,
         count_attempt: bool = False,
-    ) -> None:
+        state: str | None = None,
+    ) -> bool:
         """`count_attempt`: this write ends an attempt that recorded nothing else (it reused a
-        stored link), so it counts it."""
+        stored link), so it counts it. `state`: the state of the link delivered, if known.
+        False, and nothing written, when the tenant is connected or holds another state."""
         when = _utc(at or utcnow())
-        self._update(
+        return self._update(
             tenant_id,
             connector_id,
+            state,
             attempts=records.c.attempts + int(count_attempt),
             status=Status.DELIVERED.value,
             delivery_channel=channel,
@@ -443,10 +624,15 @@ class Ledger:
             error_message=None,
         )
 
-    def mark_sending(self, tenant_id: str, connector_id: str, *, message_id: str) -> None:
+    def mark_sending(
+        self, tenant_id: str, connector_id: str, *, message_id: str, state: str | None = None
+    ) -> bool:
         """Written before the SMTP transaction: a row left `sending` marks the one window in
-        which a crash can lead to a second copy of the same message (same Message-ID)."""
-        self._update(tenant_id, connector_id, status=Status.SENDING.value, message_id=message_id)
+        which a crash can lead to a second copy of the same message (same Message-ID).
+        False, and nothing written, when the tenant is connected or holds another state."""
+        return self._update(
+            tenant_id, connector_id, state, status=Status.SENDING.value, message_id=message_id
+        )
 
     def mark_reminded(
         self,
@@ -456,10 +642,13 @@ class Ledger:
         channel: str,
         at: datetime | None = None,
         count_attempt: bool = False,
-    ) -> None:
-        self._update(
+        state: str | None = None,
+    ) -> bool:
+        """False, and nothing written, when the tenant is connected or holds another state."""
+        return self._update(
             tenant_id,
             connector_id,
+            state,
             attempts=records.c.attempts + int(count_attempt),
             status=Status.REMINDED.value,
             delivery_channel=channel,
@@ -471,16 +660,116 @@ class Ledger:
 
     def mark_connected(
         self, tenant_id: str, connector_id: str, *, connection_id: str | None, at: datetime
-    ) -> None:
-        self._update(
+    ) -> bool:
+        """Connect a tenant that is not connected yet, whatever its link (an operator's
+        override; a callback goes through connect_state, which checks the state). False when
+        it was connected already: that connection stays as it is."""
+        return self._update(
             tenant_id,
             connector_id,
+            None,
             status=Status.CONNECTED.value,
             connection_id=connection_id,
             connected_at=_utc(at),
             error_code=None,
             error_message=None,
         )
+
+    def connect_state(
+        self, state: str, *, connection_id: str | None, at: datetime | None = None
+    ) -> ConnectResult:
+        """A callback's state: connect the tenant that holds it, once. Refused (nothing
+        written) for a state no tenant holds now (unknown, or superseded by a newer link),
+        for a link past its expiry or marked expired, and for a tenant connected already, so
+        that a replayed state cannot rebind a tenant to another connection. Looked up by the
+        state's hash; one conditional UPDATE decides, so two callbacks at once connect once."""
+        digest = state_digest(state)
+        when = _utc(at or utcnow())
+        accepts = (
+            records.c.state_hash == digest,
+            records.c.status.not_in([Status.CONNECTED.value, Status.EXPIRED.value]),
+            records.c.expires_at > when,
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(select(records).where(records.c.state_hash == digest)).first()
+            if row is None:
+                old = conn.execute(
+                    select(superseded_links).where(superseded_links.c.state_hash == digest)
+                ).first()
+                if old is None:
+                    return ConnectResult(ConnectOutcome.UNKNOWN)
+                return ConnectResult(ConnectOutcome.SUPERSEDED, superseded=_superseded(old))
+            key = (row.tenant_id, row.connector_id)
+            if self.postgres:  # the lock record_link takes: no re-issue half-way through
+                self._lock_tenants(conn, [key])
+            done = conn.execute(
+                records.update()
+                .where(records.c.tenant_id == key[0], records.c.connector_id == key[1], *accepts)
+                .values(
+                    status=Status.CONNECTED.value,
+                    connection_id=connection_id,
+                    connected_at=when,
+                    error_code=None,
+                    error_message=None,
+                    updated_at=utcnow(),
+                )
+            )
+            now_row = conn.execute(
+                select(records).where(
+                    records.c.tenant_id == key[0], records.c.connector_id == key[1]
+                )
+            ).first()
+        record = Record.from_row(now_row) if now_row is not None else None
+        if done.rowcount:
+            return ConnectResult(ConnectOutcome.CONNECTED, record)
+        if record is None or record.state_hash != digest:
+            return ConnectResult(ConnectOutcome.SUPERSEDED, record)  # replaced meanwhile
+        if record.status is Status.CONNECTED:
+            return ConnectResult(ConnectOutcome.USED, record)
+        return ConnectResult(ConnectOutcome.EXPIRED, record)
+
+    def reset(self, tenant_id: str, connector_id: str) -> bool:
+        """An operator's reset of a tenant, connected or not: back to pending, its link
+        retired to the history (its state is refused from now on), ready for a new link."""
+        with self.engine.begin() as conn:
+            if self.postgres:
+                self._lock_tenants(conn, [(tenant_id, connector_id)])
+            key = (records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
+            row = conn.execute(select(records).where(*key)).first()
+            if row is None:
+                return False
+            if row.state is not None:
+                conn.execute(
+                    self._insert(superseded_links)
+                    .values(
+                        state=row.state,
+                        state_hash=row.state_hash or state_digest(row.state),
+                        tenant_id=tenant_id,
+                        connector_id=connector_id,
+                        created_at=row.created_at,
+                        superseded_at=utcnow(),
+                    )
+                    .on_conflict_do_nothing()
+                )
+            conn.execute(
+                records.update()
+                .where(*key)
+                .values(
+                    status=Status.PENDING.value,
+                    url=None,
+                    state=None,
+                    state_hash=None,
+                    expires_at=None,
+                    delivered_at=None,
+                    connected_at=None,
+                    connection_id=None,
+                    message_id=None,
+                    last_sent_at=None,
+                    reminders=0,
+                    updated_at=utcnow(),
+                )
+            )
+        return True
 
     def expire_links(self, connector_id: str, now: datetime) -> list[str]:
         """Mark every link past its time and not connected `expired`; return their tenants."""
@@ -522,16 +811,10 @@ class Ledger:
             return [Record.from_row(row) for row in conn.execute(query)]
 
     def find_superseded(self, state: str) -> SupersededLink | None:
+        query = select(superseded_links).where(superseded_links.c.state_hash == state_digest(state))
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(superseded_links).where(superseded_links.c.state == state)
-            ).first()
-        if row is None:
-            return None
-        values = dict(row._mapping)
-        values["created_at"] = _aware(values["created_at"])
-        values["superseded_at"] = _aware(values["superseded_at"])
-        return SupersededLink(**values)
+            row = conn.execute(query).first()
+        return _superseded(row) if row is not None else None
 
     def get(self, tenant_id: str, connector_id: str) -> Record | None:
         with self.engine.connect() as conn:
@@ -543,8 +826,10 @@ class Ledger:
         return Record.from_row(row) if row else None
 
     def find_by_state(self, state: str) -> Record | None:
+        """The tenant holding `state` now, looked up by the state's hash."""
+        query = select(records).where(records.c.state_hash == state_digest(state))
         with self.engine.connect() as conn:
-            row = conn.execute(select(records).where(records.c.state == state)).first()
+            row = conn.execute(query).first()
         return Record.from_row(row) if row else None
 
     def live_tenant_ids(
@@ -630,6 +915,14 @@ class Ledger:
                 yield Record.from_row(row)
 
 
+def _superseded(row: Any) -> SupersededLink:
+    values = dict(row._mapping)
+    values.pop("state_hash", None)
+    values["created_at"] = _aware(values["created_at"])
+    values["superseded_at"] = _aware(values["superseded_at"])
+    return SupersededLink(**values)
+
+
 class _GroupCommit:
     """Writes that many threads make at once, committed together: each caller returns only
     once its own row is committed (so a crash never loses a row a caller was told is written),
@@ -704,22 +997,75 @@ class _Waiter:
         self.error: Exception | None = None
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Bring a ledger made by an older version up to date by adding the columns it lacks.
-    Only additive, nullable-or-defaulted columns are ever added, so this is safe to run on
-    every start; anything more needs a real migration tool."""
-    existing = {c["name"] for c in inspect(engine).get_columns(records.name)}
-    missing = [c for c in records.columns if c.name not in existing]
-    if not missing:
-        return
+def _migrate(engine: Engine) -> None:
+    """Create the tables, or bring a ledger made by an older version up to date, in one
+    transaction under a lock, so that any number of processes may open a new ledger at once
+    (chunk runs starting together): the first does the work, the others wait and find it done.
+
+    PostgreSQL: a transaction-scoped advisory lock; its DDL is transactional. SQLite: BEGIN
+    IMMEDIATE takes the database's write lock first; its DDL is transactional too. Every step
+    is also idempotent (IF NOT EXISTS, only missing columns added, only unhashed states
+    hashed), so a rerun finds nothing to do. The changes so far are all additive, which is why
+    this is not Alembic: a version table and migration scripts would add a tool and a step to
+    every deployment for what three idempotent statements do; the first change that is not
+    additive should bring Alembic in, under the same lock."""
     with engine.begin() as conn:
-        for column in missing:
-            ddl = f"ALTER TABLE {records.name} ADD COLUMN {column.name} "
-            ddl += column.type.compile(dialect=engine.dialect)
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                {"a": _MIGRATION_LOCK[0], "b": _MIGRATION_LOCK[1]},
+            )
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        for table in metadata.sorted_tables:
+            conn.execute(CreateTable(table, if_not_exists=True))
+        _add_missing_columns(conn)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                conn.execute(CreateIndex(index, if_not_exists=True))
+        _hash_old_states(conn)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Add the columns an older ledger lacks. Only additive, nullable-or-defaulted columns are
+    ever added, so this is safe to run on every start."""
+    inspector = inspect(conn)
+    for table in (records, superseded_links):
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+            ddl += column.type.compile(dialect=conn.dialect)
             if column.server_default is not None:
                 ddl += " NOT NULL DEFAULT 0"
             conn.execute(text(ddl))
-            log.info("ledger: added column %s", column.name)
+            log.info("ledger: added column %s.%s", table.name, column.name)
+
+
+def _hash_old_states(conn: Connection) -> None:
+    """Fill in state_hash for the rows an older version wrote without it."""
+    for table in (records, superseded_links):
+        keys = [c for c in table.primary_key.columns]
+        query = select(*keys, table.c.state).where(
+            table.c.state_hash.is_(None), table.c.state.is_not(None)
+        )
+        rows = [dict(row._mapping) for row in conn.execute(query)]
+        if not rows:
+            continue
+        update = (
+            table.update()
+            .where(*[c == bindparam(f"k_{c.name}") for c in keys])
+            .values(state_hash=bindparam("digest"))
+        )
+        conn.execute(
+            update,
+            [
+                {**{f"k_{c.name}": row[c.name] for c in keys}, "digest": state_digest(row["state"])}
+                for row in rows
+            ],
+        )
+        log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from onboarding import constants
 from onboarding.client import VersoriClient
 from onboarding.errors import OnboardingError, RateLimitedError
-from onboarding.ledger import Ledger, Record, Status, utcnow
+from onboarding.ledger import ConnectOutcome, Ledger, Record, Status, utcnow
 from onboarding.links import Link, check_link, mask_state
 from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
@@ -137,6 +137,14 @@ class SupersededStateError(OnboardingError):
     code = "superseded_state"
 
 
+class ExpiredStateError(OnboardingError):
+    code = "expired_state"
+
+
+class StateUsedError(OnboardingError):
+    code = "state_used"
+
+
 def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     """Make (or reuse), check, record and deliver one tenant's link. Every failure is recorded,
     then raised again so that the caller may retry it."""
@@ -187,32 +195,34 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
 def record_connection(
     ledger: Ledger, state: str, connection_id: str | None = None, now: datetime | None = None
 ) -> Record:
-    """Mark the tenant owning `state` connected (the app's OAuth callback calls this)."""
-    record = ledger.find_by_state(state)
-    if record is None:
-        old = ledger.find_superseded(state)
-        if old is not None:
-            raise SupersededStateError(
-                f"state {mask_state(state)} belonged to tenant {old.tenant_id}, but a newer "
-                f"link replaced it on {old.superseded_at:%Y-%m-%d %H:%M} UTC; the connection "
-                "was not recorded: the tenant should use the newest link"
-            )
-        raise UnknownStateError(
-            f"no tenant owns state {mask_state(state)}: check that the callback passes the "
-            "state Versori returned, and that ONBOARD_DB_URL is the ledger that made the link"
+    """Mark the tenant owning `state` connected (the app's OAuth callback calls this). A state
+    is accepted once, and only while its link is current and unexpired (Ledger.connect_state)."""
+    result = ledger.connect_state(state, connection_id=connection_id, at=now or utcnow())
+    masked = mask_state(state)
+    if result.outcome is ConnectOutcome.CONNECTED and result.record is not None:
+        return result.record
+    if result.outcome is ConnectOutcome.SUPERSEDED:
+        old = result.superseded
+        when = f" on {old.superseded_at:%Y-%m-%d %H:%M} UTC" if old else ""
+        tenant = old.tenant_id if old else "a tenant"
+        raise SupersededStateError(
+            f"state {masked} belonged to tenant {tenant}, but a newer link replaced it{when}; "
+            "the connection was not recorded: the tenant should use the newest link"
         )
-    if record.status is not Status.CONNECTED or (
-        connection_id and connection_id != record.connection_id
-    ):
-        ledger.mark_connected(
-            record.tenant_id,
-            record.connector_id,
-            connection_id=connection_id or record.connection_id,
-            at=now or utcnow(),
+    if result.outcome is ConnectOutcome.USED and result.record is not None:
+        raise StateUsedError(
+            f"state {masked} was already used: tenant {result.record.tenant_id} is connected; "
+            "a state is accepted once, so this callback was not recorded"
         )
-    updated = ledger.get(record.tenant_id, record.connector_id)
-    assert updated is not None
-    return updated
+    if result.outcome is ConnectOutcome.EXPIRED and result.record is not None:
+        raise ExpiredStateError(
+            f"state {masked} of tenant {result.record.tenant_id} belongs to a link past its "
+            "expiry; the connection was not recorded: the tenant should use a new link"
+        )
+    raise UnknownStateError(
+        f"no tenant owns state {masked}: check that the callback passes the "
+        "state Versori returned, and that ONBOARD_DB_URL is the ledger that made the link"
+    )
 
 
 def tenant_of(record: Record) -> Tenant:
