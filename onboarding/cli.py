@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.table import Table
 
 from onboarding import constants
 from onboarding.errors import InputError
-from onboarding.ledger import EXPORT_KEYS, Ledger, utcnow
+from onboarding.ledger import EXPORT_KEYS, Ledger, redact_url, utcnow
 from onboarding.onboard import Delivery, FanOut, TenantEvents
 from onboarding.settings import LedgerSettings, VersoriSettings
 
@@ -353,21 +353,35 @@ def remind(
 
 @app.command("mark-connected")
 def mark_connected(
-    state: Annotated[str, typer.Option(help="The state your OAuth callback received.")],
+    state: Annotated[
+        str,
+        typer.Option(
+            help="The state your OAuth callback received; '-' reads it from stdin (keeps it "
+            "out of the process list and shell history)."
+        ),
+    ],
     connection_id: Annotated[
         str | None, typer.Option(help="Versori's id of the new connection.")
     ] = None,
 ) -> None:
-    """Record that the tenant owning STATE connected. Exit 0: recorded; 1: unknown or
-    superseded state (nothing recorded); 2: bad input."""
+    """Record that the tenant owning STATE connected. A state is accepted once, while its link
+    is current and unexpired. Exit 0: recorded; 1: unknown, superseded, expired or already
+    used state (nothing recorded); 2: bad input."""
+    from pydantic import SecretStr
+
     from flows.local import run_here
     from flows.record_connection import record_connection_flow
 
+    if state == "-":
+        state = sys.stdin.readline()
     try:
         Ledger(LedgerSettings().db_url).close()
     except InputError as error:
         raise _bad_input(error) from None
-    result = run_here(record_connection_flow, state=state, connection_id=connection_id)
+    # A SecretStr: the run's parameters, as stored by the Prefect API, show it masked.
+    result = run_here(
+        record_connection_flow, state=SecretStr(state.strip()), connection_id=connection_id
+    )
     data = result.result(raise_on_failure=False)
     if result.is_completed() and isinstance(data, dict):
         out.print(f"Tenant {data['tenant_id']} is connected.", highlight=False)
@@ -517,7 +531,8 @@ def status(
     ledger = _open_ledger()
     counts = ledger.counts_by_status(connector)
     stale = ledger.count_past_expiry(connector, utcnow())
-    table = Table(title=f"Ledger {ledger.url.split('@')[-1]}")
+    # Redacted: the URL may hold a password, in its user part or its query.
+    table = Table(title=f"Ledger {redact_url(ledger.url)}")
     table.add_column("status")
     table.add_column("tenants", justify="right")
     for name, n in sorted(counts.items()):
@@ -541,7 +556,7 @@ def export(
 ) -> None:
     """Write every onboarding record, links included: handle the output as a secret."""
     ledger = _open_ledger()
-    stream = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
+    stream = _private_file(output) if output else sys.stdout
     try:
         writer = csv.DictWriter(stream, fieldnames=EXPORT_KEYS, lineterminator="\n")
         if format is ExportFormat.CSV:
@@ -559,6 +574,14 @@ def export(
             stream.close()
     if output:
         err.print(f"{n} record(s) written to {output}", highlight=False)
+
+
+def _private_file(path: Path) -> TextIO:
+    """`path` opened for writing, readable by its owner only (0600): it holds live links. An
+    existing file is truncated and made 0600 too."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "w", newline="", encoding="utf-8")
 
 
 def _plain(value: Any) -> Any:

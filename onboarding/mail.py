@@ -947,7 +947,10 @@ class _EmlWriter:
         path = self.folder / f"{n:04d}-{safe or 'no-message-id'}.eml"
         tmp = path.with_name(path.name + ".part")
         try:
-            tmp.write_bytes(raw)
+            # 0600: the message holds the tenant's live link.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as file:
+                file.write(raw)
             os.replace(tmp, path)
         except OSError:
             log.exception("cannot write %s", path)
