@@ -54,7 +54,8 @@ def deployments_from_yaml(config: dict[str, Any] | None = None) -> list[RunnerDe
                 tags=spec.get("tags"),
                 parameters=spec.get("parameters") or {},
                 schedules=[
-                    Cron(s["cron"], timezone=s.get("timezone")) for s in spec.get("schedules", [])
+                    Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+                    for s in spec.get("schedules", [])
                 ],
                 concurrency_limit=spec.get("concurrency_limit"),
                 enforce_parameter_schema=spec.get("enforce_parameter_schema", True),

@@ -38,7 +38,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         )
         with child([str(BIN / "onboard"), "serve"], env, tmp / "serve.log") as served:
             wait_for_http(
-                f"{api}/deployments/name/record-connection/api", 90, proc=served, found=True
+                f"{api}/deployments/name/record-connection/callback", 90, proc=served, found=True
             )
             yield {"api": api, "env": env, "tmp": tmp, "db": env["ONBOARD_DB_URL"]}
 
@@ -173,7 +173,8 @@ def test_served_deployments_match_prefect_yaml(stack: dict[str, Any]) -> None:
     assert schedule["schedule"]["timezone"] == "Europe/London"
     assert scheduled["global_concurrency_limit"]["limit"] == 1
     assert scheduled["parameters"]["deliver"] == "email"
-    for name in ("onboard-tenants/manual", "remind-tenants/daily", "record-connection/api"):
+    assert schedule["active"] is False, "shipped off: it would email examples/tenants.csv"
+    for name in ("onboard-tenants/manual", "remind-tenants/daily", "record-connection/callback"):
         assert httpx.get(f"{api}/deployments/name/{name}").status_code == 200
     manual = httpx.get(f"{api}/deployments/name/onboard-tenants/manual").json()
     form = manual["parameter_openapi_schema"]
@@ -209,8 +210,82 @@ def test_prefect_deploy_all_onto_a_process_work_pool(stack: dict[str, Any]) -> N
     on_pool = {
         (d["name"], d["work_pool_name"]) for d in deployments if d["work_pool_name"] == "onboarding"
     }
-    assert {name for name, _ in on_pool} == {"scheduled", "manual", "api", "daily", "chunks"}
+    assert {name for name, _ in on_pool} == {
+        "scheduled",
+        "manual",
+        "api",
+        "daily",
+        "chunks",
+        "callback",
+    }
+    scheduled = httpx.get(f"{api}/deployments/name/onboard-tenants/scheduled").json()
+    assert [s["active"] for s in scheduled["schedules"]] == [False]
     daily = httpx.get(f"{api}/deployments/name/remind-tenants/daily").json()
     assert daily["work_pool_name"] == "onboarding"
     assert daily["job_variables"]["env"]["VERSORI_API_KEY_BLOCK"] == "versori-api-key"
-    assert "set_working_directory" in str(daily["pull_steps"])
+    assert "set_project_dir" in str(daily["pull_steps"])
+
+
+# --- prefect.yaml without a server (issue 10 #11) -------------------------------------------
+
+
+def _pull(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Run prefect.yaml's pull steps as a worker's flow run does, from an unrelated folder."""
+    import asyncio
+
+    from prefect.deployments.steps.core import run_steps
+
+    from deployments.serve import read_config
+
+    monkeypatch.chdir(tmp_path)
+    asyncio.run(run_steps(read_config()["pull"]))
+    return Path.cwd()
+
+
+def test_the_pull_step_without_onboard_project_dir_starts_in_the_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("ONBOARD_PROJECT_DIR", raising=False)
+    assert _pull(monkeypatch, tmp_path) == PROJECT.resolve()
+
+
+def test_the_pull_step_follows_onboard_project_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "prefect.yaml").write_text("name: x\n")
+    monkeypatch.setenv("ONBOARD_PROJECT_DIR", str(checkout))
+    assert _pull(monkeypatch, tmp_path) == checkout.resolve()
+
+
+def test_a_wrong_onboard_project_dir_fails_saying_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ONBOARD_PROJECT_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(Exception) as info:  # Prefect wraps a step's error in its own
+        _pull(monkeypatch, tmp_path)
+    text = f"{info.value} {info.value.__cause__}"
+    assert "ONBOARD_PROJECT_DIR" in text and "set" in text
+
+
+def test_no_deployment_emails_the_example_roster_on_a_schedule_out_of_the_box() -> None:
+    from deployments.serve import deployments_from_yaml, read_config
+
+    config = read_config()
+    for spec in config["deployments"]:
+        parameters = spec.get("parameters") or {}
+        if parameters.get("deliver", "store") != "store" and str(
+            parameters.get("roster", "")
+        ).startswith("examples/"):
+            active = [s for s in spec.get("schedules", []) if s.get("active", True)]
+            assert not active, f"{spec['name']} would email {parameters['roster']} on a schedule"
+    served = {d.name: d for d in deployments_from_yaml(config)}
+    assert [s.active for s in served["scheduled"].schedules] == [False]
+
+
+def test_deployment_names_are_unique_in_prefect_yaml() -> None:
+    from deployments.serve import read_config
+
+    names = [spec["name"] for spec in read_config()["deployments"]]
+    assert len(names) == len(set(names)), names
