@@ -932,3 +932,26 @@ def test_a_value_in_the_authorize_url_path_cannot_walk_it(
     (problem,) = problems_of(path, path_profile)
     assert (problem.source, problem.line, problem.field) == (str(path), 2, "region")
     assert "authorize_url path" in problem.message
+
+
+def test_runs_started_through_a_deployment_read_only_under_the_files_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from prefect.context import FlowRunContext
+
+    import flows.onboard_tenants as flow_module
+
+    monkeypatch.delenv("ONBOARD_FILES_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = SimpleNamespace(flow_run=SimpleNamespace(deployment_id=None))
+    monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: run))
+    assert flow_module.run_files_root() is None, "a run started by hand: any path"
+    run.flow_run.deployment_id = "d3b07384-d9a0-4c9b-8f6e-000000000001"
+    assert flow_module.run_files_root() == tmp_path, "unset: the working folder (the checkout)"
+    monkeypatch.setenv("ONBOARD_FILES_ROOT", str(tmp_path / "rosters"))
+    root = flow_module.run_files_root()
+    assert root == tmp_path / "rosters"
+    with pytest.raises(InputError, match="outside the folder runs may read"):
+        load_roster("/etc/passwd.csv", root=root)
