@@ -127,8 +127,9 @@ class VersoriClient:
             usable = False
         if not usable:
             raise InputError(
-                f"VERSORI_BASE_URL {base_url!r} is not an http(s) URL; "
-                f"production is {constants.PRODUCTION_BASE_URL}"
+                "VERSORI_BASE_URL is not an http(s) URL with a host and no query or fragment "
+                f"(not quoted here: it may hold credentials); production is "
+                f"{constants.PRODUCTION_BASE_URL}"
             )
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             # The API key goes in every request's Authorization header: never in clear over a

@@ -21,8 +21,8 @@ KEEPALIVE_EXPIRY_SECONDS = 2.0
 TASK_RETRIES = 3
 TASK_RETRY_BACKOFF_SECONDS = 1.0
 TASK_RETRY_JITTER_FACTOR = 0.5
-# A server asking us to wait longer than this is treated as "not now": the tenant fails for this
-# run and the next run picks it up.
+# The longest wait a Retry-After gets: a longer one (or a date far off) is taken as this, so a
+# hostile or broken server cannot stall the batch.
 MAX_RETRY_AFTER_SECONDS = 120.0
 
 DEFAULT_CONCURRENCY = 16

@@ -673,6 +673,13 @@ def test_plain_http_to_loopback_stays_allowed_for_the_emulator(base_url: str) ->
     VersoriClient(api_key=API_KEY, base_url=base_url).close()
 
 
+def test_a_bad_base_url_is_never_quoted() -> None:
+    """It may hold credentials (user:password@, a token in the query)."""
+    with pytest.raises(InputError) as info:
+        VersoriClient(api_key=API_KEY, base_url="https://user:hunter2@x.example/api?token=s3cr3t")
+    assert "hunter2" not in str(info.value) and "s3cr3t" not in str(info.value)
+
+
 def test_bad_base_url_from_environment_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERSORI_BASE_URL", "platform.versori.com/api")
     with pytest.raises(InputError, match="VERSORI_BASE_URL"):
