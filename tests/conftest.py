@@ -69,3 +69,15 @@ def prefect_harness() -> Iterator[None]:
         temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     ):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `prefect server start` process (SQLite in its own home) for every end-to-end
+    test of the session that can share it: starting one costs ~15-20 s on this machine, and
+    each `onboard` command without PREFECT_API_URL would start a temporary server of its own.
+    Yields the API URL."""
+    from tests.helpers import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("shared-prefect-server")) as api:
+        yield api

@@ -29,12 +29,15 @@ ONBOARD = str(Path(sys.executable).parent / "onboard")
 
 @contextmanager
 def emulator_process(
-    tmp_path: Path, *flags: str, key: str = "emulator-key"
+    tmp_path: Path, *flags: str, key: str = "emulator-key", prefect_api: str | None = None
 ) -> Iterator[dict[str, str]]:
     """`onboard emulator` in its own process, and the environment an `onboard` command needs
-    to use it with a fresh SQLite ledger (and a private Prefect home)."""
+    to use it with a fresh SQLite ledger (and a private Prefect home), on the Prefect server at
+    `prefect_api` (without it, each command starts Prefect's temporary server)."""
     port = free_port()
     env = base_env(tmp_path)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     args = [ONBOARD, "emulator", "--port", str(port), *flags]
     with child(args, dict(env), tmp_path / "emulator.log") as emulator:
         base = f"http://127.0.0.1:{port}"
@@ -112,7 +115,8 @@ def test_bad_ledger_url_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.e2e
-def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
+def test_run_against_emulator_in_another_process(tmp_path: Path, prefect_api: str) -> None:
+    """The first run as in the README, on Prefect's temporary server; the rest on a server."""
     assert Path(ONBOARD).exists(), "the onboard console script is installed with the project"
     onboard = ONBOARD
     with emulator_process(tmp_path, "--api-key", "e2e-key", key="e2e-key") as env:
@@ -131,7 +135,7 @@ def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
 
         again = subprocess.run(
             [onboard, "run", "--roster", ROSTER, "--profile", PROFILE],
-            env=env,
+            env={**env, "PREFECT_API_URL": prefect_api},
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -187,9 +191,11 @@ def test_run_against_emulator_in_another_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -> None:
+def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(
+    tmp_path: Path, prefect_api: str
+) -> None:
     onboard = ONBOARD
-    with emulator_process(tmp_path, "--error-rate", "1.0") as env:
+    with emulator_process(tmp_path, "--error-rate", "1.0", prefect_api=prefect_api) as env:
         base = env["VERSORI_BASE_URL"]
         result = subprocess.run(
             [
@@ -218,7 +224,9 @@ def test_run_exits_1_when_tenants_fail_and_the_ledger_says_why(tmp_path: Path) -
 
 
 @pytest.mark.e2e
-def test_email_batch_rerun_remind_and_connect_from_the_command_line(tmp_path: Path) -> None:
+def test_email_batch_rerun_remind_and_connect_from_the_command_line(
+    tmp_path: Path, prefect_api: str
+) -> None:
     from tests.smtp_server import SmtpTestServer
 
     onboard = ONBOARD
@@ -230,7 +238,7 @@ def test_email_batch_rerun_remind_and_connect_from_the_command_line(tmp_path: Pa
     )
     with (
         SmtpTestServer(tls="starttls", auth=True) as smtp,
-        emulator_process(tmp_path) as env,
+        emulator_process(tmp_path, prefect_api=prefect_api) as env,
     ):
         mail = smtp.sender_kwargs()
         env.update(

@@ -16,7 +16,7 @@ import pytest
 
 from onboarding.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from tests.helpers import PROJECT, base_env, child, prefect_server, wait_for_http
+from tests.helpers import PROJECT, base_env, child, wait_for_http
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +26,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def stack(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("deployments")
-    with prefect_server(tmp) as api, EmulatorServer() as emulator:
+    api = prefect_api  # the session's server (tests/conftest.py)
+    with EmulatorServer() as emulator:
         env = base_env(tmp)
         env.update(
             PREFECT_API_URL=api,
