@@ -463,8 +463,15 @@ class ScaleOutStack:
             VERSORI_API_KEY=DEFAULT_API_KEY,
             ONBOARD_DB_URL=self.ledger_url,
             ONBOARD_PROJECT_DIR=str(PROJECT),
+            ONBOARD_FILES_ROOT=str(self.files_root),
         )
         return env
+
+    @property
+    def files_root(self) -> Path:
+        """Where the batch's roster and profile lie: the folder above tmp (bench/run.py puts
+        its roster and profile there, the test its tmp_path's files)."""
+        return self.tmp.parent
 
     def _prefect(self, *args: str) -> None:
         done = subprocess.run(
@@ -519,6 +526,13 @@ class ScaleOutStack:
             path = self.tmp / f"roster-{self._batches}.csv"
             write_roster(path, roster)
             roster = path
+        # Chunk runs start through a deployment, so they read local files only under
+        # ONBOARD_FILES_ROOT (the folder above tmp, see env()): the profile goes there too.
+        source = Path(profile) if Path(profile).is_absolute() else PROJECT / profile
+        if not source.resolve().is_relative_to(self.files_root.resolve()):
+            copied = self.tmp / f"profile-{self._batches}.yaml"
+            copied.write_bytes(source.read_bytes())
+            profile = str(copied)
         before = {run["id"] for run in self._chunk_flow_runs()}
         command = [
             str(BIN / "onboard"),
