@@ -21,7 +21,7 @@ from pydantic import Field
 
 from flows.batch import final_state, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
-from flows.onboard_tenants import run_files_root
+from flows.onboard_tenants import roster_location, run_files_root
 from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.profile import load_profile
@@ -82,8 +82,9 @@ def onboard_chunk(
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
             return final_state(done, "onboarded or skipped (earlier)")
         templates = load_templates(connector) if deliver.sends_email else None
-        tenants = list(open_roster_slice(roster, digest, first, stop, only, root=root))
-        live = ledger.live_tenant_ids(connector.connector_id, among=[t.tenant_id for t in tenants])
+        location = roster_location(roster)  # a secret: reference is read here again
+        tenants = list(open_roster_slice(location, digest, first, stop, only, root=root))
+        live = ledger.live_tenant_ids(connector.target_id, among=[t.tenant_id for t in tenants])
         concurrency = effective_concurrency(connector, concurrency)
         started = time.monotonic()
         with ExitStack() as stack:

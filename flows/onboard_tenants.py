@@ -6,6 +6,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -15,6 +16,7 @@ from pydantic import Field
 
 from flows.batch import Tally, final_state, publish, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
 from onboarding import constants
 from onboarding.errors import InputError
@@ -45,6 +47,39 @@ def run_name() -> str:
     ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]
     shown = ", ".join(ids[:3]) + (f" +{len(ids) - 3}" if len(ids) > 3 else "")
     return f"{name} for {shown or 'no tenants'}"
+
+
+SECRET_ROSTER = "secret:"
+
+
+def roster_location(roster: str) -> str:
+    """Where to read the roster from. `secret:<name>` reads it from the Prefect Secret block of
+    that name: the way to pass a URL that carries a credential (a signed URL, a token), which
+    as a flow parameter a Prefect server keeps, and shows, in clear. Such a URL given as the
+    parameter itself is refused on a server (Prefect's temporary server ends with the run)."""
+    if roster.startswith(SECRET_ROSTER):
+        from prefect.blocks.system import Secret
+
+        name = roster.removeprefix(SECRET_ROSTER)
+        try:
+            return str(Secret.load(name).get())
+        except ValueError as err:
+            raise InputError(
+                f"roster {roster}: no Secret block named {name!r}; create it in the Prefect UI "
+                "(Blocks, Secret) with the roster URL as its value"
+            ) from err
+    parts = urlsplit(roster)
+    if parts.scheme in ("http", "https") and not on_temporary_server():
+        keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        held = [k for k in keys if any(w in k.lower() for w in constants.SECRET_QUERY_WORDS)]
+        if held:
+            raise InputError(
+                f"roster {display_source(roster)}: the URL carries a credential (query "
+                f"key {held[0]!r}), and the Prefect server would keep it in clear with the "
+                "run's parameters; put the URL in a Prefect Secret block and pass "
+                "`secret:<block name>` as the roster"
+            )
+    return roster
 
 
 def run_files_root() -> Path | None:
@@ -106,7 +141,7 @@ def onboard_tenants(
     templates = load_templates(connector) if deliver.sends_email else None
     needs = templates.tenant_fields_used if templates else ()
     if roster is not None:
-        batch = load_roster(roster, connector, only, also_needs=needs, root=root)
+        batch = load_roster(roster_location(roster), connector, only, also_needs=needs, root=root)
     else:
         batch = load_inline_roster(tenants or [], connector, only, also_needs=needs)
     source = display_source(roster) if roster is not None else batch.source
@@ -123,7 +158,7 @@ def onboard_tenants(
     concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
-        live = ledger.live_tenant_ids(connector.connector_id)
+        live = ledger.live_tenant_ids(connector.target_id)
         tally = Tally.of(
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
             for t in batch
@@ -145,7 +180,7 @@ def onboard_tenants(
             deadline_minutes=chunk_deadline_minutes,
         )
     else:
-        live = ledger.live_tenant_ids(connector.connector_id)
+        live = ledger.live_tenant_ids(connector.target_id)
         with ExitStack() as stack:
             job = open_job(stack, connector, ledger, deliver, templates, concurrency, tenant_events)
             tally = run_batch(
@@ -160,7 +195,7 @@ def onboard_tenants(
         tally,
         time.monotonic() - started,
         profile=connector.name,
-        connector_id=connector.connector_id,
+        connector_id=connector.target_id,
         roster=source,
         dry_run=dry_run,
         deliver=deliver.value,

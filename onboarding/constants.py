@@ -5,6 +5,15 @@ from __future__ import annotations
 PRODUCTION_BASE_URL = "https://platform.versori.com/api/connect/v1"
 STAGING_BASE_URL = "https://platform-staging.versori.com/api/connect/v1"
 
+# The two APIs a profile can name (its `api` key): the Connect API v1 (a connector's id) and the
+# Platform API v2, whose twin of the initialise call sits under a system's id.
+CONNECT_V1 = "connect-v1"
+PLATFORM_V2 = "platform-v2"
+PLATFORM_V2_BASE_URL = "https://platform.versori.com/api/v2"
+PLATFORM_V2_STAGING_BASE_URL = "https://platform-staging.versori.com/api/v2"
+# The base URL each API is called at when VERSORI_BASE_URL is not set.
+PRODUCTION_BASE_URLS = {CONNECT_V1: PRODUCTION_BASE_URL, PLATFORM_V2: PLATFORM_V2_BASE_URL}
+
 CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 30.0
 # An upper bound on one whole initialise call, read timeouts included: a server that trickles
@@ -39,3 +48,17 @@ CHUNK_SIZE = 1000
 CHUNK_DEPLOYMENT = "onboard-tenants-chunk/chunks"
 # How long the parent waits for its chunk runs before cancelling the rest.
 CHUNK_DEADLINE_MINUTES = 24 * 60.0
+
+# Words that make a URL query key (or a database URL's) hold a credential: its value is never
+# shown, and a roster URL with one is never kept as a flow parameter on a server.
+SECRET_QUERY_WORDS = (
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "sig",
+    "credential",
+    "auth",
+)

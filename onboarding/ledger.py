@@ -42,6 +42,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from onboarding import constants
 from onboarding.errors import InputError, OnboardingError
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def _utc(value: datetime) -> datetime:
 
 
 # Query keys whose value is a secret (libpq's `password`, `sslpassword`, a driver's `pwd`...).
-_SECRET_QUERY_KEY = ("password", "passwd", "pwd", "secret", "token", "key")
+_SECRET_QUERY_KEY = constants.SECRET_QUERY_WORDS
 
 
 def _secret_key(name: str) -> bool:

@@ -325,3 +325,44 @@ def test_the_example_automations_are_valid_for_prefect() -> None:
         {"onboarding.tenant.failed"},
         {"onboarding.tenant.connected"},
     ]
+
+
+def test_a_roster_url_with_a_credential_is_never_a_plain_parameter(
+    env: dict[str, Any], emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a server, a signed roster URL as the `roster` parameter is refused (the server would
+    keep it in clear); `secret:<block>` reads the same URL from a Secret block instead."""
+    import http.server
+    import threading
+
+    from prefect.blocks.system import Secret
+
+    write_roster(env["tmp"] / "r.csv", ["signed1", "signed2"])
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(env["tmp"]), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "127.0.0.1")
+        signed = f"http://127.0.0.1:{server.server_port}/r.csv?X-Amz-Signature=s1gn3d"
+        state, result = run(signed)
+        assert state == "FAILED"
+        assert "secret:<block name>" in str(result) and "s1gn3d" not in str(result)
+        assert emulator.app.state.emulator.stats()["requests"] == 0
+
+        Secret(value=signed).save("roster-url-test", overwrite=True)
+        state, summary = run("secret:roster-url-test")
+        assert state == "COMPLETED", summary
+        assert summary["by_status"] == {"delivered": 2}
+        assert "s1gn3d" not in json.dumps(summary)
+
+        state, result = run("secret:no-such-block")
+        assert state == "FAILED" and "no Secret block named 'no-such-block'" in str(result)
+    finally:
+        server.shutdown()
