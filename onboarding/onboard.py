@@ -103,7 +103,7 @@ class OnboardingJob:
             self.on_status(
                 StatusChange(
                     tenant_id=tenant_id,
-                    connector_id=self.profile.connector_id,
+                    connector_id=self.profile.target_id,
                     profile=self.profile.name,
                     status=str(status),
                     error_code=error_code,
@@ -155,10 +155,11 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
             attempt.counted = True
         link, expires_at = issued
         if job.deliver.sends_email:
-            _send(job, tenant, link, expires_at, reminder=0)
+            if not _send(job, tenant, link, expires_at, reminder=0):
+                return _not_sent(job, tenant.tenant_id)
             job.ledger.mark_delivered(
                 tenant.tenant_id,
-                job.profile.connector_id,
+                job.profile.target_id,
                 channel=job.deliver.value,
                 count_attempt=not attempt.counted,
             )
@@ -169,7 +170,7 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
 def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     """Send a reminder to a tenant that has not connected; re-issue its link first when the
     old one is past its time (the old state stays traceable in the ledger's history)."""
-    record = job.ledger.get(tenant_id, job.profile.connector_id)
+    record = job.ledger.get(tenant_id, job.profile.target_id)
     if record is None:
         raise UnknownStateError(f"tenant {tenant_id} is not in the ledger")
     if record.status is Status.CONNECTED:
@@ -181,10 +182,11 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
             issued = _initialise(job, tenant)
             attempt.counted = True
         link, expires_at = issued
-        _send(job, tenant, link, expires_at, reminder=record.reminders + 1)
+        if not _send(job, tenant, link, expires_at, reminder=record.reminders + 1):
+            return _not_sent(job, tenant_id)
         job.ledger.mark_reminded(
             tenant_id,
-            job.profile.connector_id,
+            job.profile.target_id,
             channel=record.delivery_channel or "email",
             count_attempt=not attempt.counted,
         )
@@ -274,7 +276,7 @@ def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[_Attempt
 def _identity(job: OnboardingJob, tenant: Tenant) -> dict[str, Any]:
     return {
         "tenant_id": tenant.tenant_id,
-        "connector_id": job.profile.connector_id,
+        "connector_id": job.profile.target_id,
         "profile": job.profile.name,
         "tenant_name": tenant.name,
         "admin_email": tenant.admin_email,
@@ -287,7 +289,7 @@ def _reusable_link(
 ) -> tuple[Link, datetime] | None:
     """The tenant's stored link when it was made but not yet delivered (a retry after a mail
     failure, a crash while sending) and has time left: no second initialise, same Message-ID."""
-    record = record or job.ledger.get(tenant_id, job.profile.connector_id)
+    record = record or job.ledger.get(tenant_id, job.profile.target_id)
     if record is None or not (record.url and record.state and record.expires_at):
         return None
     if record.expires_at - REUSE_MARGIN <= job.clock():
@@ -302,7 +304,7 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
     request = profile.render(tenant.values)
     job.pacer.wait_turn()
     try:
-        url = job.client.initialise(profile.organisation_id, profile.connector_id, request)
+        url = job.client.initialise(profile.organisation_id, profile.target_id, request)
     except RateLimitedError as err:
         # Clamped: a hostile or broken Retry-After must not stall every worker for a day.
         asked = err.retry_after if err.retry_after is not None else 1.0
@@ -330,7 +332,9 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
 
 def _send(
     job: OnboardingJob, tenant: Tenant, link: Link, expires_at: datetime, reminder: int
-) -> None:
+) -> bool:
+    """Mail the link; False, and nothing sent, when the ledger refused to mark the tenant
+    `sending` because it connected meanwhile or holds a newer link (another run's)."""
     from onboarding.mail import build_message
 
     if job.mailer is None or job.templates is None:
@@ -338,7 +342,7 @@ def _send(
     message = build_message(
         tenant=tenant,
         connector_name=job.profile.name,
-        connector_id=job.profile.connector_id,
+        connector_id=job.profile.target_id,
         link_url=link.url,
         state=link.state,
         expires_at=expires_at,
@@ -346,10 +350,24 @@ def _send(
         templates=job.templates,
         reminder=reminder,
     )
-    job.ledger.mark_sending(
-        tenant.tenant_id, job.profile.connector_id, message_id=str(message["Message-ID"])
-    )
+    if not job.ledger.mark_sending(
+        tenant.tenant_id,
+        job.profile.target_id,
+        message_id=str(message["Message-ID"]),
+        state=link.state,
+    ):
+        return False
     job.mailer.send(message)
+    return True
+
+
+def _not_sent(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
+    """The outcome of a tenant whose mail was not sent: connected, or skipped because another
+    run holds a newer link for it (that run delivers it)."""
+    record = job.ledger.get(tenant_id, job.profile.target_id)
+    if record is not None and record.status is Status.CONNECTED:
+        return TenantOutcome(tenant_id, Status.CONNECTED.value)
+    return TenantOutcome(tenant_id, "skipped")
 
 
 def _succeeded(tenant_id: str, status: Status, link: Link) -> TenantOutcome:

@@ -145,6 +145,46 @@ def test_a_callback_during_a_real_send_leaves_the_tenant_connected(ledger: Ledge
     assert (record.status, record.connection_id) == (Status.CONNECTED, "conn-during-send")
 
 
+def test_a_tenant_that_connected_before_the_send_is_not_mailed(ledger: Ledger) -> None:
+    """The callback lands between the link being read and the message being marked sending:
+    nothing is sent, and the outcome says connected."""
+    from onboarding.mail import MailTemplates
+
+    tenant = Tenant(tenant_id="t1", name="Acme", admin_email="admin@acme.example.com", fields={})
+    connector_id = load_profile(PROFILE).connector_id
+    ledger.record_link(
+        tenant_id="t1",
+        connector_id=connector_id,
+        profile="zendesk-demo",
+        tenant_name="Acme",
+        admin_email="admin@acme.example.com",
+        url="https://acme.zendesk.com/oauth/authorizations/new?state=st-1",
+        state="st-1",
+        created_at=NOW.replace(year=2020),
+        expires_at=NOW + 1000 * HOUR,
+    )
+    mailer = _CallbackDuringSend(ledger, "st-1")
+    original = ledger.mark_sending
+
+    def connect_first(*args: Any, **kwargs: Any) -> bool:
+        record_connection(ledger, "st-1", "conn-first", now=NOW)
+        return original(*args, **kwargs)
+
+    ledger.mark_sending = connect_first  # type: ignore[method-assign]
+    job = OnboardingJob(
+        profile=load_profile(PROFILE),
+        client=None,
+        ledger=ledger,
+        deliver=Delivery.EMAIL,
+        mailer=mailer,  # type: ignore[arg-type]
+        templates=MailTemplates(),
+    )
+    outcome = onboard_tenant(job, tenant)
+    assert mailer.sent == 0
+    assert outcome.status == "connected"
+    assert get(ledger, "t1").connection_id == "conn-first"
+
+
 # --- defect 6: a state is accepted once ---------------------------------------------------------
 
 
