@@ -127,7 +127,8 @@ def flow_run(
         **{k: v for k, v in options.items() if v is not None},
     )
     elapsed = time.perf_counter() - started
-    return elapsed, state.result(raise_on_failure=False)
+    result = state.result(raise_on_failure=False)
+    return elapsed, result if isinstance(result, dict) else {"error": repr(result)}
 
 
 def bench_profile(work: Path, rate_limit: float | None) -> Path:

@@ -44,11 +44,11 @@ def pool_env(config: dict[str, Any]) -> dict[str, str]:
 
 def deployments_from_yaml(config: dict[str, Any] | None = None) -> list[RunnerDeployment]:
     config = config or read_config()
-    out = []
+    out: list[RunnerDeployment] = []
     for spec in config["deployments"]:
         flow = load_flow(spec["entrypoint"])
         out.append(
-            flow.to_deployment(
+            flow.to_deployment(  # type: ignore[arg-type]  # sync here: never a coroutine
                 name=spec["name"],
                 description=spec.get("description"),
                 tags=spec.get("tags"),

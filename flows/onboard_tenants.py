@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.runtime import deployment, flow_run
-from prefect.states import State
 from pydantic import Field
 
 from flows.batch import Tally, final_state, publish, run_batch, skip_live, summarise
@@ -62,7 +62,7 @@ def roster_location(roster: str) -> str:
 
         name = roster.removeprefix(SECRET_ROSTER)
         try:
-            return str(Secret.load(name).get())
+            return str(Secret.load(name).get())  # type: ignore[union-attr]  # sync call
         except ValueError as err:
             raise InputError(
                 f"roster {roster}: no Secret block named {name!r}; create it in the Prefect UI "
