@@ -19,6 +19,7 @@ from flows.events import TenantEventSender, on_temporary_server
 from onboarding.client import VersoriClient, parse_retry_after
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
+from onboarding.models import Api
 from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.pacing import Pacer, Spacing
 from onboarding.profile import ConnectorProfile
@@ -227,7 +228,7 @@ def open_job(
 
     return OnboardingJob(
         profile=profile,
-        client=stack.enter_context(open_client(concurrency)),
+        client=stack.enter_context(open_client(concurrency, profile.api)),
         ledger=ledger,
         deliver=deliver,
         mailer=open_mailer(stack) if deliver.sends_email else None,
@@ -242,12 +243,14 @@ def effective_concurrency(profile: ConnectorProfile, asked: int) -> int:
     return min(asked, profile.max_concurrency) if profile.max_concurrency else asked
 
 
-def open_client(concurrency: int) -> VersoriClient:
-    """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once."""
+def open_client(concurrency: int, api: Api = "connect-v1") -> VersoriClient:
+    """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once, for
+    `api` (a profile's): unless VERSORI_BASE_URL is set, that API's production base URL."""
     versori = VersoriSettings()
     return VersoriClient(
+        api=api,
         api_key=resolve_api_key(versori),
-        base_url=versori.base_url,
+        base_url=versori.base_url if "base_url" in versori.model_fields_set else None,
         connect_timeout=versori.connect_timeout,
         read_timeout=versori.read_timeout,
         call_deadline=versori.call_deadline,

@@ -59,7 +59,7 @@ def remind_tenants(
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()
     due = ledger.due_for_reminder(
-        connector.connector_id,
+        connector.target_id,
         sent_before=now - timedelta(hours=after_hours),
         max_reminders=max_reminders,
     )
@@ -80,7 +80,7 @@ def remind_tenants(
             )
             for r in due
         )
-        expired = ledger.count_past_expiry(connector.connector_id, now)
+        expired = ledger.count_past_expiry(connector.target_id, now)
     else:
         with ExitStack() as stack:
             templates = load_templates(connector)
@@ -95,7 +95,7 @@ def remind_tenants(
                 concurrency,
                 tenants_per_task,
             )
-            expired_ids = ledger.expire_links(connector.connector_id, utcnow())
+            expired_ids = ledger.expire_links(connector.target_id, utcnow())
             for tenant_id in expired_ids:
                 job.report(tenant_id, Status.EXPIRED)
         expired = len(expired_ids)
@@ -105,7 +105,7 @@ def remind_tenants(
         outcomes,
         time.monotonic() - started,
         profile=connector.name,
-        connector_id=connector.connector_id,
+        connector_id=connector.target_id,
         dry_run=dry_run,
         expired=expired,
     )

@@ -36,7 +36,7 @@ from onboarding.errors import (
     RateLimitedError,
     error_class_for,
 )
-from onboarding.models import ErrorBody, InitialiseRequest, InitialiseResponse
+from onboarding.models import Api, ErrorBody, InitialiseRequest, InitialiseResponse
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ def _is_loopback(host: str | None) -> bool:
 
 
 class VersoriClient:
-    """Calls one Versori Connect API. Thread-safe: one instance serves every worker of a batch."""
+    """Calls one Versori API: the Connect API v1 (`api="connect-v1"`, connectors) or the Platform
+    API v2 (`api="platform-v2"`, systems). Thread-safe: one instance serves every worker of a
+    batch."""
 
     def __init__(
         self,
@@ -98,7 +100,14 @@ class VersoriClient:
         call_deadline: float = constants.CALL_DEADLINE_SECONDS,
         max_connections: int = constants.DEFAULT_CONCURRENCY,
         transport: httpx.BaseTransport | None = None,
+        api: Api = "connect-v1",
     ) -> None:
+        if api not in constants.PRODUCTION_BASE_URLS:
+            raise InputError(
+                f"api must be {constants.CONNECT_V1} or {constants.PLATFORM_V2}, not {api!r}"
+            )
+        self.api: Api = api
+        production = constants.PRODUCTION_BASE_URLS[api]
         api_key = api_key or os.environ.get("VERSORI_API_KEY")
         if not api_key:
             raise InputError(
@@ -112,7 +121,7 @@ class VersoriClient:
                 "VERSORI_API_KEY contains whitespace, control or non-ASCII characters "
                 "(a trailing newline?); set it to the key alone"
             )
-        base_url = base_url or os.environ.get("VERSORI_BASE_URL") or constants.PRODUCTION_BASE_URL
+        base_url = base_url or os.environ.get("VERSORI_BASE_URL") or production
         try:
             parts = urlsplit(base_url)
             _ = parts.port  # raises ValueError on a bad port
@@ -128,8 +137,7 @@ class VersoriClient:
         if not usable:
             raise InputError(
                 "VERSORI_BASE_URL is not an http(s) URL with a host and no query or fragment "
-                f"(not quoted here: it may hold credentials); production is "
-                f"{constants.PRODUCTION_BASE_URL}"
+                f"(not quoted here: it may hold credentials); production is {production}"
             )
         if parts.scheme == "http" and not _is_loopback(parts.hostname):
             # The API key goes in every request's Authorization header: never in clear over a
@@ -137,8 +145,7 @@ class VersoriClient:
             raise InputError(
                 f"VERSORI_BASE_URL is plain http to {parts.hostname}, not a loopback host: "
                 "the API key would cross the network in clear; use https (http only to "
-                f"127.0.0.1, ::1 or localhost, e.g. the emulator); production is "
-                f"{constants.PRODUCTION_BASE_URL}"
+                f"127.0.0.1, ::1 or localhost, e.g. the emulator); production is {production}"
             )
         self.base_url = base_url.rstrip("/")
         self.host = parts.hostname
@@ -204,9 +211,22 @@ class VersoriClient:
     def initialise(
         self, organisation_id: str, connector_id: str, request: InitialiseRequest
     ) -> str:
-        """Ask Versori for an authorize URL; return it unchecked (see `onboarding.links`)."""
+        """Ask Versori for an authorize URL; return it unchecked (see `onboarding.links`).
+
+        `connector_id` is the connector's id for the Connect API v1, the system's id for the
+        Platform API v2 (the path's `systems/{system_id}`)."""
+        if self.api == constants.PLATFORM_V2:
+            collection = "systems"
+        elif request.redirect_url is not None:
+            # The Connect API v1 has no redirectUrl: it would refuse the body as a whole.
+            raise InputError(
+                "redirect_url is a Platform API v2 field: set api: platform-v2 in the profile "
+                "(with system_id), or remove redirect_url"
+            )
+        else:
+            collection = "connectors"
         path = (
-            f"/o/{quote(organisation_id, safe='')}/connectors/"
+            f"/o/{quote(organisation_id, safe='')}/{collection}/"
             f"{quote(connector_id, safe='')}/oauth2/initialise"
         )
         status, headers, body = self._post(path, request.to_wire())

@@ -1,9 +1,11 @@
 """A local stand-in for Versori's InitialiseOAuth2Connection endpoint, served over real HTTP.
 
 The CLI, the demo, the tests and the benchmark all need a Versori that answers like the real one
-(same paths, same error shape, same URL contract) but that can also be told to be slow, flaky or
-rate limited on demand, without credentials or network. The request path is kept cheap on
-purpose: the benchmark pushes several hundred requests per second through it.
+(same paths, same error shape, same URL contract; the Connect API v1 path under `connectors` and
+the Platform API v2 twin under `systems`, with its optional `redirectUrl`) but that can also be
+told to be slow, flaky or rate limited on demand, without credentials or network. The request
+path is kept cheap on purpose: the benchmark pushes several hundred requests per second through
+it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ulid import ULID
 __all__ = [
     "DEFAULT_API_KEY",
     "DEMO_CONNECTOR",
+    "DEMO_SYSTEM",
     "SCRIPT_ACTIONS",
     "EmulatedConnector",
     "EmulatorConfig",
@@ -58,6 +61,8 @@ _BODY_KEYS = frozenset(
         "additionalParams",
     }
 )
+# The Platform API v2 body: the same, plus where the provider sends the user back.
+_BODY_KEYS_V2 = _BODY_KEYS | {"redirectUrl"}
 
 SCRIPT_ACTIONS = frozenset({"ok", "500", "502", "503", "429", "400", "bad_url"})
 
@@ -88,7 +93,11 @@ def _normalise_ulid(value: str) -> str:
 
 @dataclass(frozen=True)
 class EmulatedConnector:
-    """One connector the emulator knows, with the credential and client id stored under it."""
+    """One connector the emulator knows, with the credential and client id stored under it.
+
+    It answers under both APIs: `connector_id` is also its system id on the Platform API v2
+    path (`/o/{organisation_id}/systems/{system_id}/oauth2/initialise`). `redirect_uri` is
+    the redirect the returned URL carries unless a v2 request sets redirectUrl."""
 
     organisation_id: str
     connector_id: str
@@ -117,6 +126,15 @@ DEMO_CONNECTOR = EmulatedConnector(
     client_id="demo-client-id",
 )
 
+# A second one, which examples/profile-v2.yaml names as its Platform API v2 system.
+DEMO_SYSTEM = EmulatedConnector(
+    organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
+    connector_id="01M8F12B95S4BX0QFB3TPDWZ0S",
+    credential_id="01M8F12B95S4BX0QFB3TPDWZ0T",
+    credential_organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
+    client_id="demo-system-client-id",
+)
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -127,7 +145,7 @@ class EmulatorConfig:
     """How the emulator behaves: who may call it, what it knows, and which faults it injects."""
 
     api_keys: frozenset[str] = frozenset({DEFAULT_API_KEY})
-    connectors: tuple[EmulatedConnector, ...] = (DEMO_CONNECTOR,)
+    connectors: tuple[EmulatedConnector, ...] = (DEMO_CONNECTOR, DEMO_SYSTEM)
     latency_ms: float = 0.0
     error_rate: float = 0.0
     rate_limit: float | None = None
@@ -330,8 +348,11 @@ def _check_authorize_url(value: object) -> str | None:
     return None
 
 
-def _validate_body(body: dict[str, Any]) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
-    """Collect every field error at once, as Versori does, so callers can fix a body in one go."""
+def _validate_body(
+    body: dict[str, Any], v2: bool = False
+) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+    """Collect every field error at once, as Versori does, so callers can fix a body in one go.
+    `v2`: the Platform API v2 body, which may also carry redirectUrl."""
     errors: list[dict[str, str]] = []
     pairs: list[tuple[str, str]] = []
 
@@ -390,8 +411,14 @@ def _validate_body(body: dict[str, Any]) -> tuple[list[dict[str, str]], list[tup
             except ValueError:
                 errors.append(_field("additionalParams", "must be a URL-encoded query string"))
 
+    if v2 and body.get("redirectUrl") is not None:
+        problem = _check_authorize_url(body["redirectUrl"])
+        if problem is not None:
+            errors.append(_field("redirectUrl", problem))
+
+    known = _BODY_KEYS_V2 if v2 else _BODY_KEYS
     for key in body:
-        if key not in _BODY_KEYS:
+        if key not in known:
             errors.append(_field(key, "unknown field"))
 
     return errors, pairs
@@ -407,7 +434,7 @@ def _build_url(
     params: list[tuple[str, str]] = [
         ("response_type", "code"),
         ("client_id", connector.client_id),
-        ("redirect_uri", connector.redirect_uri),
+        ("redirect_uri", body.get("redirectUrl") or connector.redirect_uri),
     ]
     if state is not None:
         params.append(("state", state))
@@ -453,15 +480,21 @@ def create_app(config: EmulatorConfig) -> Starlette:
     latency = config.latency_ms / 1000.0
 
     async def initialise(request: Request) -> Response:
+        return await _answer(request, v2=False)
+
+    async def initialise_v2(request: Request) -> Response:
+        return await _answer(request, v2=True)
+
+    async def _answer(request: Request, v2: bool) -> Response:
         try:
-            response = await _initialise(request)
+            response = await _initialise(request, v2)
         except ClientDisconnect:
             # The caller went away mid-request (a killed batch): nothing to answer, no traceback.
             return Response(status_code=499)
         runtime.record(response.status_code)
         return response
 
-    async def _initialise(request: Request) -> Response:
+    async def _initialise(request: Request, v2: bool) -> Response:
         if latency > 0:
             await asyncio.sleep(latency)
 
@@ -481,13 +514,14 @@ def create_app(config: EmulatorConfig) -> Starlette:
                 )
 
         org_id = request.path_params["organisation_id"]
-        connector_id = request.path_params["connector_id"]
+        kind = "system" if v2 else "connector"
+        connector_id = request.path_params[f"{kind}_id"]
         connector = connectors.get((org_id, connector_id))
         if connector is None:
             if org_id not in organisations:
                 return _error(404, "not_found", f"organisation {org_id} not found")
             return _error(
-                404, "not_found", f"connector {connector_id} not found in organisation {org_id}"
+                404, "not_found", f"{kind} {connector_id} not found in organisation {org_id}"
             )
 
         raw = await request.body()
@@ -498,7 +532,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
         if not isinstance(body, dict):
             return _error(400, "invalid_body", "request body must be a JSON object")
 
-        errors, pairs = _validate_body(body)
+        errors, pairs = _validate_body(body, v2)
         if errors:
             return _error(400, "validation_failed", "request body is invalid", fields=errors)
 
@@ -562,11 +596,13 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
         state = secrets.token_urlsafe(32)
         runtime.states[state] = {
+            "api": "platform-v2" if v2 else "connect-v1",
             "organisation_id": connector.organisation_id,
-            "connector_id": connector.connector_id,
+            f"{kind}_id": connector.connector_id,
             "credential_id": connector.credential_id,
             "client_id": connector.client_id,
             "authorize_url": authorize_url,
+            "redirect_uri": body.get("redirectUrl") or connector.redirect_uri,
             "issued_at": datetime.now(UTC).isoformat(),
         }
         return JSONResponse({"url": _build_url(authorize_url, connector, body, pairs, state)})
@@ -604,6 +640,11 @@ def create_app(config: EmulatorConfig) -> Starlette:
             Route(
                 "/o/{organisation_id}/connectors/{connector_id}/oauth2/initialise",
                 initialise,
+                methods=["POST"],
+            ),
+            Route(
+                "/o/{organisation_id}/systems/{system_id}/oauth2/initialise",
+                initialise_v2,
                 methods=["POST"],
             ),
             Route("/healthz", healthz, methods=["GET"]),

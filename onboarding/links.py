@@ -101,7 +101,8 @@ def check_link(
     """Return the checked link, or raise LinkCheckError listing every problem found.
 
     `redirect_uri` / `redirect_host` (the profile's pins, optional): the URL's redirect_uri must
-    equal the one, and its host must be the other."""
+    equal the one, and its host must be the other. A request that set `redirect_url` (Platform
+    API v2) pins redirect_uri to it the same way."""
     problems: list[str] = []
     got = _split(url)
     if got is None:
@@ -149,6 +150,8 @@ def check_link(
         problems.append("redirect_uri has a #fragment (RFC 6749 3.1.2)")
     if redirect_uri is not None and params.get("redirect_uri") != redirect_uri:
         problems.append("redirect_uri is not the profile's redirect_uri")
+    if request.redirect_url is not None and params.get("redirect_uri") != request.redirect_url:
+        problems.append("redirect_uri is not the redirect_url the request asked for")
     got_host = (redirect.hostname or "") if redirect is not None else ""
     if redirect_host is not None and got_host.rstrip(".") != redirect_host.lower().rstrip("."):
         problems.append("redirect_uri's host is not the profile's redirect_host")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
@@ -18,6 +18,10 @@ from pydantic.alias_generators import to_camel
 from ulid import ULID
 
 from onboarding.constants import RESERVED_QUERY_KEYS
+
+# Which Versori API a profile calls: the Connect API v1 (connectors) or the Platform API v2
+# (systems). Spelled as in onboarding.constants (CONNECT_V1, PLATFORM_V2).
+Api = Literal["connect-v1", "platform-v2"]
 
 
 def _check_ulid(value: str) -> str:
@@ -77,6 +81,9 @@ class InitialiseRequest(_Wire):
     disable_offline_access: bool = False
     prompt: str | None = None
     additional_params: str = ""
+    # Platform API v2 only (sent as redirectUrl): where the provider sends the user back.
+    # Left out of the body when None, so a Connect API v1 body is unchanged.
+    redirect_url: Annotated[str, AfterValidator(check_absolute_url)] | None = None
 
     @field_validator("additional_params")
     @classmethod

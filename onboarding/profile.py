@@ -11,13 +11,22 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from yaml.composer import Composer
 
 from onboarding import constants
 from onboarding.errors import InputError, Problem
 from onboarding.links import is_loopback
 from onboarding.models import (
+    Api,
     CredentialRef,
     InitialiseRequest,
     Ulid,
@@ -61,8 +70,12 @@ class ConnectorProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=200)
+    # Which API the initialise call goes to. Declared before the ids: their checks read it.
+    api: Api = "connect-v1"
     organisation_id: Ulid
-    connector_id: Ulid
+    # connect-v1 names a connector, platform-v2 a system; exactly one of them (see target_id).
+    connector_id: Ulid | None = Field(None, validate_default=True)
+    system_id: Ulid | None = Field(None, validate_default=True)
     credential_id: Ulid
     credential_organisation_id: Ulid | None = None
     client_id: str = Field(min_length=1)
@@ -84,12 +97,41 @@ class ConnectorProfile(BaseModel):
     # its host this one. Unset: any https redirect_uri is accepted.
     redirect_uri: str | None = None
     redirect_host: str | None = None
+    # platform-v2 only: sent as the request's redirectUrl, and then the returned URL's
+    # redirect_uri must be exactly this (as with redirect_uri).
+    redirect_url: str | None = None
 
-    @field_validator("redirect_uri")
+    @field_validator("connector_id", "system_id")
     @classmethod
-    def _redirect_uri_pin(cls, value: str | None) -> str | None:
+    def _id_for_the_api(cls, value: str | None, info: ValidationInfo) -> str | None:
+        api = info.data.get("api")
+        if api is None:  # api itself is wrong, and reported as such
+            return value
+        wanted = "system_id" if api == constants.PLATFORM_V2 else "connector_id"
+        if info.field_name == wanted and value is None:
+            raise ValueError(f"required for api: {api}")
+        if info.field_name != wanted and value is not None:
+            if api == constants.PLATFORM_V2:
+                raise ValueError(
+                    "a platform-v2 profile names system_id, not connector_id; "
+                    "remove connector_id (or set api: connect-v1)"
+                )
+            raise ValueError(
+                "system_id is for api: platform-v2; set api: platform-v2 and remove "
+                "connector_id, or keep connector_id and remove system_id"
+            )
+        return value
+
+    @field_validator("redirect_uri", "redirect_url")
+    @classmethod
+    def _redirect_uri_pin(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
+        if info.field_name == "redirect_url" and info.data.get("api") == constants.CONNECT_V1:
+            raise ValueError(
+                "redirect_url is sent only by api: platform-v2; set api: platform-v2 (with "
+                "system_id), or use redirect_uri to pin the redirect Versori returns"
+            )
         check_absolute_url(value)
         parts = urlsplit(value)
         if parts.scheme != "https" and not is_loopback(parts.hostname):
@@ -115,12 +157,24 @@ class ConnectorProfile(BaseModel):
 
     @model_validator(mode="after")
     def _redirect_pins_agree(self) -> ConnectorProfile:
-        if self.redirect_uri is not None and self.redirect_host is not None:
-            host = (urlsplit(self.redirect_uri).hostname or "").rstrip(".")
+        if (
+            self.redirect_url is not None
+            and self.redirect_uri is not None
+            and self.redirect_url != self.redirect_uri
+        ):
+            raise ValueError(
+                "redirect_uri differs from redirect_url, and the returned redirect_uri must "
+                "equal redirect_url; remove redirect_uri"
+            )
+        pinned, key = (
+            (self.redirect_url, "redirect_url")
+            if self.redirect_url is not None
+            else (self.redirect_uri, "redirect_uri")
+        )
+        if pinned is not None and self.redirect_host is not None:
+            host = (urlsplit(pinned).hostname or "").rstrip(".")
             if host != self.redirect_host:
-                raise ValueError(
-                    "redirect_uri's host is not redirect_host; set one or make them agree"
-                )
+                raise ValueError(f"{key}'s host is not redirect_host; set one or make them agree")
         return self
 
     @field_validator("authorize_url")
@@ -161,6 +215,16 @@ class ConnectorProfile(BaseModel):
         return list(dict.fromkeys(names))
 
     @property
+    def target_id(self) -> str:
+        """The connector's id (connect-v1) or the system's id (platform-v2): what the initialise
+        path names, what the ledger keys this profile's records by (its connector_id column)
+        and what labels and Message-IDs carry."""
+        target = self.system_id if self.api == constants.PLATFORM_V2 else self.connector_id
+        if target is None:  # only a model built without validation gets here
+            raise ValueError(f"the profile {self.name!r} names no connector_id or system_id")
+        return target
+
+    @property
     def slug(self) -> str:
         """The name as Prefect artifact keys and tags want it: lowercase letters, digits, dashes."""
         out = "".join(c if c.isalnum() else "-" for c in self.name.lower())
@@ -186,6 +250,7 @@ class ConnectorProfile(BaseModel):
             disable_offline_access=self.disable_offline_access,
             prompt=self.prompt,
             additional_params=additional,
+            redirect_url=self.redirect_url,
         )
 
 
@@ -413,7 +478,10 @@ def load_profile(path: str | Path, *, root: str | Path | None = None) -> Connect
     except ValidationError as err:
         raise InputError(
             problems_from_validation(err, source, lines),
-            hint="See examples/profile.yaml for a complete profile.",
+            hint=(
+                "See examples/profile.yaml (examples/profile-v2.yaml for api: platform-v2) "
+                "for a complete profile."
+            ),
         ) from err
     if profile.email_templates is not None:
         line = lines.get(("email_templates",))

@@ -165,7 +165,7 @@ def not_attempted(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     message = f"not attempted: the batch stopped early because {job.stop_reason}"
     job.ledger.record_failure(
         tenant_id=tenant.tenant_id,
-        connector_id=job.profile.connector_id,
+        connector_id=job.profile.target_id,
         profile=job.profile.name,
         tenant_name=tenant.name,
         admin_email=tenant.admin_email,
