@@ -256,8 +256,8 @@ def demo(
 ) -> None:
     """Onboard the example roster against a local emulator and a local SMTP server: no
     account, no set-up."""
+    from onboarding.demo.smtp import LocalSmtpServer
     from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-    from onboarding.mail import LocalSmtpServer
 
     output.mkdir(parents=True, exist_ok=True)
     mail_dir = output / "mail"

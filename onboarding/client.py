@@ -12,7 +12,6 @@ between header reads).
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from onboarding.errors import (
     error_class_for,
 )
 from onboarding.models import Api, ErrorBody, InitialiseRequest, InitialiseResponse
+from onboarding.net import is_loopback as _is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,6 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = No
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class VersoriClient:

@@ -3,6 +3,12 @@
     OnboardingError
     ├── InputError                 bad roster/profile/settings: names file, line, field
     ├── LinkCheckError             the returned authorize URL failed the checks
+    ├── MailError                  sending an email failed (smtp_code: the server's reply code)
+    │   ├── TransientMailError         4xx, a dropped connection, a timeout: worth retrying
+    │   ├── PermanentMailError         5xx: retrying will not help
+    │   │   ├── MailAuthError              the server refused our login (535)
+    │   │   └── MailTlsError               TLS could not be set up
+    │   └── UnsafeMessageError         a header would carry a line break: nothing was sent
     └── VersoriError
         ├── APIError               Versori answered with a non-2xx (code, message, fields)
         │   ├── BadRequestError            400
@@ -17,7 +23,8 @@
         └── APIConnectionError     no answer: refused, reset, DNS
             └── APITimeoutError    connect/read timeout or call deadline
 
-No message here ever holds an API key or an authorize URL: the URL carries a CSRF `state`.
+No message here ever holds an API key, an SMTP password or an authorize URL: the URL carries a
+CSRF `state`.
 """
 
 from __future__ import annotations
@@ -85,6 +92,52 @@ class LinkCheckError(OnboardingError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("returned authorize URL failed checks: " + "; ".join(problems))
+
+
+class MailError(OnboardingError):
+    """Base of the mail errors. `smtp_code` is the server's reply code when there was one."""
+
+    code = "smtp_error"
+
+    def __init__(self, message: str, *, smtp_code: int | None = None) -> None:
+        self.smtp_code = smtp_code
+        super().__init__(message)
+
+
+class TransientMailError(MailError):
+    """Worth retrying later: a 4xx reply, a dropped connection, a timeout, a refused connect."""
+
+    code = "smtp_transient"
+    transient = True
+
+
+class PermanentMailError(MailError):
+    """Retrying will not help: a 5xx reply (550 unknown mailbox, 553, 554...)."""
+
+    code = "smtp_rejected"
+
+
+class MailAuthError(PermanentMailError):
+    """The server refused our login (535), or cannot take one: fix the SMTP credentials."""
+
+    code = "smtp_auth_failed"
+
+
+class MailTlsError(PermanentMailError):
+    """TLS could not be set up: certificate not trusted, no STARTTLS, a TLS/plain port mix-up."""
+
+    code = "smtp_tls_failed"
+
+
+class UnsafeMessageError(MailError):
+    """A header value would carry a line break (header injection). Nothing was sent."""
+
+    code = "unsafe_message"
+
+    def __init__(self, header: str, why: str = "would contain a line break (CR or LF)") -> None:
+        self.header = header
+        what = f"the {header} header {why}" if header else why
+        super().__init__(f"refusing to send the message: {what}")
 
 
 class VersoriError(OnboardingError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import email.policy
 import logging
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +21,9 @@ from typing import Any
 import pytest
 import trustme
 
+from onboarding.demo.smtp import LocalSmtpServer
 from onboarding.errors import InputError, is_transient
 from onboarding.mail import (
-    LocalSmtpServer,
     MailAuthError,
     MailSender,
     MailTemplates,
@@ -645,3 +647,12 @@ def test_local_smtp_server_writes_eml_files(tmp_path: Path, templates: MailTempl
     msg = parsed(files[0].read_bytes())
     assert msg["To"] == "a@globex.example.com"
     assert LINK in bodies(msg)[0]
+
+
+def test_the_mail_package_does_not_import_the_demo_smtp_server() -> None:
+    """aiosmtpd is a demo dependency: a worker that builds and sends mail never loads it."""
+    code = (
+        "import sys, onboarding.mail; from onboarding.mail import build_message; "
+        "assert 'aiosmtpd' not in sys.modules, 'onboarding.mail imported aiosmtpd'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

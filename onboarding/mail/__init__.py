@@ -1,0 +1,50 @@
+"""Email delivery of authorize links, one module per concern.
+
+    settings   SmtpSettings (ONBOARD_SMTP_*, ONBOARD_EMAIL_FROM) and every check they pass
+    sender     MailSender: SMTP with one reused connection per worker thread
+    templates  MailTemplates: subject.txt, body.txt, body.html, checked when loaded
+    message    build_message, message_id_for, parse_from
+
+The errors (MailError and its subclasses) are in `onboarding.errors`, re-exported here. The
+demo's SMTP server is `onboarding.demo.smtp`, outside the product (it needs aiosmtpd).
+"""
+
+from onboarding.errors import (
+    MailAuthError,
+    MailError,
+    MailTlsError,
+    PermanentMailError,
+    TransientMailError,
+    UnsafeMessageError,
+)
+from onboarding.mail.message import build_message, message_id_for, parse_from
+from onboarding.mail.sender import IDLE_CHECK_SECONDS, MailSender
+from onboarding.mail.settings import DEFAULT_PORTS, Security, SmtpServerSettings, SmtpSettings
+from onboarding.mail.templates import (
+    DEFAULT_TEMPLATES,
+    TEMPLATE_NAMES,
+    MailTemplates,
+    RenderedMail,
+)
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "DEFAULT_TEMPLATES",
+    "IDLE_CHECK_SECONDS",
+    "TEMPLATE_NAMES",
+    "MailAuthError",
+    "MailError",
+    "MailSender",
+    "MailTemplates",
+    "MailTlsError",
+    "PermanentMailError",
+    "RenderedMail",
+    "Security",
+    "SmtpServerSettings",
+    "SmtpSettings",
+    "TransientMailError",
+    "UnsafeMessageError",
+    "build_message",
+    "message_id_for",
+    "parse_from",
+]

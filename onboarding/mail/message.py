@@ -1,0 +1,149 @@
+"""One tenant's email: the From address, the Message-ID, the message itself.
+
+The authorize link is a secret (its `state` is a CSRF token). It goes in the message body and
+nowhere else: never in a header, a log line, an exception message or a repr.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.policy
+import hashlib
+import json
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr, parseaddr
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from email_validator import EmailNotValidError, validate_email
+
+from onboarding.errors import InputError, Problem, UnsafeMessageError
+from onboarding.roster import Tenant
+
+if TYPE_CHECKING:
+    from onboarding.mail.templates import MailTemplates
+
+# Where a problem with ONBOARD_EMAIL_FROM or another SMTP setting is reported.
+SETTINGS_SOURCE = "SMTP settings"
+
+# Line breaks to the email package (str.splitlines) and to SMTP, and NUL.
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00")
+
+
+def has_line_break(value: str) -> bool:
+    return any(c in _LINE_BREAKS for c in value)
+
+
+def parse_from(email_from: str) -> tuple[str, str]:
+    """Split "Name <addr>" (or a bare address) into display name and checked address."""
+    if has_line_break(email_from):
+        raise InputError([Problem(SETTINGS_SOURCE, None, "ONBOARD_EMAIL_FROM", "has a line break")])
+    name, addr = parseaddr(email_from.strip())
+    try:
+        checked = validate_email(addr, check_deliverability=False)
+    except EmailNotValidError as err:
+        raise InputError(
+            [Problem(SETTINGS_SOURCE, None, "ONBOARD_EMAIL_FROM", f"is not a valid address: {err}")]
+        ) from None
+    return name, checked.ascii_email or checked.normalized
+
+
+def _domain_of(email_from: str) -> str:
+    addr = parse_from(email_from)[1]
+    domain = addr.rpartition("@")[2]
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return domain.lower()
+
+
+def message_id_for(
+    tenant_id: str, connector_id: str, state: str, email_from: str, reminder: int = 0
+) -> str:
+    """The Message-ID of a tenant's email: the same link always gives the same id.
+
+    A resend of the same message (after a failure that left its delivery in doubt) then
+    carries the same id, which lets mail systems drop the duplicate. A reminder is another
+    message, so it gets an id of its own (clients hide a message whose id they have seen).
+    The state goes in only through sha256: the id cannot be turned back into the link.
+    """
+    parts = [tenant_id, connector_id, state]
+    if reminder:
+        parts.append(f"reminder-{reminder}")
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return f"<onboard.{digest[:32]}@{_domain_of(email_from)}>"
+
+
+def build_message(
+    *,
+    tenant: Tenant,
+    connector_name: str,
+    connector_id: str,
+    link_url: str,
+    state: str,
+    expires_at: datetime,
+    email_from: str,
+    templates: MailTemplates,
+    reminder: int = 0,
+    now: datetime | None = None,
+) -> EmailMessage:
+    """The email carrying one tenant's authorize link: multipart/alternative, text then HTML."""
+    for header, value in (
+        ("Subject (tenant name)", tenant.name),
+        ("Subject (connector name)", connector_name),
+        ("X-Onboarding-Tenant (tenant_id)", tenant.tenant_id),
+        ("To (admin_email)", tenant.admin_email),
+        ("From (email_from)", email_from),
+    ):
+        if has_line_break(value):
+            raise UnsafeMessageError(header)
+    if expires_at.tzinfo is None:
+        raise ValueError("expires_at must be timezone-aware")
+    if urlsplit(link_url).scheme not in ("https", "http") or has_line_break(link_url):
+        raise UnsafeMessageError("", "the link is not an http(s) URL")
+    try:
+        to = validate_email(tenant.admin_email, check_deliverability=False)
+    except EmailNotValidError as err:
+        raise InputError(
+            [Problem(f"tenant {tenant.tenant_id}", None, "admin_email", str(err))]
+        ) from None
+    from_name, from_addr = parse_from(email_from)
+
+    now = now or datetime.now(UTC)
+    expires_utc = expires_at.astimezone(UTC)
+    hours_left = max(0, round((expires_utc - now).total_seconds() / 3600))
+    rendered = templates.render(
+        tenant=tenant,
+        connector_name=connector_name,
+        link=link_url,
+        expires_at=expires_utc,
+        expires_in_hours=hours_left,
+        reminder=reminder,
+    )
+    headers = [
+        ("From", formataddr((from_name, from_addr)) if from_name else from_addr),
+        ("To", to.ascii_email or to.normalized),
+        ("Subject", rendered.subject),
+        ("Date", format_datetime(now.astimezone(UTC))),
+        ("Message-ID", message_id_for(tenant.tenant_id, connector_id, state, email_from, reminder)),
+        ("X-Onboarding-Tenant", tenant.tenant_id),
+    ]
+    if reminder:
+        # Threads a reminder under the first email in the admin's mail client.
+        headers.append(
+            ("References", message_id_for(tenant.tenant_id, connector_id, state, email_from))
+        )
+    message = EmailMessage(policy=email.policy.SMTP)
+    for name, value in headers:
+        if has_line_break(value):
+            raise UnsafeMessageError(name)
+        try:
+            message[name] = value
+        except (ValueError, email.errors.MessageError):
+            raise UnsafeMessageError(name, "is not a valid header value") from None
+    # Quoted-printable: any line length (links can pass the 998-octet line limit of 8bit) and
+    # 7-bit clean; the decoded text holds the link exactly.
+    message.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    message.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
+    return message

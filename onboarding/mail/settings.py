@@ -1,0 +1,197 @@
+"""The SMTP settings, and every check they pass before a message is sent.
+
+Each check is written once, here: a value's own range in `SmtpServerSettings` (run on the
+environment's values and on values given in code alike), what the values must be together to
+send safely in `check_for_sending`. `MailSender` takes the result and checks nothing again.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from onboarding.errors import InputError, Problem
+from onboarding.mail.message import SETTINGS_SOURCE, parse_from
+from onboarding.net import is_loopback
+
+Security = Literal["starttls", "ssl", "none"]
+DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "ssl": 465, "none": 25}
+_HINT = "Set them in the environment or in .env."
+
+
+class SmtpServerSettings(BaseModel):
+    """The server the onboarding emails go through, from any source: the environment
+    (`SmtpSettings`), a Prefect block's values or a caller's (`SmtpServerSettings.of`)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    host: str | None = None
+    # None: the usual port of the security mode (587 starttls, 465 ssl, 25 none).
+    port: int | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    security: Security = "starttls"
+    timeout: float = 30.0
+    # A PEM bundle of the CA(s) to trust instead of the system's, for a private CA.
+    ca_file: str | None = None
+    email_from: str | None = Field(None, validation_alias="ONBOARD_EMAIL_FROM")
+
+    @classmethod
+    def of(cls, **values: Any) -> SmtpServerSettings:
+        """Settings given in code, not read from the environment; a bad value is an InputError
+        naming its variable, as one in the environment would be named."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            problems = [
+                Problem(SETTINGS_SOURCE, None, _variable(e["loc"]), _message(e))
+                for e in err.errors()
+            ]
+            raise InputError(problems, hint=_HINT) from None
+
+    @field_validator("security", mode="before")
+    @classmethod
+    def _known_security(cls, value: object) -> object:
+        if value not in DEFAULT_PORTS:
+            raise ValueError(f"is {value!r}; use starttls, ssl or none")
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _tcp_port(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value < 65536:
+            raise ValueError(f"{value} is not a TCP port")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _default_port(self) -> SmtpServerSettings:
+        if self.port is None:
+            self.port = DEFAULT_PORTS[self.security]
+        return self
+
+
+class SmtpSettings(SmtpServerSettings, BaseSettings):
+    """ONBOARD_SMTP_* and ONBOARD_EMAIL_FROM: the server the onboarding emails go through."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ONBOARD_SMTP_",
+        env_file=".env",
+        extra="ignore",
+        env_ignore_empty=True,
+        populate_by_name=True,
+    )
+
+    # Name of a prefect-email EmailServerCredentials block; resolved by the flow layer only.
+    block: str | None = None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else ""
+    return "ONBOARD_EMAIL_FROM" if field == "email_from" else f"ONBOARD_SMTP_{field.upper()}"
+
+
+def _message(error: Any) -> str:
+    cause = error.get("ctx", {}).get("error")
+    return str(cause) if isinstance(cause, ValueError) else str(error["msg"])
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """Settings that passed every check, in the form the sender uses them."""
+
+    host: str
+    port: int
+    security: Security
+    timeout: float
+    username: str | None
+    password: SecretStr
+    email_from: str
+    # The address alone, checked: the SMTP envelope sender (MAIL FROM).
+    envelope_from: str
+    ca_file: str | None
+    # None for security none.
+    tls: ssl.SSLContext | None
+
+
+def check_for_sending(settings: SmtpServerSettings) -> SendSettings:
+    """What valid settings must also be to send: a host and a From address, a username and a
+    password together, plain SMTP only to this machine, a CA file that loads. Every problem is
+    listed in one InputError."""
+    problems: list[Problem] = []
+
+    def problem(field: str, message: str) -> None:
+        problems.append(Problem(SETTINGS_SOURCE, None, field, message))
+
+    host = (settings.host or "").strip()
+    if not host:
+        problem("ONBOARD_SMTP_HOST", "is not set: name the SMTP server to send through")
+    email_from = settings.email_from
+    envelope_from = ""
+    if not email_from or not email_from.strip():
+        problem("ONBOARD_EMAIL_FROM", "is not set: the From address of the onboarding emails")
+    else:
+        try:
+            envelope_from = parse_from(email_from)[1]
+        except InputError as err:
+            problems.extend(err.problems)
+    username, password, security = settings.username, settings.password, settings.security
+    if username and password is None:
+        problem("ONBOARD_SMTP_PASSWORD", "is not set, but ONBOARD_SMTP_USERNAME is")
+    if password is not None and not username:
+        problem("ONBOARD_SMTP_USERNAME", "is not set, but ONBOARD_SMTP_PASSWORD is")
+    if security == "none" and host and not is_loopback(host):
+        # Every message carries a tenant's authorize link (and AUTH the password): never in
+        # clear across a network. Plain SMTP only to a relay on this machine.
+        problem(
+            "ONBOARD_SMTP_SECURITY",
+            f"is 'none' for {host}, which is not a loopback host: refusing to send "
+            "authorize links"
+            + (" and the password" if username else "")
+            + " in clear; use starttls or ssl (security none only to 127.0.0.1, ::1 or "
+            "localhost)",
+        )
+    tls: ssl.SSLContext | None = None
+    ca_file = settings.ca_file
+    if security in ("starttls", "ssl"):
+        try:
+            # Verification (certificate chain and host name) is never turned off: a private
+            # CA is trusted by naming its certificate in ONBOARD_SMTP_CA_FILE.
+            tls = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
+        except (OSError, ValueError) as err:
+            why = "file not found" if isinstance(err, FileNotFoundError) else str(err)
+            problem("ONBOARD_SMTP_CA_FILE", f"{ca_file}: cannot load CA certificates ({why})")
+    if problems:
+        raise InputError(problems, hint=_HINT)
+    assert settings.port is not None  # set by SmtpServerSettings._default_port
+    return SendSettings(
+        host=host,
+        port=settings.port,
+        security=security,
+        timeout=float(settings.timeout),
+        username=username or None,
+        password=password if password is not None else SecretStr(""),
+        email_from=str(email_from).strip(),
+        envelope_from=envelope_from,
+        ca_file=ca_file or None,
+        tls=tls,
+    )

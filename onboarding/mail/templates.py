@@ -1,0 +1,228 @@
+"""The email templates: subject.txt, body.txt and body.html, loaded and checked at load time.
+
+A profile's `email_templates` folder overrides any of the three; the rest come from
+onboarding/templates/. Every template is rendered once with sample values when loaded, so a
+typo, a body without the link or a subject that shows it fails before anything is sent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from jinja2 import (
+    ChoiceLoader,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateSyntaxError,
+    nodes,
+    select_autoescape,
+)
+from jinja2.sandbox import SandboxedEnvironment
+
+from onboarding.errors import InputError, Problem
+from onboarding.mail.message import has_line_break
+from onboarding.roster import Tenant
+
+TEMPLATE_NAMES = ("subject.txt", "body.txt", "body.html")
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+_NAMED = ("tenant_id", "name", "admin_email")
+_DICT_METHODS = frozenset(dir(dict))
+
+
+@dataclass(frozen=True)
+class RenderedMail:
+    subject: str
+    text: str
+    html: str
+
+    def __repr__(self) -> str:  # the bodies hold the link
+        return f"RenderedMail(subject={self.subject!r}, text=..., html=...)"
+
+
+class _AnyFields(dict[str, str]):
+    """Stands in for any tenant's free fields when the templates are checked at load time."""
+
+    def __missing__(self, key: str) -> str:
+        return f"sample-{key}"
+
+
+class _SampleTenant(Tenant):
+    @property
+    def values(self) -> dict[str, str]:
+        out = _AnyFields(self.fields)
+        out.update(tenant_id=self.tenant_id, name=self.name, admin_email=self.admin_email)
+        return out
+
+
+_SAMPLE_HOST = "auth.example.com"
+_SAMPLE_STATE = "sample-state-0123456789"
+_SAMPLE_LINK = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}"
+
+
+class MailTemplates:
+    """subject.txt, body.txt and body.html: each from `folder` if it has it, else the default.
+
+    Variables: tenant (tenant.name, .tenant_id, .admin_email, .fields, .values), connector_name,
+    link, expires_at (aware datetime, UTC), expires_in_hours (int), reminder (0 on first send).
+    HTML is autoescaped; text is not. An undefined variable is an error, and every template is
+    rendered once with sample values here, so a typo fails before anything is sent.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        loaders: list[FileSystemLoader] = []
+        if self.folder is not None:
+            if not self.folder.is_dir():
+                raise InputError(f"{self.folder}: email templates folder not found")
+            loaders.append(FileSystemLoader(self.folder))
+        loaders.append(FileSystemLoader(DEFAULT_TEMPLATES))
+        # Sandboxed: a template may read what it is given, not reach into Python from there.
+        self._env = SandboxedEnvironment(
+            loader=ChoiceLoader(loaders),
+            autoescape=select_autoescape(("html", "htm", "xml"), default_for_string=False),
+            undefined=StrictUndefined,
+            auto_reload=False,
+        )
+        self._templates: dict[str, Template] = {}
+        self.files: dict[str, Path] = {}
+        for name in TEMPLATE_NAMES:
+            try:
+                template = self._env.get_template(name)
+            except TemplateSyntaxError as err:
+                where = err.filename or name
+                raise InputError(
+                    [Problem(where, err.lineno, "", f"template syntax error: {err.message}")]
+                ) from None
+            except (TemplateError, OSError, UnicodeDecodeError) as err:
+                raise InputError(f"{name}: cannot load the email template ({err})") from None
+            self._templates[name] = template
+            self.files[name] = Path(template.filename or name)
+        self.tenant_fields_used = self._fields_used()
+        self._subject_uses_link = self._uses_link("subject.txt")
+        self._check()
+
+    def __repr__(self) -> str:
+        return f"MailTemplates(folder={self.folder!r})"
+
+    def render(
+        self,
+        *,
+        tenant: Tenant,
+        connector_name: str,
+        link: str,
+        expires_at: datetime,
+        expires_in_hours: int,
+        reminder: int = 0,
+    ) -> RenderedMail:
+        """Render all three; a template error is an InputError naming the file (never the link)."""
+        context = {
+            "tenant": tenant,
+            "connector_name": connector_name,
+            "link": link,
+            "expires_at": expires_at,
+            "expires_in_hours": expires_in_hours,
+            "reminder": reminder,
+        }
+        out = {name: self._render(name, context, secrets=(link,)) for name in TEMPLATE_NAMES}
+        return RenderedMail(
+            subject=out["subject.txt"].strip(), text=out["body.txt"], html=out["body.html"]
+        )
+
+    def _render(self, name: str, context: Mapping[str, Any], secrets: Iterable[str] = ()) -> str:
+        template = self._templates[name]
+        try:
+            return template.render(context)
+        except Exception as err:  # UndefinedError, SecurityError, TypeError from a filter...
+            text = f"{type(err).__name__}: {err}" if not isinstance(err, TemplateError) else ""
+            text = text or str(getattr(err, "message", None) or err)
+            for secret in secrets:
+                text = text.replace(secret, "<link>")
+            raise InputError(
+                [Problem(str(self.files[name]), _template_line(err, template), "", text)],
+                hint="Email template variables: tenant (.name, .tenant_id, .admin_email, "
+                ".fields.<column>), connector_name, link, expires_at, expires_in_hours, reminder.",
+            ) from None
+
+    def _check(self) -> None:
+        tenant = _SampleTenant.model_construct(
+            tenant_id="sample-tenant",
+            name="Sample Tenant",
+            admin_email="admin@example.com",
+            fields=_AnyFields(),
+        )
+        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=72)
+        for reminder in (0, 1):
+            context = {
+                "tenant": tenant,
+                "connector_name": "Sample Connector",
+                "link": _SAMPLE_LINK,
+                "expires_at": expires,
+                "expires_in_hours": 72,
+                "reminder": reminder,
+            }
+            out = {name: self._render(name, context) for name in TEMPLATE_NAMES}
+            subject = out["subject.txt"].strip()
+            problems = []
+            if not subject or has_line_break(subject):
+                problems.append((TEMPLATE_NAMES[0], "must render to exactly one non-empty line"))
+            elif self._subject_uses_link or _SAMPLE_STATE in subject or _SAMPLE_HOST in subject:
+                # Subjects end up in mail logs, list views and notifications: never the link.
+                problems.append(
+                    (TEMPLATE_NAMES[0], "must not show the link (or its state); remove {{ link }}")
+                )
+            for name in TEMPLATE_NAMES[1:]:
+                if _SAMPLE_LINK not in out[name]:
+                    problems.append((name, "does not show the link: use {{ link }}"))
+            if problems:
+                raise InputError([Problem(str(self.files[n]), None, "", m) for n, m in problems])
+
+    def _uses_link(self, name: str) -> bool:
+        """Whether a template reads the variable `link` anywhere (filters, slices included)."""
+        source = self.files[name].read_text(encoding="utf-8")
+        return any(n.name == "link" for n in self._env.parse(source).find_all(nodes.Name))
+
+    def _fields_used(self) -> list[str]:
+        """Roster columns the templates read as tenant.fields.<x> or tenant.values.<x>."""
+        found: list[str] = []
+        for name in TEMPLATE_NAMES:
+            source = self.files[name].read_text(encoding="utf-8")
+            for node in self._env.parse(source).find_all((nodes.Getattr, nodes.Getitem)):
+                if not isinstance(node, nodes.Getattr | nodes.Getitem):
+                    continue
+                inner = node.node
+                if not (
+                    isinstance(inner, nodes.Getattr)
+                    and inner.attr in ("fields", "values")
+                    and isinstance(inner.node, nodes.Name)
+                    and inner.node.name == "tenant"
+                ):
+                    continue
+                key: object = None
+                if isinstance(node, nodes.Getattr) and node.attr not in _DICT_METHODS:
+                    key = node.attr
+                elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+                    key = node.arg.value
+                if isinstance(key, str) and key not in _NAMED:
+                    found.append(key)
+        return list(dict.fromkeys(found))
+
+
+def _template_line(err: BaseException, template: Template) -> int | None:
+    """The template line a render error came from (Jinja rewrites tracebacks to point there)."""
+    lineno = getattr(err, "lineno", None)
+    if isinstance(lineno, int):
+        return lineno
+    tb = err.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == template.filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line

@@ -1,0 +1,17 @@
+"""Network helpers shared by the Versori client and the mail sender."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` names this machine: localhost, or a loopback IP (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
