@@ -18,6 +18,7 @@ from flows.batch import Tally, final_state, publish, run_batch, skip_live, summa
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
+from flows.profile_lock import one_batch_per_profile
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
@@ -163,34 +164,39 @@ def onboard_tenants(
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
             for t in batch
         )
-    elif roster is not None and fan_out is FanOut.DEPLOYMENT and len(batch) > chunk_size:
-        tally = run_chunks(
-            batch=batch,
-            location=roster,
-            profile_path=profile,
-            profile=connector,
-            ledger=ledger,
-            deliver=deliver,
-            concurrency=concurrency,
-            only=only,
-            chunk_size=chunk_size,
-            chunk_deployment=chunk_deployment,
-            tenants_per_task=tenants_per_task,
-            tenant_events=tenant_events,
-            deadline_minutes=chunk_deadline_minutes,
-        )
     else:
-        live = ledger.live_tenant_ids(connector.target_id)
         with ExitStack() as stack:
-            job = open_job(stack, connector, ledger, deliver, templates, concurrency, tenant_events)
-            tally = run_batch(
-                job,
-                onboard_slice_task,
-                skip_live(batch, live),
-                len(batch),
-                concurrency,
-                tenants_per_task,
-            )
+            if roster is not None:  # a batch; inline tenants (a signup) never wait behind one
+                stack.enter_context(one_batch_per_profile(connector))
+            if roster is not None and fan_out is FanOut.DEPLOYMENT and len(batch) > chunk_size:
+                tally = run_chunks(
+                    batch=batch,
+                    location=roster,
+                    profile_path=profile,
+                    profile=connector,
+                    ledger=ledger,
+                    deliver=deliver,
+                    concurrency=concurrency,
+                    only=only,
+                    chunk_size=chunk_size,
+                    chunk_deployment=chunk_deployment,
+                    tenants_per_task=tenants_per_task,
+                    tenant_events=tenant_events,
+                    deadline_minutes=chunk_deadline_minutes,
+                )
+            else:
+                live = ledger.live_tenant_ids(connector.target_id)
+                job = open_job(
+                    stack, connector, ledger, deliver, templates, concurrency, tenant_events
+                )
+                tally = run_batch(
+                    job,
+                    onboard_slice_task,
+                    skip_live(batch, live),
+                    len(batch),
+                    concurrency,
+                    tenants_per_task,
+                )
     summary = summarise(
         tally,
         time.monotonic() - started,

@@ -16,7 +16,8 @@ from pydantic import Field
 from flows.batch import Tally, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
-from onboarding.ledger import Ledger, Status, utcnow
+from flows.profile_lock import one_batch_per_profile
+from onboarding.ledger import Ledger, Record, Status, utcnow
 from onboarding.onboard import Delivery, TenantEvents, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
@@ -58,11 +59,15 @@ def remind_tenants(
     tag_run(connector)
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()
-    due = ledger.due_for_reminder(
-        connector.target_id,
-        sent_before=now - timedelta(hours=after_hours),
-        max_reminders=max_reminders,
-    )
+
+    def due_now() -> list[Record]:
+        return ledger.due_for_reminder(
+            connector.target_id,
+            sent_before=utcnow() - timedelta(hours=after_hours),
+            max_reminders=max_reminders,
+        )
+
+    due = due_now()
     logger.info(
         "%d tenant(s) of %s are due a reminder (sent over %g h ago, fewer than %d reminders)",
         len(due),
@@ -83,6 +88,8 @@ def remind_tenants(
         expired = ledger.count_past_expiry(connector.target_id, now)
     else:
         with ExitStack() as stack:
+            if stack.enter_context(one_batch_per_profile(connector)):
+                due = due_now()  # it waited for another batch: who is due may have changed
             templates = load_templates(connector)
             job = open_job(
                 stack, connector, ledger, Delivery.EMAIL, templates, concurrency, tenant_events

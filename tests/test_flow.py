@@ -366,3 +366,31 @@ def test_a_roster_url_with_a_credential_is_never_a_plain_parameter(
         assert state == "FAILED" and "no Secret block named 'no-such-block'" in str(result)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(latency_ms=100)], indirect=True)
+def test_two_batches_of_one_profile_take_turns(env: dict[str, Any], emulator: Any) -> None:
+    """On a server, batches of one profile share the global limit onboarding-ledger-<profile>:
+    a batch started while another is calling Versori waits for it, then skips every tenant it
+    did; no tenant gets two links."""
+    import threading
+    import time
+
+    roster = write_roster(env["tmp"] / "r.csv", [f"turn{i}" for i in range(40)])
+    results: list[tuple[str, dict[str, Any]]] = []
+
+    def batch() -> None:
+        results.append(run(roster, concurrency=2))
+
+    first = threading.Thread(target=batch)
+    first.start()
+    deadline = time.monotonic() + 60
+    while emulator.app.state.emulator.stats()["requests"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = threading.Thread(target=batch)
+    second.start()
+    first.join(120)
+    second.join(120)
+    assert emulator.app.state.emulator.stats()["requests"] == 40
+    assert [r[1]["by_status"] for r in results] == [{"delivered": 40}, {"skipped": 40}], results
+    assert {r[0] for r in results} == {"COMPLETED"}
