@@ -19,7 +19,7 @@ server services start`) in two processes. Each stack claims a Redis database of 
 streams. ONBOARD_BENCH_REDIS names the Redis server (default redis://127.0.0.1:6379).
 Workers and clients need no Redis setting: they reach the broker only through the server's API.
 
-Used by tests/test_scale_out.py and by `bench/run.py --workers W`. Every process is started
+Used by tests/e2e/test_scale_out.py and by `bench/run.py --workers W`. Every process is started
 with `tests.helpers.child`, so each is stopped on the way out, failures included, and both
 databases are dropped.
 """

@@ -15,8 +15,11 @@ from onboarding.profile import ConnectorProfile
 # Slots the limit is created with. It is never corrected afterwards: an operator who wants two
 # batches of a profile at once raises it in the UI (Concurrency, Global).
 DEFAULT_SLOTS = 1
-# A run holds its slot for hours; Prefect renews the lease in the background meanwhile.
-LEASE_SECONDS = 300
+# A run holds its slot for hours; Prefect renews the lease in the background meanwhile (every
+# 3/4 of it). A run that dies without letting go (SIGKILL, a lost machine) holds its slot until
+# the lease runs out and the server's repossessor next runs: 60 s (the least the API accepts)
+# + at most 15 s by default.
+LEASE_SECONDS = 60
 
 
 def ledger_limit_name(profile: ConnectorProfile) -> str:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from onboarding.ledger import Ledger, Status
-from tests.test_ledger import NOW, get, link
+from tests.unit.test_ledger import NOW, get, link
 
 pytestmark = pytest.mark.timeout(180)
 

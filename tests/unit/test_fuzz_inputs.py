@@ -28,7 +28,7 @@ from onboarding.errors import InputError
 from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import display_source, load_roster
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNS: Counter[str] = Counter()  # examples run per test, reported at the end
 
 FUZZ = settings(

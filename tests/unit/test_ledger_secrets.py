@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from onboarding.cli import app
 from onboarding.ledger import Ledger, _redact
-from tests.test_ledger import link
+from tests.unit.test_ledger import link
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,7 +23,7 @@ from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-PROFILE = str(Path(__file__).resolve().parent.parent / "examples" / "profile.yaml")
+PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 
 

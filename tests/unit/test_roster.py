@@ -24,7 +24,7 @@ from onboarding.roster import (
     open_roster_slice,
 )
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HEADER = "tenant_id,name,admin_email,subdomain,plan"
 
 

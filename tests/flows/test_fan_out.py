@@ -2,7 +2,7 @@
 table for the batch, chunks that are not run twice, a chunk that dies without reporting, a
 deadline). Under Prefect's test harness, against the emulator on a real socket; chunk runs
 start in this process instead of on a worker (on a work pool's workers:
-tests/test_scale_out.py)."""
+tests/e2e/test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from onboarding.ledger import Ledger, Status
 from onboarding.onboard import TenantOutcome
 from onboarding.roster import load_roster
 
-PROFILE = str(Path(__file__).resolve().parent.parent / "examples" / "profile.yaml")
+PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 
 
@@ -250,10 +250,12 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
     roster = write_roster(env["tmp"] / "r.csv", 12)
     real_slice = chunk_module.open_roster_slice
 
-    def second_chunk_dies(location: str, digest: str, first: int, stop: int, only: Any) -> Any:
+    def second_chunk_dies(
+        location: str, digest: str, first: int, stop: int, only: Any, **kwargs: Any
+    ) -> Any:
         if first == 5:
             raise RuntimeError("worker lost")
-        return real_slice(location, digest, first, stop, only)
+        return real_slice(location, digest, first, stop, only, **kwargs)
 
     monkeypatch.setattr(chunk_module, "open_roster_slice", second_chunk_dies)
     fan_out = {"chunk_size": 5, "fan_out": "deployment"}

@@ -96,7 +96,7 @@ def test_profile_errors_name_file_line_and_field(cli_env: Path) -> None:
     result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", str(profile)])
     assert result.exit_code == 2
     line = text.splitlines().index("connector_id: not-a-ulid") + 1
-    assert f"p.yaml:{line}: connector_id: 'not-a-ulid' is not a ULID" in result.stderr
+    assert f"p.yaml:{line}: connector_id: the value is not a ULID" in result.stderr
     assert "additional_params: sets state, which Versori sets itself" in result.stderr
 
 

@@ -24,7 +24,7 @@ from onboarding.profile import load_profile
 from onboarding.roster import Tenant
 from onboarding.slices import SliceFailed, TenantSlice, run_slice
 
-PROFILE = Path(__file__).resolve().parent.parent / "examples" / "profile.yaml"
+PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 
 
 def tenants(n: int) -> list[Tenant]:

@@ -205,7 +205,7 @@ def test_a_paced_run_creates_or_corrects_its_global_limit(
     from flows.onboard_tenants import onboard_tenants
     from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 
-    examples = Path(__file__).resolve().parent.parent / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     profile = tmp_path / "profile.yaml"
     profile.write_text(
         (examples / "profile.yaml").read_text().replace("name: zendesk-demo", "name: paced")

@@ -11,7 +11,7 @@ from onboarding.constants import RESERVED_QUERY_KEYS
 from onboarding.errors import InputError, Problem
 from onboarding.profile import ConnectorProfile, load_profile, template_fields
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "profile.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 
 ORG = "01M8F12B95S4BX0QFB3TPDWZ0P"
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from onboarding.ledger import Ledger, Status
-from tests.test_ledger import CONNECTOR, HOUR, NOW, OTHER, get, link
+from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, OTHER, get, link
 
 
 def test_reissue_keeps_the_old_state_in_history(ledger: Ledger) -> None:

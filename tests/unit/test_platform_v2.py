@@ -40,7 +40,7 @@ from onboarding.roster import Tenant
 
 pytestmark = pytest.mark.timeout(120)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE_V2 = EXAMPLES / "profile-v2.yaml"
 
 API_KEY = "vk_live_Sup3rSecretKey0123456789abcdef"

@@ -23,10 +23,10 @@ from onboarding.onboard import (
 )
 from onboarding.profile import load_profile
 from onboarding.roster import Tenant
-from tests.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
+from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
 
 pytestmark = pytest.mark.timeout(120)
-PROFILE = Path(__file__).resolve().parent.parent / "examples" / "profile.yaml"
+PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 
 
 # --- defect 3: connected is final -------------------------------------------------------------

@@ -22,7 +22,7 @@ from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from tasks.initialise import onboard_slice_task
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
 
 
