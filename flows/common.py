@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
     from onboarding.mail import MailSender, MailTemplates, SmtpSettings
+    from onboarding.mail.settings import Security
 
 
 def resolve_api_key(settings: VersoriSettings) -> str | None:
@@ -38,7 +39,7 @@ def resolve_api_key(settings: VersoriSettings) -> str | None:
     if settings.api_key_block:
         from prefect.blocks.system import Secret
 
-        return str(Secret.load(settings.api_key_block).get())
+        return str(Secret.load(settings.api_key_block).get())  # type: ignore[union-attr]  # sync
     return None
 
 
@@ -292,7 +293,9 @@ def _sender_from_block(settings: SmtpSettings) -> MailSender:
             "(create it with `onboard blocks create` or in the Prefect UI)"
         ) from err
     kind = getattr(block.smtp_type, "name", str(block.smtp_type)).upper()
-    security = {"SSL": "ssl", "STARTTLS": "starttls", "INSECURE": "none"}.get(kind, "starttls")
+    security: Security = {"SSL": "ssl", "STARTTLS": "starttls", "INSECURE": "none"}.get(
+        kind, "starttls"
+    )  # type: ignore[assignment]  # the dict's values are all Security literals
     password = block.password.get_secret_value() if block.password else None
     return MailSender(
         host=block.smtp_server,
@@ -338,7 +341,7 @@ class Progress:
         self.done = 0
         self.failed = 0
         self._logger = get_run_logger()
-        self._artifact_id: UUID = create_progress_artifact(
+        self._artifact_id: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync
             progress=0.0, description=f"Tenants done for {key_hint}"
         )
         self._last_update = self._last_log = time.monotonic()
