@@ -46,7 +46,7 @@ from bench.scale_out import (  # noqa: E402
     redis_server_settings,
     write_roster,
 )
-from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
+from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402
 from tests.helpers import free_port, prefect_server, wait_for_http  # noqa: E402
 

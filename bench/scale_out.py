@@ -49,7 +49,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-from onboarding.emulator import DEFAULT_API_KEY  # noqa: E402
+from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
 from tests.helpers import (  # noqa: E402
     base_env,
     child,

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.mail import message_id_for
 from tests.helpers import PROJECT, base_env

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from onboarding.emulator import DEFAULT_API_KEY, EmulatorServer
+from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from tests.helpers import PROJECT, base_env, child, wait_for_http
 

@@ -26,7 +26,7 @@ import flows.onboard_chunk as chunk_module
 from flows.batch import Tally
 from flows.fan_out import split
 from flows.onboard_tenants import onboard_tenants
-from onboarding.emulator import DEFAULT_API_KEY, EmulatorServer
+from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from onboarding.onboard import TenantOutcome
 from onboarding.roster import load_roster

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import (
 )
 
 import flows.onboard_tenants as flow_module
-from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from tasks.initialise import onboard_slice_task
 

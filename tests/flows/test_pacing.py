@@ -203,7 +203,7 @@ def test_a_paced_run_creates_or_corrects_its_global_limit(
     from prefect.client.orchestration import get_client
 
     from flows.onboard_tenants import onboard_tenants
-    from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     profile = tmp_path / "profile.yaml"

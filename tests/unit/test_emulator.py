@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 import httpx
 import pytest
 
-from onboarding.emulator import (
+from onboarding.demo.emulator import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     EmulatedConnector,

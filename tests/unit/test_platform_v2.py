@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from onboarding import constants
 from onboarding.client import VersoriClient
-from onboarding.emulator import (
+from onboarding.demo.emulator import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     DEMO_SYSTEM,
