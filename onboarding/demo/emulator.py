@@ -19,10 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Annotated, Any, Self
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import uvicorn
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -50,19 +52,6 @@ DEFAULT_REDIRECT_URI = "https://platform.versori.com/api/connect/v1/oauth2/callb
 _RESERVED_KEYS = frozenset(
     {"redirect_uri", "state", "prompt", "scope", "response_type", "client_id"}
 )
-_BODY_KEYS = frozenset(
-    {
-        "credential",
-        "authorizeUrl",
-        "clientId",
-        "scopes",
-        "disableOfflineAccess",
-        "prompt",
-        "additionalParams",
-    }
-)
-# The Platform API v2 body: the same, plus where the provider sends the user back.
-_BODY_KEYS_V2 = _BODY_KEYS | {"redirectUrl"}
 
 SCRIPT_ACTIONS = frozenset({"ok", "500", "502", "503", "429", "400", "bad_url"})
 
@@ -348,80 +337,95 @@ def _check_authorize_url(value: object) -> str | None:
     return None
 
 
+def _ulid_field(value: str) -> str:
+    if not value:
+        raise PydanticCustomError("required", "required")
+    if not _is_ulid(value):
+        raise PydanticCustomError("ulid", "must be a ULID")
+    return value
+
+
+def _uri_field(value: str | None) -> str | None:
+    problem = None if value is None else _check_authorize_url(value)
+    if problem is not None:
+        raise PydanticCustomError("uri", problem)
+    return value
+
+
+def _query_field(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_qsl(value, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise PydanticCustomError("query", "must be a URL-encoded query string") from None
+    return value
+
+
+_Ulid = Annotated[str, AfterValidator(_ulid_field)]
+
+
+class _CredentialBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    id: _Ulid
+    organisationId: _Ulid
+
+
+class _InitialiseBody(BaseModel):
+    """The Connect API v1 request body as Versori checks it: exact JSON types (strict), no
+    unknown field; `_field_errors` words each failure as Versori's `fields` do."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    credential: _CredentialBody
+    authorizeUrl: Annotated[str, AfterValidator(_uri_field)]
+    clientId: Annotated[str, Field(min_length=1)]
+    scopes: list[str] | None = None
+    disableOfflineAccess: bool | None = None
+    prompt: str | None = None
+    additionalParams: Annotated[str | None, AfterValidator(_query_field)] = None
+
+
+class _InitialiseBodyV2(_InitialiseBody):
+    """The Platform API v2 body: the same, plus where the provider sends the user back."""
+
+    redirectUrl: Annotated[str | None, AfterValidator(_uri_field)] = None
+
+
+_MESSAGES = {
+    "missing": "required",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "bool_type": "must be a boolean",
+    "list_type": "must be a list of strings",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "extra_forbidden": "unknown field",
+}
+
+
+def _field_errors(error: ValidationError) -> list[dict[str, str]]:
+    """Versori's `fields`: `credential.id`, `scopes[2]`; a null counts as missing."""
+    fields = []
+    for problem in error.errors():
+        head, *rest = problem["loc"]
+        name = str(head) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+        kind = "missing" if problem["input"] is None else problem["type"]
+        fields.append(_field(name, _MESSAGES.get(kind, problem["msg"])))
+    return fields
+
+
 def _validate_body(
     body: dict[str, Any], v2: bool = False
 ) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
-    """Collect every field error at once, as Versori does, so callers can fix a body in one go.
-    `v2`: the Platform API v2 body, which may also carry redirectUrl."""
-    errors: list[dict[str, str]] = []
-    pairs: list[tuple[str, str]] = []
-
-    credential = body.get("credential")
-    if credential is None:
-        errors.append(_field("credential", "required"))
-    elif not isinstance(credential, dict):
-        errors.append(_field("credential", "must be an object"))
-    else:
-        for key in ("id", "organisationId"):
-            value = credential.get(key)
-            if value is None or value == "":
-                errors.append(_field(f"credential.{key}", "required"))
-            elif not _is_ulid(value):
-                errors.append(_field(f"credential.{key}", "must be a ULID"))
-
-    if "authorizeUrl" not in body or body["authorizeUrl"] is None:
-        errors.append(_field("authorizeUrl", "required"))
-    else:
-        problem = _check_authorize_url(body["authorizeUrl"])
-        if problem is not None:
-            errors.append(_field("authorizeUrl", problem))
-
-    client_id = body.get("clientId")
-    if client_id is None:
-        errors.append(_field("clientId", "required"))
-    elif not isinstance(client_id, str):
-        errors.append(_field("clientId", "must be a string"))
-    elif not client_id:
-        errors.append(_field("clientId", "must not be empty"))
-
-    scopes = body.get("scopes")
-    if scopes is not None:
-        if not isinstance(scopes, list):
-            errors.append(_field("scopes", "must be a list of strings"))
-        else:
-            for i, scope in enumerate(scopes):
-                if not isinstance(scope, str):
-                    errors.append(_field(f"scopes[{i}]", "must be a string"))
-
-    disable = body.get("disableOfflineAccess")
-    if disable is not None and not isinstance(disable, bool):
-        errors.append(_field("disableOfflineAccess", "must be a boolean"))
-
-    prompt = body.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        errors.append(_field("prompt", "must be a string"))
-
-    additional = body.get("additionalParams")
-    if additional is not None:
-        if not isinstance(additional, str):
-            errors.append(_field("additionalParams", "must be a string"))
-        else:
-            try:
-                pairs = parse_qsl(additional, keep_blank_values=True, strict_parsing=True)
-            except ValueError:
-                errors.append(_field("additionalParams", "must be a URL-encoded query string"))
-
-    if v2 and body.get("redirectUrl") is not None:
-        problem = _check_authorize_url(body["redirectUrl"])
-        if problem is not None:
-            errors.append(_field("redirectUrl", problem))
-
-    known = _BODY_KEYS_V2 if v2 else _BODY_KEYS
-    for key in body:
-        if key not in known:
-            errors.append(_field(key, "unknown field"))
-
-    return errors, pairs
+    """Every field error at once, as Versori reports them, so callers can fix a body in one
+    go; and the additionalParams pairs of a valid body. `v2`: the Platform API v2 body."""
+    try:
+        checked = (_InitialiseBodyV2 if v2 else _InitialiseBody).model_validate(body)
+    except ValidationError as error:
+        return _field_errors(error), []
+    additional = checked.additionalParams
+    return [], parse_qsl(additional, keep_blank_values=True) if additional else []
 
 
 def _build_url(
