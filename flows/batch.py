@@ -19,9 +19,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.common import Progress, quiet_routine_task_logs
+from onboarding.errors import SliceFailed
 from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
 from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, TenantSlice, not_attempted
+from onboarding.slices import TenantSlice, not_attempted
 
 TABLE_ROWS_MAX = 1000
 

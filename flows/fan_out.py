@@ -22,7 +22,8 @@ from prefect.runtime import flow_run
 
 from flows.batch import Tally
 from flows.common import Progress
-from onboarding.ledger import Ledger, utcnow
+from onboarding.clock import utcnow
+from onboarding.ledger import Ledger
 from onboarding.onboard import Delivery, TenantEvents
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Roster

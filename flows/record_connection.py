@@ -10,17 +10,15 @@ from prefect.states import Completed, Failed
 from pydantic import SecretStr
 
 from flows.events import TenantEventSender
-from onboarding.ledger import Ledger
-from onboarding.links import mask_state
-from onboarding.onboard import (
+from onboarding.errors import (
     ExpiredStateError,
     StateUsedError,
-    StatusChange,
     SupersededStateError,
-    TenantEvents,
     UnknownStateError,
-    record_connection,
 )
+from onboarding.ledger import Ledger
+from onboarding.links import mask_state
+from onboarding.onboard import StatusChange, TenantEvents, record_connection
 from onboarding.settings import LedgerSettings
 
 

@@ -17,7 +17,8 @@ from flows.batch import Tally, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
 from flows.profile_lock import one_batch_per_profile
-from onboarding.ledger import Ledger, Record, Status, utcnow
+from onboarding.clock import utcnow
+from onboarding.ledger import Ledger, Record, Status
 from onboarding.onboard import Delivery, TenantEvents, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings

@@ -14,7 +14,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import httpx
 from pydantic import ValidationError
 
 from onboarding import constants
+from onboarding.clock import utcnow
 from onboarding.errors import (
     APIConnectionError,
     APIError,
@@ -36,7 +36,8 @@ from onboarding.errors import (
     error_class_for,
 )
 from onboarding.models import Api, ErrorBody, InitialiseRequest, InitialiseResponse
-from onboarding.net import is_loopback as _is_loopback
+from onboarding.net import is_loopback
+from onboarding.settings import VersoriSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,12 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = No
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         try:
-            seconds = (when - (now or _utcnow)()).total_seconds()
+            seconds = (when - (now or utcnow)()).total_seconds()
         except OverflowError:
             return None
     if math.isnan(seconds) or math.isinf(seconds):
         return None
     return min(max(0.0, seconds), constants.MAX_RETRY_AFTER_SECONDS)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class VersoriClient:
@@ -97,7 +94,12 @@ class VersoriClient:
             )
         self.api: Api = api
         production = constants.PRODUCTION_BASE_URLS[api]
-        api_key = api_key or os.environ.get("VERSORI_API_KEY")
+        if not (api_key and base_url):
+            # What the caller left out comes from VERSORI_API_KEY and VERSORI_BASE_URL.
+            configured = VersoriSettings()
+            env_key = configured.api_key.get_secret_value() if configured.api_key else None
+            api_key = api_key or env_key
+            base_url = base_url or configured.base_url_if_set
         if not api_key:
             raise InputError(
                 "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
@@ -110,7 +112,7 @@ class VersoriClient:
                 "VERSORI_API_KEY contains whitespace, control or non-ASCII characters "
                 "(a trailing newline?); set it to the key alone"
             )
-        base_url = base_url or os.environ.get("VERSORI_BASE_URL") or production
+        base_url = base_url or production
         try:
             parts = urlsplit(base_url)
             _ = parts.port  # raises ValueError on a bad port
@@ -128,7 +130,7 @@ class VersoriClient:
                 "VERSORI_BASE_URL is not an http(s) URL with a host and no query or fragment "
                 f"(not quoted here: it may hold credentials); production is {production}"
             )
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
             # The API key goes in every request's Authorization header: never in clear over a
             # network. Plain http only reaches a local emulator.
             raise InputError(

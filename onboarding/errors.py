@@ -3,6 +3,12 @@
     OnboardingError
     ├── InputError                 bad roster/profile/settings: names file, line, field
     ├── LinkCheckError             the returned authorize URL failed the checks
+    ├── UnknownStateError          a connection's state that no tenant was ever given
+    ├── SupersededStateError       a state whose link a newer link replaced
+    ├── ExpiredStateError          a state whose link is past its expiry
+    ├── StateUsedError             a state already accepted: the tenant is connected
+    ├── LedgerSchemaError          the ledger's tables could not be created or brought up to date
+    ├── SliceFailed                some tenants of a slice failed (outcomes, retryable)
     ├── MailError                  sending an email failed (smtp_code: the server's reply code)
     │   ├── TransientMailError         4xx, a dropped connection, a timeout: worth retrying
     │   ├── PermanentMailError         5xx: retrying will not help
@@ -30,6 +36,13 @@ CSRF `state`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from onboarding import constants
+
+if TYPE_CHECKING:
+    # Only for annotations: onboarding.onboard imports this module.
+    from onboarding.onboard import TenantOutcome
 
 
 class OnboardingError(Exception):
@@ -92,6 +105,67 @@ class LinkCheckError(OnboardingError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("returned authorize URL failed checks: " + "; ".join(problems))
+
+
+class UnknownStateError(OnboardingError):
+    """No tenant was ever given this state: nothing is recorded."""
+
+    code = "unknown_state"
+
+
+class SupersededStateError(OnboardingError):
+    """A newer link replaced the one that carried this state: nothing is recorded."""
+
+    code = "superseded_state"
+
+
+class ExpiredStateError(OnboardingError):
+    """The link that carried this state is past its expiry: nothing is recorded."""
+
+    code = "expired_state"
+
+
+class StateUsedError(OnboardingError):
+    """The tenant is connected already: a state is accepted once."""
+
+    code = "state_used"
+
+
+class LedgerSchemaError(OnboardingError):
+    """The ledger answered, but its tables could not be created or brought up to date. Not the
+    operator's input: a database permission, or a schema another tool changed."""
+
+    code = "ledger_schema"
+
+
+class SliceFailed(OnboardingError):
+    """Some tenants of a slice failed. `retryable` are those a retry of the slice would call
+    again (their last error by tenant id); `outcomes` has every tenant, the retryable ones
+    counted as failed, for when no retry is left."""
+
+    code = "slice_failed"
+
+    def __init__(
+        self,
+        label: str,
+        outcomes: list[TenantOutcome],
+        retryable: dict[str, BaseException],
+    ) -> None:
+        self.label = label
+        self.outcomes = outcomes
+        self.retryable = retryable
+        failed = [o for o in outcomes if not o.ok]
+        shown = "; ".join(f"{o.tenant_id}: {o.error_code}" for o in failed[:5])
+        more = f"; +{len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(
+            f"{len(failed)} of {len(outcomes)} tenant(s) of {label} failed ({shown}{more})"
+            + (f"; {len(retryable)} may be retried" if retryable else "")
+        )
+
+    @property
+    def wait_seconds(self) -> float:
+        """The longest Retry-After among the tenants to retry, capped."""
+        return max((retry_after(e) for e in self.retryable.values()), default=0.0)
 
 
 class MailError(OnboardingError):
@@ -243,3 +317,19 @@ def error_class_for(status: int) -> type[APIError]:
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: transport errors, 408, 425, 429, 5xx."""
     return isinstance(exc, OnboardingError) and exc.transient
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Transport errors, 408, 425, 429 and 5xx, unless the server asks us to wait longer than
+    we are willing to (that tenant fails for this run; the next run picks it up)."""
+    if not is_transient(exc):
+        return False
+    retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+    return retry_after is None or retry_after <= constants.MAX_RETRY_AFTER_SECONDS
+
+
+def retry_after(exc: BaseException) -> float:
+    """Seconds the server asked us to wait before trying again (0 when it did not say)."""
+    if isinstance(exc, RateLimitedError) and exc.retry_after:
+        return min(exc.retry_after, constants.MAX_RETRY_AFTER_SECONDS)
+    return 0.0

@@ -43,7 +43,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from onboarding import constants
-from onboarding.errors import InputError, OnboardingError
+from onboarding.clock import utcnow
+from onboarding.errors import InputError, LedgerSchemaError
 
 log = logging.getLogger(__name__)
 IN_LIST_MAX = 900
@@ -229,10 +230,6 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _utc(value: datetime) -> datetime:
     # SQLite stores the wall time and drops the offset, so a +02:00 time must become UTC first.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -320,13 +317,6 @@ def _private_sqlite_file(url: str) -> None:
     except OSError:
         return
     os.close(fd)
-
-
-class LedgerSchemaError(OnboardingError):
-    """The ledger answered, but its tables could not be created or brought up to date. Not the
-    operator's input: a database permission, or a schema another tool changed."""
-
-    code = "ledger_schema"
 
 
 class ConnectOutcome(StrEnum):

@@ -6,7 +6,6 @@ Problems are described without quoting the URL or the state: the URL is a secret
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import SplitResult, parse_qsl, urlsplit
@@ -14,6 +13,7 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 from onboarding.constants import RESERVED_QUERY_KEYS
 from onboarding.errors import LinkCheckError
 from onboarding.models import InitialiseRequest, parse_additional_params
+from onboarding.net import is_loopback
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,6 @@ def mask_state(state: str | None) -> str:
 
 def _prompt_values(prompt: str) -> set[str]:
     return {p for p in prompt.replace("+", " ").split(" ") if p}
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether a URL's host (as urlsplit gives it) names this machine."""
-    if host in ("localhost", None):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

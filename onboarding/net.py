@@ -1,4 +1,5 @@
-"""Network helpers shared by the Versori client and the mail sender."""
+"""Network helpers shared by the Versori client, the mail sender, roster downloads and the
+profile and authorize-URL checks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import ipaddress
 
 
 def is_loopback(host: str | None) -> bool:
-    """Whether `host` names this machine: localhost, or a loopback IP (127.0.0.0/8, ::1)."""
+    """Whether `host` names this machine: localhost (any case, with or without its root dot), or
+    a loopback IP (127.0.0.0/8, ::1, bracketed or not)."""
     if not host:
         return False
     if host.lower().rstrip(".") == "localhost":

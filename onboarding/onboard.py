@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from onboarding import constants
 from onboarding.client import VersoriClient
-from onboarding.errors import OnboardingError, RateLimitedError
-from onboarding.ledger import ConnectOutcome, Ledger, Record, Status, utcnow
+from onboarding.clock import utcnow
+from onboarding.errors import (
+    ExpiredStateError,
+    OnboardingError,
+    RateLimitedError,
+    StateUsedError,
+    SupersededStateError,
+    UnknownStateError,
+)
+from onboarding.ledger import ConnectOutcome, Ledger, Record, Status
 from onboarding.links import Link, check_link, mask_state
 from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
@@ -127,22 +135,6 @@ class TenantOutcome:
     @property
     def ok(self) -> bool:
         return self.status not in (Status.FAILED, Status.PENDING)
-
-
-class UnknownStateError(OnboardingError):
-    code = "unknown_state"
-
-
-class SupersededStateError(OnboardingError):
-    code = "superseded_state"
-
-
-class ExpiredStateError(OnboardingError):
-    code = "expired_state"
-
-
-class StateUsedError(OnboardingError):
-    code = "state_used"
 
 
 def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:

@@ -24,7 +24,6 @@ from yaml.composer import Composer
 
 from onboarding import constants
 from onboarding.errors import InputError, Problem
-from onboarding.links import is_loopback
 from onboarding.models import (
     Api,
     CredentialRef,
@@ -33,6 +32,7 @@ from onboarding.models import (
     check_absolute_url,
     parse_additional_params,
 )
+from onboarding.net import is_loopback
 
 _FORMATTER = string.Formatter()
 

@@ -26,6 +26,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
+from onboarding.net import is_loopback
 from onboarding.profile import (
     ConnectorProfile,
     load_yaml_with_lines,
@@ -247,15 +248,6 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 MAX_REDIRECTS = 5
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _allowed(host: str, allowed: frozenset[str]) -> bool:
     return host in allowed or any(
         a.startswith("*.") and host.endswith(a[1:]) and len(host) > len(a) - 1 for a in allowed
@@ -284,7 +276,7 @@ def _checked_url(url: str, settings: InputSettings, label: str) -> httpx.URL:
     shown = f"{parts.scheme.lower()}://{host}{f':{port}' if port else ''}"
     if parsed.scheme not in ("http", "https"):
         raise InputError(f"{label} ({shown}): only https URLs are read")
-    if parsed.scheme == "http" and not _is_loopback(host):
+    if parsed.scheme == "http" and not is_loopback(host):
         raise InputError(
             f"{label} ({shown}): plain http is read from this machine (loopback) only; use https"
         )

@@ -23,6 +23,12 @@ class VersoriSettings(BaseSettings):
     read_timeout: float = Field(constants.READ_TIMEOUT_SECONDS, gt=0)
     call_deadline: float = Field(constants.CALL_DEADLINE_SECONDS, gt=0)
 
+    @property
+    def base_url_if_set(self) -> str | None:
+        """VERSORI_BASE_URL when it is set; None lets the client take its API's production URL
+        (the `base_url` default is the Connect API's only)."""
+        return self.base_url if "base_url" in self.model_fields_set else None
+
 
 class LedgerSettings(BaseSettings):
     """ONBOARD_DB_URL: the ledger database."""

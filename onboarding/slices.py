@@ -12,14 +12,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from onboarding import constants
 from onboarding.errors import (
     AuthenticationError,
     NotFoundError,
-    OnboardingError,
     PermissionDeniedError,
-    RateLimitedError,
-    is_transient,
+    SliceFailed,
+    worth_retrying,
 )
 from onboarding.ledger import Status
 from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
@@ -29,22 +27,6 @@ from onboarding.roster import Tenant
 BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 
 Step = Callable[[OnboardingJob, Tenant], TenantOutcome]
-
-
-def worth_retrying(exc: BaseException) -> bool:
-    """Transport errors, 408, 425, 429 and 5xx, unless the server asks us to wait longer than
-    we are willing to (that tenant fails for this run; the next run picks it up)."""
-    if not is_transient(exc):
-        return False
-    retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
-    return retry_after is None or retry_after <= constants.MAX_RETRY_AFTER_SECONDS
-
-
-def retry_after(exc: BaseException) -> float:
-    """Seconds the server asked us to wait before trying again (0 when it did not say)."""
-    if isinstance(exc, RateLimitedError) and exc.retry_after:
-        return min(exc.retry_after, constants.MAX_RETRY_AFTER_SECONDS)
-    return 0.0
 
 
 @dataclass
@@ -69,36 +51,6 @@ class TenantSlice:
     def outcomes(self) -> list[TenantOutcome]:
         """The outcomes decided so far, in roster order (pending tenants have none yet)."""
         return [self.done[t.tenant_id] for t in self.tenants if t.tenant_id in self.done]
-
-
-class SliceFailed(OnboardingError):
-    """Some tenants of a slice failed. `retryable` are those a retry of the slice would call
-    again (their last error by tenant id); `outcomes` has every tenant, the retryable ones
-    counted as failed, for when no retry is left."""
-
-    code = "slice_failed"
-
-    def __init__(
-        self,
-        label: str,
-        outcomes: list[TenantOutcome],
-        retryable: dict[str, BaseException],
-    ) -> None:
-        self.label = label
-        self.outcomes = outcomes
-        self.retryable = retryable
-        failed = [o for o in outcomes if not o.ok]
-        shown = "; ".join(f"{o.tenant_id}: {o.error_code}" for o in failed[:5])
-        more = f"; +{len(failed) - 5} more" if len(failed) > 5 else ""
-        super().__init__(
-            f"{len(failed)} of {len(outcomes)} tenant(s) of {label} failed ({shown}{more})"
-            + (f"; {len(retryable)} may be retried" if retryable else "")
-        )
-
-    @property
-    def wait_seconds(self) -> float:
-        """The longest Retry-After among the tenants to retry, capped."""
-        return max((retry_after(e) for e in self.retryable.values()), default=0.0)
 
 
 def run_slice(

@@ -17,9 +17,10 @@ from prefect.runtime import task_run as current_task_run
 from prefect.tasks import exponential_backoff
 
 from onboarding import constants
+from onboarding.errors import SliceFailed, retry_after, worth_retrying
 from onboarding.onboard import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, Step, TenantSlice, retry_after, run_slice, worth_retrying
+from onboarding.slices import Step, TenantSlice, run_slice
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:

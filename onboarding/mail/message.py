@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 
+from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
 from onboarding.roster import Tenant
 
@@ -110,7 +111,7 @@ def build_message(
         ) from None
     from_name, from_addr = parse_from(email_from)
 
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     expires_utc = expires_at.astimezone(UTC)
     hours_left = max(0, round((expires_utc - now).total_seconds() / 3600))
     rendered = templates.render(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from jinja2 import (
 )
 from jinja2.sandbox import SandboxedEnvironment
 
+from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
 from onboarding.mail.message import has_line_break
 from onboarding.roster import Tenant
@@ -157,7 +158,7 @@ class MailTemplates:
             admin_email="admin@example.com",
             fields=_AnyFields(),
         )
-        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=72)
+        expires = utcnow().replace(microsecond=0) + timedelta(hours=72)
         for reminder in (0, 1):
             context = {
                 "tenant": tenant,

@@ -75,8 +75,8 @@ def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
 
 
 def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
+    from onboarding.errors import SliceFailed
     from onboarding.onboard import TenantOutcome
-    from onboarding.slices import SliceFailed
 
     failed = TenantOutcome("t2", "failed", error_code="rate_limited")
     ok = TenantOutcome("t1", "delivered")

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from onboarding.clock import utcnow
 from onboarding.errors import InputError
-from onboarding.ledger import Ledger, Record, Status, records, utcnow
+from onboarding.ledger import Ledger, Record, Status, records
 
 pytestmark = pytest.mark.timeout(120)
 

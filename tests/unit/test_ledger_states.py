@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from onboarding.errors import SupersededStateError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.onboard import (
     Delivery,
     OnboardingJob,
-    SupersededStateError,
     onboard_tenant,
     record_connection,
 )

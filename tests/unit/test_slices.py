@@ -17,12 +17,13 @@ from onboarding.errors import (
     BadRequestError,
     RateLimitedError,
     ServerError,
+    SliceFailed,
 )
 from onboarding.ledger import Ledger
 from onboarding.onboard import OnboardingJob, StatusChange, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, TenantSlice, run_slice
+from onboarding.slices import TenantSlice, run_slice
 
 PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 
