@@ -148,7 +148,7 @@ def start_emulator(
     command = [
         sys.executable,
         "-m",
-        "onboarding.cli",
+        "deployments.cli",
         "emulator",
         "--port",
         str(port),

@@ -27,6 +27,7 @@ from onboarding.settings import VersoriSettings
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
+    from prefect_email import EmailServerCredentials
 
     from onboarding.mail import MailSender, MailTemplates, SmtpSettings
     from onboarding.mail.settings import Security
@@ -279,6 +280,26 @@ def open_mailer(stack: ExitStack) -> MailSender:
     return stack.enter_context(sender)
 
 
+# ONBOARD_SMTP_SECURITY's values and prefect-email's SMTPType names, one for one, both ways:
+# `smtp_block_of` writes a block with them, `_sender_from_block` reads one back.
+SMTP_TYPES: dict[Security, str] = {"ssl": "SSL", "starttls": "STARTTLS", "none": "INSECURE"}
+
+
+def smtp_block_of(settings: SmtpSettings, host: str) -> EmailServerCredentials:
+    """A prefect-email EmailServerCredentials block holding `settings` (SMTP through `host`);
+    its own `.save(name)` stores it."""
+    from prefect_email import EmailServerCredentials
+
+    password = settings.password.get_secret_value() if settings.password else None
+    return EmailServerCredentials(
+        smtp_server=host,
+        smtp_port=settings.port,
+        smtp_type=SMTP_TYPES[settings.security],
+        username=settings.username,
+        password=password,
+    )
+
+
 def _sender_from_block(settings: SmtpSettings) -> MailSender:
     from prefect_email import EmailServerCredentials
 
@@ -293,9 +314,7 @@ def _sender_from_block(settings: SmtpSettings) -> MailSender:
             "(create it with `onboard blocks create` or in the Prefect UI)"
         ) from err
     kind = getattr(block.smtp_type, "name", str(block.smtp_type)).upper()
-    security: Security = {"SSL": "ssl", "STARTTLS": "starttls", "INSECURE": "none"}.get(
-        kind, "starttls"
-    )  # type: ignore[assignment]  # the dict's values are all Security literals
+    security: Security = next((s for s, t in SMTP_TYPES.items() if t == kind), "starttls")
     password = block.password.get_secret_value() if block.password else None
     return MailSender(
         host=block.smtp_server,

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from onboarding.cli import app
+from deployments.cli import app
 from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
 
 PROFILE = str(PROJECT / "examples" / "profile.yaml")

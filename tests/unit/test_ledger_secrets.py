@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from onboarding.cli import app
+from deployments.cli import app
 from onboarding.ledger import Ledger, _redact
 from tests.unit.test_ledger import link
 
@@ -85,7 +85,7 @@ def test_status_does_not_print_a_query_password(
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     Ledger(url).close()
     monkeypatch.setenv("ONBOARD_DB_URL", url)
-    from onboarding import cli
+    from deployments import cli
 
     real = cli.Ledger
 

@@ -261,8 +261,8 @@ def test_the_flow_keeps_the_state_out_of_its_stored_parameters(
     from prefect.utilities.callables import parameter_schema
     from typer.testing import CliRunner
 
+    from deployments.cli import app
     from flows.record_connection import record_connection_flow
-    from onboarding.cli import app
 
     if "sqlite" not in ledger_url:
         pytest.skip("one backend is enough for the parameters")

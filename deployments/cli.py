@@ -1,34 +1,59 @@
-"""The `onboard` command line. The only module of the core package that may import Prefect."""
+"""The `onboard` command line: each command parses its options, calls the core or a flow, and
+prints what came of it. Bad input, an InputError from wherever it is raised, exits 2
+(`_Commands`)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import sys
-from datetime import datetime
-from enum import StrEnum
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from onboarding import constants
+from onboarding.clock import utcnow
 from onboarding.errors import InputError
-from onboarding.ledger import EXPORT_KEYS, Ledger, redact_url, utcnow
+from onboarding.export import ExportFormat, private_file, write_records
+from onboarding.ledger import Ledger, redact_url
 from onboarding.onboard import Delivery, FanOut, TenantEvents
 from onboarding.settings import LedgerSettings, VersoriSettings
 
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = PROJECT_DIR / "examples"
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _Commands(TyperGroup):
+    """Runs every command, those of `onboard blocks` too: the one place an InputError becomes
+    its message on stderr and exit 2."""
+
+    # Any: the Context class is typer's own copy of click's, which typer keeps private.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputError as error:
+            err.print("[bold red]Bad input[/] (nothing was sent to Versori):", highlight=False)
+            for line in str(error).splitlines():
+                err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Onboard every tenant to a Versori OAuth2 connector, in batch, on Prefect.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
 
 
 @app.callback()
@@ -40,80 +65,22 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-err = Console(stderr=True)
-
-EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-EXAMPLES_DIR = PROJECT_DIR / "examples"
-# Faults the demo injects into a few example tenants so that retries and failures show.
-DEMO_SCRIPT = {
-    "flaky-": ["503", "503"],
-    "throttled-": ["429"],
-    "down-under-": ["503*"],
-    "badlink-": ["bad_url"],
-}
-
-
-def _bad_input(error: InputError) -> typer.Exit:
-    err.print("[bold red]Bad input[/] (nothing was sent to Versori):", highlight=False)
-    for line in str(error).splitlines():
-        err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
-    return typer.Exit(EXIT_BAD_INPUT)
-
-
 def _quiet_task_logs(verbose: bool) -> None:
     # One INFO line per task run drowns the progress lines in a batch of thousands.
     if not verbose:
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
 
 
-def _preflight(
+def _check_run_inputs(
     roster: str | None, profile: str, only: list[str] | None, dry_run: bool, deliver: Delivery
 ) -> None:
-    """Check everything a run needs before Prefect starts, so bad input exits 2 at once."""
+    """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once."""
     from flows.common import resolve_api_key
-    from onboarding.profile import load_profile
-    from onboarding.roster import load_roster
+    from onboarding.preflight import check_run_inputs
 
-    connector = load_profile(profile)
-    needs: list[str] = []
-    if deliver.sends_email:
-        needs = _check_mail_settings(connector.email_templates)
-    if roster is not None:
-        load_roster(roster, connector, only, also_needs=needs)
-    Ledger(LedgerSettings().db_url).close()
+    check_run_inputs(profile, roster, only, deliver, calls_versori=not dry_run)
     if not dry_run:
-        versori = VersoriSettings()
-        if not (versori.api_key or versori.api_key_block):
-            raise InputError(
-                "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
-                "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
-            )
-        resolve_api_key(versori)
-
-
-def _check_mail_settings(templates: str | None) -> list[str]:
-    """Fail fast on templates or SMTP settings; return the roster columns the templates read."""
-    from onboarding.mail import MailTemplates, SmtpSettings
-
-    fields = MailTemplates(Path(templates) if templates else None).tenant_fields_used
-    settings = SmtpSettings()
-    if settings.block and not settings.host:
-        return fields  # read when the flow starts; a missing block fails it with its name
-    missing = [
-        name
-        for name, value in (
-            ("ONBOARD_SMTP_HOST", settings.host),
-            ("ONBOARD_EMAIL_FROM", settings.email_from),
-        )
-        if not value
-    ]
-    if missing:
-        raise InputError(
-            f"email delivery needs {' and '.join(missing)} (or ONBOARD_SMTP_BLOCK, the name of "
-            "a prefect-email EmailServerCredentials block); see the README's Configuration"
-        )
-    return fields
+        resolve_api_key(VersoriSettings())  # loads the Secret block VERSORI_API_KEY_BLOCK names
 
 
 def _run_flow(
@@ -222,10 +189,7 @@ def run(
 ) -> None:
     """Onboard a roster. Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad
     input (nothing was called)."""
-    try:
-        _preflight(roster, profile, only, dry_run, deliver)
-    except InputError as error:
-        raise _bad_input(error) from None
+    _check_run_inputs(roster, profile, only, dry_run, deliver)
     _quiet_task_logs(verbose)
     summary = _run_flow(
         roster,
@@ -256,14 +220,8 @@ def demo(
 ) -> None:
     """Onboard the example roster against a local emulator and a local SMTP server: no
     account, no set-up."""
-    from onboarding.demo.smtp import LocalSmtpServer
-    from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+    from onboarding.demo.local import demo_stage
 
-    output.mkdir(parents=True, exist_ok=True)
-    mail_dir = output / "mail"
-    for stale in [*output.glob("onboarding.db*"), *mail_dir.glob("*.eml")]:
-        stale.unlink()
-    ledger_url = f"sqlite:///{(output / 'onboarding.db').resolve()}"
     roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
     out.print(
         "[bold]Demo:[/] onboarding the 25 tenants of examples/tenants.csv through a local "
@@ -272,38 +230,18 @@ def demo(
         "returned URL without a state).",
         highlight=False,
     )
-    with (
-        EmulatorServer(EmulatorConfig(script=DEMO_SCRIPT, seed=7)) as emulator,
-        LocalSmtpServer(mail_dir) as smtp,
-    ):
-        for name in (
-            "VERSORI_API_KEY_BLOCK",
-            "ONBOARD_SMTP_BLOCK",
-            "ONBOARD_SMTP_USERNAME",
-            "ONBOARD_SMTP_PASSWORD",
-            "ONBOARD_SMTP_CA_FILE",
-        ):
-            os.environ.pop(name, None)
-        os.environ.update(
-            VERSORI_BASE_URL=emulator.base_url,
-            VERSORI_API_KEY=DEFAULT_API_KEY,
-            ONBOARD_DB_URL=ledger_url,
-            ONBOARD_SMTP_HOST=smtp.host,
-            ONBOARD_SMTP_PORT=str(smtp.port),
-            ONBOARD_SMTP_SECURITY="none",
-            ONBOARD_EMAIL_FROM="onboarding@demo.example.com",
-        )
+    with demo_stage(output) as stage:
         summary = _run_flow(roster, profile, Delivery.BOTH, 8, False, None)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=True)
-    emails = len(list(mail_dir.glob("*.eml")))
+    emails = len(list(stage.mail_dir.glob("*.eml")))
     out.print(
         f"\nWhere to look next:\n"
-        f"  emails     {mail_dir}/ ({emails} .eml file(s), one per delivered tenant)\n"
-        f"  ledger     {output / 'onboarding.db'}\n"
-        f"  counts     ONBOARD_DB_URL={ledger_url} uv run onboard status\n"
-        f"  links      ONBOARD_DB_URL={ledger_url} uv run onboard export --format csv\n"
+        f"  emails     {stage.mail_dir}/ ({emails} .eml file(s), one per delivered tenant)\n"
+        f"  ledger     {stage.ledger}\n"
+        f"  counts     ONBOARD_DB_URL={stage.ledger_url} uv run onboard status\n"
+        f"  links      ONBOARD_DB_URL={stage.ledger_url} uv run onboard export --format csv\n"
         f"  your data  uv run onboard emulator, then `onboard run` in a second shell (README)",
         highlight=False,
         soft_wrap=True,
@@ -328,10 +266,7 @@ def remind(
     from flows.local import run_here
     from flows.remind_tenants import remind_tenants
 
-    try:
-        _preflight(None, profile, None, dry_run, Delivery.EMAIL if not dry_run else Delivery.STORE)
-    except InputError as error:
-        raise _bad_input(error) from None
+    _check_run_inputs(None, profile, None, dry_run, Delivery.STORE if dry_run else Delivery.EMAIL)
     _quiet_task_logs(verbose)
     state = run_here(
         remind_tenants,
@@ -371,13 +306,11 @@ def mark_connected(
 
     from flows.local import run_here
     from flows.record_connection import record_connection_flow
+    from onboarding.preflight import check_ledger
 
     if state == "-":
         state = sys.stdin.readline()
-    try:
-        Ledger(LedgerSettings().db_url).close()
-    except InputError as error:
-        raise _bad_input(error) from None
+    check_ledger()
     # A SecretStr: the run's parameters, as stored by the Prefect API, show it masked.
     result = run_here(
         record_connection_flow, state=SecretStr(state.strip()), connection_id=connection_id
@@ -402,7 +335,7 @@ def emulator(
     api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
 ) -> None:
     """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
-    from onboarding.emulator import DEFAULT_API_KEY, EmulatorConfig, run_emulator
+    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, run_emulator
 
     key = api_key or DEFAULT_API_KEY
     try:
@@ -413,7 +346,7 @@ def emulator(
             rate_limit=rate_limit,
         )
     except ValueError as error:
-        raise _bad_input(InputError(str(error))) from None
+        raise InputError(str(error)) from None
     err.print(
         f"Versori emulator on http://{host}:{port}\n"
         f"  export VERSORI_BASE_URL=http://{host}:{port} VERSORI_API_KEY=<its key"
@@ -430,11 +363,9 @@ def serve() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise _bad_input(
-            InputError(
-                "PREFECT_API_URL is not set: start a server (`uv run prefect server start`) and "
-                "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at Prefect Cloud"
-            )
+        raise InputError(
+            "PREFECT_API_URL is not set: start a server (`uv run prefect server start`) and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point it at Prefect Cloud"
         )
     import httpx
 
@@ -442,11 +373,9 @@ def serve() -> None:
     try:
         httpx.get(f"{api}/health", timeout=10).raise_for_status()
     except httpx.HTTPError as error:
-        raise _bad_input(
-            InputError(
-                f"cannot reach the Prefect API at {api} ({type(error).__name__}); is "
-                "`prefect server start` running, and is PREFECT_API_URL right?"
-            )
+        raise InputError(
+            f"cannot reach the Prefect API at {api} ({type(error).__name__}); is "
+            "`prefect server start` running, and is PREFECT_API_URL right?"
         ) from None
     from deployments.serve import serve_all
 
@@ -489,21 +418,12 @@ def blocks_create(
     out.print(f"Saved the Versori API key in Secret block {api_key_block!r}.")
     names = [f"VERSORI_API_KEY_BLOCK={api_key_block}"]
     if not skip_smtp:
-        from prefect_email import EmailServerCredentials
-
+        from flows.common import smtp_block_of
         from onboarding.mail import SmtpSettings
 
         smtp = SmtpSettings()
         host = smtp.host or _ask("ONBOARD_SMTP_HOST", hide=False)
-        password = smtp.password.get_secret_value() if smtp.password else None
-        kind = {"ssl": "SSL", "starttls": "STARTTLS", "none": "INSECURE"}[smtp.security]
-        EmailServerCredentials(
-            smtp_server=host,
-            smtp_port=smtp.port,
-            smtp_type=kind,
-            username=smtp.username,
-            password=password,
-        ).save(smtp_block, overwrite=True)
+        smtp_block_of(smtp, host).save(smtp_block, overwrite=True)
         out.print(f"Saved SMTP settings for {host} in EmailServerCredentials block {smtp_block!r}.")
         names.append(f"ONBOARD_SMTP_BLOCK={smtp_block}")
     out.print("Runs find them with: " + " ".join(names), highlight=False, soft_wrap=True)
@@ -511,16 +431,9 @@ def blocks_create(
 
 def _ask(variable: str, hide: bool = True) -> str:
     if not sys.stdin.isatty():
-        raise _bad_input(InputError(f"{variable} is not set; set it, or run this in a terminal"))
+        raise InputError(f"{variable} is not set; set it, or run this in a terminal")
     value: str = typer.prompt(variable, hide_input=hide)
     return value
-
-
-def _open_ledger() -> Ledger:
-    try:
-        return Ledger(LedgerSettings().db_url)
-    except InputError as error:
-        raise _bad_input(error) from None
 
 
 @app.command()
@@ -528,7 +441,7 @@ def status(
     connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
 ) -> None:
     """Count tenants by status in the ledger (ONBOARD_DB_URL)."""
-    ledger = _open_ledger()
+    ledger = Ledger(LedgerSettings().db_url)
     counts = ledger.counts_by_status(connector)
     stale = ledger.count_past_expiry(connector, utcnow())
     # Redacted: the URL may hold a password, in its user part or its query.
@@ -543,11 +456,6 @@ def status(
         out.print(f"{stale} link(s) are past their expiry and not connected.")
 
 
-class ExportFormat(StrEnum):
-    CSV = "csv"
-    JSONL = "jsonl"
-
-
 @app.command()
 def export(
     format: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl.")],
@@ -555,41 +463,11 @@ def export(
     connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
 ) -> None:
     """Write every onboarding record, links included: handle the output as a secret."""
-    ledger = _open_ledger()
-    stream = _private_file(output) if output else sys.stdout
-    try:
-        writer = csv.DictWriter(stream, fieldnames=EXPORT_KEYS, lineterminator="\n")
-        if format is ExportFormat.CSV:
-            writer.writeheader()
-        n = 0
-        for record in ledger.iter_records(connector):
-            row = {k: _plain(getattr(record, k)) for k in EXPORT_KEYS}
-            if format is ExportFormat.CSV:
-                writer.writerow(row)
-            else:
-                stream.write(json.dumps(row) + "\n")
-            n += 1
-    finally:
-        if output:
-            stream.close()
+    ledger = Ledger(LedgerSettings().db_url)
+    with private_file(output) if output else nullcontext(sys.stdout) as stream:
+        n = write_records(ledger, stream, format, connector)
     if output:
         err.print(f"{n} record(s) written to {output}", highlight=False)
-
-
-def _private_file(path: Path) -> TextIO:
-    """`path` opened for writing, readable by its owner only (0600): it holds live links. An
-    existing file is truncated and made 0600 too."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    return open(fd, "w", newline="", encoding="utf-8")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, StrEnum):
-        return value.value
-    return value
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,0 +1,70 @@
+"""What a run needs, checked before Prefect starts: bad input then fails at once, every problem
+named, before anything is sent to Versori. Loading an API key kept in a Prefect block is the
+flow layer's (`flows.common.resolve_api_key`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onboarding.errors import InputError
+from onboarding.ledger import Ledger
+from onboarding.mail import MailTemplates, SmtpSettings
+from onboarding.onboard import Delivery
+from onboarding.profile import load_profile
+from onboarding.roster import load_roster
+from onboarding.settings import LedgerSettings, VersoriSettings
+
+
+def check_run_inputs(
+    profile: str,
+    roster: str | None,
+    only: list[str] | None,
+    deliver: Delivery,
+    calls_versori: bool,
+) -> None:
+    """The profile, the mail settings and templates when mail goes out, the roster (if any)
+    with the columns those templates read, the ledger, and an API key (or the name of its
+    block) when Versori is called. Raises InputError."""
+    connector = load_profile(profile)
+    needs = check_mail_settings(connector.email_templates) if deliver.sends_email else []
+    if roster is not None:
+        load_roster(roster, connector, only, also_needs=needs)
+    check_ledger()
+    if calls_versori:
+        check_api_key_is_set(VersoriSettings())
+
+
+def check_ledger() -> None:
+    """ONBOARD_DB_URL names a ledger this process can open."""
+    Ledger(LedgerSettings().db_url).close()
+
+
+def check_api_key_is_set(versori: VersoriSettings) -> None:
+    if not (versori.api_key or versori.api_key_block):
+        raise InputError(
+            "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
+            "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
+        )
+
+
+def check_mail_settings(templates: str | None) -> list[str]:
+    """The templates load and the SMTP settings name a server and a From address (or a block,
+    read when the flow starts); returns the roster columns the templates read."""
+    fields = MailTemplates(Path(templates) if templates else None).tenant_fields_used
+    settings = SmtpSettings()
+    if settings.block and not settings.host:
+        return fields  # read when the flow starts; a missing block fails it with its name
+    missing = [
+        name
+        for name, value in (
+            ("ONBOARD_SMTP_HOST", settings.host),
+            ("ONBOARD_EMAIL_FROM", settings.email_from),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"email delivery needs {' and '.join(missing)} (or ONBOARD_SMTP_BLOCK, the name of "
+            "a prefect-email EmailServerCredentials block); see the README's Configuration"
+        )
+    return fields
