@@ -17,7 +17,7 @@ import flows.onboard_tenants as onboard_module
 import flows.remind_tenants as remind_module
 from flows.record_connection import record_connection_flow
 from onboarding.clock import utcnow
-from onboarding.emulator import DEFAULT_API_KEY, EmulatorServer
+from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
 from tasks.initialise import onboard_slice_task, remind_slice_task
 from tests.smtp_server import DROP, SmtpTestServer
