@@ -21,8 +21,8 @@ from onboarding.clock import utcnow
 from onboarding.errors import InputError
 from onboarding.export import ExportFormat, private_file, write_records
 from onboarding.ledger import Ledger, redact_url
-from onboarding.onboard import Delivery, FanOut, TenantEvents
 from onboarding.settings import LedgerSettings, VersoriSettings
+from onboarding.tenant_steps import Delivery, FanOut, TenantEvents
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROJECT_DIR = Path(__file__).resolve().parent.parent

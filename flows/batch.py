@@ -20,14 +20,14 @@ from prefect.utilities.annotations import quote
 
 from flows.common import Progress, quiet_routine_task_logs
 from onboarding.errors import SliceFailed
-from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
 from onboarding.roster import Tenant
 from onboarding.slices import TenantSlice, not_attempted
+from onboarding.tenant_steps import OnboardingJob, TenantOutcome, failed_outcome
 
 TABLE_ROWS_MAX = 1000
 
 
-class Tally:
+class OutcomeCounts:
     """A batch's counts, and a sample of its outcomes for the table: every failure up to `keep`,
     then others until `keep` rows in all. Memory stays flat however many tenants go by; the
     ledger (`onboard export`) has every tenant."""
@@ -70,7 +70,7 @@ class Tally:
         return ordered[: self.keep]
 
     @classmethod
-    def of(cls, outcomes: Iterable[TenantOutcome]) -> Tally:
+    def of(cls, outcomes: Iterable[TenantOutcome]) -> OutcomeCounts:
         tally = cls()
         for outcome in outcomes:
             tally.add(outcome)
@@ -131,7 +131,7 @@ def run_batch(
     concurrency: int,
     per_task: int | None = None,
     progress: Progress | None = None,
-) -> Tally:
+) -> OutcomeCounts:
     """Run `task` over the tenants of `work` in slices of `per_task` (automatic when None), at
     most `concurrency` tenants in flight in all: slices share one thread pool of that size.
     Slices are submitted as task runners free up, so memory stays flat however long `work`
@@ -140,7 +140,7 @@ def run_batch(
     logger = get_run_logger()
     size = tenants_per_task(total, per_task)
     progress = progress or Progress(total, job.profile.name)
-    tally = Tally()
+    tally = OutcomeCounts()
     # Enough slices at once to keep every tenant thread busy while one slice winds down.
     slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
     threads = tenant_threads(job, concurrency)
@@ -215,7 +215,7 @@ def skip_live(tenants: Iterable[Tenant], live: set[str]) -> Iterator[Tenant | Te
         yield TenantOutcome(tenant.tenant_id, "skipped") if tenant.tenant_id in live else tenant
 
 
-def summarise(tally: Tally, seconds: float, **about: Any) -> dict[str, Any]:
+def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, Any]:
     """A run's result: counts, and `outcomes`, the table's sample (every tenant up to 1,000)."""
     rows = tally.rows()
     return {

@@ -20,10 +20,10 @@ from onboarding.client import VersoriClient, parse_retry_after
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.models import Api
-from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.pacing import Pacer, Spacing
 from onboarding.profile import ConnectorProfile
 from onboarding.settings import VersoriSettings
+from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient

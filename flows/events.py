@@ -19,7 +19,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from onboarding.onboard import StatusChange, TenantEvents
+from onboarding.tenant_steps import StatusChange, TenantEvents
 
 log = logging.getLogger(__name__)
 

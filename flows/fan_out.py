@@ -20,13 +20,13 @@ from prefect import get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
-from flows.batch import Tally
+from flows.batch import OutcomeCounts
 from flows.common import Progress
 from onboarding.clock import utcnow
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, TenantEvents
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Roster
+from onboarding.tenant_steps import Delivery, TenantEvents
 
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0
@@ -67,17 +67,17 @@ def run_chunks(
     tenants_per_task: int | None,
     tenant_events: TenantEvents,
     deadline_minutes: float,
-) -> Tally:
-    """Run every chunk of `batch` on the work pool and fold their summaries into one Tally. A
+) -> OutcomeCounts:
+    """Run every chunk of `batch` on the work pool and add their summaries to one OutcomeCounts. A
     chunk already finished for this batch (the parent was retried) is not run again; one whose
     earlier run is still going is waited for, not started twice."""
     logger = get_run_logger()
     batch_id = str(flow_run.id)
     chunks = split(len(batch), chunk_size)
     progress = Progress(len(batch), profile.name)
-    tally = Tally()
+    tally = OutcomeCounts()
 
-    def fold(chunk: Chunk, summary: dict[str, Any]) -> None:
+    def add_chunk_summary(chunk: Chunk, summary: dict[str, Any]) -> None:
         tally.merge(summary)
         progress.advance(failed=summary["failed"], count=chunk.stop - chunk.first)
 
@@ -109,7 +109,7 @@ def run_chunks(
     for chunk in chunks:
         done = ledger.chunk_summary(batch_id, chunk.index)
         if done is not None:
-            fold(chunk, done)
+            add_chunk_summary(chunk, done)
         else:
             todo.append(chunk)
     if len(todo) < len(chunks):
@@ -120,7 +120,10 @@ def run_chunks(
     started = _start_chunk_runs(todo, parameters, chunk_deployment, batch_id)
     deadline = time.monotonic() + deadline_minutes * 60
     for chunk, run_state in _wait_for_runs(started, logger, deadline):
-        fold(chunk, ledger.chunk_summary(batch_id, chunk.index) or _lost(chunk, run_state))
+        add_chunk_summary(
+            chunk,
+            ledger.chunk_summary(batch_id, chunk.index) or _lost_chunk_summary(chunk, run_state),
+        )
     progress.finish()
     ledger.forget_batch(batch_id)
     ledger.forget_chunks_before(utcnow() - timedelta(days=STALE_CHUNK_DAYS))
@@ -183,7 +186,7 @@ def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> 
     from prefect.states import Cancelling
 
     pending = dict(started)
-    last_word = time.monotonic()
+    last_waiting_log = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
             if time.monotonic() > deadline:
@@ -212,16 +215,16 @@ def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> 
                         yield pending.pop(run.id), run.state
                     else:
                         states[(run.state.name if run.state else None) or "unknown"] += 1
-            if pending and time.monotonic() - last_word >= WAITING_LOG_SECONDS:
+            if pending and time.monotonic() - last_waiting_log >= WAITING_LOG_SECONDS:
                 logger.info(
                     "%d chunk run(s) not finished: %s",
                     len(pending),
                     ", ".join(f"{n} {name}" for name, n in states.most_common()),
                 )
-                last_word = time.monotonic()
+                last_waiting_log = time.monotonic()
 
 
-def _lost(chunk: Chunk, state: Any) -> dict[str, Any]:
+def _lost_chunk_summary(chunk: Chunk, state: Any) -> dict[str, Any]:
     """A chunk run that ended without writing its summary (it crashed, was cancelled, or failed
     before its first tenant): its tenants count as failed, and the next run picks up every one
     of them that the ledger does not show as done."""

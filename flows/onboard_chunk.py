@@ -23,11 +23,11 @@ from flows.batch import final_state, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import roster_location, run_files_root
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, OnboardingJob, TenantEvents
 from onboarding.profile import load_profile
 from onboarding.roster import open_roster_slice
 from onboarding.settings import LedgerSettings
-from tasks.initialise import onboard_slice_task
+from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
+from tasks.slice_tasks import onboard_slice_task
 
 PARENT_CHECK_SECONDS = 10.0
 
@@ -84,7 +84,9 @@ def onboard_chunk(
         templates = load_templates(connector) if deliver.sends_email else None
         location = roster_location(roster)  # a secret: reference is read here again
         tenants = list(open_roster_slice(location, digest, first, stop, only, root=root))
-        live = ledger.live_tenant_ids(connector.target_id, among=[t.tenant_id for t in tenants])
+        live = ledger.ids_needing_nothing(
+            connector.target_id, only_ids=[t.tenant_id for t in tenants]
+        )
         concurrency = effective_concurrency(connector, concurrency)
         started = time.monotonic()
         with ExitStack() as stack:

@@ -14,7 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
-from flows.batch import Tally, final_state, publish, run_batch, skip_live, summarise
+from flows.batch import OutcomeCounts, final_state, publish, run_batch, skip_live, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
@@ -22,7 +22,6 @@ from flows.profile_lock import one_batch_per_profile
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
-from onboarding.onboard import Delivery, FanOut, TenantEvents, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import (
     TenantRow,
@@ -31,7 +30,8 @@ from onboarding.roster import (
     load_roster,
 )
 from onboarding.settings import LedgerSettings, files_root
-from tasks.initialise import onboard_slice_task
+from onboarding.tenant_steps import Delivery, FanOut, TenantEvents, TenantOutcome
+from tasks.slice_tasks import onboard_slice_task
 
 MAX_INLINE_TENANTS = 100
 
@@ -142,9 +142,11 @@ def onboard_tenants(
     templates = load_templates(connector) if deliver.sends_email else None
     needs = templates.tenant_fields_used if templates else ()
     if roster is not None:
-        batch = load_roster(roster_location(roster), connector, only, also_needs=needs, root=root)
+        batch = load_roster(
+            roster_location(roster), connector, only, template_columns=needs, root=root
+        )
     else:
-        batch = load_inline_roster(tenants or [], connector, only, also_needs=needs)
+        batch = load_inline_roster(tenants or [], connector, only, template_columns=needs)
     source = display_source(roster) if roster is not None else batch.source
     ledger = Ledger(LedgerSettings().db_url)
     logger.info(
@@ -159,8 +161,8 @@ def onboard_tenants(
     concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
-        live = ledger.live_tenant_ids(connector.target_id)
-        tally = Tally.of(
+        live = ledger.ids_needing_nothing(connector.target_id)
+        tally = OutcomeCounts.of(
             TenantOutcome(t.tenant_id, "skipped" if t.tenant_id in live else "would_initialise")
             for t in batch
         )
@@ -185,7 +187,7 @@ def onboard_tenants(
                     deadline_minutes=chunk_deadline_minutes,
                 )
             else:
-                live = ledger.live_tenant_ids(connector.target_id)
+                live = ledger.ids_needing_nothing(connector.target_id)
                 job = open_job(
                     stack, connector, ledger, deliver, templates, concurrency, tenant_events
                 )

@@ -18,8 +18,8 @@ from onboarding.errors import (
 )
 from onboarding.ledger import Ledger
 from onboarding.links import mask_state
-from onboarding.onboard import StatusChange, TenantEvents, record_connection
 from onboarding.settings import LedgerSettings
+from onboarding.tenant_steps import StatusChange, TenantEvents, record_connection
 
 
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)

@@ -13,16 +13,16 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.batch import Tally, final_state, publish, run_batch, summarise
+from flows.batch import OutcomeCounts, final_state, publish, run_batch, summarise
 from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
 from flows.profile_lock import one_batch_per_profile
 from onboarding.clock import utcnow
 from onboarding.ledger import Ledger, Record, Status
-from onboarding.onboard import Delivery, TenantEvents, TenantOutcome, tenant_of
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
-from tasks.initialise import remind_slice_task
+from onboarding.tenant_steps import Delivery, TenantEvents, TenantOutcome, tenant_of
+from tasks.slice_tasks import remind_slice_task
 
 
 def run_name() -> str:
@@ -79,7 +79,7 @@ def remind_tenants(
     concurrency = effective_concurrency(connector, concurrency)
     started = time.monotonic()
     if dry_run:
-        outcomes = Tally.of(
+        outcomes = OutcomeCounts.of(
             TenantOutcome(
                 r.tenant_id,
                 "would_reissue" if r.expires_at and r.expires_at <= now else "would_remind",

@@ -25,7 +25,7 @@ CALL_DEADLINE_SECONDS = 60.0
 # server. Shorter than the usual server timeouts (uvicorn 5 s, nginx 75 s, AWS ALB 60 s).
 KEEPALIVE_EXPIRY_SECONDS = 2.0
 
-# Retries live in the Prefect task (tasks/initialise.py), never in the client, so attempts do not
+# Retries live in the Prefect task (tasks/slice_tasks.py), never in the client, so attempts do not
 # multiply. These are the task's numbers.
 TASK_RETRIES = 3
 TASK_RETRY_BACKOFF_SECONDS = 1.0

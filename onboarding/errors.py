@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING
 from onboarding import constants
 
 if TYPE_CHECKING:
-    # Only for annotations: onboarding.onboard imports this module.
-    from onboarding.onboard import TenantOutcome
+    # Only for annotations: onboarding.tenant_steps imports this module.
+    from onboarding.tenant_steps import TenantOutcome
 
 
 class OnboardingError(Exception):

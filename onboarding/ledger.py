@@ -823,14 +823,14 @@ class Ledger:
             row = conn.execute(query).first()
         return Record.from_row(row) if row else None
 
-    def live_tenant_ids(
+    def ids_needing_nothing(
         self,
         connector_id: str,
         now: datetime | None = None,
-        among: Collection[str] | None = None,
+        only_ids: Collection[str] | None = None,
     ) -> set[str]:
         """Tenants that need nothing from a new run: connected, or holding an unexpired link
-        that was delivered. With `among`, only those of these ids (a chunk's)."""
+        that was delivered. With `only_ids`, only those of these ids (a chunk's)."""
         now = _utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
@@ -841,9 +841,9 @@ class Ledger:
             ),
         )
         with self.engine.connect() as conn:
-            if among is None:
+            if only_ids is None:
                 return set(conn.execute(query).scalars())
-            ids, live = list(among), set[str]()
+            ids, live = list(only_ids), set[str]()
             for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
                 part = ids[start : start + IN_LIST_MAX]
                 live.update(conn.execute(query.where(records.c.tenant_id.in_(part))).scalars())

@@ -1,5 +1,5 @@
 """Pacing of initialise calls within one process: an optional limiter (local spacing, or one
-shared across processes and machines, supplied by the flow layer) and a brake that a 429
+shared across processes and machines, supplied by the flow layer) and a hold-off that a 429
 applies to every worker."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 
 class Pacer:
-    """Before each call, `wait_turn()`: wait out any brake, then take a slot from the shared
-    limiter. After a 429, `brake(seconds)`: every worker of the process holds off until then,
+    """Before each call, `wait_before_call()`: wait out any hold-off, then take a slot from the
+    shared limiter. After a 429, `hold_off(seconds)`: every worker of the process waits until then,
     so a rate-limited API sees the whole process slow down, not just one tenant retry."""
 
     def __init__(
@@ -25,18 +25,18 @@ class Pacer:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._not_before = 0.0
-        self.brakes = 0
+        self.hold_offs = 0
 
-    def wait_turn(self) -> None:
+    def wait_before_call(self) -> None:
         while (delay := self._not_before - self._clock()) > 0:
             self._sleep(delay)
         if self._acquire is not None:
             self._acquire()
 
-    def brake(self, seconds: float) -> None:
+    def hold_off(self, seconds: float) -> None:
         with self._lock:
             self._not_before = max(self._not_before, self._clock() + max(seconds, 0.0))
-            self.brakes += 1
+            self.hold_offs += 1
 
 
 # After a stall, callers may catch up by up to this many seconds' worth of calls, no more: well

@@ -9,10 +9,10 @@ from pathlib import Path
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates, SmtpSettings
-from onboarding.onboard import Delivery
 from onboarding.profile import load_profile
 from onboarding.roster import load_roster
 from onboarding.settings import LedgerSettings, VersoriSettings
+from onboarding.tenant_steps import Delivery
 
 
 def check_run_inputs(
@@ -28,7 +28,7 @@ def check_run_inputs(
     connector = load_profile(profile)
     needs = check_mail_settings(connector.email_templates) if deliver.sends_email else []
     if roster is not None:
-        load_roster(roster, connector, only, also_needs=needs)
+        load_roster(roster, connector, only, template_columns=needs)
     check_ledger()
     if calls_versori:
         check_api_key_is_set(VersoriSettings())

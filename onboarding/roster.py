@@ -164,7 +164,7 @@ def load_roster(
     location: str | Path,
     profile: ConnectorProfile | None = None,
     only: Iterable[str] | None = None,
-    also_needs: Iterable[str] = (),
+    template_columns: Iterable[str] = (),
     *,
     root: str | Path | None = None,
 ) -> Roster:
@@ -180,7 +180,7 @@ def load_roster(
             f"{source}: unknown roster format; name the file .csv, .json, .jsonl or .yaml"
         )
     digest = _digest(path)  # of the bytes about to be checked; a chunk reads only these
-    problems, ids = _check(path, fmt, source, profile, list(also_needs))
+    problems, ids = _check(path, fmt, source, profile, list(template_columns))
     wanted = frozenset(only) if only else None
     if wanted:
         for tenant_id in sorted(wanted - ids):
@@ -201,7 +201,7 @@ def load_inline_roster(
     rows: Iterable[TenantRow | dict[str, Any]],
     profile: ConnectorProfile | None = None,
     only: Iterable[str] | None = None,
-    also_needs: Iterable[str] = (),
+    template_columns: Iterable[str] = (),
 ) -> Roster:
     """Tenants passed as a parameter, checked by the same rules as a roster file. Problems name
     `tenants parameter:N`, N counting the tenants from 1."""
@@ -212,7 +212,7 @@ def load_inline_roster(
             data = row if isinstance(row, dict) else row.model_dump()
             flat = {**data.get("fields", {}), **{k: v for k, v in data.items() if k != "fields"}}
             out.write(json.dumps(flat) + "\n")
-    problems, ids = _check(path, "jsonl", INLINE_SOURCE, profile, list(also_needs))
+    problems, ids = _check(path, "jsonl", INLINE_SOURCE, profile, list(template_columns))
     wanted = frozenset(only) if only else None
     if wanted:
         problems += [
@@ -385,12 +385,12 @@ def _check(
     fmt: str,
     source: str,
     profile: ConnectorProfile | None,
-    also_needs: list[str],
+    template_columns: list[str],
 ) -> tuple[list[Problem], set[str]]:
-    """`also_needs`: columns something other than the profile reads (the email templates)."""
+    """`template_columns`: columns something other than the profile reads (the email templates)."""
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    needed = list(dict.fromkeys([*(profile.fields_used if profile else []), *also_needs]))
+    needed = list(dict.fromkeys([*(profile.fields_used if profile else []), *template_columns]))
     # Once each: admin_email is both required and, often, used by the templates.
     checked = list(dict.fromkeys([*REQUIRED_COLUMNS, *needed]))
     header_missing: set[str] = set()

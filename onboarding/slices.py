@@ -20,8 +20,8 @@ from onboarding.errors import (
     worth_retrying,
 )
 from onboarding.ledger import Status
-from onboarding.onboard import OnboardingJob, TenantOutcome, failed_outcome
 from onboarding.roster import Tenant
+from onboarding.tenant_steps import OnboardingJob, TenantOutcome, failed_outcome
 
 # Errors that would fail every remaining tenant the same way: stop the batch, say it once.
 BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)

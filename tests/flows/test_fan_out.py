@@ -23,13 +23,13 @@ from prefect.client.schemas.filters import (
 
 import flows.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
-from flows.batch import Tally
+from flows.batch import OutcomeCounts
 from flows.fan_out import split
 from flows.onboard_tenants import onboard_tenants
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from onboarding.onboard import TenantOutcome
 from onboarding.roster import load_roster
+from onboarding.tenant_steps import TenantOutcome
 
 PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
@@ -53,7 +53,7 @@ def outcome(n: int, failed: bool = False) -> TenantOutcome:
 
 
 def test_a_tally_counts_everything_and_keeps_a_bounded_sample_failures_first() -> None:
-    tally = Tally(keep=10)
+    tally = OutcomeCounts(keep=10)
     for n in range(10_000):
         tally.add(outcome(n, failed=n % 1000 == 999))
     assert tally.total == 10_000
@@ -65,12 +65,12 @@ def test_a_tally_counts_everything_and_keeps_a_bounded_sample_failures_first() -
 
 
 def test_a_tally_merges_chunk_summaries_into_one_table() -> None:
-    first, second = Tally(keep=4), Tally(keep=4)
+    first, second = OutcomeCounts(keep=4), OutcomeCounts(keep=4)
     for n in range(3):
         first.add(outcome(n))
     second.add(outcome(7, failed=True))
     second.add(outcome(8))
-    batch = Tally(keep=4)
+    batch = OutcomeCounts(keep=4)
     for part in (first, second):
         batch.merge({"by_status": part.by_status, "errors": part.errors, "outcomes": part.rows()})
     assert batch.total == 5 and batch.by_status["failed"] == 1

@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
 import flows.onboard_tenants as flow_module
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from tasks.initialise import onboard_slice_task
+from tasks.slice_tasks import onboard_slice_task
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")

@@ -19,7 +19,7 @@ from flows.record_connection import record_connection_flow
 from onboarding.clock import utcnow
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
-from tasks.initialise import onboard_slice_task, remind_slice_task
+from tasks.slice_tasks import onboard_slice_task, remind_slice_task
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -29,21 +29,21 @@ def test_a_brake_holds_every_caller_until_it_ends() -> None:
     t = FakeTime()
     taken: list[float] = []
     pacer = Pacer(acquire=lambda: taken.append(t.now), clock=t.clock, sleep=t.sleep)
-    pacer.wait_turn()
-    pacer.brake(2.0)
-    pacer.brake(0.5)  # a shorter brake never shortens a longer one
-    pacer.wait_turn()
-    pacer.wait_turn()
+    pacer.wait_before_call()
+    pacer.hold_off(2.0)
+    pacer.hold_off(0.5)  # a shorter brake never shortens a longer one
+    pacer.wait_before_call()
+    pacer.wait_before_call()
     assert t.slept == [2.0]
     assert taken == [100.0, 102.0, 102.0]
-    assert pacer.brakes == 2
+    assert pacer.hold_offs == 2
 
 
 def test_no_limiter_means_no_wait() -> None:
     t = FakeTime()
     pacer = Pacer(clock=t.clock, sleep=t.sleep)
     for _ in range(5):
-        pacer.wait_turn()
+        pacer.wait_before_call()
     assert t.slept == []
 
 

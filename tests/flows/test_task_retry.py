@@ -8,7 +8,7 @@ import pytest
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-import tasks.initialise as initialise
+import tasks.slice_tasks as initialise
 from onboarding.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -76,7 +76,7 @@ def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
 
 def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
     from onboarding.errors import SliceFailed
-    from onboarding.onboard import TenantOutcome
+    from onboarding.tenant_steps import TenantOutcome
 
     failed = TenantOutcome("t2", "failed", error_code="rate_limited")
     ok = TenantOutcome("t1", "delivered")

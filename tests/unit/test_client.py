@@ -588,8 +588,8 @@ def test_a_hostile_retry_after_brakes_the_batch_for_the_cap_at_most(value: str) 
         now[0] += seconds
 
     pacer = Pacer(clock=lambda: now[0], sleep=sleep)
-    pacer.brake(exc.retry_after)  # as the 429 handler does
-    pacer.wait_turn()
+    pacer.hold_off(exc.retry_after)  # as the 429 handler does
+    pacer.wait_before_call()
     assert sum(slept) <= constants.MAX_RETRY_AFTER_SECONDS
 
 

@@ -135,8 +135,10 @@ def test_times_with_another_offset_keep_their_instant(ledger: Ledger) -> None:
     assert_utc(record.created_at)
     # `now` in another offset compares as the same instant too.
     minute = timedelta(minutes=1)
-    assert ledger.live_tenant_ids(CONNECTOR, now=(NOW + 59 * minute).astimezone(paris)) == {"t1"}
-    assert ledger.live_tenant_ids(CONNECTOR, now=(NOW + 61 * minute).astimezone(paris)) == set()
+    assert ledger.ids_needing_nothing(CONNECTOR, now=(NOW + 59 * minute).astimezone(paris)) == {
+        "t1"
+    }
+    assert ledger.ids_needing_nothing(CONNECTOR, now=(NOW + 61 * minute).astimezone(paris)) == set()
     assert ledger.count_past_expiry(CONNECTOR, (NOW + 59 * minute).astimezone(paris)) == 0
     assert ledger.count_past_expiry(CONNECTOR, (NOW + 61 * minute).astimezone(paris)) == 1
     ledger.mark_delivered("t1", CONNECTOR, channel="email", at=(NOW + minute).astimezone(paris))
@@ -257,18 +259,18 @@ def mixed(ledger: Ledger) -> Ledger:
 
 def test_live_tenant_ids(mixed: Ledger) -> None:
     # "live" holds an unexpired link that was never delivered: the next run must deliver it.
-    assert mixed.live_tenant_ids(CONNECTOR, now=NOW) == {
+    assert mixed.ids_needing_nothing(CONNECTOR, now=NOW) == {
         "delivered",
         "reminded",
         "connected",
     }
     mixed.mark_delivered("other", OTHER, channel="store")
-    assert mixed.live_tenant_ids(OTHER, now=NOW) == {"other"}
-    assert mixed.live_tenant_ids("01M8F12B95S4BX0QFB3TPDWZ00", now=NOW) == set()
+    assert mixed.ids_needing_nothing(OTHER, now=NOW) == {"other"}
+    assert mixed.ids_needing_nothing("01M8F12B95S4BX0QFB3TPDWZ00", now=NOW) == set()
     # At the expiry instant a link is no longer live.
-    assert mixed.live_tenant_ids(CONNECTOR, now=NOW + 72 * HOUR) == {"connected"}
+    assert mixed.ids_needing_nothing(CONNECTOR, now=NOW + 72 * HOUR) == {"connected"}
     # Without `now`: the real clock, long before NOW (2030), so every link is still live.
-    assert mixed.live_tenant_ids(CONNECTOR) == {
+    assert mixed.ids_needing_nothing(CONNECTOR) == {
         "delivered",
         "reminded",
         "stale-delivered",
@@ -300,7 +302,7 @@ def test_counts_by_status_empty(ledger: Ledger) -> None:
     assert ledger.counts_by_status() == {}
     assert ledger.count_past_expiry(None, NOW) == 0
     assert list(ledger.iter_records()) == []
-    assert ledger.live_tenant_ids(CONNECTOR) == set()
+    assert ledger.ids_needing_nothing(CONNECTOR) == set()
 
 
 def test_count_past_expiry(mixed: Ledger) -> None:
@@ -457,8 +459,8 @@ def test_live_tenant_ids_among_a_chunk_of_more_ids_than_one_query_takes(ledger: 
         link(ledger, f"t{n}")
         ledger.mark_delivered(f"t{n}", CONNECTOR, channel="store")
     among = [f"t{n}" for n in range(2000)]
-    assert ledger.live_tenant_ids(CONNECTOR, among=among) == {"t5", "t1500"}
-    assert ledger.live_tenant_ids(CONNECTOR, among=["t6"]) == set()
+    assert ledger.ids_needing_nothing(CONNECTOR, only_ids=among) == {"t5", "t1500"}
+    assert ledger.ids_needing_nothing(CONNECTOR, only_ids=["t6"]) == set()
 
 
 def test_group_commit_writes_each_row_once_and_fails_only_the_bad_one() -> None:

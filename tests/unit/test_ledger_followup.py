@@ -34,7 +34,7 @@ def test_sending_then_delivered(ledger: Ledger) -> None:
     link(ledger, "t1")
     ledger.mark_sending("t1", CONNECTOR, message_id="<m1@x>")
     assert get(ledger, "t1").status is Status.SENDING
-    assert ledger.live_tenant_ids(CONNECTOR, now=NOW) == set(), "sending is not done"
+    assert ledger.ids_needing_nothing(CONNECTOR, now=NOW) == set(), "sending is not done"
     ledger.mark_delivered("t1", CONNECTOR, channel="email", at=NOW)
     record = get(ledger, "t1")
     assert (record.status, record.message_id, record.last_sent_at) == (
@@ -42,7 +42,7 @@ def test_sending_then_delivered(ledger: Ledger) -> None:
         "<m1@x>",
         NOW,
     )
-    assert ledger.live_tenant_ids(CONNECTOR, now=NOW) == {"t1"}
+    assert ledger.ids_needing_nothing(CONNECTOR, now=NOW) == {"t1"}
 
 
 def test_tenant_fields_are_kept_for_reissue(ledger: Ledger) -> None:

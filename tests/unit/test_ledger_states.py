@@ -15,14 +15,14 @@ from sqlalchemy import select
 
 from onboarding.errors import SupersededStateError
 from onboarding.ledger import Ledger, Status, records
-from onboarding.onboard import (
+from onboarding.profile import load_profile
+from onboarding.roster import Tenant
+from onboarding.tenant_steps import (
     Delivery,
     OnboardingJob,
     onboard_tenant,
     record_connection,
 )
-from onboarding.profile import load_profile
-from onboarding.roster import Tenant
 from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,7 +47,7 @@ def test_a_callback_during_a_send_leaves_the_tenant_connected(ledger: Ledger) ->
         0,
     )
     assert record.message_id == "<m1@x>"
-    assert ledger.live_tenant_ids(CONNECTOR, now=NOW + 1000 * HOUR) == {"t1"}
+    assert ledger.ids_needing_nothing(CONNECTOR, now=NOW + 1000 * HOUR) == {"t1"}
     due = ledger.due_for_reminder(CONNECTOR, sent_before=NOW + 1000 * HOUR, max_reminders=9)
     assert due == []
 
@@ -93,7 +93,7 @@ def test_an_operator_reset_reopens_a_connected_tenant(ledger: Ledger) -> None:
         None,
     )
     assert ledger.find_superseded("state-t1") is not None
-    assert "t1" not in ledger.live_tenant_ids(CONNECTOR, now=NOW)
+    assert "t1" not in ledger.ids_needing_nothing(CONNECTOR, now=NOW)
     link(ledger, "t1", state="state-t1-b")
     assert get(ledger, "t1").status is Status.LINK_CREATED
     assert not ledger.reset("nobody", CONNECTOR)

@@ -427,9 +427,9 @@ def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: 
 
     from onboarding.client import VersoriClient
     from onboarding.ledger import Ledger
-    from onboarding.onboard import OnboardingJob, onboard_tenant
     from onboarding.profile import ConnectorProfile
     from onboarding.roster import Tenant
+    from onboarding.tenant_steps import OnboardingJob, onboard_tenant
 
     hostile = build(edit(redirect_uri=ATTACKER))
 

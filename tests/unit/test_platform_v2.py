@@ -34,9 +34,9 @@ from onboarding.errors import (
 from onboarding.ledger import Ledger, Status
 from onboarding.links import check_link
 from onboarding.models import InitialiseRequest
-from onboarding.onboard import OnboardingJob, onboard_tenant
 from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import Tenant
+from onboarding.tenant_steps import OnboardingJob, onboard_tenant
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,10 +20,10 @@ from onboarding.errors import (
     SliceFailed,
 )
 from onboarding.ledger import Ledger
-from onboarding.onboard import OnboardingJob, StatusChange, TenantOutcome
 from onboarding.profile import load_profile
 from onboarding.roster import Tenant
 from onboarding.slices import TenantSlice, run_slice
+from onboarding.tenant_steps import OnboardingJob, StatusChange, TenantOutcome
 
 PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 

@@ -294,13 +294,13 @@ def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
         raise OnboardingError("no Versori client configured for this job")
     profile = job.profile
     request = profile.render(tenant.values)
-    job.pacer.wait_turn()
+    job.pacer.wait_before_call()
     try:
         url = job.client.initialise(profile.organisation_id, profile.target_id, request)
     except RateLimitedError as err:
         # Clamped: a hostile or broken Retry-After must not stall every worker for a day.
         asked = err.retry_after if err.retry_after is not None else 1.0
-        job.pacer.brake(min(asked, constants.MAX_RETRY_AFTER_SECONDS))
+        job.pacer.hold_off(min(asked, constants.MAX_RETRY_AFTER_SECONDS))
         raise
     link = check_link(
         url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host

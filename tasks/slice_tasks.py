@@ -18,9 +18,9 @@ from prefect.tasks import exponential_backoff
 
 from onboarding import constants
 from onboarding.errors import SliceFailed, retry_after, worth_retrying
-from onboarding.onboard import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 from onboarding.roster import Tenant
 from onboarding.slices import Step, TenantSlice, run_slice
+from onboarding.tenant_steps import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
