@@ -75,7 +75,7 @@ def _check_run_inputs(
     roster: str | None, profile: str, only: list[str] | None, dry_run: bool, deliver: Delivery
 ) -> None:
     """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once."""
-    from flows.common import resolve_api_key
+    from flows.job import resolve_api_key
     from onboarding.preflight import check_run_inputs
 
     check_run_inputs(profile, roster, only, deliver, calls_versori=not dry_run)
@@ -418,7 +418,7 @@ def blocks_create(
     out.print(f"Saved the Versori API key in Secret block {api_key_block!r}.")
     names = [f"VERSORI_API_KEY_BLOCK={api_key_block}"]
     if not skip_smtp:
-        from flows.common import smtp_block_of
+        from flows.job import smtp_block_of
         from onboarding.mail import SmtpSettings
 
         smtp = SmtpSettings()

@@ -18,7 +18,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.common import Progress, quiet_routine_task_logs
+from flows.progress import Progress, quiet_routine_task_logs
 from onboarding.errors import SliceFailed
 from onboarding.roster import Tenant
 from onboarding.slices import TenantSlice, not_attempted

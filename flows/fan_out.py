@@ -21,7 +21,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from flows.batch import OutcomeCounts
-from flows.common import Progress
+from flows.progress import Progress
 from onboarding.clock import utcnow
 from onboarding.ledger import Ledger
 from onboarding.profile import ConnectorProfile

@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.batch import final_state, run_batch, skip_live, summarise
-from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import roster_location, run_files_root
 from onboarding.ledger import Ledger
 from onboarding.profile import load_profile

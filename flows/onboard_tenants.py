@@ -15,9 +15,9 @@ from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from flows.batch import OutcomeCounts, final_state, publish, run_batch, skip_live, summarise
-from flows.common import effective_concurrency, load_templates, open_job, tag_run
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
+from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.profile_lock import one_batch_per_profile
 from onboarding import constants
 from onboarding.errors import InputError

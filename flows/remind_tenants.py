@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.batch import OutcomeCounts, final_state, publish, run_batch, summarise
-from flows.common import effective_concurrency, load_templates, open_job, tag_run
+from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
 from flows.profile_lock import one_batch_per_profile
 from onboarding.clock import utcnow

@@ -1,6 +1,6 @@
 """What a run needs, checked before Prefect starts: bad input then fails at once, every problem
 named, before anything is sent to Versori. Loading an API key kept in a Prefect block is the
-flow layer's (`flows.common.resolve_api_key`)."""
+flow layer's (`flows.job.resolve_api_key`)."""
 
 from __future__ import annotations
 

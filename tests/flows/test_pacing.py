@@ -64,7 +64,7 @@ def test_spacing_lets_calls_through_evenly_and_catches_up_by_half_a_second_at_mo
 def test_slots_recover_after_the_concurrency_api_failed_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flows.common import SlotDispenser
+    from flows.pacing import SlotDispenser
 
     calls: list[int] = []
 
@@ -134,12 +134,12 @@ def test_one_failed_slot_request_is_retried_and_pacing_recovers(
     """Issue 10 #9: the sync client fails once; no caller fails, every later slot is granted."""
     import prefect.client.orchestration
 
-    from flows import common
-    from flows.common import SlotDispenser
+    from flows import pacing as flow_pacing
+    from flows.pacing import SlotDispenser
 
     api = FlakyConcurrencyAPI([failure()])
     monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
-    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(flow_pacing, "SLOT_RETRY_DELAYS", (0.01, 0.01))
     dispenser = SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)
     for _ in range(9):
         dispenser()
@@ -150,12 +150,12 @@ def test_one_failed_slot_request_is_retried_and_pacing_recovers(
 def test_slot_requests_recover_after_the_retries_are_spent(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect.client.orchestration
 
-    from flows import common
-    from flows.common import SlotDispenser
+    from flows import pacing as flow_pacing
+    from flows.pacing import SlotDispenser
 
     api = FlakyConcurrencyAPI([ConnectionError("down")] * 3)
     monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
-    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(flow_pacing, "SLOT_RETRY_DELAYS", (0.01, 0.01))
     dispenser = SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)
     with pytest.raises(ConnectionError):
         dispenser()  # three failures in a row: this caller is told
@@ -169,12 +169,12 @@ def test_a_client_error_from_the_concurrency_api_is_not_retried(
     import httpx
     import prefect.client.orchestration
 
-    from flows import common
-    from flows.common import SlotDispenser
+    from flows import pacing as flow_pacing
+    from flows.pacing import SlotDispenser
 
     api = FlakyConcurrencyAPI([_status_error(404)])
     monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
-    monkeypatch.setattr(common, "SLOT_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(flow_pacing, "SLOT_RETRY_DELAYS", (0.01, 0.01))
     with pytest.raises(httpx.HTTPStatusError):
         SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)()
     assert api.requests == 1
@@ -183,15 +183,15 @@ def test_a_client_error_from_the_concurrency_api_is_not_retried(
 def test_a_hostile_retry_after_on_423_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect.client.orchestration
 
-    from flows import common
-    from flows.common import SlotDispenser
+    from flows import pacing as flow_pacing
+    from flows.pacing import SlotDispenser
 
     slept: list[float] = []
     api = FlakyConcurrencyAPI(
         [_status_error(423, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"})]
     )
     monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
-    monkeypatch.setattr(common.time, "sleep", slept.append)
+    monkeypatch.setattr(flow_pacing.time, "sleep", slept.append)
     SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)._take_block()
     assert slept == [constants.MAX_RETRY_AFTER_SECONDS]
 
