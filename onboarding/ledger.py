@@ -602,17 +602,15 @@ class Ledger:
         stored link), so it counts it. `state`: the state of the link delivered, if known.
         False, and nothing written, when the tenant is connected or holds another state."""
         when = _utc(at or utcnow())
-        return self._update(
+        return self._mark_sent(
             tenant_id,
             connector_id,
             state,
-            attempts=records.c.attempts + int(count_attempt),
-            status=Status.DELIVERED.value,
-            delivery_channel=channel,
+            Status.DELIVERED,
+            channel,
+            when,
+            count_attempt,
             delivered_at=when,
-            last_sent_at=when,
-            error_code=None,
-            error_message=None,
         )
 
     def mark_sending(
@@ -636,17 +634,40 @@ class Ledger:
         state: str | None = None,
     ) -> bool:
         """False, and nothing written, when the tenant is connected or holds another state."""
+        return self._mark_sent(
+            tenant_id,
+            connector_id,
+            state,
+            Status.REMINDED,
+            channel,
+            _utc(at or utcnow()),
+            count_attempt,
+            reminders=records.c.reminders + 1,
+        )
+
+    def _mark_sent(
+        self,
+        tenant_id: str,
+        connector_id: str,
+        state: str | None,
+        status: Status,
+        channel: str,
+        when: datetime,
+        count_attempt: bool,
+        **more: Any,
+    ) -> bool:
+        """A message went out (a first delivery or a reminder): errors cleared."""
         return self._update(
             tenant_id,
             connector_id,
             state,
             attempts=records.c.attempts + int(count_attempt),
-            status=Status.REMINDED.value,
+            status=status.value,
             delivery_channel=channel,
-            last_sent_at=_utc(at or utcnow()),
-            reminders=records.c.reminders + 1,
+            last_sent_at=when,
             error_code=None,
             error_message=None,
+            **more,
         )
 
     def mark_connected(
