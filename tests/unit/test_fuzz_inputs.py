@@ -32,7 +32,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNS: Counter[str] = Counter()  # examples run per test, reported at the end
 
 FUZZ = settings(
-    max_examples=2500,
+    max_examples=1500,
     deadline=timedelta(seconds=2),  # one input taking longer is a failure: no hangs
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -194,7 +194,7 @@ def roster_inputs(draw: st.DrawFn) -> tuple[str, bytes]:
     return suffix, draw(documents(fmt, data))
 
 
-@settings(FUZZ, max_examples=1500)  # each loads, checks and renders: the dearest
+@settings(FUZZ, max_examples=1000)  # each loads, checks and renders: the dearest
 @given(case=roster_inputs(), which=st.integers(0, 2))
 def test_any_roster_file_loads_or_is_an_input_error(
     folder: Path, profiles: list[ConnectorProfile], case: tuple[str, bytes], which: int

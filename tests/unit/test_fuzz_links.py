@@ -23,7 +23,7 @@ from onboarding.models import InitialiseRequest
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 FUZZ = settings(
-    max_examples=3000,
+    max_examples=1500,
     deadline=timedelta(seconds=1),  # a hang or a blow-up in time fails the example
     suppress_health_check=[HealthCheck.too_slow],
 )
