@@ -1022,7 +1022,14 @@ def _migrate(engine: Engine) -> None:
     hashed), so a rerun finds nothing to do. The changes so far are all additive, which is why
     this is not Alembic: a version table and migration scripts would add a tool and a step to
     every deployment for what three idempotent statements do; the first change that is not
-    additive should bring Alembic in, under the same lock."""
+    additive should bring Alembic in, under the same lock.
+
+    A ledger that is already up to date is only read (the catalog), never locked: on
+    PostgreSQL, `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the index
+    exists, which deadlocked against a running batch's writes when chunk runs opened the
+    ledger while others wrote (seen in the scale-out test)."""
+    if _schema_is_current(engine):
+        return
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(
@@ -1038,6 +1045,22 @@ def _migrate(engine: Engine) -> None:
             for index in table.indexes:
                 conn.execute(CreateIndex(index, if_not_exists=True))
         _hash_old_states(conn)
+
+
+def _schema_is_current(engine: Engine) -> bool:
+    """Every table, column and index of the ledger is there (read from the catalog alone)."""
+    with engine.connect() as conn:
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                return False
+            columns = {c["name"] for c in inspector.get_columns(table.name)}
+            if any(column.name not in columns for column in table.columns):
+                return False
+            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+            if any(index.name not in indexes for index in table.indexes):
+                return False
+    return True
 
 
 def _add_missing_columns(conn: Connection) -> None:

@@ -216,3 +216,35 @@ def test_opening_an_older_ledger_hashes_its_states(ledger_url: str) -> None:
     finally:
         reopened.close()
     Ledger(ledger_url).close()  # again: nothing left to do
+
+
+def test_opening_an_up_to_date_ledger_never_waits_for_a_writer(ledger_url: str) -> None:
+    """A chunk run opening the ledger while a batch writes to it: on PostgreSQL, re-running the
+    schema's `CREATE INDEX IF NOT EXISTS` took a SHARE lock on a table being written, which
+    waited for the writer and, in the scale-out test, deadlocked. An up-to-date ledger is only
+    read from the catalog."""
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("SQLite's writers lock the whole file, not tables: nothing to show there")
+    from onboarding.ledger import superseded_links
+
+    first = Ledger(ledger_url)
+    try:
+        with first.engine.connect() as conn:
+            writing = conn.begin()
+            conn.execute(
+                superseded_links.insert().values(
+                    state="s-1", tenant_id="t1", connector_id="c1", superseded_at=NOW
+                )
+            )
+            opened: list[Ledger] = []
+            opener = threading.Thread(target=lambda: opened.append(Ledger(ledger_url)))
+            opener.start()
+            opener.join(10)
+            waited = opener.is_alive()
+            writing.rollback()
+            opener.join(30)
+        assert not waited, "opening the ledger waited for another transaction's writes"
+        for ledger in opened:
+            ledger.close()
+    finally:
+        first.close()
