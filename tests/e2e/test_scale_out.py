@@ -1,4 +1,4 @@
-"""Scale-out for real: one roster of 2,000 tenants split into 4 chunk flow runs of the
+"""Scale-out for real: one roster of 2,000 tenants split into 2 chunk flow runs of the
 `onboard-tenants-chunk/chunks` deployment, run by two `prefect worker start` processes on a
 process work pool, against a `prefect server` (on PostgreSQL, with Redis for its messaging) and
 a ledger on PostgreSQL. The batch's parent is `onboard run --fan-out deployment` in a process of
@@ -18,11 +18,11 @@ from onboarding.ledger import Ledger, Status, batch_chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
 
-# Two chunks a worker (each worker runs two at once): what the test checks needs several chunks
-# on each worker, not many; each chunk run is a fresh Python process. The 5,000-tenant batch is
-# bench/run.py --workers 2 --tenants 5000.
+# One chunk a worker (each runs one at a time, so neither can take both): what the test checks
+# needs a chunk on each worker, not many, and each chunk run is a fresh Python process. The
+# 5,000-tenant batch is bench/run.py --workers 2 --tenants 5000.
 TENANTS = 2000
-CHUNK_SIZE = 500
+CHUNK_SIZE = 1000
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def stack(tmp_path: Path) -> Iterator[ScaleOutStack]:
         pytest.skip(f"no PostgreSQL for the scale-out stack: {error}")
     if why := redis_unavailable():
         pytest.skip(f"no Redis for the scale-out stack's Prefect server: {why}")
-    with ScaleOutStack(tmp_path, workers=2, worker_limit=2, latency_ms=5) as stack:
+    with ScaleOutStack(tmp_path, workers=2, worker_limit=1, latency_ms=5) as stack:
         yield stack
 
 
