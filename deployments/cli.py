@@ -18,9 +18,10 @@ from typer.core import TyperGroup
 
 from onboarding import constants
 from onboarding.clock import utcnow
+from onboarding.db_url import redact_url
 from onboarding.errors import InputError
 from onboarding.export import ExportFormat, private_file, write_records
-from onboarding.ledger import Ledger, redact_url
+from onboarding.ledger import Ledger
 from onboarding.settings import LedgerSettings, VersoriSettings
 from onboarding.tenant_steps import Delivery, FanOut, TenantEvents
 

@@ -9,128 +9,66 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Column,
     Connection,
     DateTime,
     Engine,
-    Integer,
-    MetaData,
     String,
-    Table,
-    Text,
     bindparam,
     case,
     create_engine,
     event,
     func,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
-from sqlalchemy.schema import CreateIndex, CreateTable
 
-from onboarding import constants
 from onboarding.clock import utcnow
+from onboarding.db_url import redact, scrub
 from onboarding.errors import InputError, LedgerSchemaError
+from onboarding.group_commit import GroupCommit
+from onboarding.ledger_schema import (
+    DONE_STATUSES,
+    LIVE_STATUSES,
+    SENDING_CHANNELS,
+    Status,
+    batch_chunks,
+    create_private_sqlite_file,
+    migrate_schema,
+    records,
+    sqlite_pragmas,
+    state_digest,
+    superseded_links,
+)
+
+# What the ledger's users need, its tables and statuses included (onboarding/ledger_schema.py).
+__all__ = [
+    "DONE_STATUSES",
+    "EXPORT_KEYS",
+    "LIVE_STATUSES",
+    "SENDING_CHANNELS",
+    "ConnectOutcome",
+    "ConnectResult",
+    "Ledger",
+    "Record",
+    "Status",
+    "SupersededLink",
+    "batch_chunks",
+    "records",
+    "state_digest",
+    "superseded_links",
+]
 
 log = logging.getLogger(__name__)
 IN_LIST_MAX = 900
-
-
-class Status(StrEnum):
-    PENDING = "pending"
-    LINK_CREATED = "link_created"
-    SENDING = "sending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    REMINDED = "reminded"
-    CONNECTED = "connected"
-
-
-# A link in one of these is out with (or on its way to) the tenant until it expires.
-LIVE_STATUSES = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
-# A tenant in one of these, with an unexpired link, needs nothing from the next run. A link
-# that was created but not yet delivered (link_created, sending) is delivered by the next run.
-DONE_STATUSES = (Status.DELIVERED, Status.REMINDED)
-# Channels that send the link to the admin, which reminders send again.
-SENDING_CHANNELS = ("email", "both")
-
-metadata = MetaData()
-records = Table(
-    "onboarding_records",
-    metadata,
-    Column("tenant_id", String(128), primary_key=True),
-    Column("connector_id", String(26), primary_key=True),
-    Column("profile", String(200), nullable=False),
-    Column("tenant_name", Text, nullable=False, default=""),
-    Column("admin_email", String(320), nullable=False, default=""),
-    Column("status", String(20), nullable=False),
-    Column("url", Text),
-    Column("state", String(256)),
-    Column("created_at", DateTime(timezone=True)),
-    Column("expires_at", DateTime(timezone=True)),
-    Column("delivered_at", DateTime(timezone=True)),
-    Column("connected_at", DateTime(timezone=True)),
-    Column("delivery_channel", String(20)),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("error_code", String(100)),
-    Column("error_message", Text),
-    Column("run_id", String(64)),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-    # Added for email delivery and reminders; nullable or defaulted so that an older ledger
-    # gains them in place (see _add_missing_columns).
-    Column("tenant_fields", JSON),
-    Column("message_id", String(200)),
-    Column("last_sent_at", DateTime(timezone=True)),
-    Column("reminders", Integer, nullable=False, default=0, server_default=text("0")),
-    Column("connection_id", String(200)),
-    # sha256 of `state`: how a callback's state is looked up (see state_digest). Added in
-    # place to an older ledger, and filled in for its rows, when it is opened (see _migrate).
-    Column("state_hash", String(64), index=True),
-)
-
-# Every state a tenant was given before its current one, so that a late OAuth callback carrying
-# an old state can still be traced to its tenant.
-superseded_links = Table(
-    "onboarding_superseded_links",
-    metadata,
-    Column("state", String(256), primary_key=True),
-    Column("tenant_id", String(128), nullable=False),
-    Column("connector_id", String(26), nullable=False),
-    Column("created_at", DateTime(timezone=True)),
-    Column("superseded_at", DateTime(timezone=True), nullable=False),
-    Column("state_hash", String(64), index=True),
-)
-
-
-# What each chunk of a fanned-out batch came to, written by the chunk's run when it ends: how
-# the batch's parent learns it from a worker on another machine, and how a retried parent knows
-# a chunk is done. The parent deletes its batch's rows once it has published the batch.
-batch_chunks = Table(
-    "onboarding_batch_chunks",
-    metadata,
-    Column("batch_id", String(64), primary_key=True),
-    Column("chunk", Integer, primary_key=True),
-    Column("flow_run_id", String(64)),
-    Column("summary", JSON, nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=False),
-)
 
 
 @dataclass(frozen=True)
@@ -238,87 +176,10 @@ def _utc(value: datetime) -> datetime:
 
 
 # Query keys whose value is a secret (libpq's `password`, `sslpassword`, a driver's `pwd`...).
-_SECRET_QUERY_KEY = constants.SECRET_QUERY_WORDS
-
-
-def _secret_key(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_QUERY_KEY)
-
-
-def _redact(url: str) -> str:
-    """The URL as it may be shown: its password and every password-like query value hidden."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return "<unparsable URL>"
-    query = {k: ("***" if _secret_key(k) else v) for k, v in parsed.query.items()}
-    return parsed.set(query=query).render_as_string(hide_password=True)
-
-
-def redact_url(url: str) -> str:
-    """A database URL as it may be printed (see _redact)."""
-    return _redact(url)
-
-
-def _secrets_of(url: str) -> list[str]:
-    """The secret values in a database URL, to scrub from a driver's message."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return []
-    found = [parsed.password] if parsed.password else []
-    for name, value in parsed.query.items():
-        if _secret_key(name):
-            found.extend([value] if isinstance(value, str) else value)
-    return [str(v) for v in found if v]
-
-
-def _scrub(message: str, url: str) -> str:
-    for secret in _secrets_of(url):
-        message = message.replace(secret, "***")
-    return message.replace(url, _redact(url))
-
-
-def state_digest(state: str) -> str:
-    """How a state is looked up: its sha256, hex. A state is a random value of Versori's
-    (a CSRF token), so a plain hash cannot be reversed by guessing; the index is on this, and
-    the lookup never compares the state itself."""
-    return hashlib.sha256(state.encode()).hexdigest()
-
-
 def _lock_key(tenant_id: str, connector_id: str) -> int:
     """A tenant's PostgreSQL advisory lock key (64 bits; one key space, see _MIGRATION_LOCK)."""
     digest = hashlib.sha256(f"{tenant_id}\0{connector_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-# pg_advisory_xact_lock(int, int): the two-key space, apart from the tenants' one-key locks.
-_MIGRATION_LOCK = (0x6F6E62, 1)  # "onb", schema version lock
-
-
-def _private_sqlite_file(url: str) -> None:
-    """Create a SQLite ledger's file readable by its owner only (0600) before SQLite opens it:
-    it holds live links. SQLite gives its -wal and -shm files the same mode. An existing file
-    keeps its mode (the operator chose it), but a readable-by-others one is logged."""
-    try:
-        database = make_url(url).database
-    except (ArgumentError, ValueError):
-        return
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return
-    path = os.path.abspath(database)
-    if not os.path.isdir(os.path.dirname(path)):
-        return  # SQLite's own error names the problem
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if os.stat(path).st_mode & 0o077:
-            log.warning("ledger %s is readable by other users: it holds live links", path)
-        return
-    except OSError:
-        return
-    os.close(fd)
 
 
 class ConnectOutcome(StrEnum):
@@ -342,7 +203,7 @@ class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self._link_sql: tuple[Any, Any] | None = None
-        self._links = _GroupCommit(self._write_links)
+        self._links = GroupCommit(self._write_links)
         try:
             # hide_parameters: a failed statement must not print the link it was writing.
             kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
@@ -354,14 +215,14 @@ class Ledger:
             self.engine: Engine = create_engine(url, **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
             raise InputError(
-                f"ONBOARD_DB_URL {_redact(url)!r} is not a usable database URL "
-                f"({_scrub(str(err), url)}); use sqlite:///path/to/onboarding.db or "
+                f"ONBOARD_DB_URL {redact(url)!r} is not a usable database URL "
+                f"({scrub(str(err), url)}); use sqlite:///path/to/onboarding.db or "
                 "postgresql+psycopg://user@host:5432/db"
             ) from None
         self.postgres = self.engine.dialect.name == "postgresql"
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            _private_sqlite_file(url)
+            event.listen(self.engine, "connect", sqlite_pragmas)
+            create_private_sqlite_file(url)
         else:
             event.listen(self.engine, "handle_error", _hide_failing_row)
         self._insert = postgresql.insert if self.postgres else sqlite.insert
@@ -371,16 +232,16 @@ class Ledger:
         except DBAPIError as err:  # unreachable, refused, or a bad option in the URL's query
             self.engine.dispose()
             raise InputError(
-                f"cannot open the ledger at {_redact(url)}: {_scrub(str(err.orig), url)}; "
+                f"cannot open the ledger at {redact(url)}: {scrub(str(err.orig), url)}; "
                 "check ONBOARD_DB_URL"
             ) from None
         try:
-            _migrate(self.engine)
+            migrate_schema(self.engine)
         except DBAPIError as err:  # it answered: the schema is what failed, not the input
             self.engine.dispose()
             raise LedgerSchemaError(
-                f"cannot create or update the ledger's tables at {_redact(url)}: "
-                f"{_scrub(str(err.orig), url)}"
+                f"cannot create or update the ledger's tables at {redact(url)}: "
+                f"{scrub(str(err.orig), url)}"
             ) from None
 
     def close(self) -> None:
@@ -445,7 +306,7 @@ class Ledger:
 
     def _write_links(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for a group of record_link calls: their old states to the history,
-        then their rows (see _GroupCommit).
+        then their rows (see GroupCommit).
 
         The history statement reads each tenant's current state, and the upsert replaces it;
         another process writing the same tenant in between would lose a state. So the two run
@@ -935,195 +796,6 @@ def _superseded(row: Any) -> SupersededLink:
     values["created_at"] = _aware(values["created_at"])
     values["superseded_at"] = _aware(values["superseded_at"])
     return SupersededLink(**values)
-
-
-class _GroupCommit:
-    """Writes that many threads make at once, committed together: each caller returns only
-    once its own row is committed (so a crash never loses a row a caller was told is written),
-    but the rows that arrived while one transaction ran go in the next one, as one executemany.
-
-    Measured (SQLite, record_link): 0.51 ms of CPU a row one at a time, 0.16 in groups of 4,
-    0.07 in groups of 16; a batch of 16 threads forms groups of that size by itself. Written
-    here because SQLAlchemy has no group commit, and a queue with a writer thread would cost
-    a thread switch per row. A group that fails is written again row by row, so one bad row
-    fails only its own caller."""
-
-    def __init__(self, flush: Callable[[list[dict[str, Any]]], None]) -> None:
-        self._flush = flush
-        self._lock = threading.Lock()
-        self._pending: list[_Waiter] = []
-        self._leading = False
-
-    def write(self, row: dict[str, Any]) -> None:
-        me = _Waiter(row)
-        with self._lock:
-            self._pending.append(me)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            me.wake.wait()  # committed, or handed the lead
-        while not me.committed:
-            self._commit_one_group(me)
-        if me.error is not None:
-            raise me.error
-
-    def _commit_one_group(self, leader: _Waiter) -> None:
-        """Commit what is pending, then hand the lead to a waiting caller (so that no caller
-        serves the others for ever), or keep it while the leader's own row is still waiting."""
-        with self._lock:
-            group: list[_Waiter] = []
-            later: list[_Waiter] = []
-            keys: set[tuple[str, str]] = set()
-            for waiter in self._pending:
-                key = (waiter.row["tenant_id"], waiter.row["connector_id"])
-                # The same tenant twice in one group would supersede the wrong state.
-                (later if key in keys else group).append(waiter)
-                keys.add(key)
-            self._pending = later
-        try:
-            self._flush([w.row for w in group])
-        except Exception:
-            for waiter in group:
-                try:
-                    self._flush([waiter.row])
-                except Exception as err:
-                    waiter.error = err
-        with self._lock:
-            for waiter in group:
-                waiter.committed = True
-                if waiter is not leader:
-                    waiter.wake.set()
-            if not leader.committed:
-                return  # its row was held back: it leads the next group itself
-            if self._pending:
-                self._pending[0].wake.set()  # not committed: it wakes up as the leader
-            else:
-                self._leading = False
-
-
-class _Waiter:
-    __slots__ = ("committed", "error", "row", "wake")
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.row = row
-        self.wake = threading.Event()
-        self.committed = False
-        self.error: Exception | None = None
-
-
-def _migrate(engine: Engine) -> None:
-    """Create the tables, or bring a ledger made by an older version up to date, in one
-    transaction under a lock, so that any number of processes may open a new ledger at once
-    (chunk runs starting together): the first does the work, the others wait and find it done.
-
-    PostgreSQL: a transaction-scoped advisory lock; its DDL is transactional. SQLite: BEGIN
-    IMMEDIATE takes the database's write lock first; its DDL is transactional too. Every step
-    is also idempotent (IF NOT EXISTS, only missing columns added, only unhashed states
-    hashed), so a rerun finds nothing to do. The changes so far are all additive, which is why
-    this is not Alembic: a version table and migration scripts would add a tool and a step to
-    every deployment for what three idempotent statements do; the first change that is not
-    additive should bring Alembic in, under the same lock.
-
-    A ledger that is already up to date is only read (the catalog), never locked: on
-    PostgreSQL, `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the index
-    exists, which deadlocked against a running batch's writes when chunk runs opened the
-    ledger while others wrote (seen in the scale-out test)."""
-    if _schema_is_current(engine):
-        return
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(:a, :b)"),
-                {"a": _MIGRATION_LOCK[0], "b": _MIGRATION_LOCK[1]},
-            )
-        elif conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        for table in metadata.sorted_tables:
-            conn.execute(CreateTable(table, if_not_exists=True))
-        _add_missing_columns(conn)
-        for table in metadata.sorted_tables:
-            for index in table.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
-        _hash_old_states(conn)
-
-
-def _schema_is_current(engine: Engine) -> bool:
-    """Every table, column and index of the ledger is there (read from the catalog alone)."""
-    with engine.connect() as conn:
-        inspector = inspect(conn)
-        for table in metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                return False
-            columns = {c["name"] for c in inspector.get_columns(table.name)}
-            if any(column.name not in columns for column in table.columns):
-                return False
-            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
-            if any(index.name not in indexes for index in table.indexes):
-                return False
-    return True
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Add the columns an older ledger lacks. Only additive, nullable-or-defaulted columns are
-    ever added, so this is safe to run on every start."""
-    inspector = inspect(conn)
-    for table in (records, superseded_links):
-        existing = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
-            ddl += column.type.compile(dialect=conn.dialect)
-            if column.server_default is not None:
-                ddl += " NOT NULL DEFAULT 0"
-            conn.execute(text(ddl))
-            log.info("ledger: added column %s.%s", table.name, column.name)
-
-
-def _hash_old_states(conn: Connection) -> None:
-    """Fill in state_hash for the rows an older version wrote without it."""
-    for table in (records, superseded_links):
-        keys = [c for c in table.primary_key.columns]
-        query = select(*keys, table.c.state).where(
-            table.c.state_hash.is_(None), table.c.state.is_not(None)
-        )
-        rows = [dict(row._mapping) for row in conn.execute(query)]
-        if not rows:
-            continue
-        update = (
-            table.update()
-            .where(*[c == bindparam(f"k_{c.name}") for c in keys])
-            .values(state_hash=bindparam("digest"))
-        )
-        conn.execute(
-            update,
-            [
-                {**{f"k_{c.name}": row[c.name] for c in keys}, "digest": state_digest(row["state"])}
-                for row in rows
-            ],
-        )
-        log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers (onboard status) run while a batch writes; NORMAL sync is durable in WAL
-    # up to the last committed transaction, which is what crash-safe resume needs.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=30000")
-    # Turning a new file to WAL needs it to itself, and SQLite answers "database is locked" at
-    # once rather than waiting while another connection does the same (seen in .ci/run: one of
-    # six ledgers opened together on a new file failed): try again for a while.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
 
 
 def _hide_failing_row(context: Any) -> None:

@@ -467,7 +467,7 @@ def test_group_commit_writes_each_row_once_and_fails_only_the_bad_one() -> None:
     import threading
     import time
 
-    from onboarding.ledger import _GroupCommit
+    from onboarding.group_commit import GroupCommit
 
     committed: list[str] = []
     groups: list[int] = []
@@ -479,7 +479,7 @@ def test_group_commit_writes_each_row_once_and_fails_only_the_bad_one() -> None:
         groups.append(len(rows))
         committed.extend(r["tenant_id"] for r in rows)
 
-    writer = _GroupCommit(flush)
+    writer = GroupCommit(flush)
     errors: list[BaseException] = []
 
     def caller(n: int) -> None:

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from deployments.cli import app
-from onboarding.ledger import Ledger, _redact
+from onboarding.db_url import redact
+from onboarding.ledger import Ledger
 from tests.unit.test_ledger import link
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,7 +75,7 @@ def test_eml_files_are_private(tmp_path: Path) -> None:
 )
 def test_the_database_url_hides_every_password_like_query_value(key: str) -> None:
     url = f"postgresql+psycopg://admin:s3cr3t-pw@db.example.com/ledger?{key}=hush-1&sslmode=require"
-    shown = _redact(url)
+    shown = redact(url)
     assert "s3cr3t-pw" not in shown and "hush-1" not in shown
     assert "sslmode=require" in shown and "db.example.com" in shown
 

@@ -1,0 +1,265 @@
+"""The ledger's tables, and their creation or update when a ledger is opened (under a lock, so
+that runs starting together on a new database all open it)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+log = logging.getLogger(__name__)
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    LINK_CREATED = "link_created"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REMINDED = "reminded"
+    CONNECTED = "connected"
+
+
+# A link in one of these is out with (or on its way to) the tenant until it expires.
+LIVE_STATUSES = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
+# A tenant in one of these, with an unexpired link, needs nothing from the next run. A link
+# that was created but not yet delivered (link_created, sending) is delivered by the next run.
+DONE_STATUSES = (Status.DELIVERED, Status.REMINDED)
+# Channels that send the link to the admin, which reminders send again.
+SENDING_CHANNELS = ("email", "both")
+
+metadata = MetaData()
+records = Table(
+    "onboarding_records",
+    metadata,
+    Column("tenant_id", String(128), primary_key=True),
+    Column("connector_id", String(26), primary_key=True),
+    Column("profile", String(200), nullable=False),
+    Column("tenant_name", Text, nullable=False, default=""),
+    Column("admin_email", String(320), nullable=False, default=""),
+    Column("status", String(20), nullable=False),
+    Column("url", Text),
+    Column("state", String(256)),
+    Column("created_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("connected_at", DateTime(timezone=True)),
+    Column("delivery_channel", String(20)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error_code", String(100)),
+    Column("error_message", Text),
+    Column("run_id", String(64)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Added for email delivery and reminders; nullable or defaulted so that an older ledger
+    # gains them in place (see _add_missing_columns).
+    Column("tenant_fields", JSON),
+    Column("message_id", String(200)),
+    Column("last_sent_at", DateTime(timezone=True)),
+    Column("reminders", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("connection_id", String(200)),
+    # sha256 of `state`: how a callback's state is looked up (see state_digest). Added in
+    # place to an older ledger, and filled in for its rows, when it is opened (see migrate_schema).
+    Column("state_hash", String(64), index=True),
+)
+
+# Every state a tenant was given before its current one, so that a late OAuth callback carrying
+# an old state can still be traced to its tenant.
+superseded_links = Table(
+    "onboarding_superseded_links",
+    metadata,
+    Column("state", String(256), primary_key=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("connector_id", String(26), nullable=False),
+    Column("created_at", DateTime(timezone=True)),
+    Column("superseded_at", DateTime(timezone=True), nullable=False),
+    Column("state_hash", String(64), index=True),
+)
+
+
+# What each chunk of a fanned-out batch came to, written by the chunk's run when it ends: how
+# the batch's parent learns it from a worker on another machine, and how a retried parent knows
+# a chunk is done. The parent deletes its batch's rows once it has published the batch.
+batch_chunks = Table(
+    "onboarding_batch_chunks",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("flow_run_id", String(64)),
+    Column("summary", JSON, nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def state_digest(state: str) -> str:
+    """How a state is looked up: its sha256, hex. A state is a random value of Versori's
+    (a CSRF token), so a plain hash cannot be reversed by guessing; the index is on this, and
+    the lookup never compares the state itself."""
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+# pg_advisory_xact_lock(int, int): the two-key space, apart from the tenants' one-key locks.
+_MIGRATION_LOCK = (0x6F6E62, 1)  # "onb", schema version lock
+
+
+def create_private_sqlite_file(url: str) -> None:
+    """Create a SQLite ledger's file readable by its owner only (0600) before SQLite opens it:
+    it holds live links. SQLite gives its -wal and -shm files the same mode. An existing file
+    keeps its mode (the operator chose it), but a readable-by-others one is logged."""
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = os.path.abspath(database)
+    if not os.path.isdir(os.path.dirname(path)):
+        return  # SQLite's own error names the problem
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("ledger %s is readable by other users: it holds live links", path)
+        return
+    except OSError:
+        return
+    os.close(fd)
+
+
+def migrate_schema(engine: Engine) -> None:
+    """Create the tables, or bring a ledger made by an older version up to date, in one
+    transaction under a lock, so that any number of processes may open a new ledger at once
+    (chunk runs starting together): the first does the work, the others wait and find it done.
+
+    PostgreSQL: a transaction-scoped advisory lock; its DDL is transactional. SQLite: BEGIN
+    IMMEDIATE takes the database's write lock first; its DDL is transactional too. Every step
+    is also idempotent (IF NOT EXISTS, only missing columns added, only unhashed states
+    hashed), so a rerun finds nothing to do. The changes so far are all additive, which is why
+    this is not Alembic: a version table and migration scripts would add a tool and a step to
+    every deployment for what three idempotent statements do; the first change that is not
+    additive should bring Alembic in, under the same lock.
+
+    A ledger that is already up to date is only read (the catalog), never locked: on
+    PostgreSQL, `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the index
+    exists, which deadlocked against a running batch's writes when chunk runs opened the
+    ledger while others wrote (seen in the scale-out test)."""
+    if _schema_is_current(engine):
+        return
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                {"a": _MIGRATION_LOCK[0], "b": _MIGRATION_LOCK[1]},
+            )
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        for table in metadata.sorted_tables:
+            conn.execute(CreateTable(table, if_not_exists=True))
+        _add_missing_columns(conn)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                conn.execute(CreateIndex(index, if_not_exists=True))
+        _hash_old_states(conn)
+
+
+def _schema_is_current(engine: Engine) -> bool:
+    """Every table, column and index of the ledger is there (read from the catalog alone)."""
+    with engine.connect() as conn:
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                return False
+            columns = {c["name"] for c in inspector.get_columns(table.name)}
+            if any(column.name not in columns for column in table.columns):
+                return False
+            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+            if any(index.name not in indexes for index in table.indexes):
+                return False
+    return True
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Add the columns an older ledger lacks. Only additive, nullable-or-defaulted columns are
+    ever added, so this is safe to run on every start."""
+    inspector = inspect(conn)
+    for table in (records, superseded_links):
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+            ddl += column.type.compile(dialect=conn.dialect)
+            if column.server_default is not None:
+                ddl += " NOT NULL DEFAULT 0"
+            conn.execute(text(ddl))
+            log.info("ledger: added column %s.%s", table.name, column.name)
+
+
+def _hash_old_states(conn: Connection) -> None:
+    """Fill in state_hash for the rows an older version wrote without it."""
+    for table in (records, superseded_links):
+        keys = [c for c in table.primary_key.columns]
+        query = select(*keys, table.c.state).where(
+            table.c.state_hash.is_(None), table.c.state.is_not(None)
+        )
+        rows = [dict(row._mapping) for row in conn.execute(query)]
+        if not rows:
+            continue
+        update = (
+            table.update()
+            .where(*[c == bindparam(f"k_{c.name}") for c in keys])
+            .values(state_hash=bindparam("digest"))
+        )
+        conn.execute(
+            update,
+            [
+                {**{f"k_{c.name}": row[c.name] for c in keys}, "digest": state_digest(row["state"])}
+                for row in rows
+            ],
+        )
+        log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
+
+
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (onboard status) run while a batch writes; NORMAL sync is durable in WAL
+    # up to the last committed transaction, which is what crash-safe resume needs.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    # Turning a new file to WAL needs it to itself, and SQLite answers "database is locked" at
+    # once rather than waiting while another connection does the same (seen in .ci/run: one of
+    # six ledgers opened together on a new file failed): try again for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
