@@ -112,8 +112,9 @@ def onboard_tenants(
 
     Args:
         profile: Path of the connector profile YAML, as the worker sees it.
-        roster: Path or http(s) URL of a roster (.csv, .json, .jsonl, .yaml). Give this or
-            `tenants`.
+        roster: Path or http(s) URL of a roster (.csv, .json, .jsonl, .yaml), or
+            `secret:<block name>` for a URL kept in a Prefect Secret block (a signed URL must
+            be passed that way on a server). Give this or `tenants`.
         tenants: Up to 100 tenants inline, for a backend calling the API. Give this or `roster`.
         deliver: store keeps the link in the ledger; email sends it to the admin; both does both.
         dry_run: Check the inputs and report what would happen; call nothing, send nothing.
