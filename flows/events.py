@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
+from onboarding.clock import utcnow
 from onboarding.tenant_steps import StatusChange, TenantEvents
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TenantEventSender:
             return
         event = {
             "id": str(uuid.uuid4()),
-            "occurred": datetime.now(UTC).isoformat(),
+            "occurred": utcnow().isoformat(),
             "event": event_name(change.status),
             "resource": {
                 "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",

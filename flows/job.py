@@ -84,7 +84,7 @@ def open_client(concurrency: int, api: Api = "connect-v1") -> VersoriClient:
     return VersoriClient(
         api=api,
         api_key=resolve_api_key(versori),
-        base_url=versori.base_url if "base_url" in versori.model_fields_set else None,
+        base_url=versori.base_url_if_set,
         connect_timeout=versori.connect_timeout,
         read_timeout=versori.read_timeout,
         call_deadline=versori.call_deadline,

@@ -18,7 +18,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
@@ -31,6 +30,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from ulid import ULID
+
+from onboarding.clock import utcnow
 
 __all__ = [
     "DEFAULT_API_KEY",
@@ -607,7 +608,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
             "client_id": connector.client_id,
             "authorize_url": authorize_url,
             "redirect_uri": body.get("redirectUrl") or connector.redirect_uri,
-            "issued_at": datetime.now(UTC).isoformat(),
+            "issued_at": utcnow().isoformat(),
         }
         return JSONResponse({"url": _build_url(authorize_url, connector, body, pairs, state)})
 
