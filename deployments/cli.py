@@ -73,20 +73,24 @@ def _quiet_task_logs(verbose: bool) -> None:
 
 
 def _check_run_inputs(
-    roster: str | None, profile: str, only: list[str] | None, dry_run: bool, deliver: Delivery
+    roster: str | None,
+    profiles: list[str],
+    only: list[str] | None,
+    dry_run: bool,
+    deliver: Delivery,
 ) -> None:
     """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once."""
     from flows.job import resolve_api_key
     from onboarding.preflight import check_run_inputs
 
-    check_run_inputs(profile, roster, only, deliver, calls_versori=not dry_run)
+    check_run_inputs(profiles, roster, only, deliver, calls_versori=not dry_run)
     if not dry_run:
         resolve_api_key(VersoriSettings())  # loads the Secret block VERSORI_API_KEY_BLOCK names
 
 
 def _run_flow(
     roster: str,
-    profile: str,
+    profile: str | list[str],
     deliver: Delivery,
     concurrency: int,
     dry_run: bool,
@@ -123,16 +127,18 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
     rows = sorted(summary["outcomes"], key=lambda r: r["tenant_id"])
     if not everything:
         rows = [r for r in rows if r["status"] == "failed"]
+    campaign = bool(summary.get("by_connector"))
     if rows:
         table = Table(title="Tenants" if everything else "Failed tenants")
-        for column in ("tenant", "status", "link host", "state", "error"):
+        columns = ["tenant", "connector", "status", "link host", "state", "error"]
+        for column in columns if campaign else [c for c in columns if c != "connector"]:
             table.add_column(column, overflow="fold")
         for r in rows:
             style = "red" if r["status"] == "failed" else ""
             error = r["error_message"] or r["error_code"]
-            table.add_row(
-                r["tenant_id"], r["status"], r["link_host"], r["masked_state"], error, style=style
-            )
+            cells = [r["tenant_id"], r.get("connector", ""), r["status"], r["link_host"]]
+            cells = cells if campaign else [cells[0], *cells[2:]]
+            table.add_row(*cells, r["masked_state"], error, style=style)
         out.print(table)
     if summary.get("outcomes_left_out"):
         out.print(
@@ -144,12 +150,28 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: {counts}",
         highlight=False,
     )
+    for name, by_status in summary.get("by_connector", {}).items():
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+        out.print(f"  {name}: {counts}", highlight=False)
+    if summary.get("coverage"):
+        c = summary["coverage"]
+        out.print(
+            f"Ledger: {c['fully']} tenant(s) connected to every one of these connectors, "
+            f"{c['partly']} to some, {c['none']} to none.",
+            highlight=False,
+        )
 
 
 @app.command()
 def run(
     roster: Annotated[str, typer.Option(help="Roster file (.csv .json .jsonl .yaml) or URL.")],
-    profile: Annotated[str, typer.Option(help="Connector profile YAML.")],
+    profile: Annotated[
+        list[str],
+        typer.Option(
+            help="Connector profile YAML; repeat it for a campaign (one email per tenant "
+            "with every link it still needs)."
+        ),
+    ],
     deliver: Annotated[
         Delivery, typer.Option(help="store: ledger only; email: send to the admin; both.")
     ] = Delivery.STORE,
@@ -188,13 +210,14 @@ def run(
     ] = constants.CHUNK_DEPLOYMENT,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every task run.")] = False,
 ) -> None:
-    """Onboard a roster. Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad
-    input (nothing was called)."""
+    """Onboard a roster, to one connector or, with several --profile, to each (a campaign).
+    Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad input (nothing was
+    called)."""
     _check_run_inputs(roster, profile, only, dry_run, deliver)
     _quiet_task_logs(verbose)
     summary = _run_flow(
         roster,
-        profile,
+        profile[0] if len(profile) == 1 else profile,
         deliver,
         concurrency,
         dry_run,
@@ -251,7 +274,13 @@ def demo(
 
 @app.command()
 def remind(
-    profile: Annotated[str, typer.Option(help="Connector profile YAML.")],
+    profile: Annotated[
+        list[str],
+        typer.Option(
+            help="Connector profile YAML; repeat it for a campaign (one reminder per tenant "
+            "covering every connector it has not connected)."
+        ),
+    ],
     after_hours: Annotated[
         float, typer.Option(min=0, help="Remind when the last email is older than this.")
     ] = 48.0,
@@ -271,7 +300,7 @@ def remind(
     _quiet_task_logs(verbose)
     state = run_here(
         remind_tenants,
-        profile=profile,
+        profile=profile[0] if len(profile) == 1 else profile,
         after_hours=after_hours,
         max_reminders=max_reminders,
         concurrency=concurrency,
@@ -439,20 +468,46 @@ def _ask(variable: str, hide: bool = True) -> str:
 
 @app.command()
 def status(
-    connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
+    connector: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this connector (or system) id; repeatable."),
+    ] = None,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this profile's connector; repeatable (a campaign's)."),
+    ] = None,
 ) -> None:
-    """Count tenants by status in the ledger (ONBOARD_DB_URL)."""
+    """Count tenants by status in the ledger (ONBOARD_DB_URL), for each connector; with
+    several, also how many tenants are connected to all of them, to some, to none."""
+    from onboarding.profile import load_profile
+
     ledger = Ledger(LedgerSettings().db_url)
-    counts = ledger.counts_by_status(connector)
-    stale = ledger.count_past_expiry(connector, utcnow())
+    named = [*(connector or []), *(load_profile(p).target_id for p in profile or [])]
+    ids = list(dict.fromkeys(named)) or ledger.connector_ids()
+    if not ids:
+        out.print(f"Ledger {redact_url(ledger.url)} holds no records yet.", highlight=False)
+        return
+    per_connector = {cid: ledger.counts_by_status(cid) for cid in ids}
+    statuses = sorted({s for counts in per_connector.values() for s in counts})
     # Redacted: the URL may hold a password, in its user part or its query.
     table = Table(title=f"Ledger {redact_url(ledger.url)}")
     table.add_column("status")
-    table.add_column("tenants", justify="right")
-    for name, n in sorted(counts.items()):
-        table.add_row(name, str(n))
-    table.add_row("[bold]total[/]", f"[bold]{sum(counts.values())}[/]")
+    for cid in ids:
+        table.add_column(cid if len(ids) > 1 else "tenants", justify="right", overflow="fold")
+    for name in statuses:
+        table.add_row(name, *(str(per_connector[cid].get(name, 0)) for cid in ids))
+    table.add_row(
+        "[bold]total[/]", *(f"[bold]{sum(per_connector[cid].values())}[/]" for cid in ids)
+    )
     out.print(table)
+    if len(ids) > 1:
+        c = ledger.connection_coverage(ids)
+        out.print(
+            f"Tenants connected to all {len(ids)} connectors: {c['fully']}; to some: "
+            f"{c['partly']}; to none: {c['none']}.",
+            highlight=False,
+        )
+    stale = ledger.count_past_expiry(ids, utcnow()) if ids else 0
     if stale:
         out.print(f"{stale} link(s) are past their expiry and not connected.")
 
@@ -461,9 +516,12 @@ def status(
 def export(
     format: Annotated[ExportFormat, typer.Option("--format", help="csv or jsonl.")],
     output: Annotated[Path | None, typer.Option(help="File to write; stdout if absent.")] = None,
-    connector: Annotated[str | None, typer.Option(help="Only this connector id.")] = None,
+    connector: Annotated[
+        list[str] | None, typer.Option(help="Only this connector id; repeatable.")
+    ] = None,
 ) -> None:
-    """Write every onboarding record, links included: handle the output as a secret."""
+    """Write every onboarding record, one per (tenant, connector), links included: handle the
+    output as a secret."""
     ledger = Ledger(LedgerSettings().db_url)
     with private_file(output) if output else nullcontext(sys.stdout) as stream:
         n = write_records(ledger, stream, format, connector)

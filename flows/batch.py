@@ -21,8 +21,8 @@ from prefect.utilities.annotations import quote
 from flows.progress import Progress, quiet_routine_task_logs
 from onboarding.errors import SliceFailed
 from onboarding.roster import Tenant
-from onboarding.slices import TenantSlice, not_attempted
-from onboarding.tenant_steps import OnboardingJob, TenantOutcome, failed_outcome
+from onboarding.slices import BatchJob, TenantSlice
+from onboarding.tenant_steps import TenantOutcome, failed_outcome
 
 TABLE_ROWS_MAX = 1000
 
@@ -36,6 +36,9 @@ class OutcomeCounts:
         self.keep = keep
         self.by_status: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        # A campaign's counts for each connector (by name), from its tenants' parts.
+        self.by_connector: dict[str, Counter[str]] = {}
+        self.rows_seen = 0  # table rows offered: one per tenant, or per (tenant, connector)
         self._failed: list[dict[str, str]] = []
         self._others: list[dict[str, str]] = []
 
@@ -45,18 +48,25 @@ class OutcomeCounts:
 
     def add(self, outcome: TenantOutcome) -> None:
         self.by_status[outcome.status] += 1
-        if outcome.error_code:
-            self.errors[outcome.error_code] += 1
-        self._keep(dict(outcome.__dict__))
+        for part in outcome.parts:
+            self.by_connector.setdefault(part.connector, Counter())[part.status] += 1
+        for row in outcome.rows():
+            if row["error_code"]:
+                self.errors[row["error_code"]] += 1
+            self._keep(row)
 
     def merge(self, summary: dict[str, Any]) -> None:
         """Fold in another batch's summary (a chunk's), sample included."""
         self.by_status.update(summary["by_status"])
         self.errors.update(summary["errors"])
+        for name, counts in summary.get("by_connector", {}).items():
+            self.by_connector.setdefault(name, Counter()).update(counts)
         for row in summary["outcomes"]:
             self._keep(row)
+        self.rows_seen += summary.get("outcomes_left_out", 0)
 
     def _keep(self, row: dict[str, str]) -> None:
+        self.rows_seen += 1
         failed = row["status"] == "failed"
         if failed and len(self._failed) < self.keep:
             self._failed.append(row)
@@ -92,7 +102,7 @@ def tenants_per_task(total: int, asked: int | None = None) -> int:
     return 1 if total <= ONE_TASK_PER_TENANT_MAX else SLICE_SIZE
 
 
-def tenant_threads(job: OnboardingJob, concurrency: int) -> int:
+def tenant_threads(job: BatchJob, concurrency: int) -> int:
     """Threads for the tenants of a batch's slices. The Versori client lets `concurrency` calls
     be in flight whatever the thread count. When links are only stored, a tenant's thread spends
     about a third of its time waiting for its ledger commit (bench/run.py under py-spy --idle),
@@ -124,7 +134,7 @@ def slice_up(
 
 
 def run_batch(
-    job: OnboardingJob,
+    job: BatchJob,
     task: Task[..., list[TenantOutcome]],
     work: Iterable[Tenant | TenantOutcome],
     total: int,
@@ -139,7 +149,7 @@ def run_batch(
     are recorded `not_attempted`."""
     logger = get_run_logger()
     size = tenants_per_task(total, per_task)
-    progress = progress or Progress(total, job.profile.name)
+    progress = progress or Progress(total, job.name)
     tally = OutcomeCounts()
     # Enough slices at once to keep every tenant thread busy while one slice winds down.
     slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
@@ -180,7 +190,7 @@ def run_batch(
             if isinstance(item, TenantOutcome):
                 add([item])
             elif job.stop_reason:
-                add([not_attempted(job, t) for t in item.tenants])
+                add([job.not_attempted(t) for t in item.tenants])
             else:
                 while len(in_flight) >= 2 * slices_at_once:
                     collect_one()
@@ -224,18 +234,21 @@ def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, A
         "failed": tally.by_status.get("failed", 0),
         "skipped": tally.by_status.get("skipped", 0),
         "by_status": dict(tally.by_status),
+        "by_connector": {name: dict(counts) for name, counts in tally.by_connector.items()},
         "errors": dict(tally.errors),
         "seconds": round(seconds, 2),
         "outcomes": rows,
-        "outcomes_left_out": tally.total - len(rows),
+        "outcomes_left_out": max(0, tally.rows_seen - len(rows)),
     }
 
 
 def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
     """The table and summary artifacts, under keys stable per profile so the UI keeps history."""
+    campaign = bool(summary.get("by_connector"))
     rows = [
         {
             "tenant": o["tenant_id"],
+            **({"connector": o.get("connector", "")} if campaign else {}),
             "status": o["status"],
             "link host": o["link_host"],
             "state": o["masked_state"],
@@ -259,6 +272,21 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         "| --- | --- |",
         *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
     ]
+    if campaign:
+        statuses = sorted({s for counts in summary["by_connector"].values() for s in counts})
+        lines += ["", f"| connector | {' | '.join(statuses)} |", "|---" * (len(statuses) + 1) + "|"]
+        lines += [
+            f"| {name} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
+            for name, counts in summary["by_connector"].items()
+        ]
+    if summary.get("coverage"):
+        c = summary["coverage"]
+        lines += [
+            "",
+            f"Ledger, over these {len(summary['by_connector']) or 1} connector(s): "
+            f"{c['fully']} tenant(s) fully connected, {c['partly']} partly, "
+            f"{c['none']} not at all.",
+        ]
     if summary["errors"]:
         lines += ["", "| error | tenants |", "| --- | --- |"]
         lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flows.events import TenantEventSender
 from flows.pacing import make_pacer
+from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
@@ -58,6 +59,41 @@ def open_job(
 ) -> OnboardingJob:
     """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer,
     tenant events. Closed with `stack`."""
+    mailer = open_mailer(stack) if deliver.sends_email else None
+    on_status = stack.enter_context(TenantEventSender(events))
+    return _job(stack, profile, ledger, deliver, templates, concurrency, mailer, on_status)
+
+
+def open_campaign(
+    stack: ExitStack,
+    profiles: list[ConnectorProfile],
+    ledger: Ledger,
+    deliver: Delivery,
+    templates: MailTemplates | None,
+    concurrency: int,
+    events: TenantEvents = TenantEvents.AUTO,
+    **options: Any,
+) -> Campaign:
+    """A campaign's shared parts: one job per profile (its own Versori client for its API, its
+    own pacer), one SMTP sender and one tenant event sender for all. Closed with `stack`."""
+    mailer = open_mailer(stack) if deliver.sends_email else None
+    on_status = stack.enter_context(TenantEventSender(events))
+    jobs = [
+        _job(stack, p, ledger, deliver, templates, concurrency, mailer, on_status) for p in profiles
+    ]
+    return Campaign(jobs, deliver, mailer, templates, **options)
+
+
+def _job(
+    stack: ExitStack,
+    profile: ConnectorProfile,
+    ledger: Ledger,
+    deliver: Delivery,
+    templates: MailTemplates | None,
+    concurrency: int,
+    mailer: MailSender | None,
+    on_status: TenantEventSender,
+) -> OnboardingJob:
     from prefect.runtime import flow_run
 
     return OnboardingJob(
@@ -65,11 +101,11 @@ def open_job(
         client=stack.enter_context(open_client(concurrency, profile.api)),
         ledger=ledger,
         deliver=deliver,
-        mailer=open_mailer(stack) if deliver.sends_email else None,
+        mailer=mailer,
         templates=templates,
         run_id=flow_run.id,
         pacer=make_pacer(profile),
-        on_status=stack.enter_context(TenantEventSender(events)),
+        on_status=on_status,
     )
 
 

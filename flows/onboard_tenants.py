@@ -15,6 +15,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from flows.batch import OutcomeCounts, final_state, publish, run_batch, skip_live, summarise
+from flows.campaign import load_campaign, onboard_campaign, profile_paths
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
@@ -40,9 +41,12 @@ def run_name() -> str:
     """'<profile> from <roster file>', or '<profile> for t1, t2' when tenants came inline."""
     params = flow_run.parameters
     try:
-        name = load_profile(str(params["profile"]), root=run_files_root()).name
+        paths = profile_paths(params["profile"])
+        name = " + ".join(load_profile(p, root=run_files_root()).name for p in paths)
     except Exception:  # the flow itself reports a bad profile; the name must not fail first
-        name = Path(str(params["profile"])).stem
+        profile = params.get("profile")
+        paths = [profile] if isinstance(profile, str) else list(profile or [])
+        name = " + ".join(Path(str(p)).stem for p in paths)
     if params.get("roster"):
         return f"{name} from {Path(display_source(str(params['roster']))).name}"
     ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]
@@ -94,7 +98,7 @@ def run_files_root() -> Path | None:
 
 @flow(name="onboard-tenants", flow_run_name=run_name, log_prints=False)
 def onboard_tenants(
-    profile: str,
+    profile: str | list[str],
     roster: str | None = None,
     tenants: Annotated[list[TenantRow] | None, Field(max_length=MAX_INLINE_TENANTS)] = None,
     deliver: Delivery = Delivery.STORE,
@@ -111,7 +115,9 @@ def onboard_tenants(
     """Initialise a Versori OAuth2 link for every tenant that lacks a live one, and deliver it.
 
     Args:
-        profile: Path of the connector profile YAML, as the worker sees it.
+        profile: Path of the connector profile YAML, as the worker sees it; or a list of
+            them, a campaign: every tenant onboarded to each connector, with one email per
+            tenant carrying every link it still needs.
         roster: Path or http(s) URL of a roster (.csv, .json, .jsonl, .yaml), or
             `secret:<block name>` for a URL kept in a Prefect Secret block (a signed URL must
             be passed that way on a server). Give this or `tenants`.
@@ -138,7 +144,35 @@ def onboard_tenants(
     if (roster is None) == (tenants is None):
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
     root = run_files_root()
-    connector = load_profile(profile, root=root)
+    paths = profile_paths(profile)
+    if len(paths) > 1:
+        if fan_out is FanOut.DEPLOYMENT:
+            raise InputError(
+                "fan_out deployment: a campaign (several profiles) runs in one flow run; "
+                "use fan_out in_process, or one run per profile to fan out"
+            )
+        profiles = load_campaign(paths, root)
+        templates = load_templates(profiles[0]) if deliver.sends_email else None
+        needs = templates.tenant_fields_used if templates else ()
+        if roster is not None:
+            batch = load_roster(
+                roster_location(roster), profiles, only, template_columns=needs, root=root
+            )
+        else:
+            batch = load_inline_roster(tenants or [], profiles, only, template_columns=needs)
+        return onboard_campaign(
+            profiles=profiles,
+            batch=batch,
+            templates=templates,
+            source=display_source(roster) if roster is not None else batch.source,
+            is_roster=roster is not None,
+            deliver=deliver,
+            dry_run=dry_run,
+            concurrency=concurrency,
+            tenants_per_task=tenants_per_task,
+            tenant_events=tenant_events,
+        )
+    connector = load_profile(paths[0], root=root)
     tag_run(connector)
     templates = load_templates(connector) if deliver.sends_email else None
     needs = templates.tenant_fields_used if templates else ()
@@ -175,7 +209,7 @@ def onboard_tenants(
                 tally = run_chunks(
                     batch=batch,
                     location=roster,
-                    profile_path=profile,
+                    profile_path=paths[0],
                     profile=connector,
                     ledger=ledger,
                     deliver=deliver,

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.batch import OutcomeCounts, final_state, publish, run_batch, summarise
+from flows.campaign import load_campaign, profile_paths, remind_campaign
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
 from flows.profile_lock import one_batch_per_profile
@@ -26,12 +27,14 @@ from tasks.slice_tasks import remind_slice_task
 
 
 def run_name() -> str:
-    return f"remind {Path(str(flow_run.parameters['profile'])).stem}"
+    profile = flow_run.parameters["profile"]
+    paths = [profile] if isinstance(profile, str) else list(profile or [])
+    return "remind " + " + ".join(Path(str(p)).stem for p in paths)
 
 
 @flow(name="remind-tenants", flow_run_name=run_name, log_prints=False)
 def remind_tenants(
-    profile: str,
+    profile: str | list[str],
     after_hours: Annotated[float, Field(ge=0)] = 48.0,
     max_reminders: Annotated[int, Field(ge=0)] = 3,
     dry_run: bool = False,
@@ -45,7 +48,9 @@ def remind_tenants(
     re-issued are marked `expired`.
 
     Args:
-        profile: Path of the connector profile YAML, as the worker sees it.
+        profile: Path of the connector profile YAML, as the worker sees it; or a list of them
+            (a campaign): one reminder per tenant, covering every connector it was emailed
+            and has not connected.
         after_hours: Remind a tenant whose last email is older than this.
         max_reminders: Stop reminding a tenant after this many reminders.
         dry_run: Report who is due; send nothing, re-issue nothing.
@@ -56,7 +61,18 @@ def remind_tenants(
             only, off, or auto (all on a Prefect server, failures on the temporary one).
     """
     logger = get_run_logger()
-    connector = load_profile(profile, root=run_files_root())
+    paths = profile_paths(profile)
+    if len(paths) > 1:
+        return remind_campaign(
+            profiles=load_campaign(paths, run_files_root()),
+            after_hours=after_hours,
+            max_reminders=max_reminders,
+            dry_run=dry_run,
+            concurrency=concurrency,
+            tenants_per_task=tenants_per_task,
+            tenant_events=tenant_events,
+        )
+    connector = load_profile(paths[0], root=run_files_root())
     tag_run(connector)
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()

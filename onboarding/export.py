@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -20,7 +21,10 @@ class ExportFormat(StrEnum):
 
 
 def write_records(
-    ledger: Ledger, stream: TextIO, format: ExportFormat, connector_id: str | None = None
+    ledger: Ledger,
+    stream: TextIO,
+    format: ExportFormat,
+    connector_id: str | Sequence[str] | None = None,
 ) -> int:
     """Every record of the ledger (of `connector_id` only, if given) to `stream`, one a line,
     with the columns EXPORT_KEYS; returns how many."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -761,33 +761,65 @@ class Ledger:
             done = conn.execute(batch_chunks.delete().where(batch_chunks.c.finished_at < when))
         return int(done.rowcount or 0)
 
-    def counts_by_status(self, connector_id: str | None = None) -> dict[str, int]:
+    def counts_by_status(self, connector_id: str | Sequence[str] | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)
         if connector_id:
-            query = query.where(records.c.connector_id == connector_id)
+            query = query.where(_of_connectors(connector_id))
         with self.engine.connect() as conn:
             return {status: count for status, count in conn.execute(query)}
 
-    def count_past_expiry(self, connector_id: str | None, now: datetime) -> int:
+    def connector_ids(self) -> list[str]:
+        """Every connector (or system) id the ledger holds records of."""
+        query = select(records.c.connector_id).distinct().order_by(records.c.connector_id)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def connection_coverage(self, connector_ids: Sequence[str]) -> dict[str, int]:
+        """Over the tenants the ledger holds for any of `connector_ids`: how many are connected
+        to all of them (fully), to some (partly), to none."""
+        ids = list(dict.fromkeys(connector_ids))
+        connected = func.sum(case((records.c.status == Status.CONNECTED.value, 1), else_=0))
+        per_tenant = (
+            select(connected.label("n"))
+            .where(records.c.connector_id.in_(ids))
+            .group_by(records.c.tenant_id)
+            .subquery()
+        )
+        query = select(
+            func.count(),
+            func.coalesce(func.sum(case((per_tenant.c.n >= len(ids), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((per_tenant.c.n == 0, 1), else_=0)), 0),
+        ).select_from(per_tenant)
+        with self.engine.connect() as conn:
+            total, fully, none = conn.execute(query).one()
+        return {"fully": int(fully), "partly": int(total - fully - none), "none": int(none)}
+
+    def count_past_expiry(self, connector_id: str | Sequence[str] | None, now: datetime) -> int:
         """Links handed out but not connected whose time is up (stale, whatever their status)."""
         query = select(func.count()).where(
             records.c.status.in_([s.value for s in LIVE_STATUSES]),
             records.c.expires_at <= _utc(now),
         )
         if connector_id:
-            query = query.where(records.c.connector_id == connector_id)
+            query = query.where(_of_connectors(connector_id))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def iter_records(self, connector_id: str | None = None) -> Iterator[Record]:
-        """Every record, streamed in tenant order, so an export of 100k rows stays small."""
-        query = select(records).order_by(records.c.connector_id, records.c.tenant_id)
+    def iter_records(self, connector_id: str | Sequence[str] | None = None) -> Iterator[Record]:
+        """Every record (of these connectors), one per (tenant, connector), streamed in tenant
+        order, so an export of 100k rows stays small."""
+        query = select(records).order_by(records.c.tenant_id, records.c.connector_id)
         if connector_id:
-            query = query.where(records.c.connector_id == connector_id)
+            query = query.where(_of_connectors(connector_id))
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
+
+
+def _of_connectors(connector_id: str | Sequence[str]) -> Any:
+    ids = [connector_id] if isinstance(connector_id, str) else list(connector_id)
+    return records.c.connector_id.in_(ids)
 
 
 def _superseded(row: Any) -> SupersededLink:

@@ -4,6 +4,7 @@ flow layer's (`flows.job.resolve_api_key`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from onboarding.errors import InputError
@@ -16,19 +17,29 @@ from onboarding.tenant_steps import Delivery
 
 
 def check_run_inputs(
-    profile: str,
+    profiles: Sequence[str],
     roster: str | None,
     only: list[str] | None,
     deliver: Delivery,
     calls_versori: bool,
 ) -> None:
-    """The profile, the mail settings and templates when mail goes out, the roster (if any)
-    with the columns those templates read, the ledger, and an API key (or the name of its
-    block) when Versori is called. Raises InputError."""
-    connector = load_profile(profile)
-    needs = check_mail_settings(connector.email_templates) if deliver.sends_email else []
+    """The profiles (several make a campaign: each connector once), the mail settings and
+    templates when mail goes out (the first profile's), the roster (if any) with the columns
+    those templates read, the ledger, and an API key (or the name of its block) when Versori
+    is called. Raises InputError."""
+    connectors = [load_profile(path) for path in profiles]
+    if not connectors:
+        raise InputError("--profile: give at least one connector profile")
+    named = {c.target_id: path for c, path in zip(connectors, profiles, strict=True)}
+    if len(named) < len(connectors):
+        raise InputError("--profile: a campaign needs each connector once; one is given twice")
+    needs = (
+        check_mail_settings(connectors[0].email_templates, campaign=len(connectors) > 1)
+        if deliver.sends_email
+        else []
+    )
     if roster is not None:
-        load_roster(roster, connector, only, template_columns=needs)
+        load_roster(roster, connectors, only, template_columns=needs)
     check_ledger()
     if calls_versori:
         check_api_key_is_set(VersoriSettings())
@@ -47,10 +58,14 @@ def check_api_key_is_set(versori: VersoriSettings) -> None:
         )
 
 
-def check_mail_settings(templates: str | None) -> list[str]:
-    """The templates load and the SMTP settings name a server and a From address (or a block,
-    read when the flow starts); returns the roster columns the templates read."""
-    fields = MailTemplates(Path(templates) if templates else None).tenant_fields_used
+def check_mail_settings(templates: str | None, campaign: bool = False) -> list[str]:
+    """The templates load (and show every link of a campaign's email) and the SMTP settings
+    name a server and a From address (or a block, read when the flow starts); returns the
+    roster columns the templates read."""
+    loaded = MailTemplates(Path(templates) if templates else None)
+    if campaign:
+        loaded.check_campaign()
+    fields = loaded.tenant_fields_used
     settings = SmtpSettings()
     if settings.block and not settings.host:
         return fields  # read when the flow starts; a missing block fails it with its name

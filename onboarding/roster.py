@@ -15,7 +15,7 @@ import json
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,13 +162,14 @@ def display_source(location: str | Path) -> str:
 
 def load_roster(
     location: str | Path,
-    profile: ConnectorProfile | None = None,
+    profile: ConnectorProfile | Sequence[ConnectorProfile] | None = None,
     only: Iterable[str] | None = None,
     template_columns: Iterable[str] = (),
     *,
     root: str | Path | None = None,
 ) -> Roster:
-    """Check every row; raise InputError listing all problems, or return a streamable Roster.
+    """Check every row (against each profile, for a campaign); raise InputError listing all
+    problems, or return a streamable Roster.
 
     A URL is read only as InputSettings allow (https, or http to loopback; allowed hosts; size
     and time caps). With `root` (runs started through a deployment), a local path must lie
@@ -199,7 +200,7 @@ def load_roster(
 
 def load_inline_roster(
     rows: Iterable[TenantRow | dict[str, Any]],
-    profile: ConnectorProfile | None = None,
+    profile: ConnectorProfile | Sequence[ConnectorProfile] | None = None,
     only: Iterable[str] | None = None,
     template_columns: Iterable[str] = (),
 ) -> Roster:
@@ -384,13 +385,15 @@ def _check(
     path: Path,
     fmt: str,
     source: str,
-    profile: ConnectorProfile | None,
+    profile: ConnectorProfile | Sequence[ConnectorProfile] | None,
     template_columns: list[str],
 ) -> tuple[list[Problem], set[str]]:
-    """`template_columns`: columns something other than the profile reads (the email templates)."""
+    """`template_columns`: columns something other than the profiles read (the email templates)."""
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    needed = list(dict.fromkeys([*(profile.fields_used if profile else []), *template_columns]))
+    profiles = [profile] if isinstance(profile, ConnectorProfile) else list(profile or ())
+    used_by_profiles = [name for p in profiles for name in p.fields_used]
+    needed = list(dict.fromkeys([*used_by_profiles, *template_columns]))
     # Once each: admin_email is both required and, often, used by the templates.
     checked = list(dict.fromkeys([*REQUIRED_COLUMNS, *needed]))
     header_missing: set[str] = set()
@@ -452,8 +455,9 @@ def _check(
                 validate_email(email, check_deliverability=False)
             except EmailNotValidError as err:
                 problems.append(Problem(source, line, "admin_email", without_quotes(str(err))))
-        if profile and all(values.get(n) for n in needed):
-            problems += [Problem(source, line, f, m) for f, m in _render_problems(profile, values)]
+        if all(values.get(n) for n in needed):
+            for each in profiles:
+                problems += [Problem(source, line, f, m) for f, m in _render_problems(each, values)]
     return problems, set(first_line)
 
 

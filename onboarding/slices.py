@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from onboarding.errors import (
     AuthenticationError,
@@ -21,12 +22,28 @@ from onboarding.errors import (
 )
 from onboarding.ledger import Status
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import OnboardingJob, TenantOutcome, failed_outcome
+from onboarding.tenant_steps import Delivery, TenantOutcome, failed_outcome
 
 # Errors that would fail every remaining tenant the same way: stop the batch, say it once.
 BATCH_FATAL = (AuthenticationError, PermissionDeniedError, NotFoundError)
 
-Step = Callable[[OnboardingJob, Tenant], TenantOutcome]
+
+class BatchJob(Protocol):
+    """What a batch's slices share: one connector's OnboardingJob, or a Campaign of several."""
+
+    deliver: Delivery
+    # Set by the first batch-fatal failure; every tenant not yet started is then not attempted.
+    stop_reason: str
+
+    @property
+    def name(self) -> str: ...
+
+    def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None: ...
+
+    def not_attempted(self, tenant: Tenant) -> TenantOutcome: ...
+
+
+Step = Callable[[Any, Tenant], TenantOutcome]
 
 
 @dataclass
@@ -54,7 +71,7 @@ class TenantSlice:
 
 
 def run_slice(
-    job: OnboardingJob,
+    job: BatchJob,
     tenant_slice: TenantSlice,
     step: Step,
     pool: Executor | None,
@@ -72,7 +89,7 @@ def run_slice(
 
     def attempt(tenant: Tenant) -> TenantOutcome | BaseException:
         if job.stop_reason:
-            return not_attempted(job, tenant)
+            return job.not_attempted(tenant)
         try:
             return step(job, tenant)
         except Exception as exc:
@@ -110,23 +127,3 @@ def run_slice(
         for t in tenant_slice.tenants
     ]
     raise SliceFailed(tenant_slice.label, outcomes, retryable)
-
-
-def not_attempted(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
-    """A tenant left untried because the batch stopped; recorded so the next run does it."""
-    message = f"not attempted: the batch stopped early because {job.stop_reason}"
-    job.ledger.record_failure(
-        tenant_id=tenant.tenant_id,
-        connector_id=job.profile.target_id,
-        profile=job.profile.name,
-        tenant_name=tenant.name,
-        admin_email=tenant.admin_email,
-        error_code="not_attempted",
-        error_message=message,
-        run_id=job.run_id,
-        count_attempt=False,
-    )
-    job.report(tenant.tenant_id, Status.FAILED, "not_attempted")
-    return TenantOutcome(
-        tenant.tenant_id, "failed", error_code="not_attempted", error_message=message
-    )

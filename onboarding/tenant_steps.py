@@ -106,6 +106,27 @@ class OnboardingJob:
     # started is then recorded not_attempted rather than failing the same way.
     stop_reason: str = ""
 
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def not_attempted(self, tenant: Tenant) -> TenantOutcome:
+        """A tenant left untried because the batch stopped; recorded so the next run does it."""
+        message = f"not attempted: the batch stopped early because {self.stop_reason}"
+        self.ledger.record_failure(
+            **_identity(self, tenant),
+            error_code="not_attempted",
+            error_message=message,
+            count_attempt=False,
+        )
+        self.report(tenant.tenant_id, Status.FAILED, "not_attempted")
+        return TenantOutcome(
+            tenant.tenant_id,
+            Status.FAILED.value,
+            error_code="not_attempted",
+            error_message=message,
+        )
+
     def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None:
         try:
             self.on_status(
@@ -123,7 +144,8 @@ class OnboardingJob:
 
 @dataclass(frozen=True)
 class TenantOutcome:
-    """One tenant's row in a run's table: nothing secret in it."""
+    """One tenant's row in a run's table: nothing secret in it. In a campaign, `parts` holds
+    the tenant's outcome for each connector (`connector` names it), in the campaign's order."""
 
     tenant_id: str
     status: str
@@ -131,24 +153,41 @@ class TenantOutcome:
     masked_state: str = ""
     error_code: str = ""
     error_message: str = ""
+    connector: str = ""
+    parts: tuple[TenantOutcome, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.status not in (Status.FAILED, Status.PENDING)
 
+    def rows(self) -> list[dict[str, str]]:
+        """The table's rows: one per connector in a campaign, else one."""
+        return [
+            {
+                "tenant_id": o.tenant_id,
+                "connector": o.connector,
+                "status": o.status,
+                "link_host": o.link_host,
+                "masked_state": o.masked_state,
+                "error_code": o.error_code,
+                "error_message": o.error_message,
+            }
+            for o in (self.parts or (self,))
+        ]
+
 
 def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     """Make (or reuse), check, record and deliver one tenant's link. Every failure is recorded,
     then raised again so that the caller may retry it."""
-    with _recording_failures(job, tenant) as attempt:
-        issued = _reusable_link(job, tenant.tenant_id) if job.deliver.sends_email else None
+    with recording_failures(job, tenant) as attempt:
+        issued = reusable_link(job, tenant.tenant_id) if job.deliver.sends_email else None
         if issued is None:
-            issued = _initialise(job, tenant)
+            issued = initialise_link(job, tenant)
             attempt.counted = True
         link, expires_at = issued
         if job.deliver.sends_email:
             if not _send(job, tenant, link, expires_at, reminder=0):
-                return _not_sent(job, tenant.tenant_id)
+                return not_sent(job, tenant.tenant_id)
             job.ledger.mark_delivered(
                 tenant.tenant_id,
                 job.profile.target_id,
@@ -156,7 +195,7 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
                 count_attempt=not attempt.counted,
             )
             job.report(tenant.tenant_id, Status.DELIVERED)
-    return _succeeded(tenant.tenant_id, Status.DELIVERED, link)
+    return succeeded(tenant.tenant_id, Status.DELIVERED, link)
 
 
 def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
@@ -168,14 +207,14 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     if record.status is Status.CONNECTED:
         return TenantOutcome(tenant_id, Status.CONNECTED.value)
     tenant = tenant_of(record)
-    with _recording_failures(job, tenant) as attempt:
-        issued = _reusable_link(job, tenant_id, record)
+    with recording_failures(job, tenant) as attempt:
+        issued = reusable_link(job, tenant_id, record)
         if issued is None:
-            issued = _initialise(job, tenant)
+            issued = initialise_link(job, tenant)
             attempt.counted = True
         link, expires_at = issued
         if not _send(job, tenant, link, expires_at, reminder=record.reminders + 1):
-            return _not_sent(job, tenant_id)
+            return not_sent(job, tenant_id)
         job.ledger.mark_reminded(
             tenant_id,
             job.profile.target_id,
@@ -183,7 +222,7 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
             count_attempt=not attempt.counted,
         )
         job.report(tenant_id, Status.REMINDED)
-    return _succeeded(tenant_id, Status.REMINDED, link)
+    return succeeded(tenant_id, Status.REMINDED, link)
 
 
 def record_connection(
@@ -239,30 +278,38 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
 
 
 @dataclass
-class _Attempt:
+class Attempt:
     counted: bool = False  # the ledger already counted this attempt (a link was recorded)
 
 
 @contextmanager
-def _recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[_Attempt]:
+def recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[Attempt]:
     """Records any failure of the block in the ledger (a stored link stays, for reuse) and lets
     it propagate for the caller's retry policy. Each attempt counts once in the ledger, whether
     it failed before or after recording a link."""
-    attempt = _Attempt()
+    attempt = Attempt()
     try:
         yield attempt
     except Exception as exc:
-        known = isinstance(exc, OnboardingError)
-        try:
-            job.ledger.record_failure(
-                **_identity(job, tenant),
-                error_code=exc.code if isinstance(exc, OnboardingError) else "internal_error",
-                error_message=str(exc) if known else f"{type(exc).__name__}: {exc}",
-                count_attempt=not attempt.counted,
-            )
-        except Exception:
-            log.exception("could not record the failure of tenant %s", tenant.tenant_id)
+        record_failure(job, tenant, exc, count_attempt=not attempt.counted)
         raise
+
+
+def record_failure(
+    job: OnboardingJob, tenant: Tenant, exc: BaseException, count_attempt: bool
+) -> None:
+    """Record `exc` as the tenant's last error under the job's connector (a stored link
+    stays, for reuse); never raises: the caller goes on with the error it has."""
+    known = isinstance(exc, OnboardingError)
+    try:
+        job.ledger.record_failure(
+            **_identity(job, tenant),
+            error_code=exc.code if isinstance(exc, OnboardingError) else "internal_error",
+            error_message=str(exc) if known else f"{type(exc).__name__}: {exc}",
+            count_attempt=count_attempt,
+        )
+    except Exception:
+        log.exception("could not record the failure of tenant %s", tenant.tenant_id)
 
 
 def _identity(job: OnboardingJob, tenant: Tenant) -> dict[str, Any]:
@@ -276,7 +323,7 @@ def _identity(job: OnboardingJob, tenant: Tenant) -> dict[str, Any]:
     }
 
 
-def _reusable_link(
+def reusable_link(
     job: OnboardingJob, tenant_id: str, record: Record | None = None
 ) -> tuple[Link, datetime] | None:
     """The tenant's stored link when it was made but not yet delivered (a retry after a mail
@@ -289,7 +336,7 @@ def _reusable_link(
     return Link(url=record.url, state=record.state), record.expires_at
 
 
-def _initialise(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
+def initialise_link(job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
     if job.client is None:
         raise OnboardingError("no Versori client configured for this job")
     profile = job.profile
@@ -327,17 +374,13 @@ def _send(
 ) -> bool:
     """Mail the link; False, and nothing sent, when the ledger refused to mark the tenant
     `sending` because it connected meanwhile or holds a newer link (another run's)."""
-    from onboarding.mail import build_message
+    from onboarding.mail import MailLink, build_message
 
     if job.mailer is None or job.templates is None:
         raise OnboardingError("email delivery asked for, but no SMTP sender is configured")
     message = build_message(
         tenant=tenant,
-        connector_name=job.profile.name,
-        connector_id=job.profile.target_id,
-        link_url=link.url,
-        state=link.state,
-        expires_at=expires_at,
+        links=[MailLink(job.profile.name, job.profile.target_id, link.url, link.state, expires_at)],
         email_from=job.mailer.email_from,
         templates=job.templates,
         reminder=reminder,
@@ -353,7 +396,7 @@ def _send(
     return True
 
 
-def _not_sent(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
+def not_sent(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     """The outcome of a tenant whose mail was not sent: connected, or skipped because another
     run holds a newer link for it (that run delivers it)."""
     record = job.ledger.get(tenant_id, job.profile.target_id)
@@ -362,7 +405,7 @@ def _not_sent(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     return TenantOutcome(tenant_id, "skipped")
 
 
-def _succeeded(tenant_id: str, status: Status, link: Link) -> TenantOutcome:
+def succeeded(tenant_id: str, status: Status, link: Link) -> TenantOutcome:
     return TenantOutcome(
         tenant_id=tenant_id,
         status=status.value,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -17,9 +18,10 @@ from prefect.runtime import task_run as current_task_run
 from prefect.tasks import exponential_backoff
 
 from onboarding import constants
+from onboarding.campaign import Campaign, onboard_campaign_tenant, remind_campaign_tenant
 from onboarding.errors import SliceFailed, retry_after, worth_retrying
 from onboarding.roster import Tenant
-from onboarding.slices import Step, TenantSlice, run_slice
+from onboarding.slices import BatchJob, Step, TenantSlice, run_slice
 from onboarding.tenant_steps import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 
 
@@ -56,12 +58,10 @@ RETRY_POLICY: dict[str, Any] = {
 
 
 def _run(
-    verb: str, step: Step, tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None
+    verb: str, step: Step, tenant_slice: TenantSlice, job: BatchJob, pool: Executor | None
 ) -> list[TenantOutcome]:
-    # Prefect retries while retries are left; on the last attempt a transient failure is final.
-    last_attempt = (current_task_run.run_count or 1) > _retries_of_current_task()
     try:
-        return run_slice(job, tenant_slice, step, pool, last_attempt)
+        return run_slice(job, tenant_slice, step, pool, _last_attempt())
     except SliceFailed as failed:
         logger = get_run_logger()
         for outcome in failed.outcomes:
@@ -78,11 +78,13 @@ def _run(
         raise
 
 
-def _retries_of_current_task() -> int:
+def _last_attempt() -> bool:
+    """Prefect retries while retries are left; on the last attempt a transient failure is final."""
     from prefect.context import TaskRunContext
 
     context = TaskRunContext.get()
-    return context.task.retries if context is not None else 0
+    retries = context.task.retries if context is not None else 0
+    return (current_task_run.run_count or 1) > retries
 
 
 def _name(verb: str) -> Any:
@@ -110,3 +112,19 @@ def remind_slice_task(
     tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None = None
 ) -> list[TenantOutcome]:
     return _run("remind", _remind, tenant_slice, job, pool)
+
+
+@task(name="onboard-campaign-slice", task_run_name=_name("onboard"), **RETRY_POLICY)
+def onboard_campaign_slice_task(
+    tenant_slice: TenantSlice, job: Campaign, pool: Executor | None = None
+) -> list[TenantOutcome]:
+    step = partial(onboard_campaign_tenant, last_attempt=_last_attempt())
+    return _run("onboard", step, tenant_slice, job, pool)
+
+
+@task(name="remind-campaign-slice", task_run_name=_name("remind"), **RETRY_POLICY)
+def remind_campaign_slice_task(
+    tenant_slice: TenantSlice, job: Campaign, pool: Executor | None = None
+) -> list[TenantOutcome]:
+    step = partial(remind_campaign_tenant, last_attempt=_last_attempt())
+    return _run("remind", step, tenant_slice, job, pool)

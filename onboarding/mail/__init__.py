@@ -3,7 +3,7 @@
     settings   SmtpSettings (ONBOARD_SMTP_*, ONBOARD_EMAIL_FROM) and every check they pass
     sender     MailSender: SMTP with one reused connection per worker thread
     templates  MailTemplates: subject.txt, body.txt, body.html, checked when loaded
-    message    build_message, message_id_for, parse_from
+    message    build_message, MailLink, message_id_for, parse_from
 
 The errors (MailError and its subclasses) are in `onboarding.errors`, re-exported here. The
 demo's SMTP server is `onboarding.demo.smtp`, outside the product (it needs aiosmtpd).
@@ -17,7 +17,7 @@ from onboarding.errors import (
     TransientMailError,
     UnsafeMessageError,
 )
-from onboarding.mail.message import build_message, message_id_for, parse_from
+from onboarding.mail.message import MailLink, build_message, message_id_for, parse_from
 from onboarding.mail.sender import IDLE_CHECK_SECONDS, MailSender
 from onboarding.mail.settings import DEFAULT_PORTS, Security, SmtpServerSettings, SmtpSettings
 from onboarding.mail.templates import (
@@ -34,6 +34,7 @@ __all__ = [
     "TEMPLATE_NAMES",
     "MailAuthError",
     "MailError",
+    "MailLink",
     "MailSender",
     "MailTemplates",
     "MailTlsError",

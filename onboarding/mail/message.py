@@ -10,6 +10,8 @@ import email.errors
 import email.policy
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr, parseaddr
@@ -59,17 +61,39 @@ def _domain_of(email_from: str) -> str:
         return domain.lower()
 
 
+@dataclass(frozen=True)
+class MailLink:
+    """One connector's link in a tenant's email (a campaign's email holds several)."""
+
+    connector_name: str
+    connector_id: str
+    url: str
+    state: str
+    expires_at: datetime
+
+    def __repr__(self) -> str:  # the URL and state are secrets
+        return f"MailLink(connector_id={self.connector_id!r}, url=..., state=...)"
+
+
 def message_id_for(
-    tenant_id: str, connector_id: str, state: str, email_from: str, reminder: int = 0
+    tenant_id: str,
+    connector_id: str,
+    state: str,
+    email_from: str,
+    reminder: int = 0,
+    more: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The Message-ID of a tenant's email: the same link always gives the same id.
+    """The Message-ID of a tenant's email: the same link (or links) always gives the same id.
 
     A resend of the same message (after a failure that left its delivery in doubt) then
     carries the same id, which lets mail systems drop the duplicate. A reminder is another
     message, so it gets an id of its own (clients hide a message whose id they have seen).
-    The state goes in only through sha256: the id cannot be turned back into the link.
+    `more`: the (connector id, state) of a campaign email's other links. The states go in only
+    through sha256: the id cannot be turned back into a link.
     """
     parts = [tenant_id, connector_id, state]
+    for other in more:
+        parts += list(other)
     if reminder:
         parts.append(f"reminder-{reminder}")
     digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
@@ -79,30 +103,30 @@ def message_id_for(
 def build_message(
     *,
     tenant: Tenant,
-    connector_name: str,
-    connector_id: str,
-    link_url: str,
-    state: str,
-    expires_at: datetime,
+    links: Sequence[MailLink],
     email_from: str,
     templates: MailTemplates,
     reminder: int = 0,
     now: datetime | None = None,
 ) -> EmailMessage:
-    """The email carrying one tenant's authorize link: multipart/alternative, text then HTML."""
+    """The email carrying a tenant's authorize links (one per connector, in the order given):
+    multipart/alternative, text then HTML."""
+    if not links:
+        raise ValueError("an email needs at least one link")
     for header, value in (
         ("Subject (tenant name)", tenant.name),
-        ("Subject (connector name)", connector_name),
+        *(("Subject (connector name)", link.connector_name) for link in links),
         ("X-Onboarding-Tenant (tenant_id)", tenant.tenant_id),
         ("To (admin_email)", tenant.admin_email),
         ("From (email_from)", email_from),
     ):
         if has_line_break(value):
             raise UnsafeMessageError(header)
-    if expires_at.tzinfo is None:
-        raise ValueError("expires_at must be timezone-aware")
-    if urlsplit(link_url).scheme not in ("https", "http") or has_line_break(link_url):
-        raise UnsafeMessageError("", "the link is not an http(s) URL")
+    for link in links:
+        if link.expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        if urlsplit(link.url).scheme not in ("https", "http") or has_line_break(link.url):
+            raise UnsafeMessageError("", "the link is not an http(s) URL")
     try:
         to = validate_email(tenant.admin_email, check_deliverability=False)
     except EmailNotValidError as err:
@@ -112,29 +136,25 @@ def build_message(
     from_name, from_addr = parse_from(email_from)
 
     now = now or utcnow()
-    expires_utc = expires_at.astimezone(UTC)
-    hours_left = max(0, round((expires_utc - now).total_seconds() / 3600))
-    rendered = templates.render(
-        tenant=tenant,
-        connector_name=connector_name,
-        link=link_url,
-        expires_at=expires_utc,
-        expires_in_hours=hours_left,
-        reminder=reminder,
-    )
+    rendered = templates.render(tenant=tenant, links=links, now=now, reminder=reminder)
+    first, others = links[0], [(link.connector_id, link.state) for link in links[1:]]
+
+    def message_id(reminder: int) -> str:
+        return message_id_for(
+            tenant.tenant_id, first.connector_id, first.state, email_from, reminder, others
+        )
+
     headers = [
         ("From", formataddr((from_name, from_addr)) if from_name else from_addr),
         ("To", to.ascii_email or to.normalized),
         ("Subject", rendered.subject),
         ("Date", format_datetime(now.astimezone(UTC))),
-        ("Message-ID", message_id_for(tenant.tenant_id, connector_id, state, email_from, reminder)),
+        ("Message-ID", message_id(reminder)),
         ("X-Onboarding-Tenant", tenant.tenant_id),
     ]
     if reminder:
         # Threads a reminder under the first email in the admin's mail client.
-        headers.append(
-            ("References", message_id_for(tenant.tenant_id, connector_id, state, email_from))
-        )
+        headers.append(("References", message_id(0)))
     message = EmailMessage(policy=email.policy.SMTP)
     for name, value in headers:
         if has_line_break(value):

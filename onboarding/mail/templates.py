@@ -8,9 +8,9 @@ typo, a body without the link or a subject that shows it fails before anything i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
-from onboarding.mail.message import has_line_break
+from onboarding.mail.message import MailLink, has_line_break
 from onboarding.roster import Tenant
 
 TEMPLATE_NAMES = ("subject.txt", "body.txt", "body.html")
@@ -65,15 +65,37 @@ class _SampleTenant(Tenant):
 _SAMPLE_HOST = "auth.example.com"
 _SAMPLE_STATE = "sample-state-0123456789"
 _SAMPLE_LINK = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}"
+_SAMPLE_LINK_2 = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}-2"
+_VARIABLES = (
+    "Email template variables: tenant (.name, .tenant_id, .admin_email, .fields.<column>), "
+    "links (a list, one per connector: .connector_name, .connector_id, .link, .expires_at, "
+    ".expires_in_hours), reminder; and the first link's connector_name, link, expires_at, "
+    "expires_in_hours."
+)
+
+
+def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
+    """One link's template variables."""
+    expires = link.expires_at.astimezone(UTC)
+    return {
+        "connector_name": link.connector_name,
+        "connector_id": link.connector_id,
+        "link": link.url,
+        "expires_at": expires,
+        "expires_in_hours": max(0, round((expires - now).total_seconds() / 3600)),
+    }
 
 
 class MailTemplates:
     """subject.txt, body.txt and body.html: each from `folder` if it has it, else the default.
 
-    Variables: tenant (tenant.name, .tenant_id, .admin_email, .fields, .values), connector_name,
-    link, expires_at (aware datetime, UTC), expires_in_hours (int), reminder (0 on first send).
-    HTML is autoescaped; text is not. An undefined variable is an error, and every template is
-    rendered once with sample values here, so a typo fails before anything is sent.
+    Variables: tenant (tenant.name, .tenant_id, .admin_email, .fields, .values); links, one per
+    connector the email carries (a campaign's email carries several), each with connector_name,
+    connector_id, link, expires_at (aware datetime, UTC) and expires_in_hours (int); the first
+    link's connector_name, link, expires_at, expires_in_hours at the top level too; reminder
+    (0 on first send). HTML is autoescaped; text is not. An undefined variable is an error, and
+    every template is rendered once with sample values here, so a typo fails before anything
+    is sent; `check_campaign` also asks that an email with two links shows both.
     """
 
     def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
@@ -116,22 +138,14 @@ class MailTemplates:
         self,
         *,
         tenant: Tenant,
-        connector_name: str,
-        link: str,
-        expires_at: datetime,
-        expires_in_hours: int,
+        links: Sequence[MailLink],
+        now: datetime,
         reminder: int = 0,
     ) -> RenderedMail:
-        """Render all three; a template error is an InputError naming the file (never the link)."""
-        context = {
-            "tenant": tenant,
-            "connector_name": connector_name,
-            "link": link,
-            "expires_at": expires_at,
-            "expires_in_hours": expires_in_hours,
-            "reminder": reminder,
-        }
-        out = {name: self._render(name, context, secrets=(link,)) for name in TEMPLATE_NAMES}
+        """Render all three; a template error is an InputError naming the file (never a link)."""
+        context = _context(tenant, [link_context(link, now) for link in links], reminder)
+        secrets = [link.url for link in links]
+        out = {name: self._render(name, context, secrets=secrets) for name in TEMPLATE_NAMES}
         return RenderedMail(
             subject=out["subject.txt"].strip(), text=out["body.txt"], html=out["body.html"]
         )
@@ -147,27 +161,25 @@ class MailTemplates:
                 text = text.replace(secret, "<link>")
             raise InputError(
                 [Problem(str(self.files[name]), _template_line(err, template), "", text)],
-                hint="Email template variables: tenant (.name, .tenant_id, .admin_email, "
-                ".fields.<column>), connector_name, link, expires_at, expires_in_hours, reminder.",
+                hint=_VARIABLES,
             ) from None
 
-    def _check(self) -> None:
+    def _check(self, samples: Sequence[str] = (_SAMPLE_LINK,)) -> None:
+        """Render with sample values, the first email and a reminder, carrying one link per
+        sample: each body must show every link, the subject none."""
         tenant = _SampleTenant.model_construct(
             tenant_id="sample-tenant",
             name="Sample Tenant",
             admin_email="admin@example.com",
             fields=_AnyFields(),
         )
-        expires = utcnow().replace(microsecond=0) + timedelta(hours=72)
+        now = utcnow().replace(microsecond=0)
+        links = [
+            MailLink(f"Sample Connector {i}", f"sample-{i}", url, "", now + timedelta(hours=72))
+            for i, url in enumerate(samples, 1)
+        ]
         for reminder in (0, 1):
-            context = {
-                "tenant": tenant,
-                "connector_name": "Sample Connector",
-                "link": _SAMPLE_LINK,
-                "expires_at": expires,
-                "expires_in_hours": 72,
-                "reminder": reminder,
-            }
+            context = _context(tenant, [link_context(link, now) for link in links], reminder)
             out = {name: self._render(name, context) for name in TEMPLATE_NAMES}
             subject = out["subject.txt"].strip()
             problems = []
@@ -179,10 +191,23 @@ class MailTemplates:
                     (TEMPLATE_NAMES[0], "must not show the link (or its state); remove {{ link }}")
                 )
             for name in TEMPLATE_NAMES[1:]:
-                if _SAMPLE_LINK not in out[name]:
-                    problems.append((name, "does not show the link: use {{ link }}"))
+                if any(url not in out[name] for url in samples):
+                    problems.append(
+                        (name, "does not show the link: use {{ link }}")
+                        if len(samples) == 1
+                        else (
+                            name,
+                            "does not show every link of an email with several connectors: "
+                            "loop over `links` ({% for item in links %}{{ item.link }}"
+                            "{% endfor %})",
+                        )
+                    )
             if problems:
                 raise InputError([Problem(str(self.files[n]), None, "", m) for n, m in problems])
+
+    def check_campaign(self) -> None:
+        """For a campaign (several connectors): an email with two links must show both."""
+        self._check((_SAMPLE_LINK, _SAMPLE_LINK_2))
 
     def _uses_link(self, name: str) -> bool:
         """Whether a template reads the variable `link` anywhere (filters, slices included)."""
@@ -213,6 +238,10 @@ class MailTemplates:
                 if isinstance(key, str) and key not in _NAMED:
                     found.append(key)
         return list(dict.fromkeys(found))
+
+
+def _context(tenant: Tenant, links: list[dict[str, Any]], reminder: int) -> dict[str, Any]:
+    return {"tenant": tenant, **links[0], "links": links, "reminder": reminder}
 
 
 def _template_line(err: BaseException, template: Template) -> int | None:

@@ -320,12 +320,28 @@ def test_iter_records_order_and_filter(ledger: Ledger) -> None:
     for tenant_id in ["t3", "t10", "a", "t1", "t2"]:
         link(ledger, tenant_id)
         link(ledger, tenant_id, connector_id=OTHER)
-    everything = [(r.connector_id, r.tenant_id) for r in ledger.iter_records()]
+    everything = [(r.tenant_id, r.connector_id) for r in ledger.iter_records()]
     expected = sorted(["a", "t1", "t10", "t2", "t3"])
-    assert everything == [(CONNECTOR, t) for t in expected] + [(OTHER, t) for t in expected]
+    # A tenant's rows together (a campaign's export reads tenant by tenant), connectors sorted.
+    assert everything == [(t, c) for t in expected for c in sorted([CONNECTOR, OTHER])]
     only = list(ledger.iter_records(OTHER))
     assert [r.tenant_id for r in only] == expected
     assert all(r.connector_id == OTHER and isinstance(r, Record) for r in only)
+    both = list(ledger.iter_records([OTHER, CONNECTOR]))
+    assert len(both) == 10 and list(ledger.iter_records(["nobody"])) == []
+
+
+def test_connection_coverage_counts_tenants_connected_to_all_some_none(ledger: Ledger) -> None:
+    for tenant_id in ["full", "part", "none", "one-only"]:
+        link(ledger, tenant_id)
+    for tenant_id in ["full", "part", "none"]:
+        link(ledger, tenant_id, connector_id=OTHER)
+    for tenant_id, connector_id in [("full", CONNECTOR), ("full", OTHER), ("part", OTHER)]:
+        ledger.mark_connected(tenant_id, connector_id, connection_id=None, at=NOW)
+    assert ledger.connection_coverage([CONNECTOR, OTHER]) == {"fully": 1, "partly": 1, "none": 2}
+    assert ledger.connection_coverage([CONNECTOR]) == {"fully": 1, "partly": 0, "none": 3}
+    assert ledger.connection_coverage(["nobody"]) == {"fully": 0, "partly": 0, "none": 0}
+    assert ledger.connector_ids() == sorted([CONNECTOR, OTHER])
 
 
 def test_iter_records_streams_many(ledger: Ledger) -> None:

@@ -25,6 +25,7 @@ from onboarding.demo.smtp import LocalSmtpServer
 from onboarding.errors import InputError, is_transient
 from onboarding.mail import (
     MailAuthError,
+    MailLink,
     MailSender,
     MailTemplates,
     MailTlsError,
@@ -88,7 +89,14 @@ def message(
         "now": NOW,
     }
     args.update(changes)
-    return build_message(**args)
+    link = MailLink(
+        connector_name=args.pop("connector_name"),
+        connector_id=args.pop("connector_id"),
+        url=args.pop("link_url"),
+        state=args.pop("state"),
+        expires_at=args.pop("expires_at"),
+    )
+    return build_message(links=[link], **args)
 
 
 def parsed(raw: bytes) -> EmailMessage:
