@@ -113,6 +113,12 @@ class SmtpTestServer:
         """Answer the DATA of a message to `address` with these replies, then accept."""
         self._script("data", address, replies, always)
 
+    def clear_script(self) -> None:
+        """Forget every scripted reply: the server accepts everything from now on."""
+        with self._lock:
+            self._once.clear()
+            self._always.clear()
+
     def _script(self, stage: str, address: str, replies: tuple[str, ...], always: bool) -> None:
         key = (stage, address.lower())
         with self._lock:
