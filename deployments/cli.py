@@ -247,6 +247,7 @@ def demo(
     from onboarding.demo.local import demo_stage
 
     roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
+    second = str(EXAMPLES_DIR / "profile-slack.yaml")
     out.print(
         "[bold]Demo:[/] onboarding the 25 tenants of examples/tenants.csv through a local "
         "Versori emulator, emailing each admin through a local SMTP server.\nFour tenants meet "
@@ -256,13 +257,26 @@ def demo(
     )
     with demo_stage(output) as stage:
         summary = _run_flow(roster, profile, Delivery.BOTH, 8, False, None)
-    if summary is None:
-        raise typer.Exit(EXIT_SOME_FAILED)
-    _print_outcomes(summary, everything=True)
-    emails = len(list(stage.mail_dir.glob("*.eml")))
+        if summary is None:
+            raise typer.Exit(EXIT_SOME_FAILED)
+        _print_outcomes(summary, everything=True)
+        emails = len(list(stage.mail_dir.glob("*.eml")))
+        out.print(
+            "\n[bold]Then a campaign:[/] the same roster to Zendesk and Slack (a Platform API "
+            "v2 system) in one run. Each admin gets one email with the links it still needs: "
+            "Slack's for those who have Zendesk's, both for t024 (its Zendesk link failed "
+            "before), Slack's alone for t023 (Zendesk is still down for it).",
+            highlight=False,
+        )
+        campaign = _run_flow(roster, [profile, second], Delivery.BOTH, 8, False, None)
+        if campaign is None:
+            raise typer.Exit(EXIT_SOME_FAILED)
+        _print_outcomes(campaign, everything=False)
+        campaign_emails = len(list(stage.mail_dir.glob("*.eml"))) - emails
     out.print(
         f"\nWhere to look next:\n"
-        f"  emails     {stage.mail_dir}/ ({emails} .eml file(s), one per delivered tenant)\n"
+        f"  emails     {stage.mail_dir}/ ({emails} .eml file(s) from the first run, one per "
+        f"delivered tenant; {campaign_emails} from the campaign, one per tenant)\n"
         f"  ledger     {stage.ledger}\n"
         f"  counts     ONBOARD_DB_URL={stage.ledger_url} uv run onboard status\n"
         f"  links      ONBOARD_DB_URL={stage.ledger_url} uv run onboard export --format csv\n"

@@ -81,8 +81,9 @@ def run_slice(
     on `pool` (in this thread for one tenant, or without a pool).
 
     Returns every tenant's outcome when all succeeded. Otherwise raises: a one-tenant slice
-    raises the tenant's own error (the task run shows the real cause), a larger one raises
-    SliceFailed, so that the task run's state says some of its tenants failed. A tenant that
+    raises the tenant's own error (the task run shows the real cause), a larger one, or one
+    whose step returned a failed outcome (a campaign's tenant), raises SliceFailed, so that
+    the task run's state says some of its tenants failed. A tenant that
     failed transiently stays pending unless this is the last attempt; every other outcome is
     final and reported once."""
     pending = tenant_slice.pending()
@@ -119,7 +120,7 @@ def run_slice(
 
     if not retryable and all(o.ok for o in tenant_slice.done.values()):
         return tenant_slice.outcomes()
-    if len(tenant_slice.tenants) == 1:
+    if len(tenant_slice.tenants) == 1 and errors:
         raise next(iter(errors.values()))
     # A tenant that failed for good in an earlier attempt keeps the slice failed.
     outcomes = [

@@ -162,3 +162,16 @@ def test_a_batch_fatal_error_stops_the_tenants_not_yet_started(job: OnboardingJo
     record = job.ledger.get("t4", job.profile.connector_id)
     assert record is not None and record.error_code == "not_attempted"
     assert record.attempts == 0, "a tenant never tried counts no attempt"
+
+
+def test_a_step_that_returns_a_failed_outcome_fails_its_one_tenant_slice(
+    job: OnboardingJob,
+) -> None:
+    # A campaign's tenant comes back failed (one connector failed for good) without raising.
+    def step(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
+        return TenantOutcome(tenant.tenant_id, "failed", error_code="bad_url")
+
+    with pytest.raises(SliceFailed) as failed:
+        run_slice(job, TenantSlice(tenants(1)), step, None, last_attempt=False)
+    assert failed.value.retryable == {}
+    assert [o.error_code for o in failed.value.outcomes] == ["bad_url"]
