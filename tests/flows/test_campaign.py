@@ -234,6 +234,14 @@ def test_one_reminder_per_tenant_covers_the_connectors_it_has_not_connected(
             .where(records.c.tenant_id != "t4")
             .values(last_sent_at=utcnow() - timedelta(hours=50))
         )
+        # t3's Zendesk link is past its time: the reminder re-issues it first.
+        conn.execute(
+            update(records)
+            .where(records.c.tenant_id == "t3", records.c.connector_id == ZENDESK_ID)
+            .values(expires_at=utcnow() - timedelta(hours=1))
+        )
+    stale = link_of(ledger, "t3", ZENDESK_ID)
+    requests = emulator.stats()["requests"]
     sent = len(smtp.messages)
 
     state, summary = remind(profiles, after_hours=48, max_reminders=2)
@@ -245,6 +253,8 @@ def test_one_reminder_per_tenant_covers_the_connectors_it_has_not_connected(
     assert "zendesk" not in t1.lower()  # connected: not reminded
     (t3,) = reminders["admin3@t3.example.com"]
     assert link_of(ledger, "t3", ZENDESK_ID) in t3 and "Slack" not in t3  # never sent Slack
+    assert link_of(ledger, "t3", ZENDESK_ID) != stale and stale not in t3
+    assert emulator.stats()["requests"] == requests + 1  # that re-issue, nothing else
     assert summary["by_connector"] == {
         "zendesk-demo": {"connected": 1, "reminded": 1},
         "Slack": {"reminded": 1, "skipped": 1},
