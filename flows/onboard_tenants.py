@@ -144,27 +144,28 @@ def onboard_tenants(
     if (roster is None) == (tenants is None):
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
     root = run_files_root()
-    paths = profile_paths(profile)
-    if len(paths) > 1:
-        if fan_out is FanOut.DEPLOYMENT:
-            raise InputError(
-                "fan_out deployment: a campaign (several profiles) runs in one flow run; "
-                "use fan_out in_process, or one run per profile to fan out"
-            )
-        profiles = load_campaign(paths, root)
-        templates = load_templates(profiles[0]) if deliver.sends_email else None
-        needs = templates.tenant_fields_used if templates else ()
-        if roster is not None:
-            batch = load_roster(
-                roster_location(roster), profiles, only, template_columns=needs, root=root
-            )
-        else:
-            batch = load_inline_roster(tenants or [], profiles, only, template_columns=needs)
+    profiles = load_campaign(profile_paths(profile), root)
+    if len(profiles) > 1 and fan_out is FanOut.DEPLOYMENT:
+        raise InputError(
+            "fan_out deployment: a campaign (several profiles) runs in one flow run; "
+            "use fan_out in_process, or one run per profile to fan out"
+        )
+    # A campaign's email uses its first profile's templates.
+    templates = load_templates(profiles[0]) if deliver.sends_email else None
+    needs = templates.tenant_fields_used if templates else ()
+    if roster is not None:
+        batch = load_roster(
+            roster_location(roster), profiles, only, template_columns=needs, root=root
+        )
+    else:
+        batch = load_inline_roster(tenants or [], profiles, only, template_columns=needs)
+    source = display_source(roster) if roster is not None else batch.source
+    if len(profiles) > 1:
         return onboard_campaign(
             profiles=profiles,
             batch=batch,
             templates=templates,
-            source=display_source(roster) if roster is not None else batch.source,
+            source=source,
             is_roster=roster is not None,
             deliver=deliver,
             dry_run=dry_run,
@@ -172,17 +173,8 @@ def onboard_tenants(
             tenants_per_task=tenants_per_task,
             tenant_events=tenant_events,
         )
-    connector = load_profile(paths[0], root=root)
+    connector = profiles[0]
     tag_run(connector)
-    templates = load_templates(connector) if deliver.sends_email else None
-    needs = templates.tenant_fields_used if templates else ()
-    if roster is not None:
-        batch = load_roster(
-            roster_location(roster), connector, only, template_columns=needs, root=root
-        )
-    else:
-        batch = load_inline_roster(tenants or [], connector, only, template_columns=needs)
-    source = display_source(roster) if roster is not None else batch.source
     ledger = Ledger(LedgerSettings().db_url)
     logger.info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
@@ -209,7 +201,7 @@ def onboard_tenants(
                 tally = run_chunks(
                     batch=batch,
                     location=roster,
-                    profile_path=paths[0],
+                    profile_path=profile_paths(profile)[0],
                     profile=connector,
                     ledger=ledger,
                     deliver=deliver,

@@ -11,6 +11,7 @@ others: the message goes with what succeeded, and the next run sends the rest in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.message import EmailMessage
@@ -100,22 +101,13 @@ def onboard_campaign_tenant(
 ) -> TenantOutcome:
     """Issue every link the tenant needs, then deliver them: stored, or in one email. Raises a
     transient error (to be retried) only before anything is mailed and while attempts remain."""
-    held = campaign.held.setdefault(tenant.tenant_id, {})
-    retry: BaseException | None = None
-    for job in campaign.jobs:
-        connector_id = job.profile.target_id
-        if connector_id in held:
-            continue
-        if tenant.tenant_id in campaign.needing_nothing.get(connector_id, ()):
-            held[connector_id] = TenantOutcome(tenant.tenant_id, "skipped")
-            continue
-        got = _issue(job, tenant, None, campaign.deliver.sends_email, last_attempt)
-        if isinstance(got, BaseException):
-            retry = retry or got
-            continue
-        held[connector_id] = got
-    if retry is not None:
-        raise retry
+
+    def plan(job: OnboardingJob) -> TenantOutcome | Ask:
+        if tenant.tenant_id in campaign.needing_nothing.get(job.profile.target_id, ()):
+            return TenantOutcome(tenant.tenant_id, "skipped")
+        return Ask(record=None, reuse=campaign.deliver.sends_email)
+
+    _issue_links(campaign, tenant, plan, last_attempt)
     return _deliver(campaign, tenant, reminder=False, last_attempt=last_attempt)
 
 
@@ -124,26 +116,52 @@ def remind_campaign_tenant(
 ) -> TenantOutcome:
     """One reminder covering every connector the tenant was emailed and has not connected
     (fewer than `max_reminders` times so far); links past their time are re-issued first."""
+
+    def plan(job: OnboardingJob) -> TenantOutcome | Ask:
+        record = job.ledger.get(tenant.tenant_id, job.profile.target_id)
+        if record is not None and record.status is Status.CONNECTED:
+            return TenantOutcome(tenant.tenant_id, Status.CONNECTED.value)
+        if record is None or not _remindable(record, campaign.max_reminders):
+            return TenantOutcome(tenant.tenant_id, "skipped")
+        return Ask(record=record, reuse=True)
+
+    _issue_links(campaign, tenant, plan, last_attempt)
+    return _deliver(campaign, tenant, reminder=True, last_attempt=last_attempt)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A connector's link is wanted: `reuse` a stored one with time left, else make one."""
+
+    record: Record | None
+    reuse: bool
+
+
+def _issue_links(
+    campaign: Campaign,
+    tenant: Tenant,
+    plan: Callable[[OnboardingJob], TenantOutcome | Ask],
+    last_attempt: bool,
+) -> None:
+    """For each connector not settled in an earlier attempt, what `plan` decides: an outcome,
+    or a link issued. Raises the first transient failure, once every connector was tried."""
     held = campaign.held.setdefault(tenant.tenant_id, {})
     retry: BaseException | None = None
     for job in campaign.jobs:
         connector_id = job.profile.target_id
         if connector_id in held:
             continue
-        record = job.ledger.get(tenant.tenant_id, connector_id)
-        if record is not None and record.status is Status.CONNECTED:
-            held[connector_id] = TenantOutcome(tenant.tenant_id, Status.CONNECTED.value)
-        elif record is None or not _remindable(record, campaign.max_reminders):
-            held[connector_id] = TenantOutcome(tenant.tenant_id, "skipped")
+        decided = plan(job)
+        if isinstance(decided, Ask):
+            got = _issue(job, tenant, decided.record, decided.reuse, last_attempt)
         else:
-            got = _issue(job, tenant, record, True, last_attempt)
-            if isinstance(got, BaseException):
-                retry = retry or got
-                continue
-            held[connector_id] = got
+            got = decided
+        if isinstance(got, BaseException):
+            retry = retry or got
+            continue
+        held[connector_id] = got
     if retry is not None:
         raise retry
-    return _deliver(campaign, tenant, reminder=True, last_attempt=last_attempt)
 
 
 def combined(tenant_id: str, parts: list[TenantOutcome]) -> TenantOutcome:

@@ -20,6 +20,7 @@ from onboarding.clock import utcnow
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task
+from tests.flows.conftest import mail_run_ledger
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -38,12 +39,6 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def smtp() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer(tls="starttls", auth=True) as server:
-        yield server
-
-
-@pytest.fixture
 def emulator() -> Iterator[EmulatorServer]:
     with EmulatorServer() as server:
         yield server
@@ -53,21 +48,7 @@ def emulator() -> Iterator[EmulatorServer]:
 def ledger(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp: SmtpTestServer, emulator: Any
 ) -> Iterator[Ledger]:
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    kwargs = smtp.sender_kwargs()
-    for name in ("ONBOARD_SMTP_BLOCK", "VERSORI_API_KEY_BLOCK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ONBOARD_DB_URL", db)
-    monkeypatch.setenv("VERSORI_BASE_URL", emulator.base_url)
-    monkeypatch.setenv("VERSORI_API_KEY", DEFAULT_API_KEY)
-    monkeypatch.setenv("ONBOARD_SMTP_HOST", kwargs["host"])
-    monkeypatch.setenv("ONBOARD_SMTP_PORT", str(kwargs["port"]))
-    monkeypatch.setenv("ONBOARD_SMTP_SECURITY", kwargs["security"])
-    monkeypatch.setenv("ONBOARD_SMTP_CA_FILE", str(kwargs["ca_file"]))
-    monkeypatch.setenv("ONBOARD_SMTP_USERNAME", kwargs["username"])
-    monkeypatch.setenv("ONBOARD_SMTP_PASSWORD", kwargs["password"])
-    monkeypatch.setenv("ONBOARD_EMAIL_FROM", "Onboarding <onboarding@saas.example.com>")
-    ledger = Ledger(db)
+    ledger = mail_run_ledger(tmp_path, monkeypatch, smtp, emulator.base_url)
     yield ledger
     ledger.close()
 
