@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,18 +20,18 @@ def smtp() -> Iterator[SmtpTestServer]:
         yield server
 
 
-def mail_run_ledger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp: SmtpTestServer, emulator_url: str
-) -> Ledger:
-    """Point this process's runs at `smtp`, the emulator at `emulator_url` and a new SQLite
-    ledger (returned; the caller closes it), with no block names that would send them
-    elsewhere."""
+@pytest.fixture
+def mail_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp: SmtpTestServer, emulator: Any
+) -> Iterator[Ledger]:
+    """This process's runs pointed at `smtp`, at the test module's `emulator` and at a new
+    SQLite ledger (yielded), with no block names that would send them elsewhere."""
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     kwargs = smtp.sender_kwargs()
     for name in ("ONBOARD_SMTP_BLOCK", "VERSORI_API_KEY_BLOCK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ONBOARD_DB_URL", db)
-    monkeypatch.setenv("VERSORI_BASE_URL", emulator_url)
+    monkeypatch.setenv("VERSORI_BASE_URL", emulator.base_url)
     monkeypatch.setenv("VERSORI_API_KEY", DEFAULT_API_KEY)
     monkeypatch.setenv("ONBOARD_SMTP_HOST", kwargs["host"])
     monkeypatch.setenv("ONBOARD_SMTP_PORT", str(kwargs["port"]))
@@ -39,4 +40,6 @@ def mail_run_ledger(
     monkeypatch.setenv("ONBOARD_SMTP_USERNAME", kwargs["username"])
     monkeypatch.setenv("ONBOARD_SMTP_PASSWORD", kwargs["password"])
     monkeypatch.setenv("ONBOARD_EMAIL_FROM", "Onboarding <onboarding@saas.example.com>")
-    return Ledger(db)
+    ledger = Ledger(db)
+    yield ledger
+    ledger.close()

@@ -24,7 +24,6 @@ from onboarding.demo.emulator import EmulatorConfig, EmulatorServer
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Status, records
 from tasks.slice_tasks import onboard_campaign_slice_task, remind_campaign_slice_task
-from tests.flows.conftest import mail_run_ledger
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -78,12 +77,8 @@ def slack(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def ledger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp: SmtpTestServer, emulator: Any
-) -> Iterator[Ledger]:
-    ledger = mail_run_ledger(tmp_path, monkeypatch, smtp, emulator.base_url)
-    yield ledger
-    ledger.close()
+def ledger(mail_ledger: Ledger) -> Ledger:
+    return mail_ledger  # tests/flows/conftest.py
 
 
 def roster(tmp_path: Path, count: int) -> str:

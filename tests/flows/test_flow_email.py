@@ -20,7 +20,6 @@ from onboarding.clock import utcnow
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task
-from tests.flows.conftest import mail_run_ledger
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -45,12 +44,8 @@ def emulator() -> Iterator[EmulatorServer]:
 
 
 @pytest.fixture
-def ledger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smtp: SmtpTestServer, emulator: Any
-) -> Iterator[Ledger]:
-    ledger = mail_run_ledger(tmp_path, monkeypatch, smtp, emulator.base_url)
-    yield ledger
-    ledger.close()
+def ledger(mail_ledger: Ledger) -> Ledger:
+    return mail_ledger  # tests/flows/conftest.py
 
 
 def roster(tmp_path: Path, names: list[str]) -> str:
