@@ -265,3 +265,29 @@ def test_a_campaign_names_each_connector_once_and_needs_templates_that_show_ever
     with pytest.raises(InputError, match="loop over `links`"):
         onboard_tenants(roster=path, profile=[str(custom), ZENDESK], deliver="email")
     assert Counter(r.status for r in ledger.iter_records()) == Counter()
+
+
+def test_a_dry_run_of_inline_tenants_says_what_each_connector_would_do(
+    ledger: Ledger, emulator: Any, slack: str
+) -> None:
+    tenants = [
+        {"tenant_id": f"t{i}", "name": f"T{i}", "admin_email": f"a{i}@x.example.com"}
+        | {"fields": {"subdomain": f"t{i}"}}
+        for i in (1, 2)
+    ]
+    onboard_tenants(tenants=tenants[:1], profile=ZENDESK)  # t1 has its Zendesk link, stored
+    state = onboard_tenants(
+        tenants=tenants, profile=[ZENDESK, slack], dry_run=True, return_state=True
+    )
+    summary = state.result()
+    assert summary["by_connector"] == {
+        "zendesk-demo": {"skipped": 1, "would_initialise": 1},
+        "Slack": {"would_initialise": 2},
+    }
+    assert [(r["tenant_id"], r["connector"]) for r in summary["outcomes"]] == [
+        ("t1", "zendesk-demo"),
+        ("t1", "Slack"),
+        ("t2", "zendesk-demo"),
+        ("t2", "Slack"),
+    ]
+    assert emulator.stats()["requests"] == 1  # t1's Zendesk link; the dry run called nothing
