@@ -5,7 +5,9 @@ The killed run works against the session's Prefect server, the re-run on Prefect
 server: against the same server, the re-run would first wait for the killed batch's slot of
 onboarding-ledger-<profile> to run out (60-75 s, flows/profile_lock.py;
 tests/flows/test_flow.py covers that limit). What is checked lives in the ledger and the
-mailboxes, not in Prefect.
+mailboxes, not in Prefect. The temporary server finds a database already migrated in its
+Prefect home, as on a machine where `onboard run` has run before (a fresh one is
+tests/e2e/test_cli.py's first run).
 
 - No half-written ledger row survives the kill, and the SQLite file is intact.
 - The re-run delivers every tenant, reusing each link that was already made (no new initialise,
@@ -24,6 +26,7 @@ import asyncio
 import csv
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -192,7 +195,7 @@ def emulator_states_by_tenant(emulator: EmulatorServer) -> dict[str, list[str]]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("per_task", [1, 100], ids=["task-per-tenant", "slices-of-100"])
 def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
-    tmp_path: Path, per_task: int, prefect_api: str
+    tmp_path: Path, per_task: int, prefect_api: str, migrated_prefect_db: Path
 ) -> None:
     onboard = Path(sys.executable).parent / "onboard"
     assert onboard.exists(), onboard
@@ -294,6 +297,9 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
         issued_at_kill = emulator.stats()["states_issued"]
 
         # -- 3. run again, to the end -------------------------------------------------------
+        home = Path(env["PREFECT_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(migrated_prefect_db, home / "prefect.db")
         started = time.monotonic()
         with onboard_run(args, env, tmp_path, rerun_log) as proc:
             try:
