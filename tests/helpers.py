@@ -14,6 +14,10 @@ from pathlib import Path
 import httpx
 
 PROJECT = Path(__file__).resolve().parent.parent
+# Bound once: some tests replace time.sleep for a while (test_task_retry.py, test_pacing.py) and
+# count its calls, which must not include those of a helper waiting in another thread (the
+# session's Prefect server starts in one, tests/conftest.py).
+_sleep = time.sleep
 
 
 def free_port() -> int:
@@ -39,7 +43,7 @@ def wait_for_http(
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        _sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
