@@ -23,6 +23,7 @@ from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import Roster, Tenant
+from onboarding.settings import LedgerSettings
 from onboarding.tenant_steps import Delivery, TenantEvents, TenantOutcome, tenant_of
 from tasks.slice_tasks import onboard_campaign_slice_task, remind_campaign_slice_task
 
@@ -72,11 +73,9 @@ def onboard_campaign(
 ) -> State[dict[str, Any]]:
     """Onboard every tenant of `batch` to every profile; one email per tenant."""
     logger = get_run_logger()
-    for profile in profiles:
-        tag_run(profile)
     if templates is not None:
         templates.check_campaign()
-    ledger = Ledger(_ledger_url())
+    ledger, capped = _begin(profiles, concurrency)
     label = campaign_label(profiles)
     logger.info(
         "Onboarding %d tenant(s) of %s to %d connectors, %s (concurrency %d, deliver %s%s)",
@@ -88,14 +87,12 @@ def onboard_campaign(
         deliver.value,
         ", dry run" if dry_run else "",
     )
-    for profile in profiles:
-        concurrency = effective_concurrency(profile, concurrency)
+    concurrency = capped
     started = time.monotonic()
     ids = [p.target_id for p in profiles]
     with ExitStack() as stack:
         if is_roster and not dry_run:  # inline tenants (a signup) never wait behind a batch
-            for profile in sorted(profiles, key=lambda p: p.slug):  # one order: no deadlock
-                stack.enter_context(one_batch_per_profile(profile))
+            _hold_slots(stack, profiles)
         needing_nothing = {cid: ledger.ids_needing_nothing(cid) for cid in ids}
         if dry_run:
             tally = OutcomeCounts.of(_dry_run(batch, profiles, needing_nothing))
@@ -147,9 +144,7 @@ def remind_campaign(
     """One reminder per tenant due one (for any connector of the campaign), covering every
     connector it was emailed and has not connected."""
     logger = get_run_logger()
-    for profile in profiles:
-        tag_run(profile)
-    ledger = Ledger(_ledger_url())
+    ledger, concurrency = _begin(profiles, concurrency)
     label = campaign_label(profiles)
     ids = [p.target_id for p in profiles]
 
@@ -171,8 +166,6 @@ def remind_campaign(
         after_hours,
         max_reminders,
     )
-    for profile in profiles:
-        concurrency = effective_concurrency(profile, concurrency)
     started = time.monotonic()
     expired = 0
     if dry_run:
@@ -180,10 +173,7 @@ def remind_campaign(
         expired = ledger.count_past_expiry(ids, utcnow())
     else:
         with ExitStack() as stack:
-            waited = False
-            for profile in sorted(profiles, key=lambda p: p.slug):
-                waited = stack.enter_context(one_batch_per_profile(profile)) or waited
-            if waited:
+            if _hold_slots(stack, profiles):
                 due = due_now()  # it waited for another batch: who is due may have changed
             templates = load_templates(profiles[0])
             templates.check_campaign()
@@ -225,10 +215,21 @@ def remind_campaign(
     return final_state(summary, "reminded")
 
 
-def _ledger_url() -> str:
-    from onboarding.settings import LedgerSettings
+def _begin(profiles: list[ConnectorProfile], concurrency: int) -> tuple[Ledger, int]:
+    """Tag the run with every profile; the ledger, and `concurrency` within every profile's cap."""
+    for profile in profiles:
+        tag_run(profile)
+        concurrency = effective_concurrency(profile, concurrency)
+    return Ledger(LedgerSettings().db_url), concurrency
 
-    return LedgerSettings().db_url
+
+def _hold_slots(stack: ExitStack, profiles: list[ConnectorProfile]) -> bool:
+    """One batch per profile (flows/profile_lock.py), every profile's slot held until `stack`
+    closes; taken in one order, so two campaigns never deadlock. Whether it waited."""
+    waited = False
+    for profile in sorted(profiles, key=lambda p: p.slug):
+        waited = stack.enter_context(one_batch_per_profile(profile)) or waited
+    return waited
 
 
 def _dry_run(
