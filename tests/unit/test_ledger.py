@@ -483,7 +483,7 @@ def test_group_commit_writes_each_row_once_and_fails_only_the_bad_one() -> None:
     import threading
     import time
 
-    from onboarding.group_commit import GroupCommit
+    from onboarding.ledger.group_commit import GroupCommit
 
     committed: list[str] = []
     groups: list[int] = []

@@ -1,0 +1,102 @@
+"""The two statements of Ledger.record_link, built once per ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import DateTime, String, bindparam, case, func, select
+
+from onboarding.ledger.schema import Status, records, superseded_links
+
+# What record_link writes, keys first.
+_LINK_COLUMNS = (
+    "tenant_id",
+    "connector_id",
+    "profile",
+    "tenant_name",
+    "admin_email",
+    "status",
+    "url",
+    "state",
+    "created_at",
+    "expires_at",
+    "delivered_at",
+    "delivery_channel",
+    "run_id",
+    "updated_at",
+    "tenant_fields",
+    "state_hash",
+)
+
+
+def link_statements(insert_into: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """record_link's statements: the state that leaves goes to the history, then the row is
+    inserted or updated. `insert_into` is the dialect's INSERT (with ON CONFLICT).
+
+    Built once per ledger: building and hashing a statement of this size cost more CPU than
+    the rest of a tenant's path together (bench/run.py under py-spy), so each call only binds
+    new values to them."""
+    now: Any = bindparam("updated_at", type_=DateTime(timezone=True))
+    connected = records.c.status == Status.CONNECTED.value
+    # The state that leaves: the current one; for a connected tenant (whose row stays)
+    # the new one.
+    current = select(
+        case((connected, bindparam("state", type_=String)), else_=records.c.state),
+        case(
+            (connected, bindparam("state_hash", type_=String)),
+            else_=records.c.state_hash,
+        ),
+        records.c.tenant_id,
+        records.c.connector_id,
+        case(
+            (connected, bindparam("created_at", type_=DateTime(timezone=True))),
+            else_=records.c.created_at,
+        ),
+        now,
+    ).where(
+        records.c.tenant_id == bindparam("tenant_id"),
+        records.c.connector_id == bindparam("connector_id"),
+        records.c.state.is_not(None),
+        records.c.state != bindparam("state"),
+    )
+    supersede = (
+        insert_into(superseded_links)
+        .from_select(
+            [
+                "state",
+                "state_hash",
+                "tenant_id",
+                "connector_id",
+                "created_at",
+                "superseded_at",
+            ],
+            current,
+        )
+        .on_conflict_do_nothing()
+    )
+    insert = insert_into(records).values(
+        {**{name: bindparam(name) for name in _LINK_COLUMNS}, "attempts": 1}
+    )
+    cleared = dict.fromkeys(
+        (
+            "last_sent_at",
+            "message_id",
+            "connected_at",
+            "connection_id",
+            "error_code",
+            "error_message",
+        )
+    )
+    upsert = insert.on_conflict_do_update(
+        index_elements=["tenant_id", "connector_id"],
+        set_={
+            **{name: insert.excluded[name] for name in _LINK_COLUMNS[2:]},
+            **cleared,
+            # A caller that does not know the tenant's fields keeps the stored ones.
+            "tenant_fields": func.coalesce(insert.excluded.tenant_fields, records.c.tenant_fields),
+            "attempts": records.c.attempts + 1,
+        },
+        where=~connected,
+    )
+    return supersede, upsert

@@ -1,0 +1,169 @@
+"""The ledger's reads: who needs what, who is due a reminder, counts for status and export."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, case, func, select
+
+from onboarding.clock import utcnow
+from onboarding.ledger.records import Record, SupersededLink, superseded_from_row, utc
+from onboarding.ledger.schema import (
+    DONE_STATUSES,
+    LIVE_STATUSES,
+    SENDING_CHANNELS,
+    Status,
+    batch_chunks,
+    records,
+    state_digest,
+    superseded_links,
+)
+
+# SQLite caps a statement's bound parameters (999 before 3.32): IN lists go in parts this long.
+IN_LIST_MAX = 900
+
+
+class LedgerQueries:
+    """Every read of the ledger. Each is one statement on a connection of its own."""
+
+    engine: Engine
+
+    def due_for_reminder(
+        self, connector_id: str, *, sent_before: datetime, max_reminders: int
+    ) -> list[Record]:
+        """Tenants sent a link by email, not connected, last sent before `sent_before`, and
+        reminded fewer than `max_reminders` times, oldest first."""
+        last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
+        query = (
+            select(records)
+            .where(
+                records.c.connector_id == connector_id,
+                records.c.status.in_(
+                    [Status.DELIVERED.value, Status.REMINDED.value, Status.EXPIRED.value]
+                ),
+                records.c.delivery_channel.in_(SENDING_CHANNELS),
+                records.c.reminders < max_reminders,
+                last_sent <= utc(sent_before),
+            )
+            .order_by(last_sent, records.c.tenant_id)
+        )
+        with self.engine.connect() as conn:
+            return [Record.from_row(row) for row in conn.execute(query)]
+
+    def find_superseded(self, state: str) -> SupersededLink | None:
+        query = select(superseded_links).where(superseded_links.c.state_hash == state_digest(state))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return superseded_from_row(row) if row is not None else None
+
+    def get(self, tenant_id: str, connector_id: str) -> Record | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(records).where(
+                    records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
+                )
+            ).first()
+        return Record.from_row(row) if row else None
+
+    def find_by_state(self, state: str) -> Record | None:
+        """The tenant holding `state` now, looked up by the state's hash."""
+        query = select(records).where(records.c.state_hash == state_digest(state))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return Record.from_row(row) if row else None
+
+    def ids_needing_nothing(
+        self,
+        connector_id: str,
+        now: datetime | None = None,
+        only_ids: Collection[str] | None = None,
+    ) -> set[str]:
+        """Tenants that need nothing from a new run: connected, or holding an unexpired link
+        that was delivered. With `only_ids`, only those of these ids (a chunk's)."""
+        now = utc(now or utcnow())
+        query = select(records.c.tenant_id).where(
+            records.c.connector_id == connector_id,
+            (records.c.status == Status.CONNECTED.value)
+            | (
+                records.c.status.in_([s.value for s in DONE_STATUSES])
+                & (records.c.expires_at > now)
+            ),
+        )
+        with self.engine.connect() as conn:
+            if only_ids is None:
+                return set(conn.execute(query).scalars())
+            ids, live = list(only_ids), set[str]()
+            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+                part = ids[start : start + IN_LIST_MAX]
+                live.update(conn.execute(query.where(records.c.tenant_id.in_(part))).scalars())
+            return live
+
+    def chunk_summary(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
+        query = select(batch_chunks.c.summary).where(
+            batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk == chunk
+        )
+        with self.engine.connect() as conn:
+            summary = conn.execute(query).scalar_one_or_none()
+        return dict(summary) if summary is not None else None
+
+    def counts_by_status(self, connector_id: str | Sequence[str] | None = None) -> dict[str, int]:
+        query = select(records.c.status, func.count()).group_by(records.c.status)
+        if connector_id:
+            query = query.where(_of_connectors(connector_id))
+        with self.engine.connect() as conn:
+            return {status: count for status, count in conn.execute(query)}
+
+    def connector_ids(self) -> list[str]:
+        """Every connector (or system) id the ledger holds records of."""
+        query = select(records.c.connector_id).distinct().order_by(records.c.connector_id)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def connection_coverage(self, connector_ids: Sequence[str]) -> dict[str, int]:
+        """Over the tenants the ledger holds for any of `connector_ids`: how many are connected
+        to all of them (fully), to some (partly), to none."""
+        ids = list(dict.fromkeys(connector_ids))
+        connected = func.sum(case((records.c.status == Status.CONNECTED.value, 1), else_=0))
+        per_tenant = (
+            select(connected.label("n"))
+            .where(records.c.connector_id.in_(ids))
+            .group_by(records.c.tenant_id)
+            .subquery()
+        )
+        query = select(
+            func.count(),
+            func.coalesce(func.sum(case((per_tenant.c.n >= len(ids), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((per_tenant.c.n == 0, 1), else_=0)), 0),
+        ).select_from(per_tenant)
+        with self.engine.connect() as conn:
+            total, fully, none = conn.execute(query).one()
+        return {"fully": int(fully), "partly": int(total - fully - none), "none": int(none)}
+
+    def count_past_expiry(self, connector_id: str | Sequence[str] | None, now: datetime) -> int:
+        """Links handed out but not connected whose time is up (stale, whatever their status)."""
+        query = select(func.count()).where(
+            records.c.status.in_([s.value for s in LIVE_STATUSES]),
+            records.c.expires_at <= utc(now),
+        )
+        if connector_id:
+            query = query.where(_of_connectors(connector_id))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def iter_records(self, connector_id: str | Sequence[str] | None = None) -> Iterator[Record]:
+        """Every record (of these connectors), one per (tenant, connector), streamed in tenant
+        order, so an export of 100k rows stays small."""
+        query = select(records).order_by(records.c.tenant_id, records.c.connector_id)
+        if connector_id:
+            query = query.where(_of_connectors(connector_id))
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+            for row in result:
+                yield Record.from_row(row)
+
+
+def _of_connectors(connector_id: str | Sequence[str]) -> Any:
+    ids = [connector_id] if isinstance(connector_id, str) else list(connector_id)
+    return records.c.connector_id.in_(ids)

@@ -1,0 +1,405 @@
+"""The ledger's writes: each is one statement (or one short transaction) of its own, and a
+write about a tenant never lands on a connected tenant or on a link that replaced its own."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from onboarding.clock import utcnow
+from onboarding.ledger.engine import lock_tenants, open_engine
+from onboarding.ledger.group_commit import GroupCommit
+from onboarding.ledger.link_sql import link_statements
+from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries
+from onboarding.ledger.records import (
+    ConnectOutcome,
+    ConnectResult,
+    Record,
+    superseded_from_row,
+    utc,
+)
+from onboarding.ledger.schema import (
+    LIVE_STATUSES,
+    Status,
+    batch_chunks,
+    records,
+    state_digest,
+    superseded_links,
+)
+
+
+class Ledger(LedgerQueries):
+    """Reads and writes onboarding records. Thread-safe: share one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = open_engine(url)
+        self.postgres = self.engine.dialect.name == "postgresql"
+        self._insert = postgresql.insert if self.postgres else sqlite.insert
+        # Built once per ledger: see link_statements.
+        self._link_sql = link_statements(self._insert)
+        self._links = GroupCommit(self._write_links)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _upsert(self, key: dict[str, str], insert: dict[str, Any], update: dict[str, Any]) -> None:
+        """Insert, or update a row that is not connected (connected is final)."""
+        stmt = self._insert(records).values(**key, **insert)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "connector_id"],
+            set_=update,
+            where=records.c.status != Status.CONNECTED.value,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def record_link(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        profile: str,
+        tenant_name: str,
+        admin_email: str,
+        url: str,
+        state: str,
+        created_at: datetime,
+        expires_at: datetime,
+        run_id: str | None = None,
+        delivered_by: str | None = None,
+        tenant_fields: dict[str, str] | None = None,
+    ) -> None:
+        """A fresh link: status link_created, error cleared, one more attempt counted. The
+        state it replaces, if any, goes to the history in the same transaction, so every state
+        Versori returned is either the tenant's current one or in its history, whatever other
+        processes write at the same time (see _write_links).
+
+        A connected tenant keeps its row (connected is final): the new state goes straight to
+        the history, so a callback with it is refused as superseded.
+
+        With `delivered_by` (a channel that delivers by storing, like "store") the row goes
+        straight to delivered in the same statement: one write per tenant, not two."""
+        values = {
+            "tenant_id": tenant_id,
+            "connector_id": connector_id,
+            "profile": profile,
+            "tenant_name": tenant_name,
+            "admin_email": admin_email,
+            "status": (Status.DELIVERED if delivered_by else Status.LINK_CREATED).value,
+            "url": url,
+            "state": state,
+            "created_at": utc(created_at),
+            "expires_at": utc(expires_at),
+            "delivered_at": utc(created_at) if delivered_by else None,
+            "delivery_channel": delivered_by,
+            "run_id": run_id,
+            "updated_at": utcnow(),
+            "tenant_fields": tenant_fields,
+            "state_hash": state_digest(state),
+        }
+        self._links.write(values)
+
+    def _write_links(self, rows: list[dict[str, Any]]) -> None:
+        """One transaction for a group of record_link calls: their old states to the history,
+        then their rows (see GroupCommit).
+
+        The history statement reads each tenant's current state, and the upsert replaces it;
+        another process writing the same tenant in between would lose a state. So the two run
+        under the tenant's lock: on PostgreSQL an advisory lock per tenant, taken first, in
+        key order (no deadlock between groups), which also covers a tenant with no row yet
+        (SELECT ... FOR UPDATE locks only rows that exist); on SQLite the history statement
+        is a write, so the transaction holds the database's write lock from its start."""
+        supersede, upsert = self._link_sql
+        with self.engine.begin() as conn:
+            if self.postgres:
+                lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
+            conn.execute(supersede, rows)
+            conn.execute(upsert, rows)
+
+    def record_failure(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        profile: str,
+        tenant_name: str,
+        admin_email: str,
+        error_code: str,
+        error_message: str,
+        run_id: str | None = None,
+        count_attempt: bool = True,
+    ) -> None:
+        """Status failed with why. A link stored earlier stays in the row for history. A
+        connected tenant stays connected."""
+        values = {
+            "profile": profile,
+            "tenant_name": tenant_name,
+            "admin_email": admin_email,
+            "status": Status.FAILED.value,
+            "error_code": error_code[:100],
+            "error_message": error_message,
+            "run_id": run_id,
+            "updated_at": utcnow(),
+        }
+        step = 1 if count_attempt else 0
+        self._upsert(
+            {"tenant_id": tenant_id, "connector_id": connector_id},
+            {**values, "attempts": step},
+            {**values, "attempts": records.c.attempts + step},
+        )
+
+    def _update(self, tenant_id: str, connector_id: str, state: str | None, **values: Any) -> bool:
+        """Update a row that is not connected (connected is final) and, with `state`, still
+        holds that state (a write about a link must not land on the link that replaced it).
+        Whether a row was written."""
+        where = [
+            records.c.tenant_id == tenant_id,
+            records.c.connector_id == connector_id,
+            records.c.status != Status.CONNECTED.value,
+        ]
+        if state is not None:
+            where.append(records.c.state_hash == state_digest(state))
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                records.update().where(*where).values(**values, updated_at=utcnow())
+            )
+        return bool(done.rowcount)
+
+    def mark_delivered(
+        self,
+        tenant_id: str,
+        connector_id: str,
+        *,
+        channel: str,
+        at: datetime | None = None,
+        count_attempt: bool = False,
+        state: str | None = None,
+    ) -> bool:
+        """`count_attempt`: this write ends an attempt that recorded nothing else (it reused a
+        stored link), so it counts it. `state`: the state of the link delivered, if known.
+        False, and nothing written, when the tenant is connected or holds another state."""
+        when = utc(at or utcnow())
+        return self._mark_sent(
+            tenant_id,
+            connector_id,
+            state,
+            Status.DELIVERED,
+            channel,
+            when,
+            count_attempt,
+            delivered_at=when,
+        )
+
+    def mark_sending(
+        self, tenant_id: str, connector_id: str, *, message_id: str, state: str | None = None
+    ) -> bool:
+        """Written before the SMTP transaction: a row left `sending` marks the one window in
+        which a crash can lead to a second copy of the same message (same Message-ID).
+        False, and nothing written, when the tenant is connected or holds another state."""
+        return self._update(
+            tenant_id, connector_id, state, status=Status.SENDING.value, message_id=message_id
+        )
+
+    def mark_reminded(
+        self,
+        tenant_id: str,
+        connector_id: str,
+        *,
+        channel: str,
+        at: datetime | None = None,
+        count_attempt: bool = False,
+        state: str | None = None,
+    ) -> bool:
+        """False, and nothing written, when the tenant is connected or holds another state."""
+        return self._mark_sent(
+            tenant_id,
+            connector_id,
+            state,
+            Status.REMINDED,
+            channel,
+            utc(at or utcnow()),
+            count_attempt,
+            reminders=records.c.reminders + 1,
+        )
+
+    def _mark_sent(
+        self,
+        tenant_id: str,
+        connector_id: str,
+        state: str | None,
+        status: Status,
+        channel: str,
+        when: datetime,
+        count_attempt: bool,
+        **more: Any,
+    ) -> bool:
+        """A message went out (a first delivery or a reminder): errors cleared."""
+        return self._update(
+            tenant_id,
+            connector_id,
+            state,
+            attempts=records.c.attempts + int(count_attempt),
+            status=status.value,
+            delivery_channel=channel,
+            last_sent_at=when,
+            error_code=None,
+            error_message=None,
+            **more,
+        )
+
+    def mark_connected(
+        self, tenant_id: str, connector_id: str, *, connection_id: str | None, at: datetime
+    ) -> bool:
+        """Connect a tenant that is not connected yet, whatever its link (an operator's
+        override; a callback goes through connect_state, which checks the state). False when
+        it was connected already: that connection stays as it is."""
+        return self._update(
+            tenant_id,
+            connector_id,
+            None,
+            status=Status.CONNECTED.value,
+            connection_id=connection_id,
+            connected_at=utc(at),
+            error_code=None,
+            error_message=None,
+        )
+
+    def connect_state(
+        self, state: str, *, connection_id: str | None, at: datetime | None = None
+    ) -> ConnectResult:
+        """A callback's state: connect the tenant that holds it, once. Refused (nothing
+        written) for a state no tenant holds now (unknown, or superseded by a newer link),
+        for a link past its expiry or marked expired, and for a tenant connected already, so
+        that a replayed state cannot rebind a tenant to another connection. Looked up by the
+        state's hash; one conditional UPDATE decides, so two callbacks at once connect once."""
+        digest = state_digest(state)
+        when = utc(at or utcnow())
+        accepts = (
+            records.c.state_hash == digest,
+            records.c.status.not_in([Status.CONNECTED.value, Status.EXPIRED.value]),
+            records.c.expires_at > when,
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(select(records).where(records.c.state_hash == digest)).first()
+            if row is None:
+                old = conn.execute(
+                    select(superseded_links).where(superseded_links.c.state_hash == digest)
+                ).first()
+                if old is None:
+                    return ConnectResult(ConnectOutcome.UNKNOWN)
+                return ConnectResult(ConnectOutcome.SUPERSEDED, superseded=superseded_from_row(old))
+            key = (row.tenant_id, row.connector_id)
+            if self.postgres:  # the lock record_link takes: no re-issue half-way through
+                lock_tenants(conn, [key])
+            done = conn.execute(
+                records.update()
+                .where(records.c.tenant_id == key[0], records.c.connector_id == key[1], *accepts)
+                .values(
+                    status=Status.CONNECTED.value,
+                    connection_id=connection_id,
+                    connected_at=when,
+                    error_code=None,
+                    error_message=None,
+                    updated_at=utcnow(),
+                )
+            )
+            now_row = conn.execute(
+                select(records).where(
+                    records.c.tenant_id == key[0], records.c.connector_id == key[1]
+                )
+            ).first()
+        record = Record.from_row(now_row) if now_row is not None else None
+        if done.rowcount:
+            return ConnectResult(ConnectOutcome.CONNECTED, record)
+        if record is None or record.state_hash != digest:
+            return ConnectResult(ConnectOutcome.SUPERSEDED, record)  # replaced meanwhile
+        if record.status is Status.CONNECTED:
+            return ConnectResult(ConnectOutcome.USED, record)
+        return ConnectResult(ConnectOutcome.EXPIRED, record)
+
+    def reset(self, tenant_id: str, connector_id: str) -> bool:
+        """An operator's reset of a tenant, connected or not: back to pending, its link
+        retired to the history (its state is refused from now on), ready for a new link."""
+        with self.engine.begin() as conn:
+            if self.postgres:
+                lock_tenants(conn, [(tenant_id, connector_id)])
+            key = (records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
+            row = conn.execute(select(records).where(*key)).first()
+            if row is None:
+                return False
+            if row.state is not None:
+                conn.execute(
+                    self._insert(superseded_links)
+                    .values(
+                        state=row.state,
+                        state_hash=row.state_hash or state_digest(row.state),
+                        tenant_id=tenant_id,
+                        connector_id=connector_id,
+                        created_at=row.created_at,
+                        superseded_at=utcnow(),
+                    )
+                    .on_conflict_do_nothing()
+                )
+            conn.execute(
+                records.update()
+                .where(*key)
+                .values(
+                    status=Status.PENDING.value,
+                    url=None,
+                    state=None,
+                    state_hash=None,
+                    expires_at=None,
+                    delivered_at=None,
+                    connected_at=None,
+                    connection_id=None,
+                    message_id=None,
+                    last_sent_at=None,
+                    reminders=0,
+                    updated_at=utcnow(),
+                )
+            )
+        return True
+
+    def expire_links(self, connector_id: str, now: datetime) -> list[str]:
+        """Mark every link past its time and not connected `expired`; return their tenants."""
+        past = (
+            records.c.connector_id == connector_id,
+            records.c.status.in_([s.value for s in LIVE_STATUSES]),
+            records.c.expires_at <= utc(now),
+        )
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(select(records.c.tenant_id).where(*past)).scalars())
+            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+                conn.execute(
+                    records.update()
+                    .where(*past, records.c.tenant_id.in_(ids[start : start + IN_LIST_MAX]))
+                    .values(status=Status.EXPIRED.value, updated_at=utcnow())
+                )
+        return ids
+
+    def record_chunk(
+        self, batch_id: str, chunk: int, flow_run_id: str | None, summary: dict[str, Any]
+    ) -> None:
+        """A chunk's summary, once it has run; a second write of the same chunk replaces it."""
+        values = {"flow_run_id": flow_run_id, "summary": summary, "finished_at": utcnow()}
+        stmt = self._insert(batch_chunks).values(batch_id=batch_id, chunk=chunk, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=["batch_id", "chunk"], set_=values)
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def forget_batch(self, batch_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(batch_chunks.delete().where(batch_chunks.c.batch_id == batch_id))
+
+    def forget_chunks_before(self, when: datetime) -> int:
+        """Chunk summaries of batches whose parent never came back for them (it was killed)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(batch_chunks.delete().where(batch_chunks.c.finished_at < when))
+        return int(done.rowcount or 0)
