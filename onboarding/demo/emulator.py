@@ -5,7 +5,8 @@ The CLI, the demo, the tests and the benchmark all need a Versori that answers l
 the Platform API v2 twin under `systems`, with its optional `redirectUrl`) but that can also be
 told to be slow, flaky or rate limited on demand, without credentials or network. The request
 path is kept cheap on purpose: the benchmark pushes several hundred requests per second through
-it.
+it. What a request must hold and how the URL is built are in versori_rules.py; what the
+emulator is told to play (connectors, keys, faults) in emulator_config.py.
 """
 
 from __future__ import annotations
@@ -17,21 +18,33 @@ import random
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Self
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from typing import Any, Self
 
 import uvicorn
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from ulid import ULID
 
 from onboarding.clock import utcnow
+from onboarding.demo.emulator_config import (
+    DEFAULT_API_KEY,
+    DEMO_CONNECTOR,
+    DEMO_SYSTEM,
+    SCRIPT_ACTIONS,
+    EmulatedConnector,
+    EmulatorConfig,
+)
+from onboarding.demo.versori_rules import (
+    RESERVED_KEYS,
+    build_url,
+    error_response,
+    field_error,
+    normalise_ulid,
+    unauthenticated,
+    validate_body,
+)
 
 __all__ = [
     "DEFAULT_API_KEY",
@@ -45,16 +58,6 @@ __all__ = [
     "run_emulator",
 ]
 
-DEFAULT_API_KEY = "emulator-key"
-DEFAULT_REDIRECT_URI = "https://platform.versori.com/api/connect/v1/oauth2/callback"
-
-# Defined here rather than imported from the client's constants: the emulator plays the server,
-# and should keep answering like Versori even if the client's idea of the contract drifts.
-_RESERVED_KEYS = frozenset(
-    {"redirect_uri", "state", "prompt", "scope", "response_type", "client_id"}
-)
-
-SCRIPT_ACTIONS = frozenset({"ok", "500", "502", "503", "429", "400", "bad_url"})
 
 _SCRIPTED_ERRORS: dict[str, tuple[int, str, str]] = {
     "500": (500, "internal", "internal server error"),
@@ -64,150 +67,6 @@ _SCRIPTED_ERRORS: dict[str, tuple[int, str, str]] = {
     "400": (400, "validation_failed", "request body is invalid"),
 }
 _SCRIPT_DETAILS = "injected by the emulator script"
-
-
-def _is_ulid(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        ULID.from_str(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _normalise_ulid(value: str) -> str:
-    """Versori treats ULIDs case-insensitively; compare canonical forms so lowercase input works."""
-    return str(ULID.from_str(value))
-
-
-@dataclass(frozen=True)
-class EmulatedConnector:
-    """One connector the emulator knows, with the credential and client id stored under it.
-
-    It answers under both APIs: `connector_id` is also its system id on the Platform API v2
-    path (`/o/{organisation_id}/systems/{system_id}/oauth2/initialise`). `redirect_uri` is
-    the redirect the returned URL carries unless a v2 request sets redirectUrl."""
-
-    organisation_id: str
-    connector_id: str
-    credential_id: str
-    credential_organisation_id: str
-    client_id: str
-    redirect_uri: str = DEFAULT_REDIRECT_URI
-
-    def __post_init__(self) -> None:
-        # A connector whose credential ids are not ULIDs could never be matched by a valid
-        # request; failing here beats a confusing 404 at request time.
-        for name in ("organisation_id", "connector_id", "client_id", "redirect_uri"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"EmulatedConnector.{name} must be a non-empty string")
-        for name in ("credential_id", "credential_organisation_id"):
-            if not _is_ulid(getattr(self, name)):
-                raise ValueError(f"EmulatedConnector.{name} must be a ULID")
-
-
-DEMO_CONNECTOR = EmulatedConnector(
-    organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
-    connector_id="01M8F12B95S4BX0QFB3TPDWZ0Q",
-    credential_id="01M8F12B95S4BX0QFB3TPDWZ0R",
-    credential_organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
-    client_id="demo-client-id",
-)
-
-# A second one, which examples/profile-v2.yaml names as its Platform API v2 system.
-DEMO_SYSTEM = EmulatedConnector(
-    organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
-    connector_id="01M8F12B95S4BX0QFB3TPDWZ0S",
-    credential_id="01M8F12B95S4BX0QFB3TPDWZ0T",
-    credential_organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
-    client_id="demo-system-client-id",
-)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-@dataclass
-class EmulatorConfig:
-    """How the emulator behaves: who may call it, what it knows, and which faults it injects."""
-
-    api_keys: frozenset[str] = frozenset({DEFAULT_API_KEY})
-    connectors: tuple[EmulatedConnector, ...] = (DEMO_CONNECTOR, DEMO_SYSTEM)
-    latency_ms: float = 0.0
-    error_rate: float = 0.0
-    rate_limit: float | None = None
-    seed: int | None = None
-    script: dict[str, list[str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # Callers (CLI flags, YAML) hand over lists and sets; coerce so the app can rely on types.
-        if isinstance(self.api_keys, str):
-            raise ValueError("api_keys must be a collection of keys, not a single string")
-        self.api_keys = frozenset(self.api_keys)
-        if not self.api_keys:
-            raise ValueError("api_keys must not be empty: the emulator would reject every request")
-        if not all(isinstance(k, str) and k for k in self.api_keys):
-            raise ValueError("api_keys must hold non-empty strings only")
-
-        self.connectors = tuple(self.connectors)
-        if not self.connectors:
-            raise ValueError("connectors must not be empty")
-        seen: set[tuple[str, str]] = set()
-        for connector in self.connectors:
-            if not isinstance(connector, EmulatedConnector):
-                raise ValueError("connectors must hold EmulatedConnector instances")
-            key = (connector.organisation_id, connector.connector_id)
-            if key in seen:
-                raise ValueError(
-                    f"connectors holds organisation {key[0]} connector {key[1]} more than once"
-                )
-            seen.add(key)
-
-        if not _is_number(self.latency_ms) or not math.isfinite(self.latency_ms):
-            raise ValueError("latency_ms must be a finite number")
-        if self.latency_ms < 0:
-            raise ValueError(f"latency_ms must be >= 0, got {self.latency_ms}")
-
-        if not _is_number(self.error_rate) or not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(
-                f"error_rate must be a fraction between 0 and 1, got {self.error_rate}"
-            )
-
-        if self.rate_limit is not None and (
-            not _is_number(self.rate_limit)
-            or not math.isfinite(self.rate_limit)
-            or self.rate_limit <= 0
-        ):
-            raise ValueError(
-                f"rate_limit must be a positive number of requests per second or None, "
-                f"got {self.rate_limit}"
-            )
-
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-
-        if not isinstance(self.script, dict):
-            raise ValueError("script must map a substring to a list of actions")
-        script: dict[str, list[str]] = {}
-        for pattern, actions in self.script.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError("script keys must be non-empty strings")
-            if isinstance(actions, str):
-                raise ValueError(f"script[{pattern!r}] must be a list of actions, not a string")
-            actions = list(actions)
-            for action in actions:
-                if not isinstance(action, str) or action.removesuffix("*") not in SCRIPT_ACTIONS:
-                    raise ValueError(
-                        f"script[{pattern!r}] has unknown action {action!r}; expected one of "
-                        f"{', '.join(sorted(SCRIPT_ACTIONS))}, optionally ending in '*'"
-                    )
-            script[pattern] = actions
-        self.script = script
 
 
 class _TokenBucket:
@@ -292,190 +151,6 @@ class _Runtime:
         return None
 
 
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    *,
-    fields: list[dict[str, str]] | None = None,
-    details: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        body["fields"] = fields
-    if details:
-        body["details"] = details
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _field(name: str, message: str) -> dict[str, str]:
-    return {"field": name, "message": message}
-
-
-_NOT_A_URI = "must be an absolute http(s) URI"
-
-
-def _check_authorize_url(value: object) -> str | None:
-    """Return why `value` cannot be an authorize endpoint, or None if it can."""
-    if not isinstance(value, str):
-        return "must be a string"
-    if not value:
-        return "required"
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        return _NOT_A_URI
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError:
-        return _NOT_A_URI
-    if parts.scheme.lower() not in ("http", "https"):
-        return _NOT_A_URI
-    if not parts.hostname:
-        return "must have a host"
-    if "#" in value:
-        return "must not have a fragment"
-    return None
-
-
-def _ulid_field(value: str) -> str:
-    if not value:
-        raise PydanticCustomError("required", "required")
-    if not _is_ulid(value):
-        raise PydanticCustomError("ulid", "must be a ULID")
-    return value
-
-
-def _uri_field(value: str | None) -> str | None:
-    problem = None if value is None else _check_authorize_url(value)
-    if problem is not None:
-        raise PydanticCustomError("uri", problem)
-    return value
-
-
-def _query_field(value: str | None) -> str | None:
-    if value is not None:
-        try:
-            parse_qsl(value, keep_blank_values=True, strict_parsing=True)
-        except ValueError:
-            raise PydanticCustomError("query", "must be a URL-encoded query string") from None
-    return value
-
-
-_Ulid = Annotated[str, AfterValidator(_ulid_field)]
-
-
-class _CredentialBody(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    id: _Ulid
-    organisationId: _Ulid
-
-
-class _InitialiseBody(BaseModel):
-    """The Connect API v1 request body as Versori checks it: exact JSON types (strict), no
-    unknown field; `_field_errors` words each failure as Versori's `fields` do."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    credential: _CredentialBody
-    authorizeUrl: Annotated[str, AfterValidator(_uri_field)]
-    clientId: Annotated[str, Field(min_length=1)]
-    scopes: list[str] | None = None
-    disableOfflineAccess: bool | None = None
-    prompt: str | None = None
-    additionalParams: Annotated[str | None, AfterValidator(_query_field)] = None
-
-
-class _InitialiseBodyV2(_InitialiseBody):
-    """The Platform API v2 body: the same, plus where the provider sends the user back."""
-
-    redirectUrl: Annotated[str | None, AfterValidator(_uri_field)] = None
-
-
-_MESSAGES = {
-    "missing": "required",
-    "string_type": "must be a string",
-    "string_too_short": "must not be empty",
-    "bool_type": "must be a boolean",
-    "list_type": "must be a list of strings",
-    "model_type": "must be an object",
-    "model_attributes_type": "must be an object",
-    "extra_forbidden": "unknown field",
-}
-
-
-def _field_errors(error: ValidationError) -> list[dict[str, str]]:
-    """Versori's `fields`: `credential.id`, `scopes[2]`; a null counts as missing."""
-    fields = []
-    for problem in error.errors():
-        head, *rest = problem["loc"]
-        name = str(head) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
-        kind = "missing" if problem["input"] is None else problem["type"]
-        fields.append(_field(name, _MESSAGES.get(kind, problem["msg"])))
-    return fields
-
-
-def _validate_body(
-    body: dict[str, Any], v2: bool = False
-) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
-    """Every field error at once, as Versori reports them, so callers can fix a body in one
-    go; and the additionalParams pairs of a valid body. `v2`: the Platform API v2 body."""
-    try:
-        checked = (_InitialiseBodyV2 if v2 else _InitialiseBody).model_validate(body)
-    except ValidationError as error:
-        return _field_errors(error), []
-    additional = checked.additionalParams
-    return [], parse_qsl(additional, keep_blank_values=True) if additional else []
-
-
-def _build_url(
-    authorize_url: str,
-    connector: EmulatedConnector,
-    body: dict[str, Any],
-    pairs: list[tuple[str, str]],
-    state: str | None,
-) -> str:
-    params: list[tuple[str, str]] = [
-        ("response_type", "code"),
-        ("client_id", connector.client_id),
-        ("redirect_uri", body.get("redirectUrl") or connector.redirect_uri),
-    ]
-    if state is not None:
-        params.append(("state", state))
-
-    scopes: list[str] = list(body.get("scopes") or [])
-    if not body.get("disableOfflineAccess") and "offline_access" not in scopes:
-        scopes.append("offline_access")
-    if scopes:
-        params.append(("scope", " ".join(scopes)))
-
-    prompt = body.get("prompt")
-    if prompt:
-        params.append(("prompt", prompt))
-    elif not any(key == "approval_prompt" for key, _ in pairs):
-        params.append(("prompt", "login"))
-
-    params.extend(pairs)
-    query = urlencode(params, quote_via=quote)
-    if "?" not in authorize_url:
-        separator = "?"
-    elif authorize_url.endswith(("?", "&")):
-        separator = ""
-    else:
-        separator = "&"
-    return f"{authorize_url}{separator}{query}"
-
-
-def _unauthenticated() -> JSONResponse:
-    return _error(
-        401,
-        "unauthenticated",
-        "the Bearer API key in the Authorization header is missing or not valid",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
 def create_app(config: EmulatorConfig) -> Starlette:
     """Build the emulator app; its runtime state lives on `app.state.emulator`."""
     runtime = _Runtime(config)
@@ -505,13 +180,13 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or key.strip() not in api_keys:
-            return _unauthenticated()
+            return unauthenticated()
 
         limiter = runtime.limiter
         if limiter is not None:
             wait = limiter.take()
             if wait > 0:
-                return _error(
+                return error_response(
                     429,
                     "rate_limited",
                     "too many requests; retry after the time in the Retry-After header",
@@ -524,8 +199,8 @@ def create_app(config: EmulatorConfig) -> Starlette:
         connector = connectors.get((org_id, connector_id))
         if connector is None:
             if org_id not in organisations:
-                return _error(404, "not_found", f"organisation {org_id} not found")
-            return _error(
+                return error_response(404, "not_found", f"organisation {org_id} not found")
+            return error_response(
                 404, "not_found", f"{kind} {connector_id} not found in organisation {org_id}"
             )
 
@@ -533,38 +208,42 @@ def create_app(config: EmulatorConfig) -> Starlette:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
-            return _error(400, "invalid_body", "request body is not valid JSON")
+            return error_response(400, "invalid_body", "request body is not valid JSON")
         if not isinstance(body, dict):
-            return _error(400, "invalid_body", "request body must be a JSON object")
+            return error_response(400, "invalid_body", "request body must be a JSON object")
 
-        errors, pairs = _validate_body(body, v2)
+        errors, pairs = validate_body(body, v2)
         if errors:
-            return _error(400, "validation_failed", "request body is invalid", fields=errors)
+            return error_response(
+                400, "validation_failed", "request body is invalid", fields=errors
+            )
 
         credential = body["credential"]
         if (
-            _normalise_ulid(credential["id"]) != connector.credential_id
-            or _normalise_ulid(credential["organisationId"]) != connector.credential_organisation_id
+            normalise_ulid(credential["id"]) != connector.credential_id
+            or normalise_ulid(credential["organisationId"]) != connector.credential_organisation_id
         ):
-            return _error(404, "not_found", "credential not found")
+            return error_response(404, "not_found", "credential not found")
         if body["clientId"] != connector.client_id:
-            return _error(
+            return error_response(
                 400,
                 "validation_failed",
                 "request body is invalid",
                 fields=[
-                    _field("clientId", "does not match the client id stored under the credential")
+                    field_error(
+                        "clientId", "does not match the client id stored under the credential"
+                    )
                 ],
             )
 
-        clashes = sorted({k for k, _ in pairs} & _RESERVED_KEYS)
+        clashes = sorted({k for k, _ in pairs} & RESERVED_KEYS)
         if clashes:
-            return _error(
+            return error_response(
                 400,
                 "validation_failed",
                 "request body is invalid",
                 fields=[
-                    _field(
+                    field_error(
                         "additionalParams",
                         f"must not set {', '.join(clashes)}: the endpoint sets "
                         f"{'it' if len(clashes) == 1 else 'them'} itself",
@@ -580,7 +259,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
                 bad_url = True
             elif action is not None and action != "ok":
                 status, code, message = _SCRIPTED_ERRORS[action]
-                return _error(
+                return error_response(
                     status,
                     code,
                     message,
@@ -589,7 +268,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
                 )
 
         if config.error_rate > 0 and runtime.rng.random() < config.error_rate:
-            return _error(
+            return error_response(
                 503,
                 "unavailable",
                 "the service is temporarily unavailable",
@@ -597,7 +276,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
             )
 
         if bad_url:
-            return JSONResponse({"url": _build_url(authorize_url, connector, body, pairs, None)})
+            return JSONResponse({"url": build_url(authorize_url, connector, body, pairs, None)})
 
         state = secrets.token_urlsafe(32)
         runtime.states[state] = {
@@ -610,7 +289,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
             "redirect_uri": body.get("redirectUrl") or connector.redirect_uri,
             "issued_at": utcnow().isoformat(),
         }
-        return JSONResponse({"url": _build_url(authorize_url, connector, body, pairs, state)})
+        return JSONResponse({"url": build_url(authorize_url, connector, body, pairs, state)})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -625,7 +304,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
     async def get_state(request: Request) -> Response:
         record = runtime.states.get(request.path_params["state"])
         if record is None:
-            return _error(404, "not_found", "state not found")
+            return error_response(404, "not_found", "state not found")
         return JSONResponse(record)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -633,7 +312,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
         # pointed at a wrong base URL fails with a parseable error rather than plain text.
         assert isinstance(exc, HTTPException)
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error(
+        return error_response(
             exc.status_code,
             codes.get(exc.status_code, "error"),
             str(exc.detail),
