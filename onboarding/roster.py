@@ -23,13 +23,8 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.profile import (
-    ConnectorProfile,
-    load_yaml_with_lines,
-    resolve_under,
-    template_fields,
-    without_quotes,
-)
+from onboarding.input_files import load_yaml_with_lines, resolve_under, without_quotes
+from onboarding.profile import ConnectorProfile, template_fields
 from onboarding.roster_download import HOSTNAME, download
 from onboarding.settings import InputSettings
 
