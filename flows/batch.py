@@ -23,6 +23,7 @@ from onboarding.errors import SliceFailed
 from onboarding.roster import Tenant
 from onboarding.slices import BatchJob, TenantSlice
 from onboarding.tenant_steps import TenantOutcome, failed_outcome
+from tasks.slice_tasks import with_retry_backoff
 
 TABLE_ROWS_MAX = 1000
 
@@ -148,6 +149,7 @@ def run_batch(
     is. No tenant's failure stops the others, except a batch-fatal one, after which the rest
     are recorded `not_attempted`."""
     logger = get_run_logger()
+    task = with_retry_backoff(task)
     size = tenants_per_task(total, per_task)
     progress = progress or Progress(total, job.name)
     tally = OutcomeCounts()

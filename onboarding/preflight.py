@@ -12,7 +12,7 @@ from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates, SmtpSettings
 from onboarding.profile import load_profile
 from onboarding.roster import load_roster
-from onboarding.settings import LedgerSettings, VersoriSettings
+from onboarding.settings import InputSettings, LedgerSettings, RetrySettings, VersoriSettings
 from onboarding.tenant_steps import Delivery
 
 
@@ -27,6 +27,7 @@ def check_run_inputs(
     templates when mail goes out (the first profile's), the roster (if any) with the columns
     those templates read, the ledger, and an API key (or the name of its block) when Versori
     is called. Raises InputError."""
+    check_environment()
     connectors = [load_profile(path) for path in profiles]
     if not connectors:
         raise InputError("--profile: give at least one connector profile")
@@ -43,6 +44,19 @@ def check_run_inputs(
     check_ledger()
     if calls_versori:
         check_api_key_is_set(VersoriSettings())
+
+
+def check_environment() -> None:
+    """Every VERSORI_* and ONBOARD_* setting a run reads (mail's apart, checked with the
+    templates) passes its check: one InputError names every variable that does not."""
+    problems = []
+    for settings in (VersoriSettings, LedgerSettings, InputSettings, RetrySettings):
+        try:
+            settings()
+        except InputError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise InputError(problems, hint="Set them in the environment or in .env.")
 
 
 def check_ledger() -> None:

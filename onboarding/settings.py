@@ -3,14 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onboarding import constants
+from onboarding.errors import InputError, Problem
 
 
-class VersoriSettings(BaseSettings):
+class EnvSettings(BaseSettings):
+    """Settings read from the environment (and a .env file). A value that does not pass its
+    check is an InputError that names the variable and what is wrong, never the value (it may
+    be a secret), instead of pydantic's traceback."""
+
+    # What a problem is located in, as the error shows it.
+    settings_source: ClassVar[str] = "environment"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise self.input_error(err) from None
+
+    @classmethod
+    def input_error(cls, err: ValidationError) -> InputError:
+        problems = [
+            Problem(cls.settings_source, None, cls.variable(e["loc"]), validation_reason(e))
+            for e in err.errors()
+        ]
+        return InputError(problems, hint="Set them in the environment or in .env.")
+
+    @classmethod
+    def variable(cls, loc: tuple[int | str, ...]) -> str:
+        """The environment variable of the field at `loc`: its alias, or prefix and name."""
+        name = str(loc[0]) if loc else ""
+        info = cls.model_fields.get(name)
+        if info is not None and isinstance(info.validation_alias, str):
+            return info.validation_alias
+        return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def validation_reason(error: Any) -> str:
+    """What is wrong, in words: a validator's own message, or pydantic's."""
+    cause = error.get("ctx", {}).get("error")
+    return str(cause) if isinstance(cause, ValueError) else str(error["msg"])
+
+
+class VersoriSettings(EnvSettings):
     """VERSORI_*: where and how to call Versori."""
 
     model_config = SettingsConfigDict(env_prefix="VERSORI_", env_file=".env", extra="ignore")
@@ -30,7 +70,7 @@ class VersoriSettings(BaseSettings):
         return self.base_url if "base_url" in self.model_fields_set else None
 
 
-class LedgerSettings(BaseSettings):
+class LedgerSettings(EnvSettings):
     """ONBOARD_DB_URL: the ledger database."""
 
     model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
@@ -38,7 +78,7 @@ class LedgerSettings(BaseSettings):
     db_url: str = "sqlite:///onboarding.db"
 
 
-class InputSettings(BaseSettings):
+class InputSettings(EnvSettings):
     """Where rosters and profiles may come from, and how much of them is read.
 
     ONBOARD_ROSTER_ALLOWED_HOSTS: hosts a roster URL (and every redirect) may name, separated by
@@ -60,6 +100,21 @@ class InputSettings(BaseSettings):
         return frozenset(
             h.strip().lower().rstrip(".") for h in self.roster_allowed_hosts.split(",") if h.strip()
         )
+
+
+class RetrySettings(EnvSettings):
+    """ONBOARD_RETRY_BACKOFF_SECONDS: how long a slice with transient failures waits before its
+    first retry (default 1); each next retry waits twice as long, plus up to half as much again
+    at random so that slices failing together do not retry together. A Retry-After the server
+    sent is waited first. Unset, the tasks keep the backoff they are declared with."""
+
+    model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
+
+    retry_backoff_seconds: float = Field(constants.TASK_RETRY_BACKOFF_SECONDS, ge=0, le=600)
+
+    @property
+    def is_set(self) -> bool:
+        return "retry_backoff_seconds" in self.model_fields_set
 
 
 def files_root(from_deployment: bool) -> Path | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Executor
 from functools import partial
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -21,6 +21,7 @@ from onboarding import constants
 from onboarding.campaign import Campaign, onboard_campaign_tenant, remind_campaign_tenant
 from onboarding.errors import SliceFailed, retry_after, worth_retrying
 from onboarding.roster import Tenant
+from onboarding.settings import RetrySettings
 from onboarding.slices import BatchJob, Step, TenantSlice, run_slice
 from onboarding.tenant_steps import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
 
@@ -44,6 +45,9 @@ def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
     return retry
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 # The policy both tasks share. No timeout_seconds: Prefect cannot interrupt a sync task in a
 # worker thread (it only warns and waits); the client's own call deadline bounds each call.
 # Side-effecting tasks never cache, and their results stay in memory.
@@ -55,6 +59,17 @@ RETRY_POLICY: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "persist_result": False,
 }
+
+
+def with_retry_backoff(task: Task[P, R]) -> Task[P, R]:
+    """`task` with the backoff ONBOARD_RETRY_BACKOFF_SECONDS sets (RetrySettings), when it is
+    set; else `task` as declared. Read when a batch starts, not when this module is imported,
+    so a bad value fails the run (naming the variable) rather than the import."""
+    settings = RetrySettings()
+    if not settings.is_set:
+        return task
+    backoff = exponential_backoff(backoff_factor=settings.retry_backoff_seconds)
+    return task.with_options(retry_delay_seconds=backoff(constants.TASK_RETRIES))
 
 
 def _run(

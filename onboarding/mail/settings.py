@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,11 +21,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from onboarding.errors import InputError, Problem
 from onboarding.mail.message import SETTINGS_SOURCE, parse_from
 from onboarding.net import is_loopback
+from onboarding.settings import EnvSettings
 
 Security = Literal["starttls", "ssl", "none"]
 DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "ssl": 465, "none": 25}
@@ -56,11 +57,7 @@ class SmtpServerSettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            problems = [
-                Problem(SETTINGS_SOURCE, None, _variable(e["loc"]), _message(e))
-                for e in err.errors()
-            ]
-            raise InputError(problems, hint=_HINT) from None
+            raise SmtpSettings.input_error(err) from None
 
     @field_validator("security", mode="before")
     @classmethod
@@ -90,7 +87,7 @@ class SmtpServerSettings(BaseModel):
         return self
 
 
-class SmtpSettings(SmtpServerSettings, BaseSettings):
+class SmtpSettings(SmtpServerSettings, EnvSettings):
     """ONBOARD_SMTP_* and ONBOARD_EMAIL_FROM: the server the onboarding emails go through."""
 
     model_config = SettingsConfigDict(
@@ -101,18 +98,10 @@ class SmtpSettings(SmtpServerSettings, BaseSettings):
         populate_by_name=True,
     )
 
+    settings_source: ClassVar[str] = SETTINGS_SOURCE
+
     # Name of a prefect-email EmailServerCredentials block; resolved by the flow layer only.
     block: str | None = None
-
-
-def _variable(loc: tuple[int | str, ...]) -> str:
-    field = str(loc[0]) if loc else ""
-    return "ONBOARD_EMAIL_FROM" if field == "email_from" else f"ONBOARD_SMTP_{field.upper()}"
-
-
-def _message(error: Any) -> str:
-    cause = error.get("ctx", {}).get("error")
-    return str(cause) if isinstance(cause, ValueError) else str(error["msg"])
 
 
 @dataclass(frozen=True)
