@@ -4,6 +4,7 @@ the onboarding and reminder flows share."""
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -293,6 +294,22 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         lines += ["", "| error | tenants |", "| --- | --- |"]
         lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]
     create_markdown_artifact(key=key.replace("-", "-summary-", 1), markdown="\n".join(lines))
+
+
+def conclude(
+    tally: OutcomeCounts,
+    started: float,
+    done: str,
+    *,
+    artifact: tuple[str, str, str],
+    **about: Any,
+) -> State[dict[str, Any]]:
+    """A run's end: its summary (`about` and the counts since `started`, a time.monotonic()),
+    published as artifacts under `artifact` (key, title, source; see `publish`), and its final
+    state, which says `done` when no tenant failed."""
+    summary = summarise(tally, time.monotonic() - started, **about)
+    publish(*artifact, summary)
+    return final_state(summary, done)
 
 
 def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger
 from prefect.client.schemas.objects import State
 
-from flows.batch import OutcomeCounts, final_state, publish, run_batch, summarise
+from flows.batch import OutcomeCounts, conclude, run_batch
 from flows.job import effective_concurrency, load_templates, open_campaign, tag_run
 from flows.profile_lock import one_batch_per_profile
 from onboarding.campaign import combined
@@ -116,19 +116,24 @@ def onboard_campaign(
                 concurrency,
                 tenants_per_task,
             )
-    summary = summarise(
+    coverage = ledger.connection_coverage(ids)
+    ledger.close()
+    return conclude(
         tally,
-        time.monotonic() - started,
+        started,
+        "onboarded or skipped",
+        artifact=(
+            _artifact_key("onboarding", profiles),
+            f"Onboarding {label}",
+            f"Roster `{source}`",
+        ),
         profile=label,
         connector_id=",".join(ids),
         roster=source,
         dry_run=dry_run,
         deliver=deliver.value,
-        coverage=ledger.connection_coverage(ids),
+        coverage=coverage,
     )
-    _publish("onboarding", f"Onboarding {label}", f"Roster `{source}`", profiles, summary)
-    ledger.close()
-    return final_state(summary, "onboarded or skipped")
 
 
 def remind_campaign(
@@ -201,18 +206,23 @@ def remind_campaign(
                     expired += 1
     if expired:
         logger.info("%d link(s) past their time and not re-issued are now expired", expired)
-    summary = summarise(
+    coverage = ledger.connection_coverage(ids)
+    ledger.close()
+    return conclude(
         tally,
-        time.monotonic() - started,
+        started,
+        "reminded",
+        artifact=(
+            _artifact_key("reminders", profiles),
+            f"Reminders for {label}",
+            f"Ledger, {len(due)} due",
+        ),
         profile=label,
         connector_id=",".join(ids),
         dry_run=dry_run,
         expired=expired,
-        coverage=ledger.connection_coverage(ids),
+        coverage=coverage,
     )
-    _publish("reminders", f"Reminders for {label}", f"Ledger, {len(due)} due", profiles, summary)
-    ledger.close()
-    return final_state(summary, "reminded")
 
 
 def _begin(profiles: list[ConnectorProfile], concurrency: int) -> tuple[Ledger, int]:
@@ -261,9 +271,6 @@ def _skip_done(
             yield tenant
 
 
-def _publish(
-    kind: str, title: str, source: str, profiles: list[ConnectorProfile], summary: dict[str, Any]
-) -> None:
+def _artifact_key(kind: str, profiles: list[ConnectorProfile]) -> str:
     # Keyed by the campaign's profiles, so each campaign keeps its own history in the UI.
-    key = f"{kind}-campaign-" + "-".join(p.slug for p in profiles)
-    publish(key[:200], title, source, summary)
+    return (f"{kind}-campaign-" + "-".join(p.slug for p in profiles))[:200]

@@ -58,10 +58,9 @@ def open_job(
     events: TenantEvents = TenantEvents.AUTO,
 ) -> OnboardingJob:
     """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer,
-    tenant events. Closed with `stack`."""
-    mailer = open_mailer(stack) if deliver.sends_email else None
-    on_status = stack.enter_context(TenantEventSender(events))
-    return _job(stack, profile, ledger, deliver, templates, concurrency, mailer, on_status)
+    tenant events: the one job of a campaign of one connector. Closed with `stack`."""
+    campaign = open_campaign(stack, [profile], ledger, deliver, templates, concurrency, events)
+    return campaign.jobs[0]
 
 
 def open_campaign(
@@ -76,37 +75,25 @@ def open_campaign(
 ) -> Campaign:
     """A campaign's shared parts: one job per profile (its own Versori client for its API, its
     own pacer), one SMTP sender and one tenant event sender for all. Closed with `stack`."""
+    from prefect.runtime import flow_run
+
     mailer = open_mailer(stack) if deliver.sends_email else None
     on_status = stack.enter_context(TenantEventSender(events))
     jobs = [
-        _job(stack, p, ledger, deliver, templates, concurrency, mailer, on_status) for p in profiles
+        OnboardingJob(
+            profile=profile,
+            client=stack.enter_context(open_client(concurrency, profile.api)),
+            ledger=ledger,
+            deliver=deliver,
+            mailer=mailer,
+            templates=templates,
+            run_id=flow_run.id,
+            pacer=make_pacer(profile),
+            on_status=on_status,
+        )
+        for profile in profiles
     ]
     return Campaign(jobs, deliver, mailer, templates, **options)
-
-
-def _job(
-    stack: ExitStack,
-    profile: ConnectorProfile,
-    ledger: Ledger,
-    deliver: Delivery,
-    templates: MailTemplates | None,
-    concurrency: int,
-    mailer: MailSender | None,
-    on_status: TenantEventSender,
-) -> OnboardingJob:
-    from prefect.runtime import flow_run
-
-    return OnboardingJob(
-        profile=profile,
-        client=stack.enter_context(open_client(concurrency, profile.api)),
-        ledger=ledger,
-        deliver=deliver,
-        mailer=mailer,
-        templates=templates,
-        run_id=flow_run.id,
-        pacer=make_pacer(profile),
-        on_status=on_status,
-    )
 
 
 def effective_concurrency(profile: ConnectorProfile, asked: int) -> int:

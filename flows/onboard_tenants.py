@@ -14,7 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
-from flows.batch import OutcomeCounts, final_state, publish, run_batch, skip_live, summarise
+from flows.batch import OutcomeCounts, conclude, run_batch, skip_live
 from flows.campaign import load_campaign, onboard_campaign, profile_paths
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
@@ -226,20 +226,19 @@ def onboard_tenants(
                     concurrency,
                     tenants_per_task,
                 )
-    summary = summarise(
+    ledger.close()
+    return conclude(
         tally,
-        time.monotonic() - started,
+        started,
+        "onboarded or skipped",
+        artifact=(
+            f"onboarding-{connector.slug}",
+            f"Onboarding {connector.name}",
+            f"Roster `{source}`",
+        ),
         profile=connector.name,
         connector_id=connector.target_id,
         roster=source,
         dry_run=dry_run,
         deliver=deliver.value,
     )
-    publish(
-        f"onboarding-{connector.slug}",
-        f"Onboarding {connector.name}",
-        f"Roster `{source}`",
-        summary,
-    )
-    ledger.close()
-    return final_state(summary, "onboarded or skipped")

@@ -13,7 +13,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.batch import OutcomeCounts, final_state, publish, run_batch, summarise
+from flows.batch import OutcomeCounts, conclude, run_batch
 from flows.campaign import load_campaign, profile_paths, remind_campaign
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
@@ -125,19 +125,18 @@ def remind_tenants(
         expired = len(expired_ids)
     if expired:
         logger.info("%d link(s) past their time and not re-issued are now expired", expired)
-    summary = summarise(
+    ledger.close()
+    return conclude(
         outcomes,
-        time.monotonic() - started,
+        started,
+        "reminded",
+        artifact=(
+            f"reminders-{connector.slug}",
+            f"Reminders for {connector.name}",
+            f"Ledger, {len(due)} due",
+        ),
         profile=connector.name,
         connector_id=connector.target_id,
         dry_run=dry_run,
         expired=expired,
     )
-    publish(
-        f"reminders-{connector.slug}",
-        f"Reminders for {connector.name}",
-        f"Ledger, {len(due)} due",
-        summary,
-    )
-    ledger.close()
-    return final_state(summary, "reminded")

@@ -41,6 +41,7 @@ from onboarding.demo.versori_rules import (
     build_url,
     error_response,
     field_error,
+    invalid_body,
     normalise_ulid,
     unauthenticated,
     validate_body,
@@ -214,9 +215,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
         errors, pairs = validate_body(body, v2)
         if errors:
-            return error_response(
-                400, "validation_failed", "request body is invalid", fields=errors
-            )
+            return invalid_body(errors)
 
         credential = body["credential"]
         if (
@@ -225,30 +224,19 @@ def create_app(config: EmulatorConfig) -> Starlette:
         ):
             return error_response(404, "not_found", "credential not found")
         if body["clientId"] != connector.client_id:
-            return error_response(
-                400,
-                "validation_failed",
-                "request body is invalid",
-                fields=[
-                    field_error(
-                        "clientId", "does not match the client id stored under the credential"
-                    )
-                ],
-            )
+            mismatch = "does not match the client id stored under the credential"
+            return invalid_body([field_error("clientId", mismatch)])
 
         clashes = sorted({k for k, _ in pairs} & RESERVED_KEYS)
         if clashes:
-            return error_response(
-                400,
-                "validation_failed",
-                "request body is invalid",
-                fields=[
+            return invalid_body(
+                [
                     field_error(
                         "additionalParams",
                         f"must not set {', '.join(clashes)}: the endpoint sets "
                         f"{'it' if len(clashes) == 1 else 'them'} itself",
                     )
-                ],
+                ]
             )
 
         authorize_url: str = body["authorizeUrl"]

@@ -59,6 +59,11 @@ def field_error(name: str, message: str) -> dict[str, str]:
     return {"field": name, "message": message}
 
 
+def invalid_body(fields: list[dict[str, str]]) -> JSONResponse:
+    """Versori's 400 for a body that fails its checks, each failure under `fields`."""
+    return error_response(400, "validation_failed", "request body is invalid", fields=fields)
+
+
 _NOT_A_URI = "must be an absolute http(s) URI"
 
 
