@@ -146,9 +146,9 @@ def prefect_harness(prefect_api: str) -> Iterator[None]:
                     await result
             except RuntimeError:  # never started
                 pass
-            result = EventsWorker.drain_all()
-            if inspect.isawaitable(result):
-                await result
+            drained = EventsWorker.drain_all()
+            if inspect.isawaitable(drained):
+                await drained
 
         run_coro_as_sync(drain())
 

@@ -67,13 +67,18 @@ def child(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproces
 
 
 def base_env(tmp: Path) -> dict[str, str]:
-    """The parent's environment with a private Prefect home and none of our settings."""
+    """The parent's environment with a private Prefect home and none of our settings but a
+    short retry backoff."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("VERSORI_", "ONBOARD_", "PREFECT_"))
     }
     env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # Retries as the product makes them, with waits of 50 ms instead of 1 s, 2 s, 4 s: a
+    # command whose tenants fail transiently otherwise sleeps seconds (tests/unit/test_settings.py
+    # checks the backoff itself).
+    env["ONBOARD_RETRY_BACKOFF_SECONDS"] = "0.05"
     return env
 
 

@@ -324,7 +324,9 @@ def test_blocks_create_saves_what_the_environment_holds(
     assert result.exit_code == 0, result.output
     assert "key-from-env" not in result.output and "pw-from-env" not in result.output
     assert "VERSORI_API_KEY_BLOCK=k ONBOARD_SMTP_BLOCK=s" in result.output
-    assert Secret.load("k").get() == "key-from-env"
+    secret = Secret.load("k")
+    assert isinstance(secret, Secret)  # load's sync form: no event loop runs here
+    assert secret.get() == "key-from-env"
     smtp = EmailServerCredentials.load("s")
     assert (smtp.smtp_server, smtp.username, smtp.smtp_type.name) == (
         "smtp.example.com",

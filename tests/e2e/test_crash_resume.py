@@ -312,16 +312,16 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
         # The summary line, e.g. "300 tenant(s) in 6.5 s: 236 delivered, 64 skipped".
         summary = re.search(rf"^{TENANTS} tenant\(s\) in .*$", rerun_log.read_text(), re.MULTILINE)
         assert summary, tail(rerun_log)
-        skipped, mailed = len(delivered_at_kill), TENANTS - len(delivered_at_kill)
-        assert summary.group(0).endswith(f": {mailed} delivered, {skipped} skipped"), summary
+        skipped, mailed_now = len(delivered_at_kill), TENANTS - len(delivered_at_kill)
+        assert summary.group(0).endswith(f": {mailed_now} delivered, {skipped} skipped"), summary
 
         # -- 4. everyone delivered once, on the link they already had -------------------------
         wait_for_quiet(smtp)
         ledger = Ledger(db_url)
         try:
             final = {r.tenant_id: r for r in ledger.iter_records()}
-            with ledger.engine.connect() as conn:
-                superseded = conn.exec_driver_sql(
+            with ledger.engine.connect() as connection:
+                superseded = connection.exec_driver_sql(
                     "SELECT tenant_id FROM onboarding_superseded_links"
                 ).fetchall()
         finally:

@@ -290,7 +290,9 @@ def test_no_deployment_emails_the_example_roster_on_a_schedule_out_of_the_box() 
             active = [s for s in spec.get("schedules", []) if s.get("active", True)]
             assert not active, f"{spec['name']} would email {parameters['roster']} on a schedule"
     served = {d.name: d for d in deployments_from_yaml(config)}
-    assert [s.active for s in served["scheduled"].schedules] == [False]
+    schedules = served["scheduled"].schedules
+    assert schedules is not None
+    assert [s.active for s in schedules] == [False]
 
 
 def test_deployment_names_are_unique_in_prefect_yaml() -> None:

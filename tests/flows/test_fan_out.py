@@ -28,8 +28,9 @@ from flows.fan_out import split
 from flows.onboard_tenants import onboard_tenants
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from onboarding.roster import load_roster
+from onboarding.roster import load_roster, open_roster_slice
 from onboarding.tenant_steps import TenantOutcome
+from tests.flows.helpers import summary_of
 
 PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
@@ -154,7 +155,7 @@ def test_fan_out_folds_every_chunk_run_into_one_batch(
         tenant_events="failures",
         return_state=True,
     )
-    summary = state.result()
+    summary = summary_of(state)
     assert state.is_completed(), state.message
     assert summary["total"] == 25 and summary["by_status"] == {"delivered": 25}
     assert env["emulator"].stats()["requests"] == 25, "each tenant initialised once"
@@ -188,7 +189,7 @@ def test_fan_out_folds_every_chunk_run_into_one_batch(
     again = onboard_tenants(
         roster=roster, profile=PROFILE, chunk_size=10, fan_out="deployment", return_state=True
     )
-    assert again.result()["by_status"] == {"skipped": 25}
+    assert summary_of(again)["by_status"] == {"skipped": 25}
     assert env["emulator"].stats()["requests"] == 25
 
 
@@ -200,7 +201,7 @@ def test_in_process_a_large_roster_is_one_flow_run_of_slices(env: dict[str, Any]
     before = {r.id for r in chunk_runs()}
     state = onboard_tenants(roster=roster, profile=PROFILE, chunk_size=10, return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["by_status"] == {"delivered": 250}
+    assert summary_of(state)["by_status"] == {"delivered": 250}
     assert [r for r in chunk_runs() if r.id not in before] == [], "no child flow runs"
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
@@ -223,7 +224,7 @@ def test_a_finished_chunk_run_again_does_nothing_twice(env: dict[str, Any]) -> N
         profile=PROFILE, roster=roster, digest=digest, batch_id="batch-1", chunks=2
     )
     first = chunk_module.onboard_chunk(**params, chunk=0, first=0, stop=3, return_state=True)
-    assert first.result()["by_status"] == {"delivered": 3}
+    assert summary_of(first)["by_status"] == {"delivered": 3}
     ledger = Ledger(env["db"])
     # The same chunk's tenants, failed since (say, by hand): a real re-run would try them again.
     ledger.record_failure(
@@ -237,7 +238,7 @@ def test_a_finished_chunk_run_again_does_nothing_twice(env: dict[str, Any]) -> N
         run_id=None,
     )
     again = chunk_module.onboard_chunk(**params, chunk=0, first=0, stop=3, return_state=True)
-    assert again.result()["by_status"] == {"delivered": 3}, "the chunk's recorded summary"
+    assert summary_of(again)["by_status"] == {"delivered": 3}, "the chunk's recorded summary"
     assert env["emulator"].stats()["requests"] == 3, "a retried chunk calls nothing again"
     assert ledger.get("c0000", CONNECTOR).status is Status.FAILED  # type: ignore[union-attr]
     ledger.close()
@@ -248,7 +249,7 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
     env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, chunks_in_this_process: Any
 ) -> None:
     roster = write_roster(env["tmp"] / "r.csv", 12)
-    real_slice = chunk_module.open_roster_slice
+    real_slice = open_roster_slice
 
     def second_chunk_dies(
         location: str, digest: str, first: int, stop: int, only: Any, **kwargs: Any
@@ -261,7 +262,7 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
     fan_out = {"chunk_size": 5, "fan_out": "deployment"}
     state = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
     assert state.is_failed()
-    summary = state.result(raise_on_failure=False)
+    summary = summary_of(state, raise_on_failure=False)
     assert summary["by_status"] == {"delivered": 7, "failed": 5}
     assert summary["errors"] == {"chunk_lost": 5}
     (lost,) = [o for o in summary["outcomes"] if o["status"] == "failed"]
@@ -271,7 +272,7 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
 
     monkeypatch.setattr(chunk_module, "open_roster_slice", real_slice)
     again = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
-    assert again.result()["by_status"] == {"skipped": 7, "delivered": 5}
+    assert summary_of(again)["by_status"] == {"skipped": 7, "delivered": 5}
     assert env["emulator"].stats()["requests"] == 12
 
 
@@ -304,7 +305,7 @@ def test_chunk_runs_past_the_deadline_are_cancelled_and_count_as_lost(
         return_state=True,
     )
     assert state.is_failed()
-    summary = state.result(raise_on_failure=False)
+    summary = summary_of(state, raise_on_failure=False)
     assert summary["errors"] == {"chunk_lost": 4}
     assert all("past the batch's deadline" in o["error_message"] for o in summary["outcomes"])
     assert env["emulator"].stats()["requests"] == 0

@@ -21,6 +21,7 @@ import flows.onboard_tenants as flow_module
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from tasks.slice_tasks import onboard_slice_task
+from tests.flows.helpers import error_of, summary_of, without_backoff
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
@@ -35,7 +36,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         flow_module,
         "onboard_slice_task",
-        onboard_slice_task.with_options(retry_delay_seconds=0.01, retry_jitter_factor=None),
+        without_backoff(onboard_slice_task),
     )
 
 
@@ -59,7 +60,13 @@ def write_roster(path: Path, subdomains: list[str]) -> str:
 
 def run(roster: str, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     state = flow_module.onboard_tenants(roster=roster, profile=PROFILE, return_state=True, **kwargs)
-    return state.type.value, state.result(raise_on_failure=False)
+    return state.type.value, summary_of(state, raise_on_failure=False)
+
+
+def run_raising(roster: str, **kwargs: Any) -> tuple[str, Exception]:
+    """A run that stops on an error: its state's type and the error."""
+    state = flow_module.onboard_tenants(roster=roster, profile=PROFILE, return_state=True, **kwargs)
+    return state.type.value, error_of(state)
 
 
 @pytest.fixture
@@ -186,7 +193,7 @@ def test_only_restricts_the_batch(env: dict[str, Any], emulator: Any) -> None:
 def test_bad_roster_fails_before_any_call(env: dict[str, Any], emulator: Any) -> None:
     bad = env["tmp"] / "bad.csv"
     bad.write_text("tenant_id,name,admin_email,subdomain\nt1,A,not-an-email,a\nt1,B,b@x.com,b\n")
-    state, result = run(str(bad))
+    state, result = run_raising(str(bad))
     assert state == "FAILED"
     assert "bad.csv:2: admin_email" in str(result) and "bad.csv:3: tenant_id" in str(result)
     assert emulator.stats()["requests"] == 0
@@ -351,7 +358,7 @@ def test_a_roster_url_with_a_credential_is_never_a_plain_parameter(
     try:
         monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "127.0.0.1")
         signed = f"http://127.0.0.1:{server.server_port}/r.csv?X-Amz-Signature=s1gn3d"
-        state, result = run(signed)
+        state, result = run_raising(signed)
         assert state == "FAILED"
         assert "secret:<block name>" in str(result) and "s1gn3d" not in str(result)
         assert emulator.app.state.emulator.stats()["requests"] == 0
@@ -362,7 +369,7 @@ def test_a_roster_url_with_a_credential_is_never_a_plain_parameter(
         assert summary["by_status"] == {"delivered": 2}
         assert "s1gn3d" not in json.dumps(summary)
 
-        state, result = run("secret:no-such-block")
+        state, result = run_raising("secret:no-such-block")
         assert state == "FAILED" and "no Secret block named 'no-such-block'" in str(result)
     finally:
         server.shutdown()

@@ -20,6 +20,7 @@ from onboarding.clock import utcnow
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task
+from tests.flows.helpers import error_of, summary_of, without_backoff
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -30,11 +31,8 @@ CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = {"retry_delay_seconds": 0.01, "retry_jitter_factor": None}
-    monkeypatch.setattr(
-        onboard_module, "onboard_slice_task", onboard_slice_task.with_options(**fast)
-    )
-    monkeypatch.setattr(remind_module, "remind_slice_task", remind_slice_task.with_options(**fast))
+    monkeypatch.setattr(onboard_module, "onboard_slice_task", without_backoff(onboard_slice_task))
+    monkeypatch.setattr(remind_module, "remind_slice_task", without_backoff(remind_slice_task))
 
 
 @pytest.fixture
@@ -62,12 +60,20 @@ def onboard(path: str, deliver: str = "email") -> tuple[str, dict[str, Any]]:
     state = onboard_module.onboard_tenants(
         roster=path, profile=PROFILE, deliver=deliver, concurrency=3, return_state=True
     )
-    return state.type.value, state.result(raise_on_failure=False)
+    return state.type.value, summary_of(state, raise_on_failure=False)
+
+
+def onboard_raising(path: str) -> tuple[str, Exception]:
+    """An `onboard` run that stops on an error: its state's type and the error."""
+    state = onboard_module.onboard_tenants(
+        roster=path, profile=PROFILE, deliver="email", concurrency=3, return_state=True
+    )
+    return state.type.value, error_of(state)
 
 
 def remind(**kwargs: Any) -> tuple[str, dict[str, Any]]:
     state = remind_module.remind_tenants(profile=PROFILE, return_state=True, **kwargs)
-    return state.type.value, state.result(raise_on_failure=False)
+    return state.type.value, summary_of(state, raise_on_failure=False)
 
 
 def sent_to(smtp: SmtpTestServer) -> Counter[str]:
@@ -291,7 +297,7 @@ def test_secrets_from_prefect_blocks(
     assert sent_to(smtp) == {"admin1@t1.example.com": 1}
 
     monkeypatch.setenv("ONBOARD_SMTP_BLOCK", "no-such-block")
-    state, result = onboard(roster(tmp_path, ["Other"]))
+    state, result = onboard_raising(roster(tmp_path, ["Other"]))
     assert state == "FAILED" and "no EmailServerCredentials block named 'no-such-block'" in str(
         result
     )

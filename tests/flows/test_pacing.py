@@ -3,6 +3,7 @@ creates or corrects before it starts."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,6 @@ def test_a_client_error_from_the_concurrency_api_is_not_retried(
 def test_a_hostile_retry_after_on_423_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect.client.orchestration
 
-    from flows import pacing as flow_pacing
     from flows.pacing import SlotDispenser
 
     slept: list[float] = []
@@ -191,7 +191,7 @@ def test_a_hostile_retry_after_on_423_is_clamped(monkeypatch: pytest.MonkeyPatch
         [_status_error(423, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"})]
     )
     monkeypatch.setattr(prefect.client.orchestration, "get_client", api)
-    monkeypatch.setattr(flow_pacing.time, "sleep", slept.append)
+    monkeypatch.setattr(time, "sleep", slept.append)
     SlotDispenser("onboarding-rate-x", rate=1000.0, block=2)._take_block()
     assert slept == [constants.MAX_RETRY_AFTER_SECONDS]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 import tasks.slice_tasks as initialise
+from onboarding import constants
 from onboarding.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -25,7 +27,7 @@ from onboarding.errors import (
 @pytest.fixture
 def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     calls: list[float] = []
-    monkeypatch.setattr(initialise.time, "sleep", calls.append)
+    monkeypatch.setattr(time, "sleep", calls.append)
     return calls
 
 
@@ -64,7 +66,7 @@ def test_retry_after_is_waited_out_before_prefects_own_backoff(slept: list[float
 
 
 def test_retry_after_beyond_the_cap_fails_the_tenant_for_this_run(slept: list[float]) -> None:
-    too_long = initialise.constants.MAX_RETRY_AFTER_SECONDS + 1
+    too_long = constants.MAX_RETRY_AFTER_SECONDS + 1
     assert decide(RateLimitedError(429, "rate_limited", "later", retry_after=too_long)) is False
     assert slept == []
 
@@ -80,7 +82,9 @@ def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[
 
     failed = TenantOutcome("t2", "failed", error_code="rate_limited")
     ok = TenantOutcome("t1", "delivered")
-    retry = {"t2": RateLimitedError(429, "rate_limited", "slow", retry_after=4.0)}
+    retry: dict[str, BaseException] = {
+        "t2": RateLimitedError(429, "rate_limited", "slow", retry_after=4.0)
+    }
     assert decide(SliceFailed("tenants 1-2", [ok, failed], retry)) is True
     assert slept == [4.0], "the longest Retry-After among the slice's tenants"
     final = TenantOutcome("t2", "failed", error_code="validation_failed")
@@ -93,7 +97,7 @@ def test_task_declares_retries_with_backoff_and_jitter() -> None:
 
 
 def check_policy(task: Any) -> None:
-    assert task.retries == initialise.constants.TASK_RETRIES
+    assert task.retries == constants.TASK_RETRIES
     assert task.retry_delay_seconds == [1.0, 2.0, 4.0]
-    assert task.retry_jitter_factor == initialise.constants.TASK_RETRY_JITTER_FACTOR
+    assert task.retry_jitter_factor == constants.TASK_RETRY_JITTER_FACTOR
     assert task.cache_policy is NO_CACHE, "a side-effecting task must never be served from cache"

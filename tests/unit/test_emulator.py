@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
@@ -29,6 +29,8 @@ PATH = (
 AUTH = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
 AUTHORIZE_URL = "https://login.example.com/oauth2/authorize"
 URLSAFE = re.compile(r"^[A-Za-z0-9_-]{43,}$")
+# The `start` fixture: a server of its own config, and a client to it.
+StartServer = Callable[[EmulatorConfig], tuple[EmulatorServer, httpx.Client]]
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def client(server: EmulatorServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def start() -> Iterator[Any]:
+def start() -> Iterator[StartServer]:
     """Start a server with its own config; stopped at teardown even if the test fails."""
     servers: list[EmulatorServer] = []
 
@@ -415,7 +417,7 @@ def test_rate_limit_under_concurrency(start: Any) -> None:
     assert statuses[200] + statuses[429] == 40
 
 
-def test_script_sequence_per_tenant(start: Any) -> None:
+def test_script_sequence_per_tenant(start: StartServer) -> None:
     running, http = start(
         EmulatorConfig(script={"tenant=acme": ["503", "503", "ok"], "tenant=doom": ["500*"]})
     )
@@ -535,7 +537,9 @@ def test_multiple_connectors(start: Any) -> None:
         client_id="second-client",
         redirect_uri="https://example.com/cb",
     )
-    _, http = start(EmulatorConfig(connectors=(DEMO_CONNECTOR, second), api_keys={"k1", "k2"}))
+    _, http = start(
+        EmulatorConfig(connectors=(DEMO_CONNECTOR, second), api_keys=frozenset({"k1", "k2"}))
+    )
     payload = body(
         credential={
             "id": second.credential_id,

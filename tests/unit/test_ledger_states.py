@@ -120,7 +120,7 @@ def test_a_callback_during_a_real_send_leaves_the_tenant_connected(ledger: Ledge
     tenant = Tenant(tenant_id="t1", name="Acme", admin_email="admin@acme.example.com", fields={})
     ledger.record_link(
         tenant_id="t1",
-        connector_id=load_profile(PROFILE).connector_id,
+        connector_id=load_profile(PROFILE).target_id,
         profile="zendesk-demo",
         tenant_name="Acme",
         admin_email="admin@acme.example.com",
@@ -140,7 +140,7 @@ def test_a_callback_during_a_real_send_leaves_the_tenant_connected(ledger: Ledge
     )
     onboard_tenant(job, tenant)
     assert mailer.sent == 1
-    record = ledger.get("t1", job.profile.connector_id)
+    record = ledger.get("t1", job.profile.target_id)
     assert record is not None
     assert (record.status, record.connection_id) == (Status.CONNECTED, "conn-during-send")
 
@@ -151,7 +151,7 @@ def test_a_tenant_that_connected_before_the_send_is_not_mailed(ledger: Ledger) -
     from onboarding.mail import MailTemplates
 
     tenant = Tenant(tenant_id="t1", name="Acme", admin_email="admin@acme.example.com", fields={})
-    connector_id = load_profile(PROFILE).connector_id
+    connector_id = load_profile(PROFILE).target_id
     ledger.record_link(
         tenant_id="t1",
         connector_id=connector_id,

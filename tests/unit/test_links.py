@@ -378,7 +378,7 @@ def test_offline_access_is_the_one_scope_beyond_the_request_allowed() -> None:
     )
 
 
-def _profile(**pins: str) -> dict[str, Any]:
+def _profile(**pins: str | list[str]) -> dict[str, Any]:
     return {
         "name": "p",
         "organisation_id": "01J9Z6ZQ7T8KX3N5V2W4Y6A8C0",
@@ -453,7 +453,7 @@ def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: 
         job = OnboardingJob(profile=profile, client=client, ledger=ledger)
         with pytest.raises(LinkCheckError, match="redirect_host"):
             onboard_tenant(job, tenant)
-        record = ledger.get("t1", profile.connector_id)
+        record = ledger.get("t1", profile.target_id)
         assert record is not None and not record.url
         # The same link without the pin is accepted: the pin is what refused it.
         job = OnboardingJob(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,9 +68,9 @@ def job(tmp_path: Path) -> OnboardingJob:
 
 
 @pytest.fixture
-def pool() -> ThreadPoolExecutor:
+def pool() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(4) as pool:
-        yield pool  # type: ignore[misc]
+        yield pool
 
 
 def test_every_tenant_once_in_roster_order(job: OnboardingJob, pool: ThreadPoolExecutor) -> None:
@@ -159,7 +160,7 @@ def test_a_batch_fatal_error_stops_the_tenants_not_yet_started(job: OnboardingJo
     assert step.calls == {"t1": 1}
     codes = [o.error_code for o in failed.value.outcomes]
     assert codes == ["unauthenticated", "not_attempted", "not_attempted", "not_attempted"]
-    record = job.ledger.get("t4", job.profile.connector_id)
+    record = job.ledger.get("t4", job.profile.target_id)
     assert record is not None and record.error_code == "not_attempted"
     assert record.attempts == 0, "a tenant never tried counts no attempt"
 
