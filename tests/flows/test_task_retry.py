@@ -9,7 +9,6 @@ import pytest
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-import tasks.slice_tasks as initialise
 from onboarding import constants
 from onboarding.errors import (
     APIConnectionError,
@@ -22,6 +21,7 @@ from onboarding.errors import (
     RetryableStatusError,
     ServerError,
 )
+from tasks import slice_tasks
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 def decide(exc: BaseException) -> bool:
     state: Any = Failed(data=exc)
-    return initialise.retry_transient(initialise.onboard_slice_task, None, state)  # type: ignore[arg-type]
+    return slice_tasks.retry_transient(slice_tasks.onboard_slice_task, None, state)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_retry_after_beyond_the_cap_fails_the_tenant_for_this_run(slept: list[fl
 
 def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
     state: Any = Completed(data=1)
-    assert initialise.retry_transient(initialise.onboard_slice_task, None, state) is False  # type: ignore[arg-type]
+    assert slice_tasks.retry_transient(slice_tasks.onboard_slice_task, None, state) is False  # type: ignore[arg-type]
 
 
 def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
@@ -92,7 +92,7 @@ def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[
 
 
 def test_task_declares_retries_with_backoff_and_jitter() -> None:
-    for task in (initialise.onboard_slice_task, initialise.remind_slice_task):
+    for task in (slice_tasks.onboard_slice_task, slice_tasks.remind_slice_task):
         check_policy(task)
 
 
