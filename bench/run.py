@@ -37,14 +37,13 @@ import httpx
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from bench.scale_out import (  # noqa: E402
+from bench.scale_out import ScaleOutStack, write_roster  # noqa: E402
+from bench.services import (  # noqa: E402
     REDIS_URL,
-    ScaleOutStack,
     dedicated_redis_db,
     fresh_postgres_database,
     pg_url,
     redis_server_settings,
-    write_roster,
 )
 from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402

@@ -15,8 +15,8 @@ The server follows Prefect's guide for a self-hosted server at scale: PostgreSQL
 and Docket, instead of the in-memory broker, which drops events under load ("Subscription queue
 is full"); its API (`prefect server start --no-services`) and its background services (`prefect
 server services start`) in two processes. Each stack claims a Redis database of its own
-(`dedicated_redis_db`), empty at the start and flushed on the way out, so two stacks never share
-streams. ONBOARD_BENCH_REDIS names the Redis server (default redis://127.0.0.1:6379).
+(`dedicated_redis_db` in bench/services.py), empty at the start and flushed on the way out, so
+two stacks never share streams. ONBOARD_BENCH_REDIS names the Redis server (default redis://127.0.0.1:6379).
 Workers and clients need no Redis setting: they reach the broker only through the server's API.
 
 Used by tests/e2e/test_scale_out.py and by `bench/run.py --workers W`. Every process is started
@@ -27,21 +27,16 @@ databases are dropped.
 from __future__ import annotations
 
 import csv
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -49,6 +44,13 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
+from bench.services import (  # noqa: E402
+    REDIS_URL,
+    dedicated_redis_db,
+    fresh_postgres_database,
+    pg_url,
+    redis_server_settings,
+)
 from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
 from tests.helpers import (  # noqa: E402
     base_env,
@@ -59,13 +61,6 @@ from tests.helpers import (  # noqa: E402
 )
 
 BIN = Path(sys.executable).parent
-PG_ADMIN = os.environ.get("ONBOARD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-PG_SERVER = PG_ADMIN.rsplit("/", 1)[0]  # postgresql://user@host:port
-REDIS_URL = os.environ.get("ONBOARD_BENCH_REDIS", "redis://127.0.0.1:6379")
-# Set in each Redis database a stack uses, naming its owner ("host:pid:token"); the database
-# is the stack's while the key is there and the owner lives (or for a day, at most).
-REDIS_CLAIM_KEY = "onboard-scale-out:owner"
-REDIS_CLAIM_SECONDS = 24 * 3600
 POOL = "onboarding"
 CHUNK_DEPLOYMENT = "onboard-tenants-chunk/chunks"
 # Relative to the project folder, where each worker's flow runs start (the pull step of
@@ -104,102 +99,6 @@ DROPPED_OR_FAILED = re.compile(
 )
 
 
-def redis_address(url: str = REDIS_URL) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 6379
-
-
-def redis_unavailable(url: str = REDIS_URL) -> str | None:
-    """Why the Redis at `url` cannot serve a stack (it does not answer PING), or None."""
-    import redis
-
-    host, port = redis_address(url)
-    try:
-        client = redis.Redis(host=host, port=port, socket_connect_timeout=3, socket_timeout=3)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as error:
-        return f"Redis at {host}:{port} (ONBOARD_BENCH_REDIS) does not answer: {error}"
-    return None
-
-
-@contextmanager
-def dedicated_redis_db(url: str = REDIS_URL) -> Iterator[int]:
-    """A Redis database number no other stack uses: the first of 1..N-1 (0 is left to whoever
-    uses the default) whose claim key is missing, or names a process of this host that has
-    ended. It is emptied when claimed, and flushed on the way out. Yields its number."""
-    import redis
-
-    host, port = redis_address(url)
-    admin = redis.Redis(host=host, port=port, socket_connect_timeout=3, decode_responses=True)
-    try:
-        count = int(str(admin.config_get("databases").get("databases", 16)))
-    finally:
-        admin.close()
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    for db in range(1, count):
-        client = redis.Redis(
-            host=host, port=port, db=db, socket_connect_timeout=3, decode_responses=True
-        )
-        try:
-            claimed = _claim_redis_db(client, owner)
-        except BaseException:
-            client.close()
-            raise
-        if not claimed:
-            client.close()
-            continue
-        try:
-            yield db
-        finally:
-            try:
-                if client.get(REDIS_CLAIM_KEY) == owner:
-                    client.flushdb()
-            finally:
-                client.close()
-        return
-    raise RuntimeError(f"every Redis database 1..{count - 1} at {host}:{port} is claimed")
-
-
-# Set the claim if it still holds what was read (nothing, or a dead owner's claim): atomic.
-_SWAP_CLAIM = (
-    "local cur = redis.call('GET', KEYS[1]) "
-    "if (not cur and ARGV[2] == '') or cur == ARGV[2] then "
-    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3]) return 1 end return 0"
-)
-
-
-def _claim_redis_db(client: Any, owner: str) -> bool:
-    """Claim the client's database for `owner` and empty it (but for the claim), unless
-    another live stack holds it."""
-    held = client.get(REDIS_CLAIM_KEY)
-    if held is not None and not _claim_is_stale(str(held), socket.gethostname()):
-        return False
-    if not client.eval(_SWAP_CLAIM, 1, REDIS_CLAIM_KEY, owner, held or "", REDIS_CLAIM_SECONDS):
-        return False
-    with client.pipeline(transaction=True) as pipe:
-        pipe.flushdb()
-        pipe.set(REDIS_CLAIM_KEY, owner, ex=REDIS_CLAIM_SECONDS)
-        pipe.execute()
-    return True
-
-
-def _claim_is_stale(held: str, host: str) -> bool:
-    """A claim "host:pid:token" of this host whose process has ended."""
-    parts = held.split(":")
-    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
 def write_roster(path: Path, n: int, prefix: str = "b") -> None:
     """A CSV roster of `n` generated tenants for examples/profile.yaml."""
     with path.open("w", newline="") as f:
@@ -209,28 +108,6 @@ def write_roster(path: Path, n: int, prefix: str = "b") -> None:
             w.writerow(
                 [f"{prefix}{i:07d}", f"Bench {i}", f"admin{i}@bench.example.com", f"bench{i}"]
             )
-
-
-@contextmanager
-def fresh_postgres_database(prefix: str = "onboard_bench") -> Iterator[str]:
-    """A new, empty database on the local PostgreSQL (ONBOARD_BENCH_PG names the server and a
-    database to connect to for admin), dropped on the way out. Yields its name; see `pg_url`."""
-    import psycopg
-
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def pg_url(name: str, driver: str) -> str:
-    """The URL of database `name` on the bench server, for SQLAlchemy `driver` (asyncpg for
-    the Prefect server, psycopg for the ledger)."""
-    return PG_SERVER.replace("postgresql://", f"postgresql+{driver}://", 1) + f"/{name}"
 
 
 @dataclass(frozen=True)
@@ -275,43 +152,6 @@ class BatchResult:
             (r.ended - r.started).total_seconds() for r in self.chunk_runs if r.started and r.ended
         ]
         return sum(spans) / len(spans) if spans else None
-
-
-def redis_server_settings(url: str, db: int) -> dict[str, str]:
-    """Prefect settings (environment variables) for a server on the Redis at `url`, database
-    `db`, as Prefect's guide for a self-hosted server at scale gives them; names checked against
-    prefect 3.9 (prefect/settings/models/server/) and prefect-redis 0.3 (prefect_redis/)."""
-    host, port = redis_address(url)
-    return {
-        # ServerEventsSettings.messaging_broker / messaging_cache (these are their aliases)
-        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
-        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
-        # ServerEventsSettings.causal_ordering, ServerConcurrencySettings.lease_storage
-        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
-        # prefect_redis.client.RedisMessagingSettings
-        "PREFECT_REDIS_MESSAGING_HOST": host,
-        "PREFECT_REDIS_MESSAGING_PORT": str(port),
-        "PREFECT_REDIS_MESSAGING_DB": str(db),
-        # ServerDocketSettings.url: the background services' scheduling (memory:// by default).
-        # Its keys start with the docket's name, so it shares the stack's database.
-        "PREFECT_SERVER_DOCKET_URL": f"redis://{host}:{port}/{db}",
-        # ServerWorkerChannelSettings.cleanup_queue_storage (not in the guide): the
-        # cancellation-cleanup service queues messages that the API hands to workers, in the
-        # server's memory by default, which a separate services process does not share.
-        # prefect_redis.cleanup_queue.RedisWorkerCleanupQueueSettings connects it.
-        "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
-        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_HOST": host,
-        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_PORT": str(port),
-        "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_DB": str(db),
-        # The Redis consumers read one message per round trip unless told otherwise
-        # (read_batch_size, default 1), and the task run recorder writes one task run per
-        # transaction (batch_size, default 1): batch both.
-        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
-        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
-        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
-        "PREFECT_SERVER_SERVICES_TRIGGERS_READ_BATCH_SIZE": "100",
-    }
 
 
 class ScaleOutStack:

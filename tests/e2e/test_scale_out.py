@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from bench.scale_out import CONNECTOR, ScaleOutStack, redis_unavailable
+from bench.scale_out import CONNECTOR, ScaleOutStack
+from bench.services import redis_unavailable
 from onboarding.ledger import Ledger, Status, batch_chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
@@ -30,7 +31,7 @@ def stack(tmp_path: Path) -> Iterator[ScaleOutStack]:
     try:
         import psycopg
 
-        from bench.scale_out import PG_ADMIN
+        from bench.services import PG_ADMIN
 
         psycopg.connect(PG_ADMIN, connect_timeout=3).close()
     except Exception as error:
