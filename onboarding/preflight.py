@@ -12,7 +12,13 @@ from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates, SmtpSettings
 from onboarding.profile import load_profile
 from onboarding.roster import load_roster
-from onboarding.settings import InputSettings, LedgerSettings, RetrySettings, VersoriSettings
+from onboarding.settings import (
+    ENV_HINT,
+    InputSettings,
+    LedgerSettings,
+    RetrySettings,
+    VersoriSettings,
+)
 from onboarding.tenant_steps import Delivery
 
 
@@ -56,7 +62,7 @@ def check_environment() -> None:
         except InputError as err:
             problems.extend(err.problems)
     if problems:
-        raise InputError(problems, hint="Set them in the environment or in .env.")
+        raise InputError(problems, hint=ENV_HINT)
 
 
 def check_ledger() -> None:

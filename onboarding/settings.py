@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from onboarding import constants
 from onboarding.errors import InputError, Problem
 
+# What every error about a setting ends with.
+ENV_HINT = "Set them in the environment or in .env."
+
 
 class EnvSettings(BaseSettings):
     """Settings read from the environment (and a .env file). A value that does not pass its
@@ -32,7 +35,7 @@ class EnvSettings(BaseSettings):
             Problem(cls.settings_source, None, cls.variable(e["loc"]), validation_reason(e))
             for e in err.errors()
         ]
-        return InputError(problems, hint="Set them in the environment or in .env.")
+        return InputError(problems, hint=ENV_HINT)
 
     @classmethod
     def variable(cls, loc: tuple[int | str, ...]) -> str:

@@ -26,11 +26,10 @@ from pydantic_settings import SettingsConfigDict
 from onboarding.errors import InputError, Problem
 from onboarding.mail.message import SETTINGS_SOURCE, parse_from
 from onboarding.net import is_loopback
-from onboarding.settings import EnvSettings
+from onboarding.settings import ENV_HINT, EnvSettings
 
 Security = Literal["starttls", "ssl", "none"]
 DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "ssl": 465, "none": 25}
-_HINT = "Set them in the environment or in .env."
 
 
 class SmtpServerSettings(BaseModel):
@@ -170,7 +169,7 @@ def check_for_sending(settings: SmtpServerSettings) -> SendSettings:
             why = "file not found" if isinstance(err, FileNotFoundError) else str(err)
             problem("ONBOARD_SMTP_CA_FILE", f"{ca_file}: cannot load CA certificates ({why})")
     if problems:
-        raise InputError(problems, hint=_HINT)
+        raise InputError(problems, hint=ENV_HINT)
     assert settings.port is not None  # set by SmtpServerSettings._default_port
     return SendSettings(
         host=host,
