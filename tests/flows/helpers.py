@@ -1,24 +1,12 @@
-"""What the flow tests share beside their fixtures (tests/flows/conftest.py): a task's retry
-policy without its backoff, and the summary, or the error, a flow run ends with."""
+"""What the flow tests share beside their fixtures (tests/flows/conftest.py): the summary, or
+the error, a flow run ends with."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prefect import Task
     from prefect.client.schemas.objects import State
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def without_backoff(task: Task[P, R]) -> Task[P, R]:
-    """`task` with the same retry policy, without the seconds of backoff."""
-    return task.with_options(
-        retry_delay_seconds=0.01,
-        retry_jitter_factor=None,  # type: ignore[arg-type]  # Task() takes None; with_options' hint omits it
-    )
 
 
 def summary_of(state: State[Any], raise_on_failure: bool = True) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-import flows.campaign as campaign_module
 from flows.onboard_tenants import onboard_tenants
 from flows.remind_tenants import remind_tenants
 from onboarding.clock import utcnow
@@ -25,8 +24,7 @@ from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.roster import TenantRow
 from onboarding.tenant_steps import Delivery
-from tasks.slice_tasks import onboard_campaign_slice_task, remind_campaign_slice_task
-from tests.flows.helpers import summary_of, without_backoff
+from tests.flows.helpers import summary_of
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -42,20 +40,6 @@ SCRIPT = {
     "//t7.slack.example.com": ["bad_url"],
     "//t5.slack.example.com": ["503"],
 }
-
-
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        campaign_module,
-        "onboard_campaign_slice_task",
-        without_backoff(onboard_campaign_slice_task),
-    )
-    monkeypatch.setattr(
-        campaign_module,
-        "remind_campaign_slice_task",
-        without_backoff(remind_campaign_slice_task),
-    )
 
 
 @pytest.fixture

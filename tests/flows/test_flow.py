@@ -20,24 +20,13 @@ from prefect.client.schemas.filters import (
 import flows.onboard_tenants as flow_module
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
-from tasks.slice_tasks import onboard_slice_task
-from tests.flows.helpers import error_of, summary_of, without_backoff
+from tests.flows.helpers import error_of, summary_of
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
 
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Same retry policy, without the seconds of backoff.
-    monkeypatch.setattr(
-        flow_module,
-        "onboard_slice_task",
-        without_backoff(onboard_slice_task),
-    )
 
 
 @pytest.fixture

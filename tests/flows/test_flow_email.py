@@ -19,20 +19,13 @@ from flows.record_connection import record_connection_flow
 from onboarding.clock import utcnow
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
-from tasks.slice_tasks import onboard_slice_task, remind_slice_task
-from tests.flows.helpers import error_of, summary_of, without_backoff
+from tests.flows.helpers import error_of, summary_of
 from tests.smtp_server import DROP, SmtpTestServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
-
-
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onboard_module, "onboard_slice_task", without_backoff(onboard_slice_task))
-    monkeypatch.setattr(remind_module, "remind_slice_task", without_backoff(remind_slice_task))
 
 
 @pytest.fixture
