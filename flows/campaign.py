@@ -16,7 +16,6 @@ from prefect.client.schemas.objects import State
 
 from flows.batch import OutcomeCounts, conclude, run_batch
 from flows.job import effective_concurrency, load_templates, open_campaign, tag_run
-from flows.profile_lock import one_batch_per_profile
 from onboarding.campaign import combined
 from onboarding.clock import utcnow
 from onboarding.errors import InputError
@@ -91,8 +90,6 @@ def onboard_campaign(
     started = time.monotonic()
     ids = [p.target_id for p in profiles]
     with ExitStack() as stack:
-        if is_roster and not dry_run:  # inline tenants (a signup) never wait behind a batch
-            _hold_slots(stack, profiles)
         needing_nothing = {cid: ledger.ids_needing_nothing(cid) for cid in ids}
         if dry_run:
             tally = OutcomeCounts.of(_dry_run(batch, profiles, needing_nothing))
@@ -153,17 +150,14 @@ def remind_campaign(
     label = campaign_label(profiles)
     ids = [p.target_id for p in profiles]
 
-    def due_now() -> list[Record]:
-        sent_before = utcnow() - timedelta(hours=after_hours)
-        first: dict[str, Record] = {}
-        for cid in ids:
-            for record in ledger.due_for_reminder(
-                cid, sent_before=sent_before, max_reminders=max_reminders
-            ):
-                first.setdefault(record.tenant_id, record)
-        return list(first.values())
-
-    due = due_now()
+    sent_before = utcnow() - timedelta(hours=after_hours)
+    first: dict[str, Record] = {}
+    for cid in ids:
+        for record in ledger.due_for_reminder(
+            cid, sent_before=sent_before, max_reminders=max_reminders
+        ):
+            first.setdefault(record.tenant_id, record)
+    due = list(first.values())
     logger.info(
         "%d tenant(s) are due a reminder for %s (sent over %g h ago, fewer than %d reminders)",
         len(due),
@@ -178,8 +172,6 @@ def remind_campaign(
         expired = ledger.count_past_expiry(ids, utcnow())
     else:
         with ExitStack() as stack:
-            if _hold_slots(stack, profiles):
-                due = due_now()  # it waited for another batch: who is due may have changed
             templates = load_templates(profiles[0])
             templates.check_campaign()
             campaign = open_campaign(
@@ -190,6 +182,7 @@ def remind_campaign(
                 templates,
                 concurrency,
                 tenant_events,
+                remind_before=sent_before,
                 max_reminders=max_reminders,
             )
             tally = run_batch(
@@ -231,15 +224,6 @@ def _begin(profiles: list[ConnectorProfile], concurrency: int) -> tuple[Ledger, 
         tag_run(profile)
         concurrency = effective_concurrency(profile, concurrency)
     return Ledger(LedgerSettings().db_url), concurrency
-
-
-def _hold_slots(stack: ExitStack, profiles: list[ConnectorProfile]) -> bool:
-    """One batch per profile (flows/profile_lock.py), every profile's slot held until `stack`
-    closes; taken in one order, so two campaigns never deadlock. Whether it waited."""
-    waited = False
-    for profile in sorted(profiles, key=lambda p: p.slug):
-        waited = stack.enter_context(one_batch_per_profile(profile)) or waited
-    return waited
 
 
 def _dry_run(

@@ -3,19 +3,24 @@ pacer, tenant events (`open_job`), and the secrets and settings they are made fr
 
 from __future__ import annotations
 
+import uuid
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefect import get_run_logger
+
 from flows.events import TenantEventSender
-from flows.pacing import make_pacer
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.models import Api
+from onboarding.pacing import PACE_SHARE, Pacer, Spacing
 from onboarding.profile import ConnectorProfile
-from onboarding.settings import VersoriSettings
+from onboarding.retry_policy import BatchStop, RetryRule
+from onboarding.settings import RetrySettings, VersoriSettings
 from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
 
 if TYPE_CHECKING:
@@ -56,10 +61,22 @@ def open_job(
     templates: MailTemplates | None,
     concurrency: int,
     events: TenantEvents = TenantEvents.AUTO,
+    remind_before: datetime | None = None,
+    max_reminders: int = 0,
 ) -> OnboardingJob:
     """Everything a batch's tasks share: Versori client, SMTP sender when mail goes out, pacer,
     tenant events: the one job of a campaign of one connector. Closed with `stack`."""
-    campaign = open_campaign(stack, [profile], ledger, deliver, templates, concurrency, events)
+    campaign = open_campaign(
+        stack,
+        [profile],
+        ledger,
+        deliver,
+        templates,
+        concurrency,
+        events,
+        remind_before=remind_before,
+        max_reminders=max_reminders,
+    )
     return campaign.jobs[0]
 
 
@@ -71,12 +88,21 @@ def open_campaign(
     templates: MailTemplates | None,
     concurrency: int,
     events: TenantEvents = TenantEvents.AUTO,
+    remind_before: datetime | None = None,
     **options: Any,
 ) -> Campaign:
     """A campaign's shared parts: one job per profile (its own Versori client for its API, its
-    own pacer), one SMTP sender and one tenant event sender for all. Closed with `stack`."""
+    own pacer and batch stop), one SMTP sender and one tenant event sender for all, and the
+    run's lease on the tenants it claims in the ledger. Closed with `stack`.
+
+    `remind_before` makes it a reminder batch (a tenant is due while last sent before then);
+    `options` go to the Campaign."""
     from prefect.runtime import flow_run
 
+    claimant = str(flow_run.id or uuid.uuid4())
+    stack.enter_context(ledger.run_lease(claimant))
+    settings = RetrySettings()
+    rule = RetryRule(deadline=settings.tenant_deadline_seconds)
     mailer = open_mailer(stack) if deliver.sends_email else None
     on_status = stack.enter_context(TenantEventSender(events))
     jobs = [
@@ -88,12 +114,38 @@ def open_campaign(
             mailer=mailer,
             templates=templates,
             run_id=flow_run.id,
-            pacer=make_pacer(profile),
+            pacer=make_pacer(profile, ledger),
             on_status=on_status,
+            stop=BatchStop(settings.stop_after),
+            rule=rule,
+            claimant=claimant,
+            remind_before=remind_before,
+            max_reminders=options.get("max_reminders", 0),
         )
         for profile in profiles
     ]
-    return Campaign(jobs, deliver, mailer, templates, **options)
+    return Campaign(jobs, deliver, mailer, templates, rule=rule, **options)
+
+
+def rate_limit_name(profile: ConnectorProfile) -> str:
+    return f"onboarding-rate-{profile.slug}"
+
+
+def make_pacer(profile: ConnectorProfile, ledger: Ledger) -> Pacer:
+    """A pacer at a little under the profile's `rate_limit_per_second`, if it sets one,
+    shared through the ledger by every run of the profile on it (chunks, workers, two CLI
+    runs at once); else one that only holds off after a 429 (onboarding/pacing.py)."""
+    rate = profile.rate_limit_per_second
+    if rate is None:
+        return Pacer()
+    get_run_logger().info(
+        "Pacing %s at %.4g calls/s (%g/s less %.0f%%), shared by every run on this ledger",
+        profile.name,
+        rate * PACE_SHARE,
+        rate,
+        100 * (1 - PACE_SHARE),
+    )
+    return Spacing(rate, name=rate_limit_name(profile), times=ledger)
 
 
 def effective_concurrency(profile: ConnectorProfile, asked: int) -> int:

@@ -125,7 +125,7 @@ def stop_when_parent_ends(job: OnboardingJob, batch_id: str) -> Iterator[None]:
                 except Exception:  # the API hiccuped: ask again next time
                     continue
                 if parent.state is not None and parent.state.is_final():
-                    job.stop_reason = (
+                    job.stop.halt(
                         f"the batch's parent run ended {parent.state.name}; the next batch "
                         "does these tenants"
                     )

@@ -19,7 +19,6 @@ from flows.campaign import load_campaign, onboard_campaign, profile_paths
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
-from flows.profile_lock import one_batch_per_profile
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
@@ -195,8 +194,6 @@ def onboard_tenants(
         )
     else:
         with ExitStack() as stack:
-            if roster is not None:  # a batch; inline tenants (a signup) never wait behind one
-                stack.enter_context(one_batch_per_profile(connector))
             if roster is not None and fan_out is FanOut.DEPLOYMENT and len(batch) > chunk_size:
                 tally = run_chunks(
                     batch=batch,

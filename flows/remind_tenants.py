@@ -17,9 +17,8 @@ from flows.batch import OutcomeCounts, conclude, run_batch
 from flows.campaign import load_campaign, profile_paths, remind_campaign
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
-from flows.profile_lock import one_batch_per_profile
 from onboarding.clock import utcnow
-from onboarding.ledger import Ledger, Record, Status
+from onboarding.ledger import Ledger, Status
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
 from onboarding.tenant_steps import Delivery, TenantEvents, TenantOutcome, tenant_of
@@ -77,14 +76,10 @@ def remind_tenants(
     ledger = Ledger(LedgerSettings().db_url)
     now = utcnow()
 
-    def due_now() -> list[Record]:
-        return ledger.due_for_reminder(
-            connector.target_id,
-            sent_before=utcnow() - timedelta(hours=after_hours),
-            max_reminders=max_reminders,
-        )
-
-    due = due_now()
+    sent_before = now - timedelta(hours=after_hours)
+    due = ledger.due_for_reminder(
+        connector.target_id, sent_before=sent_before, max_reminders=max_reminders
+    )
     logger.info(
         "%d tenant(s) of %s are due a reminder (sent over %g h ago, fewer than %d reminders)",
         len(due),
@@ -105,11 +100,19 @@ def remind_tenants(
         expired = ledger.count_past_expiry(connector.target_id, now)
     else:
         with ExitStack() as stack:
-            if stack.enter_context(one_batch_per_profile(connector)):
-                due = due_now()  # it waited for another batch: who is due may have changed
             templates = load_templates(connector)
+            # A tenant another run reminded meanwhile is no longer due: each is looked at
+            # again once claimed (onboarding/slices.py), so no admin is reminded twice.
             job = open_job(
-                stack, connector, ledger, Delivery.EMAIL, templates, concurrency, tenant_events
+                stack,
+                connector,
+                ledger,
+                Delivery.EMAIL,
+                templates,
+                concurrency,
+                tenant_events,
+                remind_before=sent_before,
+                max_reminders=max_reminders,
             )
             outcomes = run_batch(
                 job,

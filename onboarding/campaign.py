@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING
 from onboarding.errors import OnboardingError, worth_retrying
 from onboarding.ledger import SENDING_CHANNELS, Record, Status
 from onboarding.links import Link
+from onboarding.retry_policy import RetryRule
 from onboarding.roster import Tenant
-from onboarding.slices import BATCH_FATAL
 from onboarding.tenant_steps import (
     Delivery,
     OnboardingJob,
     TenantOutcome,
     failed_outcome,
-    initialise_link,
     not_sent,
     record_failure,
     recording_failures,
@@ -48,7 +47,6 @@ class Issued:
     job: OnboardingJob
     link: Link
     expires_at: datetime
-    counted: bool  # the ledger has counted this attempt already
     reminders: int = 0  # reminders sent so far for this link's connector
     channel: str = ""  # how its first email went (email, both), for a reminder
 
@@ -76,16 +74,40 @@ class Campaign:
     def name(self) -> str:
         return " + ".join(job.profile.name for job in self.jobs)
 
+    rule: RetryRule = field(default_factory=RetryRule)
+
     @property
     def stop_reason(self) -> str:
         """Set once every connector has stopped (a bad key stops them all)."""
         reasons = [job.stop_reason for job in self.jobs]
         return "; ".join(dict.fromkeys(reasons)) if all(reasons) else ""
 
-    @stop_reason.setter
-    def stop_reason(self, reason: str) -> None:
+    def note(self, tenant_id: str, outcome: TenantOutcome | BaseException) -> None:
+        """Nothing: each connector's job is told of its own tries (_issue)."""
+
+    def claim(self, tenant_ids: list[str]) -> set[str]:
+        """The tenants this run now holds under every connector of the campaign; one held
+        elsewhere under any connector is let go under the others too."""
+        held = [job.claim(tenant_ids) for job in self.jobs]
+        everywhere = set.intersection(*held)
+        for job, got in zip(self.jobs, held, strict=True):
+            if got - everywhere:
+                job.release(list(got - everywhere))
+        return everywhere
+
+    def release(self, tenant_ids: list[str]) -> None:
         for job in self.jobs:
-            job.stop_reason = job.stop_reason or reason
+            job.release(tenant_ids)
+
+    def settled(self, tenant_ids: list[str]) -> set[str]:
+        """Those needing nothing from any connector now; what each connector needs nothing
+        for is remembered (needing_nothing), so a tenant is asked only for what it lacks."""
+        per_job = []
+        for job in self.jobs:
+            done = job.settled(tenant_ids)
+            self.needing_nothing.setdefault(job.profile.target_id, set()).update(done)
+            per_job.append(done)
+        return set.intersection(*per_job)
 
     def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None:
         for job in self.jobs:
@@ -121,7 +143,10 @@ def remind_campaign_tenant(
         record = job.ledger.get(tenant.tenant_id, job.profile.target_id)
         if record is not None and record.status is Status.CONNECTED:
             return TenantOutcome(tenant.tenant_id, Status.CONNECTED.value)
-        if record is None or not _remindable(record, campaign.max_reminders):
+        not_due = campaign.needing_nothing.get(job.profile.target_id, ())
+        if record is None or tenant.tenant_id in not_due:
+            return TenantOutcome(tenant.tenant_id, "skipped")
+        if not _remindable(record, campaign.max_reminders):
             return TenantOutcome(tenant.tenant_id, "skipped")
         return Ask(record=record, reuse=True)
 
@@ -202,21 +227,20 @@ def _issue(
         with recording_failures(job, tenant) as attempt:
             issued = reusable_link(job, tenant.tenant_id, record) if reuse else None
             if issued is None:
-                issued = initialise_link(job, tenant)
-                attempt.counted = True
+                issued = attempt.initialise(job, tenant)
     except Exception as exc:
-        if isinstance(exc, BATCH_FATAL) and not job.stop_reason:
-            job.stop_reason = str(exc)
+        job.note(tenant.tenant_id, exc)
         if worth_retrying(exc) and not last_attempt:
             return exc
         outcome = failed_outcome(tenant.tenant_id, exc)
         job.report(tenant.tenant_id, Status.FAILED, outcome.error_code)
         return outcome
     link, expires_at = issued
+    job.note(tenant.tenant_id, succeeded(tenant.tenant_id, Status.LINK_CREATED, link))
     if record is None:
-        return Issued(job, link, expires_at, attempt.counted)
+        return Issued(job, link, expires_at)
     channel = record.delivery_channel or ""
-    return Issued(job, link, expires_at, attempt.counted, record.reminders, channel)
+    return Issued(job, link, expires_at, record.reminders, channel)
 
 
 def _deliver(
@@ -253,8 +277,7 @@ def _mail(
             campaign.mailer.send(message)
     except Exception as exc:
         for h in sending:
-            record_failure(h.job, tenant, exc, count_attempt=not h.counted)
-            h.counted = True
+            record_failure(h.job, tenant, exc, count_attempt=False)
         if worth_retrying(exc) and not last_attempt:
             raise
         for h in sending:
@@ -270,7 +293,6 @@ def _mail(
                 tenant_id,
                 connector_id,
                 channel=h.channel or "email",
-                count_attempt=not h.counted,
                 state=h.link.state,
             )
         else:
@@ -278,7 +300,6 @@ def _mail(
                 tenant_id,
                 connector_id,
                 channel=campaign.deliver.value,
-                count_attempt=not h.counted,
                 state=h.link.state,
             )
         h.job.report(tenant_id, status)

@@ -30,6 +30,12 @@ KEEPALIVE_EXPIRY_SECONDS = 2.0
 TASK_RETRIES = 3
 TASK_RETRY_BACKOFF_SECONDS = 1.0
 TASK_RETRY_JITTER_FACTOR = 0.5
+# A tenant's whole time in a run (its calls, backoffs and Retry-After waits): no new try starts
+# after this many seconds, so a tenant takes at most this plus one call (CALL_DEADLINE_SECONDS).
+TENANT_DEADLINE_SECONDS = 300.0
+# Distinct tenants in a row that must fail with the same 401, 403 or 404 (no success between
+# them) before a batch stops; one such answer alone fails only its tenant.
+STOP_AFTER = 3
 # The longest wait a Retry-After gets: a longer one (or a date far off) is taken as this, so a
 # hostile or broken server cannot stall the batch.
 MAX_RETRY_AFTER_SECONDS = 120.0

@@ -8,6 +8,7 @@
     ├── ExpiredStateError          a state whose link is past its expiry
     ├── StateUsedError             a state already accepted: the tenant is connected
     ├── LedgerSchemaError          the ledger's tables could not be created or brought up to date
+    ├── LedgerUnavailableError     the ledger's connection was lost and not restored: transient
     ├── SliceFailed                some tenants of a slice failed (outcomes, retryable)
     ├── MailError                  sending an email failed (smtp_code: the server's reply code)
     │   ├── TransientMailError         4xx, a dropped connection, a timeout: worth retrying
@@ -136,6 +137,16 @@ class LedgerSchemaError(OnboardingError):
     operator's input: a database permission, or a schema another tool changed."""
 
     code = "ledger_schema"
+
+
+class LedgerUnavailableError(OnboardingError):
+    """The ledger's database connection was lost (a restart, a failover, a killed backend) and
+    could not be restored within a few tries. Transient: the tenant is tried again, never
+    recorded failed for it (the ledger is what could not be written). The message never holds
+    SQL or its parameters."""
+
+    code = "ledger_unavailable"
+    transient = True
 
 
 class SliceFailed(OnboardingError):

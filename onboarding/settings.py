@@ -106,7 +106,9 @@ class InputSettings(EnvSettings):
 
 
 class RetrySettings(EnvSettings):
-    """ONBOARD_RETRY_BACKOFF_SECONDS: how long a slice with transient failures waits before its
+    """How failed tenants are retried, and when a batch stops.
+
+    ONBOARD_RETRY_BACKOFF_SECONDS: how long a slice with transient failures waits before its
     first retry (default 1); each next retry waits twice as long, plus up to half as much again
     at random so that slices failing together do not retry together. A Retry-After the server
     sent is waited first. Unset, the tasks keep the backoff they are declared with."""
@@ -114,6 +116,11 @@ class RetrySettings(EnvSettings):
     model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
 
     retry_backoff_seconds: float = Field(constants.TASK_RETRY_BACKOFF_SECONDS, ge=0, le=600)
+    # ONBOARD_TENANT_DEADLINE_SECONDS: no new try of a tenant starts this long after its first
+    # (onboarding.retry_policy.RetryRule). ONBOARD_STOP_AFTER: distinct tenants in a row that
+    # must fail with the same 401, 403 or 404 before the batch stops (BatchStop).
+    tenant_deadline_seconds: float = Field(constants.TENANT_DEADLINE_SECONDS, gt=0)
+    stop_after: int = Field(constants.STOP_AFTER, ge=1, le=1000)
 
     @property
     def is_set(self) -> bool:

@@ -4,6 +4,7 @@ later, remind (re-issuing a stale link) and record the connection the tenant mad
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
 from onboarding.errors import (
     ExpiredStateError,
+    LedgerUnavailableError,
     OnboardingError,
     RateLimitedError,
     StateUsedError,
@@ -26,6 +28,7 @@ from onboarding.ledger import ConnectOutcome, Ledger, Record, Status
 from onboarding.links import Link, check_link, mask_state
 from onboarding.pacing import Pacer
 from onboarding.profile import ConnectorProfile
+from onboarding.retry_policy import BatchStop, RetryRule
 from onboarding.roster import Tenant
 
 if TYPE_CHECKING:
@@ -102,13 +105,53 @@ class OnboardingJob:
     clock: Callable[[], datetime] = field(default=utcnow)
     # Told of every ledger status change (the flow layer turns them into Prefect events).
     on_status: Callable[[StatusChange], None] = field(default=_ignore)
-    # Set by the first batch-fatal failure (bad key, wrong connector): every tenant not yet
-    # started is then recorded not_attempted rather than failing the same way.
-    stop_reason: str = ""
+    # Stops the batch on evidence (the same batch-wide error for several tenants in a row):
+    # every tenant not yet started is then recorded not_attempted.
+    stop: BatchStop = field(default_factory=BatchStop)
+    rule: RetryRule = field(default_factory=RetryRule)
+    # Who holds this batch's claims in the ledger (the flow run's id; see Ledger.claim).
+    claimant: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set for a reminder batch: a tenant is due while last sent before this, and reminded
+    # fewer than max_reminders times.
+    remind_before: datetime | None = None
+    max_reminders: int = 0
 
     @property
     def name(self) -> str:
         return self.profile.name
+
+    @property
+    def stop_reason(self) -> str:
+        return self.stop.reason
+
+    def note(self, tenant_id: str, outcome: TenantOutcome | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            self.stop.failed(tenant_id, outcome)
+        elif outcome.ok:
+            self.stop.succeeded()
+
+    def claim(self, tenant_ids: list[str]) -> set[str]:
+        cid = self.profile.target_id
+        held = self.ledger.claim(self.claimant, [(t, cid) for t in tenant_ids])
+        return {t for t, _ in held}
+
+    def release(self, tenant_ids: list[str]) -> None:
+        cid = self.profile.target_id
+        self.ledger.release(self.claimant, [(t, cid) for t in tenant_ids])
+
+    def settled(self, tenant_ids: list[str]) -> set[str]:
+        """Of these tenants, those needing nothing now: for onboarding, connected or holding
+        a delivered link with time left; for reminders, no longer due one."""
+        cid = self.profile.target_id
+        if self.remind_before is None:
+            return self.ledger.ids_needing_nothing(cid, only_ids=tenant_ids)
+        due = self.ledger.due_for_reminder(
+            cid,
+            sent_before=self.remind_before,
+            max_reminders=self.max_reminders,
+            only_ids=tenant_ids,
+        )
+        return set(tenant_ids) - {r.tenant_id for r in due}
 
     def not_attempted(self, tenant: Tenant) -> TenantOutcome:
         """A tenant left untried because the batch stopped; recorded so the next run does it."""
@@ -182,17 +225,13 @@ def onboard_tenant(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
     with recording_failures(job, tenant) as attempt:
         issued = reusable_link(job, tenant.tenant_id) if job.deliver.sends_email else None
         if issued is None:
-            issued = initialise_link(job, tenant)
-            attempt.counted = True
+            issued = attempt.initialise(job, tenant)
         link, expires_at = issued
         if job.deliver.sends_email:
             if not _send(job, tenant, link, expires_at, reminder=0):
                 return not_sent(job, tenant.tenant_id)
             job.ledger.mark_delivered(
-                tenant.tenant_id,
-                job.profile.target_id,
-                channel=job.deliver.value,
-                count_attempt=not attempt.counted,
+                tenant.tenant_id, job.profile.target_id, channel=job.deliver.value
             )
             job.report(tenant.tenant_id, Status.DELIVERED)
     return succeeded(tenant.tenant_id, Status.DELIVERED, link)
@@ -210,16 +249,12 @@ def remind_tenant(job: OnboardingJob, tenant_id: str) -> TenantOutcome:
     with recording_failures(job, tenant) as attempt:
         issued = reusable_link(job, tenant_id, record)
         if issued is None:
-            issued = initialise_link(job, tenant)
-            attempt.counted = True
+            issued = attempt.initialise(job, tenant)
         link, expires_at = issued
         if not _send(job, tenant, link, expires_at, reminder=record.reminders + 1):
             return not_sent(job, tenant_id)
         job.ledger.mark_reminded(
-            tenant_id,
-            job.profile.target_id,
-            channel=record.delivery_channel or "email",
-            count_attempt=not attempt.counted,
+            tenant_id, job.profile.target_id, channel=record.delivery_channel or "email"
         )
         job.report(tenant_id, Status.REMINDED)
     return succeeded(tenant_id, Status.REMINDED, link)
@@ -279,19 +314,33 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
 
 @dataclass
 class Attempt:
-    counted: bool = False  # the ledger already counted this attempt (a link was recorded)
+    """One try at a tenant. The ledger's `attempts` counts Versori calls: a link recorded
+    counts its call, and a call that failed counts when its failure is recorded; a mail
+    retry, or a stored link reused, counts nothing."""
+
+    called: bool = False  # Versori was called in this try
+    counted: bool = False  # the ledger counted that call (the link was recorded)
+
+    def initialise(self, job: OnboardingJob, tenant: Tenant) -> tuple[Link, datetime]:
+        self.called = True
+        issued = initialise_link(job, tenant)
+        self.counted = True
+        return issued
+
+    @property
+    def uncounted_call(self) -> bool:
+        return self.called and not self.counted
 
 
 @contextmanager
 def recording_failures(job: OnboardingJob, tenant: Tenant) -> Iterator[Attempt]:
     """Records any failure of the block in the ledger (a stored link stays, for reuse) and lets
-    it propagate for the caller's retry policy. Each attempt counts once in the ledger, whether
-    it failed before or after recording a link."""
+    it propagate for the caller's retry policy."""
     attempt = Attempt()
     try:
         yield attempt
     except Exception as exc:
-        record_failure(job, tenant, exc, count_attempt=not attempt.counted)
+        record_failure(job, tenant, exc, count_attempt=attempt.uncounted_call)
         raise
 
 
@@ -299,7 +348,11 @@ def record_failure(
     job: OnboardingJob, tenant: Tenant, exc: BaseException, count_attempt: bool
 ) -> None:
     """Record `exc` as the tenant's last error under the job's connector (a stored link
-    stays, for reuse); never raises: the caller goes on with the error it has."""
+    stays, for reuse); never raises: the caller goes on with the error it has. A ledger that
+    cannot be reached is not the tenant's failure, and could not be written anyway: the
+    tenant is tried again."""
+    if isinstance(exc, LedgerUnavailableError):
+        return
     known = isinstance(exc, OnboardingError)
     try:
         job.ledger.record_failure(
@@ -308,8 +361,10 @@ def record_failure(
             error_message=str(exc) if known else f"{type(exc).__name__}: {exc}",
             count_attempt=count_attempt,
         )
-    except Exception:
-        log.exception("could not record the failure of tenant %s", tenant.tenant_id)
+    except Exception as err:  # no traceback: it could show the statement being written
+        log.warning(
+            "could not record the failure of tenant %s: %s", tenant.tenant_id, type(err).__name__
+        )
 
 
 def _identity(job: OnboardingJob, tenant: Tenant) -> dict[str, Any]:

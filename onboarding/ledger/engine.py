@@ -3,15 +3,27 @@ errors that name ONBOARD_DB_URL without its password; the per-tenant locks of Po
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from typing import Any
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from onboarding.db_url import redact, scrub
-from onboarding.errors import InputError, LedgerSchemaError
+from onboarding.errors import InputError, LedgerSchemaError, LedgerUnavailableError
 from onboarding.ledger.schema import create_private_sqlite_file, migrate_schema, sqlite_pragmas
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Waits before each new try of a unit of work whose connection was lost: about 3.5 s in all,
+# enough for a pool to reconnect after a killed backend or a quick failover.
+RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 1.75)
 
 
 def open_engine(url: str) -> Engine:
@@ -83,3 +95,36 @@ def _hide_failing_row(context: Any) -> None:
             head, sep, _detail = exc.args[0].partition("\nDETAIL:")
             if sep:
                 exc.args = (head + "\nDETAIL: (hidden: it may hold the link being written)",)
+
+
+def reconnecting(unit: Callable[P, R]) -> Callable[P, R]:
+    """A ledger read or write (one transaction, safe to run again) tried again on a fresh
+    connection when its connection was lost mid-way: PostgreSQL restarted, a failover, or
+    pg_terminate_backend. SQLAlchemy marks those errors `connection_invalidated` and drops the
+    pooled connection; the next try checks a new one out (pool_pre_ping tests it first).
+
+    Every write of the ledger may run twice this way: a COMMIT whose answer was lost may have
+    landed, so each is written to land once (upserts, updates guarded by the row's state). When
+    the connection cannot be restored, LedgerUnavailableError (transient, no SQL in it)."""
+
+    @functools.wraps(unit)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        delays = iter(RECONNECT_DELAYS)
+        while True:
+            try:
+                return unit(*args, **kwargs)
+            except DBAPIError as err:
+                if not err.connection_invalidated:
+                    raise
+                delay = next(delays, None)
+                reason = type(err.orig).__name__ if err.orig is not None else type(err).__name__
+                if delay is None:
+                    raise LedgerUnavailableError(
+                        f"the ledger's database connection was lost ({reason}) and could not "
+                        f"be restored after {len(RECONNECT_DELAYS)} tries; the tenant will be "
+                        "tried again"
+                    ) from None
+                log.warning("ledger connection lost (%s); trying again in %g s", reason, delay)
+                time.sleep(delay)
+
+    return run

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select
 
 from onboarding.clock import utcnow
+from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.records import Record, SupersededLink, superseded_from_row, utc
 from onboarding.ledger.schema import (
     DONE_STATUSES,
@@ -30,11 +31,18 @@ class LedgerQueries:
 
     engine: Engine
 
+    @reconnecting
     def due_for_reminder(
-        self, connector_id: str, *, sent_before: datetime, max_reminders: int
+        self,
+        connector_id: str,
+        *,
+        sent_before: datetime,
+        max_reminders: int,
+        only_ids: Collection[str] | None = None,
     ) -> list[Record]:
         """Tenants sent a link by email, not connected, last sent before `sent_before`, and
-        reminded fewer than `max_reminders` times, oldest first."""
+        reminded fewer than `max_reminders` times, oldest first (with `only_ids`, only those
+        of these ids)."""
         last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
         query = (
             select(records)
@@ -50,14 +58,22 @@ class LedgerQueries:
             .order_by(last_sent, records.c.tenant_id)
         )
         with self.engine.connect() as conn:
-            return [Record.from_row(row) for row in conn.execute(query)]
+            if only_ids is None:
+                return [Record.from_row(row) for row in conn.execute(query)]
+            ids, due = list(only_ids), list[Record]()
+            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+                part = query.where(records.c.tenant_id.in_(ids[start : start + IN_LIST_MAX]))
+                due += [Record.from_row(row) for row in conn.execute(part)]
+            return due
 
+    @reconnecting
     def find_superseded(self, state: str) -> SupersededLink | None:
         query = select(superseded_links).where(superseded_links.c.state_hash == state_digest(state))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return superseded_from_row(row) if row is not None else None
 
+    @reconnecting
     def get(self, tenant_id: str, connector_id: str) -> Record | None:
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -67,6 +83,7 @@ class LedgerQueries:
             ).first()
         return Record.from_row(row) if row else None
 
+    @reconnecting
     def find_by_state(self, state: str) -> Record | None:
         """The tenant holding `state` now, looked up by the state's hash."""
         query = select(records).where(records.c.state_hash == state_digest(state))
@@ -74,6 +91,7 @@ class LedgerQueries:
             row = conn.execute(query).first()
         return Record.from_row(row) if row else None
 
+    @reconnecting
     def ids_needing_nothing(
         self,
         connector_id: str,
@@ -100,6 +118,7 @@ class LedgerQueries:
                 live.update(conn.execute(query.where(records.c.tenant_id.in_(part))).scalars())
             return live
 
+    @reconnecting
     def chunk_summary(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
         query = select(batch_chunks.c.summary).where(
             batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk == chunk
@@ -108,6 +127,7 @@ class LedgerQueries:
             summary = conn.execute(query).scalar_one_or_none()
         return dict(summary) if summary is not None else None
 
+    @reconnecting
     def counts_by_status(self, connector_id: str | Sequence[str] | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)
         if connector_id:
@@ -115,12 +135,14 @@ class LedgerQueries:
         with self.engine.connect() as conn:
             return {status: count for status, count in conn.execute(query)}
 
+    @reconnecting
     def connector_ids(self) -> list[str]:
         """Every connector (or system) id the ledger holds records of."""
         query = select(records.c.connector_id).distinct().order_by(records.c.connector_id)
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    @reconnecting
     def connection_coverage(self, connector_ids: Sequence[str]) -> dict[str, int]:
         """Over the tenants the ledger holds for any of `connector_ids`: how many are connected
         to all of them (fully), to some (partly), to none."""
@@ -141,6 +163,7 @@ class LedgerQueries:
             total, fully, none = conn.execute(query).one()
         return {"fully": int(fully), "partly": int(total - fully - none), "none": int(none)}
 
+    @reconnecting
     def count_past_expiry(self, connector_id: str | Sequence[str] | None, now: datetime) -> int:
         """Links handed out but not connected whose time is up (stale, whatever their status)."""
         query = select(func.count()).where(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     Integer,
     MetaData,
     String,
@@ -112,6 +113,38 @@ batch_chunks = Table(
     Column("flow_run_id", String(64)),
     Column("summary", JSON, nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# Who is working on a (tenant, connector) right now: a run claims a tenant before it calls
+# Versori or sends mail for it, and lets go once the tenant is decided. A claim holds only while
+# its run's lease (below) is renewed, so a run that died frees its tenants within a lease.
+claims = Table(
+    "onboarding_claims",
+    metadata,
+    Column("tenant_id", String(128), primary_key=True),
+    Column("connector_id", String(26), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+)
+
+# Each running batch's lease, renewed every few seconds while it runs (see Ledger.run_lease).
+run_leases = Table(
+    "onboarding_run_leases",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("alive_until", DateTime(timezone=True), nullable=False),
+)
+
+
+# The pace of each profile's Versori calls, shared by every process on this ledger: `next_at`
+# (seconds since the epoch, the database's clock) is when the next call may start
+# (see Ledger.reserve_calls).
+paces = Table(
+    "onboarding_paces",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("next_at", Float, nullable=False),
 )
 
 

@@ -3,14 +3,28 @@ write about a tenant never lands on a connected tenant or on a link that replace
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+import threading
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from onboarding.clock import utcnow
-from onboarding.ledger.engine import lock_tenants, open_engine
+from onboarding.ledger.engine import lock_tenants, open_engine, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
 from onboarding.ledger.link_sql import link_statements
 from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries
@@ -25,10 +39,25 @@ from onboarding.ledger.schema import (
     LIVE_STATUSES,
     Status,
     batch_chunks,
+    claims,
+    paces,
     records,
+    run_leases,
     state_digest,
     superseded_links,
 )
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (tenant_id, connector_id)
+
+# A run's lease on its claims: renewed every RENEW seconds, it lapses LEASE seconds after the
+# last renewal. A run killed without letting go (SIGKILL, a lost machine) frees its tenants
+# within LEASE seconds; a run that stalls longer than that (its renewals failing) may see a
+# tenant of its own taken over, so the ledger's own guards (a write about a link lands only
+# on that link) still hold.
+RUN_LEASE_SECONDS = 20.0
+RUN_LEASE_RENEW_SECONDS = 5.0
 
 
 class Ledger(LedgerQueries):
@@ -46,6 +75,7 @@ class Ledger(LedgerQueries):
     def close(self) -> None:
         self.engine.dispose()
 
+    @reconnecting
     def _upsert(self, key: dict[str, str], insert: dict[str, Any], update: dict[str, Any]) -> None:
         """Insert, or update a row that is not connected (connected is final)."""
         stmt = self._insert(records).values(**key, **insert)
@@ -103,6 +133,7 @@ class Ledger(LedgerQueries):
         }
         self._links.write(values)
 
+    @reconnecting
     def _write_links(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for a group of record_link calls: their old states to the history,
         then their rows (see GroupCommit).
@@ -152,6 +183,7 @@ class Ledger(LedgerQueries):
             {**values, "attempts": records.c.attempts + step},
         )
 
+    @reconnecting
     def _update(self, tenant_id: str, connector_id: str, state: str | None, **values: Any) -> bool:
         """Update a row that is not connected (connected is final) and, with `state`, still
         holds that state (a write about a link must not land on the link that replaced it).
@@ -268,6 +300,7 @@ class Ledger(LedgerQueries):
             error_message=None,
         )
 
+    @reconnecting
     def connect_state(
         self, state: str, *, connection_id: str | None, at: datetime | None = None
     ) -> ConnectResult:
@@ -321,6 +354,7 @@ class Ledger(LedgerQueries):
             return ConnectResult(ConnectOutcome.USED, record)
         return ConnectResult(ConnectOutcome.EXPIRED, record)
 
+    @reconnecting
     def reset(self, tenant_id: str, connector_id: str) -> bool:
         """An operator's reset of a tenant, connected or not: back to pending, its link
         retired to the history (its state is refused from now on), ready for a new link."""
@@ -364,6 +398,7 @@ class Ledger(LedgerQueries):
             )
         return True
 
+    @reconnecting
     def expire_links(self, connector_id: str, now: datetime) -> list[str]:
         """Mark every link past its time and not connected `expired`; return their tenants."""
         past = (
@@ -381,6 +416,7 @@ class Ledger(LedgerQueries):
                 )
         return ids
 
+    @reconnecting
     def record_chunk(
         self, batch_id: str, chunk: int, flow_run_id: str | None, summary: dict[str, Any]
     ) -> None:
@@ -391,12 +427,146 @@ class Ledger(LedgerQueries):
         with self.engine.begin() as conn:
             conn.execute(stmt)
 
+    @reconnecting
     def forget_batch(self, batch_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(batch_chunks.delete().where(batch_chunks.c.batch_id == batch_id))
 
+    @reconnecting
     def forget_chunks_before(self, when: datetime) -> int:
         """Chunk summaries of batches whose parent never came back for them (it was killed)."""
         with self.engine.begin() as conn:
             done = conn.execute(batch_chunks.delete().where(batch_chunks.c.finished_at < when))
         return int(done.rowcount or 0)
+
+    # Claims: who works on a tenant now (see schema.claims).
+
+    @contextmanager
+    def run_lease(self, run_id: str) -> Iterator[None]:
+        """Hold `run_id`'s lease while the block runs, renewed in the background; on the way
+        out, every claim of the run is let go and the lease dropped, so another run may take
+        its tenants at once. Claims made without a lease are never valid to others."""
+        self._renew_lease(run_id)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(RUN_LEASE_RENEW_SECONDS):
+                try:
+                    self._renew_lease(run_id)
+                except Exception as err:  # the next renewal tries again; the lease is long
+                    log.warning("could not renew the run's ledger lease: %s", type(err).__name__)
+
+        thread = threading.Thread(target=renew, name="ledger-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                self.end_run_lease(run_id)
+            except Exception as err:  # its claims lapse with the lease anyway
+                log.warning("could not let go of the run's claims: %s", type(err).__name__)
+
+    @reconnecting
+    def _renew_lease(self, run_id: str) -> None:
+        until = utcnow() + timedelta(seconds=RUN_LEASE_SECONDS)
+        stmt = self._insert(run_leases).values(run_id=run_id, alive_until=until)
+        stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_={"alive_until": until})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    @reconnecting
+    def end_run_lease(self, run_id: str) -> None:
+        """Let go of every claim of `run_id` and drop its lease."""
+        with self.engine.begin() as conn:
+            conn.execute(claims.delete().where(claims.c.run_id == run_id))
+            conn.execute(run_leases.delete().where(run_leases.c.run_id == run_id))
+
+    @reconnecting
+    def claim(self, run_id: str, keys: Collection[Key], now: datetime | None = None) -> set[Key]:
+        """Claim each (tenant, connector) of `keys` for `run_id`: one it holds already, one
+        nobody holds, or one whose holder's lease has lapsed. Returns the keys `run_id` holds
+        now; the others are another live run's. One statement decides each key, so two runs
+        claiming the same tenant at once never both get it."""
+        if not keys:
+            return set()
+        when = utc(now or utcnow())
+        holder_alive = exists().where(
+            run_leases.c.run_id == claims.c.run_id,
+            run_leases.c.alive_until > bindparam("now", type_=DateTime(timezone=True)),
+        )
+        insert = self._insert(claims)
+        stmt = insert.on_conflict_do_update(
+            index_elements=["tenant_id", "connector_id"],
+            set_={"run_id": insert.excluded.run_id, "claimed_at": insert.excluded.claimed_at},
+            where=or_(claims.c.run_id == insert.excluded.run_id, ~holder_alive),
+        )
+        rows = [
+            {"tenant_id": t, "connector_id": c, "run_id": run_id, "claimed_at": when, "now": when}
+            for t, c in keys
+        ]
+        held: set[Key] = set()
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+            for part in _parts(list(keys)):
+                held.update(
+                    (t, c)
+                    for t, c in conn.execute(
+                        select(claims.c.tenant_id, claims.c.connector_id).where(
+                            claims.c.run_id == run_id,
+                            tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
+                        )
+                    )
+                )
+        return held
+
+    @reconnecting
+    def release(self, run_id: str, keys: Collection[Key]) -> None:
+        """Let go of `run_id`'s claims on `keys` (the tenants it has decided)."""
+        with self.engine.begin() as conn:
+            for part in _parts(list(keys)):
+                conn.execute(
+                    claims.delete().where(
+                        claims.c.run_id == run_id,
+                        tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
+                    )
+                )
+
+    # Pacing: a profile's calls spaced across every process on this ledger.
+
+    @reconnecting
+    def reserve_calls(self, name: str, calls: int, interval: float, hold: float = 0.0) -> float:
+        """Reserve the next `calls` call times of pace `name`, `interval` seconds apart, after
+        any time another process reserved (and, with `hold`, no sooner than `hold` seconds
+        from now). Returns how many seconds from now the first of them is.
+
+        The virtual-scheduling form of GCRA, one UPDATE: every process's reservations are
+        disjoint stretches of one timeline, so calls are spaced `interval` apart however many
+        processes share the pace, and a process that was idle or stalled gets no catch-up
+        burst (time that went by unused is never handed out). The database's clock is the
+        timeline, so machines' clocks need not agree."""
+        now = self._db_now()
+        start = (func.greatest if self.postgres else func.max)(paces.c.next_at, now + hold)
+        seed = self._insert(paces).values(name=name, next_at=0.0).on_conflict_do_nothing()
+        stmt = (
+            paces.update()
+            .where(paces.c.name == name)
+            .values(next_at=start + calls * interval)
+            .returning(paces.c.next_at, now)
+        )
+        with self.engine.begin() as conn:
+            conn.execute(seed)
+            next_at, at = conn.execute(stmt).one()
+        return float(next_at) - calls * interval - float(at)
+
+    def _db_now(self) -> Any:
+        if self.postgres:
+            return func.extract("epoch", func.clock_timestamp())
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+
+
+def _parts(keys: list[Key]) -> Iterator[list[Key]]:
+    # Two bound parameters a key; SQLite caps a statement's parameters.
+    for start in range(0, len(keys), IN_LIST_MAX // 2):
+        yield keys[start : start + IN_LIST_MAX // 2]

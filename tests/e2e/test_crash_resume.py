@@ -2,9 +2,9 @@
 the mailboxes come out as documented.
 
 The killed run works against the session's Prefect server, the re-run on Prefect's temporary
-server: against the same server, the re-run would first wait for the killed batch's slot of
-onboarding-ledger-<profile> to run out (60-75 s, flows/profile_lock.py;
-tests/flows/test_flow.py covers that limit). What is checked lives in the ledger and the
+server, as after a crash that took the server too. The killed run's claims on the tenants it
+had in flight hold until its ledger lease lapses (20 s, onboarding/ledger/store.py): the re-run
+waits for them, then does those tenants too. What is checked lives in the ledger and the
 mailboxes, not in Prefect. The temporary server finds a database already migrated in its
 Prefect home, as on a machine where `onboard run` has run before (a fresh one is
 tests/e2e/test_cli.py's first run).
@@ -203,8 +203,7 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
     write_roster(roster)
     db = tmp_path / "ledger.db"
     db_url = f"sqlite:///{db}"
-    # A profile of its own: the killed run keeps its slot of onboarding-ledger-<profile> on the
-    # session's server for its 60 s lease, which no other test's run must wait for.
+    # A profile of its own, so its runs are told apart from other tests' in the server's UI.
     profile = tmp_path / "profile.yaml"
     profile.write_text(Path(PROFILE).read_text().replace("zendesk-demo", f"crash-{per_task}", 1))
     args = [str(onboard), "run", "--roster", str(roster), "--profile", str(profile)]

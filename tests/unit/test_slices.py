@@ -14,14 +14,17 @@ import pytest
 
 from onboarding import constants
 from onboarding.errors import (
-    AuthenticationError,
+    APITimeoutError,
     BadRequestError,
+    NotFoundError,
+    PermissionDeniedError,
     RateLimitedError,
     ServerError,
     SliceFailed,
 )
 from onboarding.ledger import Ledger
 from onboarding.profile import load_profile
+from onboarding.retry_policy import BatchStop, RetryRule
 from onboarding.roster import Tenant
 from onboarding.slices import TenantSlice, run_slice
 from onboarding.tenant_steps import OnboardingJob, StatusChange, TenantOutcome
@@ -151,18 +154,193 @@ def test_one_tenant_raises_its_own_error(job: OnboardingJob) -> None:
     assert run_slice(job, batch, step, None, last_attempt=False)[0].status == "delivered"
 
 
-def test_a_batch_fatal_error_stops_the_tenants_not_yet_started(job: OnboardingJob) -> None:
-    step = Script({"t1": [AuthenticationError(401, "unauthenticated", "bad key")]})
-    batch = TenantSlice(tenants(4))
+def not_found(tenant: str) -> NotFoundError:
+    return NotFoundError(404, "not_found", f"credential not found ({tenant})")
+
+
+def test_one_tenant_specific_404_fails_that_tenant_alone(job: OnboardingJob) -> None:
+    step = Script({"t2": [not_found("t2")]})
+    batch = TenantSlice(tenants(30))
+    with pytest.raises(SliceFailed) as failed:
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert job.stop_reason == ""
+    assert sum(step.calls.values()) == 30, "every tenant was tried"
+    failed_codes = {o.tenant_id: o.error_code for o in failed.value.outcomes if not o.ok}
+    assert failed_codes == {"t2": "not_found"}
+
+
+def test_three_404s_in_a_row_from_distinct_tenants_stop_the_batch(job: OnboardingJob) -> None:
+    step = Script({t: [not_found(t)] for t in ("t1", "t2", "t3")})
+    batch = TenantSlice(tenants(6))
     with pytest.raises(SliceFailed) as failed:
         run_slice(job, batch, step, None, last_attempt=False)  # in order, one at a time
-    assert "bad key" in job.stop_reason
-    assert step.calls == {"t1": 1}
+    assert "3 tenants in a row (t1, t2, t3)" in job.stop_reason
+    assert step.calls == {"t1": 1, "t2": 1, "t3": 1}
     codes = [o.error_code for o in failed.value.outcomes]
-    assert codes == ["unauthenticated", "not_attempted", "not_attempted", "not_attempted"]
+    assert codes == ["not_found"] * 3 + ["not_attempted"] * 3
     record = job.ledger.get("t4", job.profile.target_id)
     assert record is not None and record.error_code == "not_attempted"
     assert record.attempts == 0, "a tenant never tried counts no attempt"
+
+
+def test_a_success_between_404s_keeps_the_batch_going(job: OnboardingJob) -> None:
+    step = Script({t: [not_found(t)] for t in ("t1", "t2", "t4", "t5")})
+    batch = TenantSlice(tenants(6))
+    with pytest.raises(SliceFailed):
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert job.stop_reason == ""
+    assert len(step.calls) == 6
+
+
+def test_the_same_tenant_twice_is_no_evidence() -> None:
+    stop = BatchStop(after=3)
+    for _ in range(5):
+        stop.failed("t1", not_found("t1"))
+    assert stop.reason == ""
+    stop.failed("t2", not_found("t2"))
+    stop.failed("t3", PermissionDeniedError(403, "forbidden", "no"))  # another class: anew
+    assert stop.reason == ""
+    stop.failed("t4", ServerError(503, "unavailable", "down"))  # transient: neither
+    stop.failed("t5", PermissionDeniedError(403, "forbidden", "no"))
+    stop.failed("t6", PermissionDeniedError(403, "forbidden", "no"))
+    assert "3 tenants in a row (t3, t5, t6)" in stop.reason
+
+
+def test_a_stopped_batch_keeps_the_real_error_of_a_tenant_it_tried(job: OnboardingJob) -> None:
+    """A tenant waiting for its retry when the batch stops was attempted: it is recorded with
+    its own error, not as not attempted."""
+    step = Script(
+        {
+            "t1": [ServerError(503, "unavailable", "down")],
+            **{t: [not_found(t)] for t in ["t2", "t3", "t4"]},
+        }
+    )
+    batch = TenantSlice(tenants(5))
+    with pytest.raises(SliceFailed) as first:
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert "t1" not in first.value.retryable, "the batch stopped: no retry for anyone"
+    codes = {o.tenant_id: o.error_code for o in first.value.outcomes}
+    assert codes == {
+        "t1": "unavailable",
+        "t2": "not_found",
+        "t3": "not_found",
+        "t4": "not_found",
+        "t5": "not_attempted",
+    }
+
+
+def test_a_transient_failure_is_retried_until_the_batch_stops(job: OnboardingJob) -> None:
+    step = Script({"t1": [ServerError(503, "unavailable", "down")], "t2": [not_found("t2")]})
+    batch = TenantSlice(tenants(3))
+    with pytest.raises(SliceFailed) as first:
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert set(first.value.retryable) == {"t1"}
+    outcomes = run_slice_outcomes(job, batch, step)
+    assert outcomes == {"t1": "delivered", "t2": "failed", "t3": "delivered"}
+
+
+def run_slice_outcomes(job: OnboardingJob, batch: TenantSlice, step: Script) -> dict[str, str]:
+    try:
+        outcomes = run_slice(job, batch, step, None, last_attempt=False)
+    except SliceFailed as failed:
+        outcomes = failed.outcomes
+    return {o.tenant_id: o.status for o in outcomes}
+
+
+def test_after_a_timeout_one_retry_at_most(job: OnboardingJob) -> None:
+    stalls = [APITimeoutError("no answer within 2 s") for _ in range(5)]
+    step = Script({"t1": stalls})
+    batch = TenantSlice(tenants(1))
+    with pytest.raises(APITimeoutError):
+        run_slice(job, batch, step, None, last_attempt=False)
+    with pytest.raises(SliceFailed) as second:  # transient, but not tried again
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert second.value.retryable == {}
+    assert step.calls == {"t1": 2}
+    assert [o.error_code for o in second.value.outcomes] == ["timeout"]
+
+
+def test_no_new_try_after_the_tenant_deadline(job: OnboardingJob) -> None:
+    job.rule = RetryRule(deadline=0.0)
+    step = Script({"t1": [ServerError(503, "unavailable", "down")] * 3})
+    batch = TenantSlice(tenants(2))
+    with pytest.raises(SliceFailed) as failed:
+        run_slice(job, batch, step, None, last_attempt=False)
+    assert failed.value.retryable == {}
+    assert step.calls == {"t1": 1, "t2": 1}
+
+
+def test_a_tenant_another_run_holds_is_waited_for_then_skipped_if_done(
+    job: OnboardingJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs at once: a tenant the other run holds is not called; once it lets go, the
+    tenant is looked at again and, delivered by the other run, skipped."""
+    other = "other-run"
+    cid = job.profile.target_id
+    with job.ledger.run_lease(other):
+        assert job.ledger.claim(other, [("t1", cid)]) == {("t1", cid)}
+        polls: list[float] = []
+
+        def let_go_after_a_poll(seconds: float) -> None:
+            polls.append(seconds)
+            record_delivered(job, "t1")
+            job.ledger.release(other, [("t1", cid)])
+
+        monkeypatch.setattr("onboarding.slices.time.sleep", let_go_after_a_poll)
+        step = Script({})
+        outcomes = run_slice(job, TenantSlice(tenants(3)), step, None, last_attempt=False)
+    assert polls, "it waited for the claim"
+    assert {o.tenant_id: o.status for o in outcomes} == {
+        "t1": "skipped",
+        "t2": "delivered",
+        "t3": "delivered",
+    }
+    assert step.calls == {"t2": 1, "t3": 1}
+    assert job.ledger.claim("third-run", [("t2", cid), ("t3", cid)]) == {
+        ("t2", cid),
+        ("t3", cid),
+    }, "the run let go of its tenants once decided"
+
+
+def test_a_tenant_held_by_a_live_run_past_the_wait_is_skipped_not_called(
+    job: OnboardingJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cid = job.profile.target_id
+    monkeypatch.setattr("onboarding.slices.CLAIM_WAIT_SECONDS", 0.0)
+    with job.ledger.run_lease("other-run"):
+        job.ledger.claim("other-run", [("t1", cid)])
+        step = Script({})
+        outcomes = run_slice(job, TenantSlice(tenants(2)), step, None, last_attempt=False)
+    assert step.calls == {"t2": 1}
+    assert outcomes[0].status == "skipped" and "another run" in outcomes[0].error_message
+
+
+def test_a_dead_runs_claim_is_taken_over(job: OnboardingJob) -> None:
+    cid = job.profile.target_id
+    job.ledger.claim("dead-run", [("t1", cid)])  # no lease: as after its lease lapsed
+    step = Script({})
+    outcomes = run_slice(job, TenantSlice(tenants(1)), step, None, last_attempt=False)
+    assert outcomes[0].status == "delivered" and step.calls == {"t1": 1}
+
+
+def record_delivered(job: OnboardingJob, tenant_id: str) -> None:
+    from datetime import timedelta
+
+    from onboarding.clock import utcnow
+
+    now = utcnow()
+    job.ledger.record_link(
+        tenant_id=tenant_id,
+        connector_id=job.profile.target_id,
+        profile=job.profile.name,
+        tenant_name=tenant_id,
+        admin_email="a@x.com",
+        url="https://x.example/authorize?state=s",
+        state=f"state-{tenant_id}",
+        created_at=now,
+        expires_at=now + timedelta(hours=1),
+        delivered_by="store",
+    )
 
 
 def test_a_step_that_returns_a_failed_outcome_fails_its_one_tenant_slice(
