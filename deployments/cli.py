@@ -376,21 +376,60 @@ def emulator(
     rate_limit: Annotated[
         float | None, typer.Option(help="Requests/s accepted; beyond, 429 + Retry-After.")
     ] = None,
+    rate_limit_window: Annotated[
+        str,
+        typer.Option(
+            help="How --rate-limit counts: sliding (at most N in any trailing second), fixed "
+            "(N per clock second) or bucket (a token bucket, forgives bursts)."
+        ),
+    ] = "sliding",
+    script: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML or JSON file mapping a substring of authorizeUrl?additionalParams to a "
+            "list of actions (ok, 400, 401, 403, 404, 429, 500, 502, 503, bad_url, stall; "
+            "a trailing * repeats it).",
+        ),
+    ] = None,
+    stall_seconds: Annotated[
+        float, typer.Option(help="How long a `stall` action holds the body back.")
+    ] = 60.0,
     api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
 ) -> None:
     """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
-    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, run_emulator
+    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, load_script, run_emulator
 
     key = api_key or DEFAULT_API_KEY
+    options = {
+        "latency_ms": "--latency-ms",
+        "error_rate": "--error-rate",
+        "rate_limit_window": "--rate-limit-window",
+        "rate_limit": "--rate-limit",
+        "stall_seconds": "--stall-seconds",
+        "script": "--script",
+        "api_keys": "--api-key",
+    }
+    try:
+        scripted = load_script(script) if script is not None else {}
+    except ValueError as error:
+        raise InputError(f"--script: {error}") from None
     try:
         config = EmulatorConfig(
             api_keys=frozenset({key}),
             latency_ms=latency_ms,
             error_rate=error_rate,
             rate_limit=rate_limit,
+            rate_limit_window=rate_limit_window,  # type: ignore[arg-type]  # checked by the config
+            script=scripted,
+            stall_seconds=stall_seconds,
         )
     except ValueError as error:
-        raise InputError(str(error)) from None
+        message = str(error)
+        # The config names its field; the operator typed an option: name that too.
+        option = next((o for f, o in options.items() if message.startswith(f)), None)
+        if option == "--script" and script is not None:
+            option = f"--script {script}"
+        raise InputError(f"{option}: {message}" if option else message) from None
     err.print(
         f"Versori emulator on http://{host}:{port}\n"
         f"  export VERSORI_BASE_URL=http://{host}:{port} VERSORI_API_KEY=<its key"

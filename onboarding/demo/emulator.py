@@ -7,34 +7,46 @@ told to be slow, flaky or rate limited on demand, without credentials or network
 path is kept cheap on purpose: the benchmark pushes several hundred requests per second through
 it. What a request must hold and how the URL is built are in versori_rules.py; what the
 emulator is told to play (connectors, keys, faults) in emulator_config.py.
+
+Its rate limit is, by default, as strict as the strictest real API: at most N accepted requests
+in any trailing second (`rate_limit_window="sliding"`), so a client whose pacing bursts is
+answered 429 here as it would be there. GET /_emulator/stats says what it answered, and how
+many times each tenant (its authorizeUrl?additionalParams) was given a URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
 import secrets
 import threading
 import time
-from typing import Any, Self
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, Self
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from onboarding.clock import utcnow
 from onboarding.demo.emulator_config import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     DEMO_SYSTEM,
+    RATE_LIMIT_WINDOWS,
     SCRIPT_ACTIONS,
     EmulatedConnector,
     EmulatorConfig,
+    load_script,
 )
 from onboarding.demo.versori_rules import (
     RESERVED_KEYS,
@@ -51,11 +63,13 @@ __all__ = [
     "DEFAULT_API_KEY",
     "DEMO_CONNECTOR",
     "DEMO_SYSTEM",
+    "RATE_LIMIT_WINDOWS",
     "SCRIPT_ACTIONS",
     "EmulatedConnector",
     "EmulatorConfig",
     "EmulatorServer",
     "create_app",
+    "load_script",
     "run_emulator",
 ]
 
@@ -66,12 +80,35 @@ _SCRIPTED_ERRORS: dict[str, tuple[int, str, str]] = {
     "503": (503, "unavailable", "the service is temporarily unavailable"),
     "429": (429, "rate_limited", "too many requests"),
     "400": (400, "validation_failed", "request body is invalid"),
+    # A credential miss of this tenant alone, worded as the real one (other tenants still pass).
+    "404": (404, "not_found", "credential not found"),
+    "401": (
+        401,
+        "unauthenticated",
+        "the Bearer API key in the Authorization header is missing or not valid",
+    ),
+    "403": (403, "forbidden", "the API key may not initialise this connection"),
+}
+_SCRIPTED_HEADERS: dict[int, dict[str, str]] = {
+    429: {"Retry-After": "1"},
+    401: {"WWW-Authenticate": "Bearer"},
 }
 _SCRIPT_DETAILS = "injected by the emulator script"
 
 
+class _Limiter(Protocol):
+    def take(self) -> float:
+        """0 when the request is accepted (and counted), else the seconds until one would be."""
+        ...
+
+    def refill(self) -> None:
+        """Forget every request counted so far."""
+        ...
+
+
 class _TokenBucket:
-    """Continuous-refill token bucket.
+    """Continuous-refill token bucket (`rate_limit_window="bucket"`): forgives a burst of up to
+    `capacity` after a pause, so it lets more than `rate` through in some seconds.
 
     `take` has no await, so on the single event loop it is atomic and needs no lock.
     """
@@ -99,30 +136,169 @@ class _TokenBucket:
         self.updated = time.monotonic()
 
 
+def _window_size(rate: float) -> int:
+    return max(1, math.floor(rate))
+
+
+class _SlidingWindow:
+    """At most `limit` accepted requests in any trailing `window` seconds: the times of those
+    accepted in the last window, oldest first, on a monotonic clock. A refused request is not
+    recorded, so a client that keeps retrying does not push its own next slot further away.
+
+    The lock makes `take` safe from threads too; on the event loop it is never contended."""
+
+    __slots__ = ("accepted", "clock", "limit", "lock", "window")
+
+    def __init__(
+        self, rate: float, clock: Callable[[], float] = time.monotonic, window: float = 1.0
+    ) -> None:
+        self.limit = _window_size(rate)
+        self.window = window
+        self.clock = clock
+        self.accepted: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def take(self) -> float:
+        with self.lock:
+            now = self.clock()
+            accepted = self.accepted
+            # A request accepted at t counts in (t, t + window]: it has left at t + window.
+            edge = now - self.window
+            while accepted and accepted[0] <= edge:
+                accepted.popleft()
+            if len(accepted) < self.limit:
+                accepted.append(now)
+                return 0.0
+            return accepted[0] + self.window - now
+
+    def refill(self) -> None:
+        with self.lock:
+            self.accepted.clear()
+
+
+class _FixedWindow:
+    """At most `limit` accepted requests per wall-clock second (`floor(time)`): what APIs that
+    count per calendar second do. Two full seconds back to back let 2 x limit through in 1 s."""
+
+    __slots__ = ("clock", "count", "limit", "lock", "second")
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.time) -> None:
+        self.limit = _window_size(rate)
+        self.clock = clock
+        self.second = -1
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> float:
+        with self.lock:
+            now = self.clock()
+            second = math.floor(now)
+            if second != self.second:
+                self.second, self.count = second, 0
+            if self.count < self.limit:
+                self.count += 1
+                return 0.0
+            return second + 1 - now
+
+    def refill(self) -> None:
+        with self.lock:
+            self.second, self.count = -1, 0
+
+
+def _limiter(
+    config: EmulatorConfig, clock: Callable[[], float], wall_clock: Callable[[], float]
+) -> _Limiter | None:
+    rate = config.rate_limit
+    if rate is None:
+        return None
+    if config.rate_limit_window == "sliding":
+        return _SlidingWindow(rate, clock)
+    if config.rate_limit_window == "fixed":
+        return _FixedWindow(rate, wall_clock)
+    return _TokenBucket(rate)
+
+
+class _StalledResponse(Response):
+    """200 and its headers at once, then nothing for `stall` seconds, then the body: a server
+    that hangs mid-answer, so the client's read timeout is what ends the call. If the client
+    hangs up first, the response ends there, quietly (no body, no error, no traceback)."""
+
+    def __init__(
+        self,
+        answer: Response,
+        stall: float,
+        delivered: Callable[[], None],
+        abandoned: Callable[[], None],
+    ) -> None:
+        self.status_code = answer.status_code
+        self.body = answer.body
+        self.raw_headers = answer.raw_headers
+        self.background = None
+        self.stall = stall
+        self.delivered = delivered
+        self.abandoned = abandoned
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        with anyio.move_on_after(self.stall):
+            # The request body has been read: what comes now is the client going away.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.abandoned()
+            return
+        # Counted before it goes, as every other answer is (a client may read it before this
+        # coroutine runs again). A client gone in between is not seen: uvicorn (ASGI 2.3)
+        # drops the body silently; a 2.4 server raises OSError, which ends the answer here.
+        self.delivered()
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": self.body})
+
+
 class _Runtime:
     """Everything the emulator mutates, in one place so `reset` and `stats` stay trivially right."""
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.requests = 0
         self.by_status: dict[str, int] = {}
         self.states: dict[str, dict[str, Any]] = {}
         self.script_progress: dict[tuple[str, str], int] = {}
-        self.limiter = _TokenBucket(config.rate_limit) if config.rate_limit is not None else None
+        # authorizeUrl?additionalParams -> how many times it was given a URL (a 200 delivered)
+        self.initialised: dict[str, int] = {}
+        # stall actions: answers begun, bodies sent after the stall, clients that hung up first
+        self.stalls = {"started": 0, "delivered": 0, "abandoned": 0}
+        self.limiter = _limiter(config, clock, wall_clock)
         self.rng = random.Random(config.seed)
 
     def record(self, status: int) -> None:
+        """Every answer of the initialise endpoints (not of /healthz or /_emulator/*)."""
         self.requests += 1
         key = str(status)
         self.by_status[key] = self.by_status.get(key, 0) + 1
 
+    def record_initialised(self, identity: str) -> None:
+        self.initialised[identity] = self.initialised.get(identity, 0) + 1
+
     def stats(self) -> dict[str, Any]:
         # dict() of a dict is a single C-level copy under the GIL, so this is safe to call from
         # the thread that owns an EmulatorServer while the event loop keeps counting.
+        by_status = dict(self.by_status)
         return {
             "requests": self.requests,
-            "by_status": dict(self.by_status),
+            "by_status": by_status,
+            "rate_limited": by_status.get("429", 0),
             "states_issued": len(self.states),
+            "stalls": dict(self.stalls),
+            "initialised": dict(self.initialised),
+            "rate_limit": self.config.rate_limit,
+            "rate_limit_window": self.config.rate_limit_window,
         }
 
     def reset(self) -> None:
@@ -130,6 +306,8 @@ class _Runtime:
         self.by_status.clear()
         self.states.clear()
         self.script_progress.clear()
+        self.initialised.clear()
+        self.stalls = dict.fromkeys(self.stalls, 0)
         if self.limiter is not None:
             self.limiter.refill()
         self.rng.seed(self.config.seed)
@@ -152,13 +330,21 @@ class _Runtime:
         return None
 
 
-def create_app(config: EmulatorConfig) -> Starlette:
-    """Build the emulator app; its runtime state lives on `app.state.emulator`."""
-    runtime = _Runtime(config)
+def create_app(
+    config: EmulatorConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """Build the emulator app; its runtime state lives on `app.state.emulator`. The rate limit
+    reads `clock` (sliding window) or `wall_clock` (fixed window): tests pass clocks of their
+    own to place each request exactly."""
+    runtime = _Runtime(config, clock, wall_clock)
     connectors = {(c.organisation_id, c.connector_id): c for c in config.connectors}
     organisations = {c.organisation_id for c in config.connectors}
     api_keys = config.api_keys
     latency = config.latency_ms / 1000.0
+    stall_seconds = config.stall_seconds
 
     async def initialise(request: Request) -> Response:
         return await _answer(request, v2=False)
@@ -240,19 +426,19 @@ def create_app(config: EmulatorConfig) -> Starlette:
             )
 
         authorize_url: str = body["authorizeUrl"]
-        bad_url = False
+        additional_params: str = body.get("additionalParams") or ""
+        identity = f"{authorize_url}?{additional_params}"
+        action = None
         if config.script:
-            action = runtime.next_script_action(authorize_url, body.get("additionalParams") or "")
-            if action == "bad_url":
-                bad_url = True
-            elif action is not None and action != "ok":
+            action = runtime.next_script_action(authorize_url, additional_params)
+            if action in _SCRIPTED_ERRORS:
                 status, code, message = _SCRIPTED_ERRORS[action]
                 return error_response(
                     status,
                     code,
                     message,
                     details=_SCRIPT_DETAILS,
-                    headers={"Retry-After": "1"} if status == 429 else None,
+                    headers=_SCRIPTED_HEADERS.get(status),
                 )
 
         if config.error_rate > 0 and runtime.rng.random() < config.error_rate:
@@ -263,7 +449,8 @@ def create_app(config: EmulatorConfig) -> Starlette:
                 details="injected by the emulator error_rate",
             )
 
-        if bad_url:
+        if action == "bad_url":
+            runtime.record_initialised(identity)
             return JSONResponse({"url": build_url(authorize_url, connector, body, pairs, None)})
 
         state = secrets.token_urlsafe(32)
@@ -277,7 +464,22 @@ def create_app(config: EmulatorConfig) -> Starlette:
             "redirect_uri": body.get("redirectUrl") or connector.redirect_uri,
             "issued_at": utcnow().isoformat(),
         }
-        return JSONResponse({"url": build_url(authorize_url, connector, body, pairs, state)})
+        answer = JSONResponse({"url": build_url(authorize_url, connector, body, pairs, state)})
+        if action == "stall":
+            # The state is issued (Versori did the work); the tenant counts as initialised only
+            # if the client is still there to read the URL when the stall ends.
+            runtime.stalls["started"] += 1
+
+            def delivered() -> None:
+                runtime.stalls["delivered"] += 1
+                runtime.record_initialised(identity)
+
+            def abandoned() -> None:
+                runtime.stalls["abandoned"] += 1
+
+            return _StalledResponse(answer, stall_seconds, delivered, abandoned)
+        runtime.record_initialised(identity)
+        return answer
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -410,7 +612,7 @@ class EmulatorServer:
         self._base_url = None
 
     def stats(self) -> dict[str, Any]:
-        """The same numbers as GET /_emulator/stats, read in-process."""
+        """The same numbers as GET /_emulator/stats, read in-process (see `_Runtime.stats`)."""
         runtime: _Runtime = self.app.state.emulator
         return runtime.stats()
 

@@ -5,13 +5,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
 
 from onboarding.demo.versori_rules import is_ulid
 
 DEFAULT_API_KEY = "emulator-key"
 DEFAULT_REDIRECT_URI = "https://platform.versori.com/api/connect/v1/oauth2/callback"
 
-SCRIPT_ACTIONS = frozenset({"ok", "500", "502", "503", "429", "400", "bad_url"})
+# What a script entry may answer, in order: "ok" (normal answer), an HTTP error in Versori's
+# shape ("404" is a credential miss of that tenant alone, "401"/"403" a key refused for it),
+# "bad_url" (a 200 whose URL has no state), "stall" (200 headers, then `stall_seconds` of
+# silence before the body). An action ending in "*" repeats for ever.
+SCRIPT_ACTIONS = frozenset(
+    {"ok", "500", "502", "503", "429", "400", "404", "401", "403", "bad_url", "stall"}
+)
+
+# How the rate limit counts (`EmulatorConfig.rate_limit_window`):
+#   sliding  at most N accepted requests in any trailing 1 s (the strictest real APIs);
+#   fixed    at most N per wall-clock second (a burst across a second's edge gets 2N through);
+#   bucket   a token bucket of N tokens refilled at the rate (forgives bursts after a pause).
+# N = max(1, floor(rate_limit)) for the two windows. Requests answered 429 never count.
+RateLimitWindow = Literal["sliding", "fixed", "bucket"]
+RATE_LIMIT_WINDOWS: tuple[RateLimitWindow, ...] = get_args(RateLimitWindow)
+DEFAULT_STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +91,10 @@ class EmulatorConfig:
     latency_ms: float = 0.0
     error_rate: float = 0.0
     rate_limit: float | None = None
+    rate_limit_window: RateLimitWindow = "sliding"
     seed: int | None = None
     script: dict[str, list[str]] = field(default_factory=dict)
+    stall_seconds: float = DEFAULT_STALL_SECONDS
 
     def __post_init__(self) -> None:
         # Callers (CLI flags, YAML) hand over lists and sets; coerce so the app can rely on types.
@@ -119,6 +140,21 @@ class EmulatorConfig:
                 f"got {self.rate_limit}"
             )
 
+        if self.rate_limit_window not in RATE_LIMIT_WINDOWS:
+            raise ValueError(
+                f"rate_limit_window must be one of {', '.join(RATE_LIMIT_WINDOWS)}, "
+                f"got {self.rate_limit_window!r}"
+            )
+
+        if (
+            not _is_number(self.stall_seconds)
+            or not math.isfinite(self.stall_seconds)
+            or self.stall_seconds <= 0
+        ):
+            raise ValueError(
+                f"stall_seconds must be a positive number of seconds, got {self.stall_seconds!r}"
+            )
+
         if self.seed is not None and (
             not isinstance(self.seed, int) or isinstance(self.seed, bool)
         ):
@@ -141,3 +177,34 @@ class EmulatorConfig:
                     )
             script[pattern] = actions
         self.script = script
+
+
+def load_script(path: str | Path) -> dict[str, list[str]]:
+    """A script from a YAML or JSON file: a mapping of a substring of authorizeUrl?additionalParams
+    to its list of actions. Bare numbers (`[404, ok]` in YAML) are taken as their text. The
+    actions are checked by EmulatorConfig; the file's shape here, with a ValueError that says
+    what is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML or JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of a substring of the authorize URL or additionalParams "
+            'to a list of actions, e.g. {"tenant=acme": ["503", "ok"]}'
+        )
+    script: dict[str, list[str]] = {}
+    for pattern, actions in data.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{path}: every key must be a non-empty string, got {pattern!r}")
+        if not isinstance(actions, list):
+            raise ValueError(f"{path}: {pattern!r} must map to a list of actions")
+        script[pattern] = [
+            str(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in actions
+        ]
+    return script
