@@ -1,9 +1,9 @@
 """Fault injection, end to end: `onboard run` as real processes against faults a reliability
 review found, each test reproducing one of them.
 
-1. Two batches of one profile at once, each on Prefect's temporary server (which takes no slot
-   of onboarding-ledger-<profile>), on one PostgreSQL ledger: no admin is mailed twice, no
-   tenant is initialised twice.
+1. Two batches of one profile at once, each on a Prefect temporary server of its own (so that
+   nothing in Prefect is shared: only the ledger's claims keep them apart), on one PostgreSQL
+   ledger: no admin is mailed twice, no tenant is initialised twice.
 2. The ledger's PostgreSQL connections killed three times mid-batch (pg_terminate_backend, on
    the test's own database only): no tenant fails for it, no SQL reaches the output or the
    ledger, nobody is mailed twice.
@@ -393,11 +393,6 @@ def wait_for_quiet(smtp: SmtpTestServer, still: float = 0.5, timeout: float = 10
 
 @pytest.mark.postgres
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    reason="two overlapping batches on temporary servers initialise and mail tenants twice "
-    "(no claim on a tenant across runs); the fix is being written",
-    strict=False,
-)
 def test_two_runs_at_once_never_mail_twice(
     tmp_path: Path, pg_database: tuple[str, str], migrated_prefect_db: Path
 ) -> None:
@@ -472,11 +467,6 @@ def finished_tenants(conn: psycopg.Connection[Any]) -> int:
 
 @pytest.mark.postgres
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    reason="a killed ledger connection fails tenants (internal_error, SQL in the message) "
-    "instead of reconnecting; the fix is being written",
-    strict=False,
-)
 def test_dropped_ledger_connections_fail_no_tenant(
     tmp_path: Path, pg_database: tuple[str, str], prefect_api: str
 ) -> None:
@@ -548,11 +538,6 @@ TENANT_DEADLINE = 8.0
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    reason="a tenant whose call times out is called again on every slice retry (4 calls), "
-    "and no per-tenant deadline bounds it; the fix is being written",
-    strict=False,
-)
 def test_a_stalling_versori_is_bounded(tmp_path: Path, prefect_api: str) -> None:
     count = 20
     stalled = "t0007"
@@ -598,11 +583,6 @@ def test_a_stalling_versori_is_bounded(tmp_path: Path, prefect_api: str) -> None
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    reason="one tenant's 404 stops the whole batch (the rest not_attempted); the fix is "
-    "being written",
-    strict=False,
-)
 def test_a_tenant_specific_404_fails_that_tenant_alone(tmp_path: Path, prefect_api: str) -> None:
     count = 30
     missing, unavailable, limited = "t0007", "t0012", "t0020"
@@ -642,12 +622,6 @@ def test_a_tenant_specific_404_fails_that_tenant_alone(tmp_path: Path, prefect_a
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    reason="the batch stops at the first 404, recording the next tenants not_attempted "
-    "instead of failing them with their own 404 until three in a row; the fix is being "
-    "written",
-    strict=False,
-)
 def test_three_404s_in_a_row_stop_the_batch(tmp_path: Path, prefect_api: str) -> None:
     count = 12
     missing = ["t0005", "t0006", "t0007"]
