@@ -100,9 +100,8 @@ def write_roster(path: Path, count: int) -> Path:
 
 
 def write_profile(path: Path, name: str) -> Path:
-    """examples/profile.yaml under a name of its own: a run on the session's Prefect server
-    holds a slot of onboarding-ledger-<name> (up to 75 s after a crash), which no other test's
-    run must wait for."""
+    """examples/profile.yaml under a name of its own, so each test's runs are told apart on the
+    session's Prefect server."""
     path.write_text(PROFILE.read_text().replace("name: zendesk-demo", f"name: {name}", 1))
     return path
 
