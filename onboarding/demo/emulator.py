@@ -274,12 +274,19 @@ class _Runtime:
         self.initialised: dict[str, int] = {}
         # stall actions: answers begun, bodies sent after the stall, clients that hung up first
         self.stalls = {"started": 0, "delivered": 0, "abandoned": 0}
+        # When the first and the latest initialise request were answered (time.time()): the
+        # span a benchmark divides its calls by, without the client's own start-up.
+        self.first_request_at: float | None = None
+        self.last_request_at: float | None = None
         self.limiter = _limiter(config, clock, wall_clock)
         self.rng = random.Random(config.seed)
 
     def record(self, status: int) -> None:
         """Every answer of the initialise endpoints (not of /healthz or /_emulator/*)."""
         self.requests += 1
+        self.last_request_at = now = time.time()
+        if self.first_request_at is None:
+            self.first_request_at = now
         key = str(status)
         self.by_status[key] = self.by_status.get(key, 0) + 1
 
@@ -297,6 +304,8 @@ class _Runtime:
             "states_issued": len(self.states),
             "stalls": dict(self.stalls),
             "initialised": dict(self.initialised),
+            "first_request_at": self.first_request_at,
+            "last_request_at": self.last_request_at,
             "rate_limit": self.config.rate_limit,
             "rate_limit_window": self.config.rate_limit_window,
         }
@@ -308,6 +317,7 @@ class _Runtime:
         self.script_progress.clear()
         self.initialised.clear()
         self.stalls = dict.fromkeys(self.stalls, 0)
+        self.first_request_at = self.last_request_at = None
         if self.limiter is not None:
             self.limiter.refill()
         self.rng.seed(self.config.seed)

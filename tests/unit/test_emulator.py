@@ -805,18 +805,25 @@ EMPTY_STATS = {
     "states_issued": 0,
     "stalls": {"started": 0, "delivered": 0, "abandoned": 0},
     "initialised": {},
+    "first_request_at": None,
+    "last_request_at": None,
 }
 
 
 def test_stats_and_reset(start: Any) -> None:
     running, http = start(EmulatorConfig())
     with http:
+        began = time.time()
         http.post(PATH, json=body(), headers=AUTH)
         http.post(PATH, json=body(), headers=AUTH)
         http.post(PATH, json=body())
+        ended = time.time()
         http.get("/healthz")
         stats = http.get("/_emulator/stats").json()
-        assert stats == {
+        assert running.stats() == stats
+        first, last = stats.pop("first_request_at"), stats.pop("last_request_at")
+        assert began <= first <= last <= ended
+        assert {**stats, "first_request_at": None, "last_request_at": None} == {
             **EMPTY_STATS,
             "requests": 3,
             "by_status": {"200": 2, "401": 1},
@@ -825,7 +832,6 @@ def test_stats_and_reset(start: Any) -> None:
             "rate_limit": None,
             "rate_limit_window": "sliding",
         }
-        assert running.stats() == stats
         assert http.post("/_emulator/reset").status_code == 200
         assert http.get("/_emulator/stats").json() == {
             **EMPTY_STATS,
