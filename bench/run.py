@@ -45,7 +45,7 @@ from bench.services import (  # noqa: E402
     pg_url,
     redis_server_settings,
 )
-from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
+from onboarding.demo.emulator import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402
 from tests.helpers import free_port, prefect_server, wait_for_http  # noqa: E402
 
@@ -141,7 +141,7 @@ def bench_profile(work: Path, rate_limit: float | None) -> Path:
 
 
 def start_emulator(
-    latency_ms: float, rate_limit: float | None
+    latency_ms: float, rate_limit: float | None, window: str = "sliding"
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [
@@ -155,7 +155,7 @@ def start_emulator(
         str(latency_ms),
     ]
     if rate_limit:
-        command += ["--rate-limit", str(rate_limit)]
+        command += ["--rate-limit", str(rate_limit), "--rate-limit-window", window]
     proc = subprocess.Popen(
         command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -174,6 +174,13 @@ def main() -> int:
         type=float,
         default=None,
         help="emulator answers 429 beyond this many calls/s; the profile is paced at it",
+    )
+    parser.add_argument(
+        "--rate-limit-window",
+        choices=RATE_LIMIT_WINDOWS,
+        default="sliding",
+        help="how the emulator counts --rate-limit: sliding (at most N in any trailing second, "
+        "the default), fixed (N per clock second) or bucket (a token bucket, forgives bursts)",
     )
     parser.add_argument(
         "--tenants-per-task",
@@ -218,6 +225,9 @@ def main() -> int:
         help="with --workers: flow runs each worker runs at once (its --limit)",
     )
     args = parser.parse_args()
+    if args.workers and args.rate_limit_window != "sliding":
+        # bench/scale_out.py starts its emulator with --rate-limit alone: its default window.
+        parser.error("--workers runs the emulator's default window (sliding) only")
     if args.workers:
         return run_scale_out(args)
     if args.prefect_db is None:
@@ -255,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     profile = bench_profile(work, args.rate_limit)
 
     plain_emulator, plain_url = start_emulator(args.latency_ms, None)
-    emulator, base_url = start_emulator(args.latency_ms, args.rate_limit)
+    emulator, base_url = start_emulator(args.latency_ms, args.rate_limit, args.rate_limit_window)
     try:
         os.environ["VERSORI_BASE_URL"] = base_url
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
@@ -267,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"tenants={args.tenants} latency_ms={args.latency_ms:g} "
             f"concurrency={args.concurrency} rate_limit={args.rate_limit} "
-            f"prefect_db={args.prefect_db} "
+            f"({args.rate_limit_window}) prefect_db={args.prefect_db} "
             f"(latency-bound limit {limit:.0f}/s)"
         )
         plain_rate = None if args.skip_plain else measure_plain(plain_url, args)
