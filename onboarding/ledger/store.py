@@ -11,9 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    DateTime,
     Engine,
-    bindparam,
     exists,
     func,
     literal_column,
@@ -493,22 +491,29 @@ class Ledger(LedgerQueries):
             return set()
         when = utc(now or utcnow())
         holder_alive = exists().where(
-            run_leases.c.run_id == claims.c.run_id,
-            run_leases.c.alive_until > bindparam("now", type_=DateTime(timezone=True)),
+            run_leases.c.run_id == claims.c.run_id, run_leases.c.alive_until > when
         )
-        insert = self._insert(claims)
-        stmt = insert.on_conflict_do_update(
-            index_elements=["tenant_id", "connector_id"],
-            set_={"run_id": insert.excluded.run_id, "claimed_at": insert.excluded.claimed_at},
-            where=or_(claims.c.run_id == insert.excluded.run_id, ~holder_alive),
-        )
+        # Three statements, not one upsert: an executemany INSERT ... ON CONFLICT DO UPDATE
+        # WHERE is sent by SQLAlchemy as one multi-row INSERT, which on SQLite took over 1 of
+        # 100 lapsed claims (seen in the crash-resume test). On PostgreSQL the UPDATE's row
+        # locks make a second claimer re-check the row after the first commits (READ
+        # COMMITTED), so it finds the holder alive and leaves it.
         rows = [
-            {"tenant_id": t, "connector_id": c, "run_id": run_id, "claimed_at": when, "now": when}
+            {"tenant_id": t, "connector_id": c, "run_id": run_id, "claimed_at": when}
             for t, c in keys
         ]
         held: set[Key] = set()
         with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
+            for part in _parts(list(keys)):
+                conn.execute(
+                    claims.update()
+                    .where(
+                        tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
+                        or_(claims.c.run_id == run_id, ~holder_alive),
+                    )
+                    .values(run_id=run_id, claimed_at=when)
+                )
+            conn.execute(self._insert(claims).on_conflict_do_nothing(), rows)
             for part in _parts(list(keys)):
                 held.update(
                     (t, c)
