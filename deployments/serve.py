@@ -3,19 +3,35 @@ parameters and limits: the file is read here, never copied, so there is one sour
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import os
 import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
-from prefect import Flow, serve
+from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
+from prefect.exceptions import TerminationSignal
+from prefect.logging import get_logger
+from prefect.runner import Runner
 from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
+# Asked to stop (SIGTERM, Ctrl-C), the process ends within this many seconds whatever the
+# Prefect API does; and how long the API gets to answer whether it is there at all.
+STOP_GRACE_SECONDS = 5.0
+API_CHECK_SECONDS = 1.0
+
+log = get_logger("onboard.serve")
 
 
 def load_flow(entrypoint: str) -> Flow[..., Any]:
@@ -65,8 +81,9 @@ def deployments_from_yaml(config: dict[str, Any] | None = None) -> list[RunnerDe
 
 
 def serve_all() -> None:
-    """Blocks until interrupted. Runs from the project folder, where the relative paths in the
-    deployments' parameters point, as a worker does from its checkout."""
+    """Blocks until asked to stop (SIGTERM or Ctrl-C; see `BoundedStopRunner`). Runs from the
+    project folder, where the relative paths in the deployments' parameters point, as a
+    worker does from its checkout."""
     os.chdir(PROJECT_DIR)
     config = read_config()
     # Served runs execute in this process's environment (a served deployment takes no job
@@ -74,13 +91,89 @@ def serve_all() -> None:
     # environment already says otherwise.
     for key, value in pool_env(config).items():
         os.environ.setdefault(key, value)
-    # A service manager stops us with SIGTERM: shut down as on Ctrl-C, not wait for SIGKILL.
-    signal.signal(signal.SIGTERM, _interrupt)
-    serve(*deployments_from_yaml(config), print_starting_message=True)
+    deployments = deployments_from_yaml(config)
+    # What prefect.serve does, with a runner whose stop is bounded.
+    runner = BoundedStopRunner(pause_on_shutdown=True)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    ui = PREFECT_UI_URL.value()
+    print(
+        f"Serving {len(deployments)} deployment(s) and polling for their runs: {names}.\n"
+        "Start one with `prefect deployment run NAME`"
+        + (f" or from the Prefect UI ({ui}/deployments)" if ui else "")
+        + "; stop with Ctrl-C or SIGTERM.",
+        flush=True,
+    )
+    # Ctrl-C stops as SIGTERM does (asyncio keeps a handler that is not Python's default).
+    signal.signal(signal.SIGINT, runner.handle_sigterm)
+    with contextlib.suppress(KeyboardInterrupt, TerminationSignal):
+        asyncio.run(runner.start())
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class BoundedStopRunner(Runner):
+    """Prefect's runner, whose stop never waits on a Prefect API that is gone.
+
+    Prefect's own, told to stop (its SIGTERM handler), cancels the runs in flight and then
+    pauses every deployment's schedules through the API. With the Prefect server stopping at
+    the same time, each call to it is retried with exponential backoff (2, 4, 8, 16, 32 s, on
+    top of httpx's own connection retries) for each of the 5 deployments; meanwhile a second
+    SIGTERM or a Ctrl-C changed nothing, so `onboard serve` went on for minutes (seen under
+    py-spy: Runner.__aexit__ -> _pause_schedules -> pause_deployment -> httpcore connect,
+    sleeping between retries).
+
+    Here: before pausing, the API is asked whether it is there, with a 1 s timeout; if not, the
+    schedules are left as they are (saying so), since nothing could pause them. Whatever
+    happens, the process ends STOP_GRACE_SECONDS after the first request to stop, and at once
+    on a second one; exit code 0 either way (it stopped as asked)."""
+
+    _stop_requested = False
+
+    async def __aenter__(self) -> BoundedStopRunner:
+        await super().__aenter__()
+        log.info("Serving; stop with Ctrl-C or SIGTERM")
+        return self
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        if self._stop_requested:
+            _exit_now("asked again to stop: stopping now")
+        self._stop_requested = True
+        threading.Thread(target=self._stop_in_time, name="stop-in-time", daemon=True).start()
+        super().handle_sigterm(*args, **kwargs)
+
+    async def astop(self) -> None:
+        if self.pause_on_shutdown and not await _api_answers():
+            self.pause_on_shutdown = False
+            log.warning(
+                "The Prefect API at %s does not answer: the deployments' schedules are left "
+                "unpaused (`onboard serve` serves them again when it starts)",
+                PREFECT_API_URL.value(),
+            )
+        await super().astop()
+
+    def _stop_in_time(self) -> None:
+        time.sleep(STOP_GRACE_SECONDS)
+        _exit_now(
+            f"not stopped within {STOP_GRACE_SECONDS:g} s (the Prefect API does not answer): "
+            "stopping now; runs it could not mark cancelled show as running until the server "
+            "notices they are gone"
+        )
+
+
+async def _api_answers() -> bool:
+    url = str(PREFECT_API_URL.value() or "").rstrip("/")
+    try:
+        async with httpx.AsyncClient(timeout=API_CHECK_SECONDS) as client:
+            return (await client.get(f"{url}/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _exit_now(why: str) -> None:
+    log.warning("%s", why)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
