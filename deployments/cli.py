@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -123,6 +125,73 @@ def _summary_of(state: Any) -> dict[str, Any] | None:
     return None
 
 
+# Ledger statuses as an interrupted run's report counts them: done, failed, begun.
+_DONE = frozenset({"delivered", "reminded", "connected"})
+_BEGUN = frozenset({"pending", "link_created", "sending"})
+
+
+def _interrupted_run_report(
+    roster: str, profiles: list[str], only: list[str] | None, started: datetime
+) -> Callable[[], None]:
+    """The report `onboard run` prints when interrupted: how far the roster got, per connector,
+    read from the ledger (the truth, whatever the flow managed to say). Counts only: no link,
+    state or address. A roster given as a URL is not fetched again: the counts are then of
+    the tenants this run changed (updated since it `started`)."""
+
+    def report() -> None:
+        from onboarding.profile import load_profile
+        from onboarding.roster import load_roster
+
+        connectors = [load_profile(path) for path in profiles]
+        ids: set[str] | None = None
+        if not roster.startswith(("http://", "https://", "secret:")):
+            ids = {t.tenant_id for t in load_roster(roster, connectors, only)}
+        ledger = Ledger(LedgerSettings().db_url)
+        try:
+            lines = []
+            for connector in connectors:
+                seen: dict[str, int] = {"done": 0, "failed": 0, "begun": 0}
+                for record in ledger.iter_records(connector.target_id):
+                    if ids is not None and record.tenant_id not in ids:
+                        continue
+                    if ids is None and record.updated_at < started:
+                        continue
+                    status = str(record.status)
+                    kind = (
+                        "done"
+                        if status in _DONE
+                        else "failed"
+                        if status == "failed"
+                        else "begun"
+                        if status in _BEGUN
+                        else ""
+                    )
+                    if kind:
+                        seen[kind] += 1
+                lines.append(_interrupted_counts(seen, None if ids is None else len(ids)))
+        finally:
+            ledger.close()
+        again = "run the same command again to finish (it skips what is done)"
+        if len(connectors) == 1:
+            out.print(f"Interrupted: {lines[0]}; {again}.", highlight=False, soft_wrap=True)
+            return
+        out.print(f"Interrupted; {again}. How far each connector got:", highlight=False)
+        for connector, line in zip(connectors, lines, strict=True):
+            out.print(f"  {connector.name}: {line}", highlight=False, soft_wrap=True)
+
+    return report
+
+
+def _interrupted_counts(seen: dict[str, int], total: int | None) -> str:
+    begun = f", {seen['begun']} in progress when stopped" if seen["begun"] else ""
+    if total is None:
+        return f"this run delivered {seen['done']} tenant(s), {seen['failed']} failed{begun}"
+    rest = total - seen["done"] - seen["failed"] - seen["begun"]
+    not_started = f", the rest ({rest}) not started" if rest else ""
+    done = f"{seen['done']} of {total} tenant(s) delivered, {seen['failed']} failed"
+    return f"{done}{begun}{not_started}"
+
+
 def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
     rows = sorted(summary["outcomes"], key=lambda r: r["tenant_id"])
     if not everything:
@@ -213,21 +282,32 @@ def run(
     """Onboard a roster, to one connector or, with several --profile, to each (a campaign).
     Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad input (nothing was
     called)."""
+    from flows.local import EXIT_INTERRUPTED, stop_on_interrupt
+
     _check_run_inputs(roster, profile, only, dry_run, deliver)
     _quiet_task_logs(verbose)
-    summary = _run_flow(
-        roster,
-        profile[0] if len(profile) == 1 else profile,
-        deliver,
-        concurrency,
-        dry_run,
-        only,
-        chunk_size=chunk_size,
-        fan_out=fan_out,
-        chunk_deployment=chunk_deployment,
-        tenants_per_task=tenants_per_task,
-        tenant_events=tenant_events,
-    )
+    report = _interrupted_run_report(roster, profile, only, utcnow())
+    try:
+        with stop_on_interrupt(report) as interrupt:
+            summary = _run_flow(
+                roster,
+                profile[0] if len(profile) == 1 else profile,
+                deliver,
+                concurrency,
+                dry_run,
+                only,
+                chunk_size=chunk_size,
+                fan_out=fan_out,
+                chunk_deployment=chunk_deployment,
+                tenants_per_task=tenants_per_task,
+                tenant_events=tenant_events,
+            )
+    except KeyboardInterrupt:
+        interrupt.report_once()
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if interrupt.interrupted:  # the flow ended (Crashed) without raising the interrupt
+        interrupt.report_once()
+        raise typer.Exit(EXIT_INTERRUPTED)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=dry_run)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -28,6 +27,8 @@ EVENT_NAMES = {"link_created": "linked"}
 FLUSH_SECONDS = 1.0
 BATCH_MAX = 500
 SEND_TRIES = 5
+# Leaving on an interrupt, how long to wait for the sending thread before giving up the rest.
+INTERRUPTED_JOIN_SECONDS = 1.0
 
 
 def on_temporary_server() -> bool:
@@ -70,6 +71,8 @@ class TenantEventSender:
         self._queue: list[dict[str, Any]] = []
         self._wake = threading.Event()
         self._closed = False
+        # Set when the block is left by an interrupt: no retries, no long wait for the API.
+        self._hurry = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.lost = 0
@@ -102,11 +105,18 @@ class TenantEventSender:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        if interrupted:  # Ctrl-C, SystemExit: the API may be gone with the temporary server
+            self._hurry.set()
         self._closed = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(INTERRUPTED_JOIN_SECONDS if interrupted else None)
+            if self._thread.is_alive():  # still trying a gone API: give up what is queued
+                with self._lock:
+                    self.lost += len(self._queue)
+                    self._queue = []
         if self.lost:
             log.warning(
                 "%d tenant event(s) could not be sent to the Prefect API; the ledger has "
@@ -134,11 +144,11 @@ class TenantEventSender:
             try:
                 client.request("POST", "/events", json=batch)
             except Exception as err:  # the API is down or busy: wait and send the same batch
-                if attempt == SEND_TRIES - 1:
+                if attempt == SEND_TRIES - 1 or self._hurry.is_set():
                     self.lost += len(batch)
                     log.warning("could not send %d tenant event(s): %s", len(batch), err)
                     return
-                time.sleep(min(2.0**attempt, 10.0))
+                self._hurry.wait(min(2.0**attempt, 10.0))
             else:
                 self.sent += len(batch)
                 return
