@@ -19,6 +19,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.local import INTERRUPTED
 from flows.progress import Progress, quiet_routine_task_logs
 from onboarding.errors import SliceFailed
 from onboarding.roster import Tenant
@@ -192,6 +193,8 @@ def run_batch(
         for item in slice_up(work, size):
             if isinstance(item, TenantOutcome):
                 add([item])
+            elif INTERRUPTED.is_set():
+                break  # the rest of the roster is left as it is, for the next run
             elif job.stop_reason:
                 add([job.not_attempted(t) for t in item.tenants])
             else:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger
 
 from flows.events import TenantEventSender
+from flows.local import on_interrupt
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
 from onboarding.errors import InputError
@@ -124,6 +125,12 @@ def open_campaign(
         )
         for profile in profiles
     ]
+    def interrupt() -> None:
+        for job in jobs:
+            job.stop.interrupt()
+
+    # Ctrl-C: no new tenant starts, so the run unwinds (and lets go of its claims) in time.
+    stack.enter_context(on_interrupt(interrupt))
     return Campaign(jobs, deliver, mailer, templates, rule=rule, **options)
 
 

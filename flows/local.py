@@ -3,6 +3,7 @@ benchmark do."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -35,6 +36,20 @@ INTERRUPT_GRACE_SECONDS = 5.0
 EXIT_INTERRUPTED = 130
 # Set by the first Ctrl-C of a run under `stop_on_interrupt`: code that can stop early may look.
 INTERRUPTED = threading.Event()
+# Called on the first Ctrl-C (see on_interrupt): the batches running stop starting tenants.
+_ON_INTERRUPT: list[Callable[[], None]] = []
+
+
+@contextmanager
+def on_interrupt(stop: Callable[[], None]) -> Iterator[None]:
+    """Call `stop` on the first Ctrl-C while the block runs (at once if one came already)."""
+    _ON_INTERRUPT.append(stop)
+    if INTERRUPTED.is_set():
+        stop()
+    try:
+        yield
+    finally:
+        _ON_INTERRUPT.remove(stop)
 
 
 @contextmanager
@@ -144,6 +159,10 @@ class Interrupt:
             self._end_now()
         self.interrupted = True
         INTERRUPTED.set()
+        for stop in list(_ON_INTERRUPT):
+            # Stopping early is a courtesy: the grace timer below ends the process anyway.
+            with contextlib.suppress(Exception):
+                stop()
         threading.Thread(target=self._watch, name="interrupt-grace", daemon=True).start()
         raise KeyboardInterrupt
 

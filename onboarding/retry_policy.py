@@ -33,9 +33,17 @@ class BatchStop:
     def __init__(self, after: int = constants.STOP_AFTER) -> None:
         self.after = max(1, after)
         self.reason = ""
+        self.interrupted = False
         self._lock = threading.Lock()
         self._kind: type[BaseException] | None = None
         self._tenants: list[str] = []
+
+    def interrupt(self) -> None:
+        """Stop now because the operator asked (Ctrl-C): tenants not yet tried are left as
+        they are in the ledger, for the next run (see OnboardingJob.not_attempted)."""
+        with self._lock:
+            self.reason = self.reason or "the run was interrupted"
+            self.interrupted = True
 
     def halt(self, reason: str) -> None:
         """Stop now, for a reason of the caller's (the batch's parent ended)."""

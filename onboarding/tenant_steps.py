@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The outcome of a tenant an interrupted run never started.
+NOT_STARTED = "not_started"
+
 # A link this close to its expiry is not worth sending: make a fresh one instead.
 REUSE_MARGIN = timedelta(minutes=30)
 
@@ -154,7 +157,10 @@ class OnboardingJob:
         return set(tenant_ids) - {r.tenant_id for r in due}
 
     def not_attempted(self, tenant: Tenant) -> TenantOutcome:
-        """A tenant left untried because the batch stopped; recorded so the next run does it."""
+        """A tenant left untried because the batch stopped; recorded so the next run does it.
+        After an interrupt nothing is written: the tenant's row stays as it was."""
+        if self.stop.interrupted:
+            return TenantOutcome(tenant.tenant_id, NOT_STARTED)
         message = f"not attempted: the batch stopped early because {self.stop_reason}"
         self.ledger.record_failure(
             **_identity(self, tenant),

@@ -541,10 +541,13 @@ class Ledger(LedgerQueries):
     # Pacing: a profile's calls spaced across every process on this ledger.
 
     @reconnecting
-    def reserve_calls(self, name: str, calls: int, interval: float, hold: float = 0.0) -> float:
+    def reserve_calls(
+        self, name: str, calls: int, interval: float, hold: float = 0.0
+    ) -> tuple[float, float]:
         """Reserve the next `calls` call times of pace `name`, `interval` seconds apart, after
         any time another process reserved (and, with `hold`, no sooner than `hold` seconds
-        from now). Returns how many seconds from now the first of them is.
+        from now). Returns when the first of them is and when the reservation was made, both
+        on the database's clock.
 
         The virtual-scheduling form of GCRA, one UPDATE: every process's reservations are
         disjoint stretches of one timeline, so calls are spaced `interval` apart however many
@@ -563,7 +566,7 @@ class Ledger(LedgerQueries):
         with self.engine.begin() as conn:
             conn.execute(seed)
             next_at, at = conn.execute(stmt).one()
-        return float(next_at) - calls * interval - float(at)
+        return float(next_at) - calls * interval, float(at)
 
     def _db_now(self) -> Any:
         if self.postgres:
