@@ -125,6 +125,7 @@ def open_campaign(
         )
         for profile in profiles
     ]
+
     def interrupt() -> None:
         for job in jobs:
             job.stop.interrupt()

@@ -113,7 +113,6 @@ def test_a_ledger_that_stays_away_is_transient_and_shows_no_sql(
     ledger, name = pg_ledger
     write_link(ledger, "t1")
     monkeypatch.setattr(ledger_engine, "RECONNECT_DELAYS", (0.0, 0.0))
-    monkeypatch.setattr(ledger_engine.time, "sleep", lambda s: None)
 
     def kill_every_time(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         terminate(name)

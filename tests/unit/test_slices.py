@@ -248,7 +248,7 @@ def run_slice_outcomes(job: OnboardingJob, batch: TenantSlice, step: Script) -> 
 
 
 def test_after_a_timeout_one_retry_at_most(job: OnboardingJob) -> None:
-    stalls = [APITimeoutError("no answer within 2 s") for _ in range(5)]
+    stalls: list[Exception] = [APITimeoutError("no answer within 2 s") for _ in range(5)]
     step = Script({"t1": stalls})
     batch = TenantSlice(tenants(1))
     with pytest.raises(APITimeoutError):
