@@ -21,7 +21,7 @@ from onboarding.models import Api
 from onboarding.pacing import PACE_SHARE, Pacer, Spacing
 from onboarding.profile import ConnectorProfile
 from onboarding.retry_policy import BatchStop, RetryRule
-from onboarding.settings import RetrySettings, VersoriSettings
+from onboarding.settings import LedgerSettings, RetrySettings, VersoriSettings
 from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def open_campaign(
     from prefect.runtime import flow_run
 
     claimant = str(flow_run.id or uuid.uuid4())
-    stack.enter_context(ledger.run_lease(claimant))
+    stack.enter_context(ledger.run_lease(claimant, LedgerSettings().run_lease_seconds))
     settings = RetrySettings()
     rule = RetryRule(deadline=settings.tenant_deadline_seconds)
     mailer = open_mailer(stack) if deliver.sends_email else None

@@ -74,11 +74,14 @@ class VersoriSettings(EnvSettings):
 
 
 class LedgerSettings(EnvSettings):
-    """ONBOARD_DB_URL: the ledger database."""
+    """ONBOARD_DB_URL: the ledger database; ONBOARD_RUN_LEASE_SECONDS: a run's claims."""
 
     model_config = SettingsConfigDict(env_prefix="ONBOARD_", env_file=".env", extra="ignore")
 
     db_url: str = "sqlite:///onboarding.db"
+    # ONBOARD_RUN_LEASE_SECONDS: how long a run's claims on its tenants outlive its last sign
+    # of life (a run killed without letting go frees them this long after).
+    run_lease_seconds: float = Field(20.0, ge=2, le=3600)
 
 
 class InputSettings(EnvSettings):

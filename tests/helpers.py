@@ -79,6 +79,9 @@ def base_env(tmp: Path) -> dict[str, str]:
     # command whose tenants fail transiently otherwise sleeps seconds (tests/unit/test_settings.py
     # checks the backoff itself).
     env["ONBOARD_RETRY_BACKOFF_SECONDS"] = "0.05"
+    # A killed run's claims lapse after 3 s instead of 20: a re-run (tests/e2e/test_crash_resume,
+    # test_signals) takes its tenants over after that wait, as after the real one.
+    env["ONBOARD_RUN_LEASE_SECONDS"] = "3"
     return env
 
 

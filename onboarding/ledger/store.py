@@ -49,13 +49,12 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (tenant_id, connector_id)
 
-# A run's lease on its claims: renewed every RENEW seconds, it lapses LEASE seconds after the
-# last renewal. A run killed without letting go (SIGKILL, a lost machine) frees its tenants
-# within LEASE seconds; a run that stalls longer than that (its renewals failing) may see a
-# tenant of its own taken over, so the ledger's own guards (a write about a link lands only
+# A run's lease on its claims (ONBOARD_RUN_LEASE_SECONDS): renewed every quarter of it, it
+# lapses that long after the last renewal, so a run killed without letting go (SIGKILL, a lost
+# machine) frees its tenants then. A run stalled longer than that (its renewals failing) may
+# see a tenant of its own taken over; the ledger's own guards (a write about a link lands only
 # on that link) still hold.
 RUN_LEASE_SECONDS = 20.0
-RUN_LEASE_RENEW_SECONDS = 5.0
 
 
 class Ledger(LedgerQueries):
@@ -440,17 +439,18 @@ class Ledger(LedgerQueries):
     # Claims: who works on a tenant now (see schema.claims).
 
     @contextmanager
-    def run_lease(self, run_id: str) -> Iterator[None]:
-        """Hold `run_id`'s lease while the block runs, renewed in the background; on the way
-        out, every claim of the run is let go and the lease dropped, so another run may take
-        its tenants at once. Claims made without a lease are never valid to others."""
-        self._renew_lease(run_id)
+    def run_lease(self, run_id: str, seconds: float = RUN_LEASE_SECONDS) -> Iterator[None]:
+        """Hold `run_id`'s lease while the block runs, renewed in the background (every
+        quarter of `seconds`); on the way out, every claim of the run is let go and the lease
+        dropped, so another run may take its tenants at once. Claims made without a lease are
+        never valid to others."""
+        self._renew_lease(run_id, seconds)
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(RUN_LEASE_RENEW_SECONDS):
+            while not stop.wait(seconds / 4):
                 try:
-                    self._renew_lease(run_id)
+                    self._renew_lease(run_id, seconds)
                 except Exception as err:  # the next renewal tries again; the lease is long
                     log.warning("could not renew the run's ledger lease: %s", type(err).__name__)
 
@@ -467,8 +467,8 @@ class Ledger(LedgerQueries):
                 log.warning("could not let go of the run's claims: %s", type(err).__name__)
 
     @reconnecting
-    def _renew_lease(self, run_id: str) -> None:
-        until = utcnow() + timedelta(seconds=RUN_LEASE_SECONDS)
+    def _renew_lease(self, run_id: str, seconds: float = RUN_LEASE_SECONDS) -> None:
+        until = utcnow() + timedelta(seconds=seconds)
         stmt = self._insert(run_leases).values(run_id=run_id, alive_until=until)
         stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_={"alive_until": until})
         with self.engine.begin() as conn:

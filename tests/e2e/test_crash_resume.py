@@ -3,7 +3,8 @@ the mailboxes come out as documented.
 
 The killed run works against the session's Prefect server, the re-run on Prefect's temporary
 server, as after a crash that took the server too. The killed run's claims on the tenants it
-had in flight hold until its ledger lease lapses (20 s, onboarding/ledger/store.py): the re-run
+had in flight hold until its ledger lease lapses (ONBOARD_RUN_LEASE_SECONDS: 3 s in the tests,
+20 s by default): the re-run
 waits for them, then does those tenants too. What is checked lives in the ledger and the
 mailboxes, not in Prefect. The temporary server finds a database already migrated in its
 Prefect home, as on a machine where `onboard run` has run before (a fresh one is

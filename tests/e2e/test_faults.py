@@ -54,12 +54,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.demo.versori_rules import error_response
-from tests.helpers import PROJECT, base_env, child
+from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
 from tests.smtp_server import SmtpTestServer
 
 pytestmark = pytest.mark.e2e
 
 ONBOARD = str(Path(sys.executable).parent / "onboard")
+PREFECT = str(Path(sys.executable).parent / "prefect")
 PROFILE = PROJECT / "examples" / "profile.yaml"
 EMAIL_FROM = "onboarding@saas.example.com"
 PG_URL = os.environ.get("ONBOARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -655,3 +656,61 @@ def test_three_404s_in_a_row_stop_the_batch(tmp_path: Path, prefect_api: str) ->
     assert not any(calls[t] for t in after), f"called after the stop: {calls}"
     assert said == 1, f"the stop said {said} times:\n{tail(log)}"
     assert code == 1, tail(log)
+
+
+# -- 5. the Prefect server restarted mid-batch ----------------------------------------------
+
+
+def delivered_so_far(db_url: str) -> int:
+    """Tenants delivered so far (0 before the run has made the ledger's tables)."""
+    try:
+        return statuses(ledger_rows(db_url))["delivered"]
+    except Exception:  # no table yet
+        return 0
+
+
+@pytest.mark.timeout(300)
+def test_a_prefect_server_restart_mid_batch_holds_nothing_for_the_next_batch(
+    tmp_path: Path, migrated_prefect_db: Path
+) -> None:
+    """The server killed (-9) mid-batch and started again: the batch goes on, and the next
+    batch of the same profile starts at once and finishes the roster. (Once, a Prefect slot
+    `onboarding-ledger-<profile>` stayed held after such a restart, and the next batch waited
+    6.5 minutes; batches now share a roster through the ledger's claims, which nothing in
+    Prefect holds.)"""
+    count = 40
+    roster = write_roster(tmp_path / "tenants.csv", count)
+    profile = write_profile(tmp_path / "profile.yaml", f"faults-restart-{uuid.uuid4().hex[:6]}")
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "server-home"
+    home.mkdir()
+    shutil.copyfile(migrated_prefect_db, home / "prefect.db")
+    server_env = dict(base_env(tmp_path), PREFECT_HOME=str(home))
+    server_args = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    args = onboard_args(roster, profile, "--concurrency", "2")
+    faults = Faults()
+    with faulty_versori(faults, latency_ms=300) as versori:
+        env = dict(run_env(tmp_path, versori, db_url), PREFECT_API_URL=api)
+        with child(server_args, server_env, tmp_path / "server-1.log") as server:
+            wait_for_http(f"{api}/health", timeout=120, proc=server)
+            with child(args, env, tmp_path / "first.log") as first:
+                deadline = time.monotonic() + 60
+                while delivered_so_far(db_url) < 5:
+                    assert time.monotonic() < deadline, tail(tmp_path / "first.log")
+                    time.sleep(0.2)
+                os.killpg(server.pid, 9)
+                server.wait()
+                time.sleep(3)
+                with child(server_args, server_env, tmp_path / "server-2.log") as again:
+                    wait_for_http(f"{api}/health", timeout=120, proc=again)
+                    wait_for(first, tmp_path / "first.log", 150)
+                    code, seconds = run_to_end(args, env, tmp_path / "next.log", timeout=150)
+        _, issued = faults.snapshot()
+    rows = ledger_rows(db_url)
+    print(f"server restart: the next batch exited {code} in {seconds:.1f} s")
+    assert seconds < 75, f"the next batch took {seconds:.1f} s"
+    assert code == 0, tail(tmp_path / "next.log")
+    assert statuses(rows) == {"delivered": count}, statuses(rows)
+    assert all(issued[t] == 1 for t in tenant_ids(count)), issued
