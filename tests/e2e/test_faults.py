@@ -396,7 +396,7 @@ def wait_for_quiet(smtp: SmtpTestServer, still: float = 0.5, timeout: float = 10
 def test_two_runs_at_once_never_mail_twice(
     tmp_path: Path, pg_database: tuple[str, str], migrated_prefect_db: Path
 ) -> None:
-    count = 300
+    count = int(os.environ.get("FAULTS_TENANTS", "300"))  # FAULTS_TENANTS=1500: the review's size
     db_url, _ = pg_database
     roster = write_roster(tmp_path / "tenants.csv", count)
     profile = write_profile(tmp_path / "profile.yaml", f"faults-twice-{uuid.uuid4().hex[:6]}")
@@ -470,7 +470,7 @@ def finished_tenants(conn: psycopg.Connection[Any]) -> int:
 def test_dropped_ledger_connections_fail_no_tenant(
     tmp_path: Path, pg_database: tuple[str, str], prefect_api: str
 ) -> None:
-    count = 300
+    count = int(os.environ.get("FAULTS_TENANTS", "300"))  # FAULTS_TENANTS=1500: the review's size
     db_url, conninfo = pg_database
     roster = write_roster(tmp_path / "tenants.csv", count)
     profile = write_profile(tmp_path / "profile.yaml", f"faults-dropped-{uuid.uuid4().hex[:6]}")
