@@ -35,13 +35,10 @@ import argparse
 import csv
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +51,11 @@ if str(PROJECT) not in sys.path:
 
 from onboarding.demo.emulator_config import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
 
+# The process helpers bench/run.py and bench/scale_out.py use too (moving them out of tests/ is
+# for all three at once).
+from tests.helpers import child as process  # noqa: E402
+from tests.helpers import free_port, wait_for_http  # noqa: E402
+
 BIN = Path(sys.executable).parent
 EXAMPLE_PROFILE = PROJECT / "examples" / "profile.yaml"
 MODES = ("temporary", "server", "both")
@@ -62,45 +64,6 @@ TARGET_429_PERCENT = 1.0
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own process group, stopped with its children on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, env=env, cwd=PROJECT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -277,7 +240,7 @@ def run_temporary(args: argparse.Namespace, work: Path) -> Measure:
     base_url = f"http://127.0.0.1:{port}"
     emulator_cmd = [str(BIN / "onboard"), "emulator", "--port", str(port), *emulator_flags(args)]
     with process(emulator_cmd, clean_env(work / "emulator-home"), work / "emulator.log") as emu:
-        wait_for_http(f"{base_url}/healthz", emu)
+        wait_for_http(f"{base_url}/healthz", proc=emu)
         env = clean_env(work / "prefect-home")
         env.update(
             VERSORI_BASE_URL=base_url,
@@ -338,7 +301,7 @@ def run_server(args: argparse.Namespace, work: Path) -> Measure:
             return env
 
     with process(emulator_cmd, clean_env(work / "emulator-home"), work / "emulator.log") as emu:
-        wait_for_http(f"{base_url}/healthz", emu)
+        wait_for_http(f"{base_url}/healthz", proc=emu)
         started = time.monotonic()
         with PacingStack(work / "stack", workers=2, worker_limit=1) as stack:
             print(

@@ -63,7 +63,6 @@ def onboard_campaign(
     batch: Roster,
     templates: MailTemplates | None,
     source: str,
-    is_roster: bool,
     deliver: Delivery,
     dry_run: bool,
     concurrency: int,

@@ -165,7 +165,6 @@ def onboard_tenants(
             batch=batch,
             templates=templates,
             source=source,
-            is_roster=roster is not None,
             deliver=deliver,
             dry_run=dry_run,
             concurrency=concurrency,
