@@ -49,12 +49,12 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-from onboarding.demo.emulator_config import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
+from demo.emulator_config import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
 
 # The process helpers bench/run.py and bench/scale_out.py use too (moving them out of tests/ is
 # for all three at once).
-from tests.helpers import child as process  # noqa: E402
-from tests.helpers import free_port, wait_for_http  # noqa: E402
+from demo.processes import child as process  # noqa: E402
+from demo.processes import free_port, wait_for_http  # noqa: E402
 
 BIN = Path(sys.executable).parent
 EXAMPLE_PROFILE = PROJECT / "examples" / "profile.yaml"

@@ -45,9 +45,9 @@ from bench.services import (  # noqa: E402
     pg_url,
     redis_server_settings,
 )
-from onboarding.demo.emulator import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
+from demo.emulator import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
+from demo.processes import free_port, prefect_server, wait_for_http  # noqa: E402
 from onboarding.profile import load_profile  # noqa: E402
-from tests.helpers import free_port, prefect_server, wait_for_http  # noqa: E402
 
 PROFILE = PROJECT / "examples" / "profile.yaml"
 

@@ -20,7 +20,7 @@ two stacks never share streams. ONBOARD_BENCH_REDIS names the Redis server (defa
 Workers and clients need no Redis setting: they reach the broker only through the server's API.
 
 Used by tests/e2e/test_scale_out.py and by `bench/run.py --workers W`. Every process is started
-with `tests.helpers.child`, so each is stopped on the way out, failures included, and both
+with `demo.processes.child`, so each is stopped on the way out, failures included, and both
 databases are dropped.
 """
 
@@ -51,8 +51,8 @@ from bench.services import (  # noqa: E402
     pg_url,
     redis_server_settings,
 )
-from onboarding.demo.emulator import DEFAULT_API_KEY  # noqa: E402
-from tests.helpers import (  # noqa: E402
+from demo.emulator import DEFAULT_API_KEY  # noqa: E402
+from demo.processes import (  # noqa: E402
     base_env,
     child,
     free_port,

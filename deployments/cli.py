@@ -324,7 +324,7 @@ def demo(
 ) -> None:
     """Onboard the example roster against a local emulator and a local SMTP server: no
     account, no set-up."""
-    from onboarding.demo.local import demo_stage
+    from demo.local import demo_stage
 
     roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
     second = str(EXAMPLES_DIR / "profile-slack.yaml")
@@ -477,7 +477,7 @@ def emulator(
     api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
 ) -> None:
     """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
-    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, load_script, run_emulator
+    from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, load_script, run_emulator
 
     key = api_key or DEFAULT_API_KEY
     options = {

@@ -154,7 +154,7 @@ def prefect_harness(prefect_api: str) -> Iterator[None]:
 
 
 class SharedPrefectServer:
-    """The session's `prefect server start` (tests.helpers.prefect_server), started in a thread
+    """The session's `prefect server start` (demo.processes.prefect_server), started in a thread
     of its own so that the tests that do not need it run meanwhile; `api()` waits for it.
     Once it answers, its database is copied (see `migrated_prefect_db`)."""
 
@@ -172,7 +172,7 @@ class SharedPrefectServer:
         return self
 
     def _serve(self) -> None:
-        from tests.helpers import prefect_server
+        from demo.processes import prefect_server
 
         try:
             with prefect_server(self.root) as url:

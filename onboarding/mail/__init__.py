@@ -6,7 +6,7 @@
     message    build_message, MailLink, message_id_for, parse_from
 
 The errors (MailError and its subclasses) are in `onboarding.errors`, re-exported here. The
-demo's SMTP server is `onboarding.demo.smtp`, outside the product (it needs aiosmtpd).
+demo's SMTP server is `demo.smtp`, outside the product (it needs aiosmtpd).
 """
 
 from onboarding.errors import (

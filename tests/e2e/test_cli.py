@@ -17,8 +17,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from demo.processes import PROJECT, base_env, child, free_port, wait_for_http
 from deployments.cli import app
-from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
 
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
 ROSTER = str(PROJECT / "examples" / "tenants.csv")

@@ -43,10 +43,10 @@ from urllib.parse import urlsplit
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.processes import PROJECT, base_env
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.mail import message_id_for
-from tests.helpers import PROJECT, base_env
 from tests.smtp_server import SmtpTestServer
 
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.processes import base_env
 from onboarding.ledger import Ledger
-from tests.helpers import base_env
 
 ONBOARD = str(Path(sys.executable).parent / "onboard")
 ZENDESK = "01M8F12B95S4BX0QFB3TPDWZ0Q"

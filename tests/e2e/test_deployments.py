@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
+from demo.emulator import DEFAULT_API_KEY, EmulatorServer
+from demo.processes import PROJECT, base_env, child, wait_for_http
 from onboarding.ledger import Ledger, Status
-from tests.helpers import PROJECT, base_env, child, wait_for_http
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ review found, each test reproducing one of them.
 4. A 404 for one tenant fails that tenant alone (`not_found`); three in a row, from distinct
    tenants, stop the batch (the rest `not_attempted`, the stop said once).
 
-Faults are played by the in-process emulator (onboarding.demo.emulator) behind `Faults`, an
+Faults are played by the in-process emulator (demo.emulator) behind `Faults`, an
 ASGI middleware of this file: it answers a tenant's initialise call with a scripted 401, 403,
 404, 429, 503 or a stall (headers, one byte of body, then nothing until the client hangs up),
 and counts every call and every 200 per tenant. It does not need the emulator's own script
@@ -52,9 +52,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-from onboarding.demo.versori_rules import error_response
-from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
+from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.processes import PROJECT, base_env, child, free_port, wait_for_http
+from demo.versori_rules import error_response
 from tests.smtp_server import SmtpTestServer
 
 pytestmark = pytest.mark.e2e

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.processes import PROJECT
 from tests.e2e.test_cli import ONBOARD, emulator_process
-from tests.helpers import PROJECT
 
 pytestmark = pytest.mark.e2e
 

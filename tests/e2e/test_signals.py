@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.processes import PROJECT, base_env, child, free_port, wait_for_http
 from onboarding.ledger import Ledger
-from tests.helpers import PROJECT, base_env, child, free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 

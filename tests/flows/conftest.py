@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from onboarding.demo.emulator import DEFAULT_API_KEY
+from demo.emulator import DEFAULT_API_KEY
 from onboarding.ledger import Ledger
 from tests.smtp_server import SmtpTestServer
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from demo.emulator import EmulatorConfig, EmulatorServer
 from flows.onboard_tenants import onboard_tenants
 from flows.remind_tenants import remind_tenants
 from onboarding.clock import utcnow
-from onboarding.demo.emulator import EmulatorConfig, EmulatorServer
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.roster import TenantRow

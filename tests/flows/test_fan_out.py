@@ -23,10 +23,10 @@ from prefect.client.schemas.filters import (
 
 import flows.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
+from demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from flows.batch import OutcomeCounts
 from flows.fan_out import split
 from flows.onboard_tenants import onboard_tenants
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from onboarding.roster import load_roster, open_roster_slice
 from onboarding.tenant_steps import TenantOutcome

@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (
 )
 
 import flows.onboard_tenants as flow_module
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.ledger import Ledger, Status
 from tests.flows.helpers import error_of, summary_of
 

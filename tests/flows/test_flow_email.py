@@ -15,9 +15,9 @@ from sqlalchemy import update
 
 import flows.onboard_tenants as onboard_module
 import flows.remind_tenants as remind_module
+from demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from flows.record_connection import record_connection_flow
 from onboarding.clock import utcnow
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from onboarding.ledger import Ledger, Status, records
 from tests.flows.helpers import error_of, summary_of
 from tests.smtp_server import DROP, SmtpTestServer

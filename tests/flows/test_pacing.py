@@ -13,8 +13,8 @@ import pytest
 def test_a_paced_run_meets_no_429_from_a_strict_api(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
     from flows.onboard_tenants import onboard_tenants
-    from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     profile = tmp_path / "profile.yaml"

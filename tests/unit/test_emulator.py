@@ -19,7 +19,7 @@ import pytest
 from starlette.applications import Starlette
 from typer.testing import CliRunner
 
-from onboarding.demo.emulator import (
+from demo.emulator import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     EmulatedConnector,
@@ -979,7 +979,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[EmulatorConfig]:
     def capture(config: EmulatorConfig, host: str, port: int) -> None:
         configs.append(config)
 
-    monkeypatch.setattr("onboarding.demo.emulator.run_emulator", capture)
+    monkeypatch.setattr("demo.emulator.run_emulator", capture)
     return configs
 
 

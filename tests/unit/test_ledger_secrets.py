@@ -58,7 +58,7 @@ def test_export_writes_a_private_file(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_eml_files_are_private(tmp_path: Path) -> None:
-    from onboarding.demo.smtp import LocalSmtpServer
+    from demo.smtp import LocalSmtpServer
 
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = "a@x.example", "b@y.example", "link"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trustme
 
-from onboarding.demo.smtp import LocalSmtpServer
+from demo.smtp import LocalSmtpServer
 from onboarding.errors import InputError, is_transient
 from onboarding.mail import (
     MailAuthError,

@@ -15,15 +15,15 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from onboarding import constants
-from onboarding.client import VersoriClient
-from onboarding.demo.emulator import (
+from demo.emulator import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     DEMO_SYSTEM,
     EmulatorConfig,
     EmulatorServer,
 )
+from onboarding import constants
+from onboarding.client import VersoriClient
 from onboarding.errors import (
     InputError,
     LinkCheckError,

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from onboarding.demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-from onboarding.demo.smtp import LocalSmtpServer
+from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from demo.smtp import LocalSmtpServer
 
 # Faults the demo injects into a few example tenants so that retries and failures show.
 DEMO_SCRIPT = {

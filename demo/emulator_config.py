@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 import yaml
 
-from onboarding.demo.versori_rules import is_ulid
+from demo.versori_rules import is_ulid
 
 DEFAULT_API_KEY = "emulator-key"
 DEFAULT_REDIRECT_URI = "https://platform.versori.com/api/connect/v1/oauth2/callback"

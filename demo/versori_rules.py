@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from ulid import ULID
 
 if TYPE_CHECKING:
-    from onboarding.demo.emulator_config import EmulatedConnector
+    from demo.emulator_config import EmulatedConnector
 
 # Defined here rather than imported from the client's constants: the emulator plays the server,
 # and should keep answering like Versori even if the client's idea of the contract drifts.

@@ -37,8 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from onboarding.clock import utcnow
-from onboarding.demo.emulator_config import (
+from demo.emulator_config import (
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     DEMO_SYSTEM,
@@ -48,7 +47,7 @@ from onboarding.demo.emulator_config import (
     EmulatorConfig,
     load_script,
 )
-from onboarding.demo.versori_rules import (
+from demo.versori_rules import (
     RESERVED_KEYS,
     build_url,
     error_response,
@@ -58,6 +57,7 @@ from onboarding.demo.versori_rules import (
     unauthenticated,
     validate_body,
 )
+from onboarding.clock import utcnow
 
 __all__ = [
     "DEFAULT_API_KEY",

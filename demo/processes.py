@@ -1,4 +1,5 @@
-"""Shared by the end-to-end tests: free ports, waiting for services, child processes."""
+"""Child processes for the end-to-end tests and the benchmarks: free ports, waiting for services,
+child process groups, a real `prefect server`."""
 
 from __future__ import annotations
 
