@@ -18,14 +18,15 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from flows.inputs.options import FanOut, TenantEvents
 from onboarding import constants
 from onboarding.clock import utcnow
 from onboarding.db_url import redact_url
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.export import ExportFormat, private_file, write_records
 from onboarding.ledger import Ledger
 from onboarding.settings import LedgerSettings, VersoriSettings
-from onboarding.tenant_steps import Delivery, FanOut, TenantEvents
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROJECT_DIR = Path(__file__).resolve().parent.parent

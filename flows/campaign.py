@@ -15,15 +15,17 @@ from prefect import get_run_logger
 from prefect.client.schemas.objects import State
 
 from flows.batch import OutcomeCounts, conclude, run_batch
+from flows.inputs.options import TenantEvents
 from flows.job import effective_concurrency, load_templates, open_campaign, tag_run
 from onboarding.campaign import combined
 from onboarding.clock import utcnow
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import Roster, Tenant
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import Delivery, TenantEvents, TenantOutcome, tenant_of
+from onboarding.tenant_steps import TenantOutcome, tenant_of
 from tasks.slice_tasks import onboard_campaign_slice_task, remind_campaign_slice_task
 
 if TYPE_CHECKING:

@@ -17,8 +17,9 @@ import threading
 import uuid
 from typing import Any
 
+from flows.inputs.options import TenantEvents
 from onboarding.clock import utcnow
-from onboarding.tenant_steps import StatusChange, TenantEvents
+from onboarding.tenant_steps import StatusChange
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,13 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from flows.batch import OutcomeCounts
+from flows.inputs.options import TenantEvents
 from flows.progress import Progress
 from onboarding.clock import utcnow
+from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Roster
-from onboarding.tenant_steps import Delivery, TenantEvents
 
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0

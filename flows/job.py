@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger
 
 from flows.events import TenantEventSender
+from flows.inputs.options import TenantEvents
 from flows.local import on_interrupt
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.models import Api
@@ -22,7 +24,7 @@ from onboarding.pacing import PACE_SHARE, Pacer, Spacing
 from onboarding.profile import ConnectorProfile
 from onboarding.retry_policy import BatchStop, RetryRule
 from onboarding.settings import LedgerSettings, RetrySettings, VersoriSettings
-from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
+from onboarding.tenant_steps import OnboardingJob
 
 if TYPE_CHECKING:
     from prefect_email import EmailServerCredentials

@@ -20,13 +20,15 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.batch import final_state, run_batch, skip_live, summarise
+from flows.inputs.options import TenantEvents
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import roster_location, run_files_root
+from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger
 from onboarding.profile import load_profile
 from onboarding.roster import open_roster_slice
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import Delivery, OnboardingJob, TenantEvents
+from onboarding.tenant_steps import OnboardingJob
 from tasks.slice_tasks import onboard_slice_task
 
 PARENT_CHECK_SECONDS = 10.0

@@ -18,8 +18,10 @@ from flows.batch import OutcomeCounts, conclude, run_batch, skip_live
 from flows.campaign import load_campaign, onboard_campaign, profile_paths
 from flows.events import on_temporary_server
 from flows.fan_out import run_chunks
+from flows.inputs.options import FanOut, TenantEvents
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from onboarding import constants
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.profile import load_profile
@@ -30,7 +32,7 @@ from onboarding.roster import (
     load_roster,
 )
 from onboarding.settings import LedgerSettings, files_root
-from onboarding.tenant_steps import Delivery, FanOut, TenantEvents, TenantOutcome
+from onboarding.tenant_steps import TenantOutcome
 from tasks.slice_tasks import onboard_slice_task
 
 MAX_INLINE_TENANTS = 100

@@ -10,6 +10,7 @@ from prefect.states import Completed, Failed
 from pydantic import SecretStr
 
 from flows.events import TenantEventSender
+from flows.inputs.options import TenantEvents
 from onboarding.errors import (
     ExpiredStateError,
     StateUsedError,
@@ -19,7 +20,7 @@ from onboarding.errors import (
 from onboarding.ledger import Ledger
 from onboarding.links import mask_state
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import StatusChange, TenantEvents, record_connection
+from onboarding.tenant_steps import StatusChange, record_connection
 
 
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)

@@ -15,13 +15,15 @@ from pydantic import Field
 
 from flows.batch import OutcomeCounts, conclude, run_batch
 from flows.campaign import load_campaign, profile_paths, remind_campaign
+from flows.inputs.options import TenantEvents
 from flows.job import effective_concurrency, load_templates, open_job, tag_run
 from flows.onboard_tenants import run_files_root
 from onboarding.clock import utcnow
+from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger, Status
 from onboarding.profile import load_profile
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import Delivery, TenantEvents, TenantOutcome, tenant_of
+from onboarding.tenant_steps import TenantOutcome, tenant_of
 from tasks.slice_tasks import remind_slice_task
 
 

@@ -17,13 +17,13 @@ from datetime import datetime
 from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
+from onboarding.delivery import Delivery
 from onboarding.errors import OnboardingError, worth_retrying
 from onboarding.ledger import SENDING_CHANNELS, Record, Status
 from onboarding.links import Link
 from onboarding.retry_policy import RetryRule
 from onboarding.roster import Tenant
 from onboarding.tenant_steps import (
-    Delivery,
     OnboardingJob,
     TenantOutcome,
     failed_outcome,

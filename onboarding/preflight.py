@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates, SmtpSettings
@@ -19,7 +20,6 @@ from onboarding.settings import (
     RetrySettings,
     VersoriSettings,
 )
-from onboarding.tenant_steps import Delivery
 
 
 def check_run_inputs(

@@ -18,11 +18,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from onboarding.delivery import Delivery
 from onboarding.errors import APITimeoutError, SliceFailed, worth_retrying
 from onboarding.ledger import Status
 from onboarding.retry_policy import RetryRule, Verdict, verdict
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import Delivery, TenantOutcome, failed_outcome
+from onboarding.tenant_steps import TenantOutcome, failed_outcome
 
 # Claimed tenants another run holds are looked at again this often, for at most this long: a
 # live run lets go of a slice when it is decided, a dead one's lease lapses within

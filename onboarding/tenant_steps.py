@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from onboarding import constants
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
+from onboarding.delivery import Delivery
 from onboarding.errors import (
     ExpiredStateError,
     LedgerUnavailableError,
@@ -41,41 +41,6 @@ NOT_STARTED = "not_started"
 
 # A link this close to its expiry is not worth sending: make a fresh one instead.
 REUSE_MARGIN = timedelta(minutes=30)
-
-
-class Delivery(StrEnum):
-    STORE = "store"
-    EMAIL = "email"
-    BOTH = "both"
-
-    @property
-    def sends_email(self) -> bool:
-        return self is not Delivery.STORE
-
-
-class FanOut(StrEnum):
-    """Where a batch runs: all of it in the batch's own flow run (in_process), or split into
-    chunks that run as runs of a deployment, spread over its work pool's workers."""
-
-    IN_PROCESS = "in_process"
-    DEPLOYMENT = "deployment"
-
-
-class TenantEvents(StrEnum):
-    """Which tenant status changes are reported as events: every one, failures only, none;
-    auto: every one on a Prefect server, failures only on Prefect's temporary server (it lives
-    as long as the run, no Automation watches it, and its in-memory broker drops events past
-    a few hundred a second)."""
-
-    AUTO = "auto"
-    ALL = "all"
-    FAILURES = "failures"
-    OFF = "off"
-
-    def wants(self, status: str) -> bool:
-        return self is TenantEvents.ALL or (
-            self is TenantEvents.FAILURES and status == Status.FAILED
-        )
 
 
 @dataclass(frozen=True)

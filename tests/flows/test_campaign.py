@@ -20,10 +20,10 @@ from demo.emulator import EmulatorConfig, EmulatorServer
 from flows.onboard_tenants import onboard_tenants
 from flows.remind_tenants import remind_tenants
 from onboarding.clock import utcnow
+from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.roster import TenantRow
-from onboarding.tenant_steps import Delivery
 from tests.flows.helpers import summary_of
 from tests.smtp_server import DROP, SmtpTestServer
 

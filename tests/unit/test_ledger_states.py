@@ -13,16 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from onboarding.delivery import Delivery
 from onboarding.errors import SupersededStateError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.profile import load_profile
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import (
-    Delivery,
-    OnboardingJob,
-    onboard_tenant,
-    record_connection,
-)
+from onboarding.tenant_steps import OnboardingJob, onboard_tenant, record_connection
 from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
 
 pytestmark = pytest.mark.timeout(120)
