@@ -9,9 +9,8 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +26,9 @@ from onboarding.errors import InputError
 from onboarding.export import ExportFormat, private_file, write_records
 from onboarding.ledger import Ledger
 from onboarding.settings import LedgerSettings, VersoriSettings
+
+if TYPE_CHECKING:
+    from onboarding.run_inputs import RunInputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -81,14 +83,28 @@ def _check_run_inputs(
     only: list[str] | None,
     dry_run: bool,
     deliver: Delivery,
-) -> None:
-    """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once."""
-    from flows.job import resolve_api_key
-    from onboarding.preflight import check_run_inputs
+    fan_out: FanOut = FanOut.IN_PROCESS,
+) -> RunInputs:
+    """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once;
+    the run this process starts takes these inputs as they are (run_inputs.hand_over)."""
+    from flows.inputs.blocks import resolve_api_key
+    from flows.inputs.parameters import run_request
+    from onboarding.run_inputs import check_run, hand_over
 
-    check_run_inputs(profiles, roster, only, deliver, calls_versori=not dry_run)
+    request = run_request(
+        profiles,
+        roster,
+        only=only,
+        deliver=deliver,
+        dry_run=dry_run,
+        reminders=roster is None,
+        chunked=fan_out is FanOut.DEPLOYMENT,
+    )
+    inputs = check_run(request)
     if not dry_run:
         resolve_api_key(VersoriSettings())  # loads the Secret block VERSORI_API_KEY_BLOCK names
+    hand_over(inputs)
+    return inputs
 
 
 def _run_flow(
@@ -100,8 +116,8 @@ def _run_flow(
     only: list[str] | None,
     **options: Any,
 ) -> dict[str, Any] | None:
-    from flows.local import run_here
     from flows.onboard_tenants import onboard_tenants
+    from flows.running.local import run_here
 
     state = run_here(
         onboard_tenants,
@@ -126,67 +142,46 @@ def _summary_of(state: Any) -> dict[str, Any] | None:
     return None
 
 
-# Ledger statuses as an interrupted run's report counts them: done, failed, begun.
-_DONE = frozenset({"delivered", "reminded", "connected"})
-_BEGUN = frozenset({"pending", "link_created", "sending"})
+# Ledger statuses as an interrupted run's report counts them: done, or begun.
+_KIND = dict.fromkeys(("delivered", "reminded", "connected"), "done") | dict.fromkeys(
+    ("pending", "link_created", "sending"), "begun"
+)
 
 
-def _interrupted_run_report(
-    roster: str, profiles: list[str], only: list[str] | None, started: datetime
-) -> Callable[[], None]:
+def _interrupted_run_report(inputs: RunInputs) -> Callable[[], None]:
     """The report `onboard run` prints when interrupted: how far the roster got, per connector,
     read from the ledger (the truth, whatever the flow managed to say). Counts only: no link,
-    state or address. A roster given as a URL is not fetched again: the counts are then of
-    the tenants this run changed (updated since it `started`)."""
+    state or address."""
 
     def report() -> None:
-        from onboarding.profile import load_profile
-        from onboarding.roster import load_roster
-
-        connectors = [load_profile(path) for path in profiles]
-        ids: set[str] | None = None
-        if not roster.startswith(("http://", "https://", "secret:")):
-            ids = {t.tenant_id for t in load_roster(roster, connectors, only)}
+        assert inputs.roster is not None
+        ids = {t.tenant_id for t in inputs.roster}
         ledger = Ledger(LedgerSettings().db_url)
         try:
             lines = []
-            for connector in connectors:
+            for connector in inputs.profiles:
                 seen: dict[str, int] = {"done": 0, "failed": 0, "begun": 0}
                 for record in ledger.iter_records(connector.target_id):
-                    if ids is not None and record.tenant_id not in ids:
-                        continue
-                    if ids is None and record.updated_at < started:
-                        continue
                     status = str(record.status)
-                    kind = (
-                        "done"
-                        if status in _DONE
-                        else "failed"
-                        if status == "failed"
-                        else "begun"
-                        if status in _BEGUN
-                        else ""
-                    )
-                    if kind:
-                        seen[kind] += 1
-                lines.append(_interrupted_counts(seen, None if ids is None else len(ids)))
+                    if record.tenant_id in ids:
+                        kind = "failed" if status == "failed" else _KIND.get(status, "")
+                        seen[kind] = seen.get(kind, 0) + 1
+                lines.append(_interrupted_counts(seen, len(ids)))
         finally:
             ledger.close()
         again = "run the same command again to finish (it skips what is done)"
-        if len(connectors) == 1:
+        if len(inputs.profiles) == 1:
             out.print(f"Interrupted: {lines[0]}; {again}.", highlight=False, soft_wrap=True)
             return
         out.print(f"Interrupted; {again}. How far each connector got:", highlight=False)
-        for connector, line in zip(connectors, lines, strict=True):
+        for connector, line in zip(inputs.profiles, lines, strict=True):
             out.print(f"  {connector.name}: {line}", highlight=False, soft_wrap=True)
 
     return report
 
 
-def _interrupted_counts(seen: dict[str, int], total: int | None) -> str:
+def _interrupted_counts(seen: dict[str, int], total: int) -> str:
     begun = f", {seen['begun']} in progress when stopped" if seen["begun"] else ""
-    if total is None:
-        return f"this run delivered {seen['done']} tenant(s), {seen['failed']} failed{begun}"
     rest = total - seen["done"] - seen["failed"] - seen["begun"]
     not_started = f", the rest ({rest}) not started" if rest else ""
     done = f"{seen['done']} of {total} tenant(s) delivered, {seen['failed']} failed"
@@ -283,11 +278,11 @@ def run(
     """Onboard a roster, to one connector or, with several --profile, to each (a campaign).
     Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad input (nothing was
     called)."""
-    from flows.local import EXIT_INTERRUPTED, stop_on_interrupt
+    from flows.running.local import EXIT_INTERRUPTED, stop_on_interrupt
 
-    _check_run_inputs(roster, profile, only, dry_run, deliver)
+    inputs = _check_run_inputs(roster, profile, only, dry_run, deliver, fan_out)
     _quiet_task_logs(verbose)
-    report = _interrupted_run_report(roster, profile, only, utcnow())
+    report = _interrupted_run_report(inputs)
     try:
         with stop_on_interrupt(report) as interrupt:
             summary = _run_flow(
@@ -388,8 +383,8 @@ def remind(
 ) -> None:
     """Re-send links to admins who have not connected, re-issuing links past their time.
     Exit 0: all reminders sent; 1: some failed; 2: bad input."""
-    from flows.local import run_here
     from flows.remind_tenants import remind_tenants
+    from flows.running.local import run_here
 
     _check_run_inputs(None, profile, None, dry_run, Delivery.STORE if dry_run else Delivery.EMAIL)
     _quiet_task_logs(verbose)
@@ -429,13 +424,12 @@ def mark_connected(
     used state (nothing recorded); 2: bad input."""
     from pydantic import SecretStr
 
-    from flows.local import run_here
     from flows.record_connection import record_connection_flow
-    from onboarding.preflight import check_ledger
+    from flows.running.local import run_here
 
     if state == "-":
         state = sys.stdin.readline()
-    check_ledger()
+    Ledger(LedgerSettings().db_url).close()  # a ledger that cannot be opened exits 2
     # A SecretStr: the run's parameters, as stored by the Prefect API, show it masked.
     result = run_here(
         record_connection_flow, state=SecretStr(state.strip()), connection_id=connection_id
@@ -582,7 +576,7 @@ def blocks_create(
     out.print(f"Saved the Versori API key in Secret block {api_key_block!r}.")
     names = [f"VERSORI_API_KEY_BLOCK={api_key_block}"]
     if not skip_smtp:
-        from flows.job import smtp_block_of
+        from flows.inputs.blocks import smtp_block_of
         from onboarding.mail import SmtpSettings
 
         smtp = SmtpSettings()

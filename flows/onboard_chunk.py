@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -19,17 +19,16 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.batch import final_state, run_batch, skip_live, summarise
+from flows.batching.parts import tag_run
+from flows.batching.runs import onboard_tenants_of
 from flows.inputs.options import TenantEvents
-from flows.job import effective_concurrency, load_templates, open_job, tag_run
-from flows.onboard_tenants import roster_location, run_files_root
+from flows.inputs.parameters import run_inputs, run_request
+from flows.reporting.summary import final_state, summarise
+from onboarding.campaign import Campaign
 from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger
-from onboarding.profile import load_profile
-from onboarding.roster import open_roster_slice
+from onboarding.run_inputs import RosterPart
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import OnboardingJob
-from tasks.slice_tasks import onboard_slice_task
 
 PARENT_CHECK_SECONDS = 10.0
 
@@ -75,33 +74,25 @@ def onboard_chunk(
         tenants_per_task: As in onboard-tenants.
         tenant_events: As in onboard-tenants.
     """
-    root = run_files_root()  # through a deployment: the paths must lie in ONBOARD_FILES_ROOT
-    connector = load_profile(profile, root=root)
-    tag_run(connector)
+    # Through a deployment, the paths must lie in ONBOARD_FILES_ROOT (run_request's root).
+    part = RosterPart(digest, first, stop)
+    request = run_request(profile, roster, only=only, deliver=deliver, part=part)
     ledger = Ledger(LedgerSettings().db_url)
     try:
         done = ledger.chunk_summary(batch_id, chunk)
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
             return final_state(done, "onboarded or skipped (earlier)")
-        templates = load_templates(connector) if deliver.sends_email else None
-        location = roster_location(roster)  # a secret: reference is read here again
-        tenants = list(open_roster_slice(location, digest, first, stop, only, root=root))
-        live = ledger.ids_needing_nothing(
-            connector.target_id, only_ids=[t.tenant_id for t in tenants]
-        )
-        concurrency = effective_concurrency(connector, concurrency)
+        inputs = run_inputs(request)
+        tag_run(inputs.profiles)
         started = time.monotonic()
-        with ExitStack() as stack:
-            job = open_job(stack, connector, ledger, deliver, templates, concurrency, tenant_events)
-            stack.enter_context(stop_when_parent_ends(job, batch_id))
-            tally = run_batch(
-                job,
-                onboard_slice_task,
-                skip_live(tenants, live),
-                len(tenants),
-                concurrency,
-                tenants_per_task,
-            )
+        tally = onboard_tenants_of(
+            inputs,
+            ledger,
+            concurrency,
+            tenants_per_task,
+            tenant_events,
+            watch=lambda campaign: stop_when_parent_ends(campaign, batch_id),
+        )
         summary = summarise(tally, time.monotonic() - started, chunk=chunk, first=first, stop=stop)
         ledger.record_chunk(batch_id, chunk, str(flow_run.id), summary)
         return final_state(summary, "onboarded or skipped")
@@ -110,7 +101,7 @@ def onboard_chunk(
 
 
 @contextmanager
-def stop_when_parent_ends(job: OnboardingJob, batch_id: str) -> Iterator[None]:
+def stop_when_parent_ends(campaign: Campaign, batch_id: str) -> Iterator[None]:
     """Every PARENT_CHECK_SECONDS, ask whether the batch's parent run has ended (crashed,
     cancelled, failed); if so, stop this chunk: its tenants not yet started are recorded
     not_attempted, and the batch that replaces the parent does them. An orphaned chunk thus
@@ -127,10 +118,9 @@ def stop_when_parent_ends(job: OnboardingJob, batch_id: str) -> Iterator[None]:
                 except Exception:  # the API hiccuped: ask again next time
                     continue
                 if parent.state is not None and parent.state.is_final():
-                    job.stop.halt(
-                        f"the batch's parent run ended {parent.state.name}; the next batch "
-                        "does these tenants"
-                    )
+                    why = f"the batch's parent run ended {parent.state.name}; the next batch "
+                    for connector in campaign.connectors:
+                        connector.stop.halt(why + "does these tenants")
                     return
 
     watcher = threading.Thread(target=watch, name="parent-watch", daemon=True)

@@ -9,8 +9,9 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 from pydantic import SecretStr
 
-from flows.events import TenantEventSender
 from flows.inputs.options import TenantEvents
+from flows.reporting.events import TenantEventSender
+from onboarding.connection import record_connection
 from onboarding.errors import (
     ExpiredStateError,
     StateUsedError,
@@ -19,8 +20,8 @@ from onboarding.errors import (
 )
 from onboarding.ledger import Ledger
 from onboarding.links import mask_state
+from onboarding.outcomes import StatusChange
 from onboarding.settings import LedgerSettings
-from onboarding.tenant_steps import StatusChange, record_connection
 
 
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)

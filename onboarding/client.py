@@ -36,8 +36,7 @@ from onboarding.errors import (
     error_class_for,
 )
 from onboarding.models import Api, ErrorBody, InitialiseRequest, InitialiseResponse
-from onboarding.net import is_loopback
-from onboarding.settings import VersoriSettings
+from onboarding.settings import VersoriSettings, check_api_key, check_base_url
 
 log = logging.getLogger(__name__)
 
@@ -105,39 +104,15 @@ class VersoriClient:
                 "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
                 "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
             )
-        # A key with whitespace, control or non-ASCII characters cannot go in a header: httpx or
-        # h11 would raise an error that quotes the header, key included. Never quote the key.
-        if not all("!" <= c <= "~" for c in api_key):
-            raise InputError(
-                "VERSORI_API_KEY contains whitespace, control or non-ASCII characters "
-                "(a trailing newline?); set it to the key alone"
-            )
-        base_url = base_url or production
         try:
-            parts = urlsplit(base_url)
-            _ = parts.port  # raises ValueError on a bad port
-            httpx.URL(base_url)
-            usable = (
-                parts.scheme in ("http", "https")
-                and bool(parts.hostname)
-                and not parts.query
-                and not parts.fragment
-            )
-        except (ValueError, httpx.InvalidURL):
-            usable = False
-        if not usable:
-            raise InputError(
-                "VERSORI_BASE_URL is not an http(s) URL with a host and no query or fragment "
-                f"(not quoted here: it may hold credentials); production is {production}"
-            )
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            # The API key goes in every request's Authorization header: never in clear over a
-            # network. Plain http only reaches a local emulator.
-            raise InputError(
-                f"VERSORI_BASE_URL is plain http to {parts.hostname}, not a loopback host: "
-                "the API key would cross the network in clear; use https (http only to "
-                f"127.0.0.1, ::1 or localhost, e.g. the emulator); production is {production}"
-            )
+            check_api_key(api_key)
+        except ValueError as err:
+            raise InputError(f"VERSORI_API_KEY {err}") from None
+        try:
+            base_url = check_base_url(base_url or production, production)
+        except ValueError as err:
+            raise InputError(f"VERSORI_BASE_URL {err}") from None
+        parts = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.host = parts.hostname
         self._connect_timeout = connect_timeout

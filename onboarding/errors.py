@@ -37,13 +37,6 @@ CSRF `state`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from onboarding import constants
-
-if TYPE_CHECKING:
-    # Only for annotations: onboarding.tenant_steps imports this module.
-    from onboarding.tenant_steps import TenantOutcome
 
 
 class OnboardingError(Exception):
@@ -147,36 +140,6 @@ class LedgerUnavailableError(OnboardingError):
 
     code = "ledger_unavailable"
     transient = True
-
-
-class SliceFailed(OnboardingError):
-    """Some tenants of a slice failed. `retryable` are those a retry of the slice would call
-    again (their last error by tenant id); `outcomes` has every tenant, the retryable ones
-    counted as failed, for when no retry is left."""
-
-    code = "slice_failed"
-
-    def __init__(
-        self,
-        label: str,
-        outcomes: list[TenantOutcome],
-        retryable: dict[str, BaseException],
-    ) -> None:
-        self.label = label
-        self.outcomes = outcomes
-        self.retryable = retryable
-        failed = [o for o in outcomes if not o.ok]
-        shown = "; ".join(f"{o.tenant_id}: {o.error_code}" for o in failed[:5])
-        more = f"; +{len(failed) - 5} more" if len(failed) > 5 else ""
-        super().__init__(
-            f"{len(failed)} of {len(outcomes)} tenant(s) of {label} failed ({shown}{more})"
-            + (f"; {len(retryable)} may be retried" if retryable else "")
-        )
-
-    @property
-    def wait_seconds(self) -> float:
-        """The longest Retry-After among the tenants to retry, capped."""
-        return max((retry_after(e) for e in self.retryable.values()), default=0.0)
 
 
 class MailError(OnboardingError):
@@ -328,19 +291,3 @@ def error_class_for(status: int) -> type[APIError]:
 def is_transient(exc: BaseException) -> bool:
     """True for failures worth retrying: transport errors, 408, 425, 429, 5xx."""
     return isinstance(exc, OnboardingError) and exc.transient
-
-
-def worth_retrying(exc: BaseException) -> bool:
-    """Transport errors, 408, 425, 429 and 5xx, unless the server asks us to wait longer than
-    we are willing to (that tenant fails for this run; the next run picks it up)."""
-    if not is_transient(exc):
-        return False
-    retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
-    return retry_after is None or retry_after <= constants.MAX_RETRY_AFTER_SECONDS
-
-
-def retry_after(exc: BaseException) -> float:
-    """Seconds the server asked us to wait before trying again (0 when it did not say)."""
-    if isinstance(exc, RateLimitedError) and exc.retry_after:
-        return min(exc.retry_after, constants.MAX_RETRY_AFTER_SECONDS)
-    return 0.0

@@ -261,11 +261,28 @@ PROFILE_MAX_NODES = 10_000
 PROFILE_SUFFIXES = (".yaml", ".yml")
 
 
+# Profiles read in this process, by file and its size and time: a run names its profiles in
+# several places (its inputs' check, its run name, an interrupted run's report), one read each.
+_READ: dict[tuple[str, str, int, int], ConnectorProfile] = {}
+
+
 def load_profile(path: str | Path, *, root: str | Path | None = None) -> ConnectorProfile:
-    """Load and check a profile. With `root` (runs started through a deployment), the file and
-    its email_templates folder must lie under it."""
+    """Load and check a profile (once per process while its file is unchanged). With `root`
+    (runs started through a deployment), the file and its email_templates folder must lie
+    under it."""
     source = str(path)
     path = resolve_under(Path(path), root, source, "profile")
+    try:
+        stat = path.stat()
+    except OSError:
+        return _read_profile(path, source, root)
+    key = (str(path), str(root), stat.st_mtime_ns, stat.st_size)
+    if key not in _READ:
+        _READ[key] = _read_profile(path, source, root)
+    return _READ[key]
+
+
+def _read_profile(path: Path, source: str, root: str | Path | None) -> ConnectorProfile:
     if path.suffix.lower() not in PROFILE_SUFFIXES:
         raise InputError([Problem(source, None, "", "name the profile .yaml (a YAML file)")])
     data, lines = load_yaml_with_lines(

@@ -1,5 +1,5 @@
-"""When a failed tenant is tried again, and when a batch stops: the one place either is
-decided, for every step (onboard, remind, one connector or a campaign's)."""
+"""When a failed tenant is tried again, and when a batch stops: `decide`, the one place either
+is decided, for every step (onboard, remind, mail; each connector of a campaign)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from onboarding.errors import (
     AuthenticationError,
     NotFoundError,
     PermissionDeniedError,
-    worth_retrying,
+    is_transient,
 )
 
 # Errors that, repeated, would fail every remaining tenant the same way (a revoked key, a
@@ -70,9 +70,19 @@ class BatchStop:
                 self.reason = f"{len(self._tenants)} tenants in a row ({shown}) failed with {exc}"
 
 
+class RetryLater(Exception):
+    """Raised by a tenant's step for a failure `decide` said to try again: the slice keeps the
+    tenant for its next attempt. Anything else a step raises is decided where it is caught."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class Verdict(Enum):
-    RETRY = "retry"  # transient: the slice's next attempt calls the tenant again
+    RETRY = "retry"  # transient: the slice's next attempt tries the tenant again
     FINAL = "final"  # recorded failed now; the next run picks it up
+    STOP = "stop"  # final, and the batch stops: its untried tenants are not attempted
 
 
 @dataclass(frozen=True)
@@ -86,12 +96,32 @@ class RetryRule:
     timeouts: int = 1
 
 
-def verdict(
-    exc: BaseException, *, last_attempt: bool, elapsed: float, timeouts: int, rule: RetryRule
+@dataclass(frozen=True)
+class Tries:
+    """Where a tenant stands in its tries: on the task's last attempt or not, seconds since
+    its first try began, and how many of its earlier tries timed out."""
+
+    last_attempt: bool = True
+    elapsed: float = 0.0
+    timeouts: int = 0
+
+
+def decide(
+    exc: BaseException,
+    tenant_id: str,
+    tries: Tries,
+    rule: RetryRule,
+    stop: BatchStop | None = None,
 ) -> Verdict:
-    """Retry or final, for one tenant's failure: the one place this is decided."""
-    if last_attempt or not worth_retrying(exc) or elapsed >= rule.deadline:
+    """Retry, final, or stop the batch, for one tenant's failure: the one place any of these
+    is decided, for every step (onboard, remind, mail, each connector of a campaign). `stop`
+    (the connector's) takes the failure as evidence; a stopped batch retries nothing."""
+    if stop is not None:
+        stop.failed(tenant_id, exc)
+        if stop.reason:
+            return Verdict.STOP
+    if tries.last_attempt or not is_transient(exc) or tries.elapsed >= rule.deadline:
         return Verdict.FINAL
-    if isinstance(exc, APITimeoutError) and timeouts > rule.timeouts:
+    if isinstance(exc, APITimeoutError) and tries.timeouts >= rule.timeouts:
         return Verdict.FINAL
     return Verdict.RETRY

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from onboarding import constants
 from onboarding.errors import InputError, Problem
+from onboarding.net import is_loopback
 
 # What every error about a setting ends with.
 ENV_HINT = "Set them in the environment or in .env."
@@ -53,6 +55,42 @@ def validation_reason(error: Any) -> str:
     return str(cause) if isinstance(cause, ValueError) else str(error["msg"])
 
 
+def check_api_key(api_key: str) -> str:
+    """A key with whitespace, control or non-ASCII characters cannot go in a header: httpx or
+    h11 would raise an error that quotes the header, key included. Never quote the key."""
+    if not all("!" <= c <= "~" for c in api_key):
+        raise ValueError(
+            "contains whitespace, control or non-ASCII characters (a trailing newline?); "
+            "set it to the key alone"
+        )
+    return api_key
+
+
+def check_base_url(base_url: str, production: str = constants.PRODUCTION_BASE_URL) -> str:
+    """An http(s) URL with a host, no query or fragment; plain http only to this machine (the
+    API key goes in every request's header: never in clear over a network). Not quoted in
+    the error: it may hold credentials."""
+    try:
+        parts = urlsplit(base_url)
+        _ = parts.port  # raises ValueError on a bad port
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        usable = usable and not parts.query and not parts.fragment and " " not in base_url
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ValueError(
+            "is not an http(s) URL with a host and no query or fragment (not quoted here: it "
+            f"may hold credentials); production is {production}"
+        )
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(
+            f"is plain http to {parts.hostname}, not a loopback host: the API key would cross "
+            "the network in clear; use https (http only to 127.0.0.1, ::1 or localhost, e.g. "
+            f"the emulator); production is {production}"
+        )
+    return base_url.rstrip("/")
+
+
 class VersoriSettings(EnvSettings):
     """VERSORI_*: where and how to call Versori."""
 
@@ -65,6 +103,18 @@ class VersoriSettings(EnvSettings):
     connect_timeout: float = Field(constants.CONNECT_TIMEOUT_SECONDS, gt=0)
     read_timeout: float = Field(constants.READ_TIMEOUT_SECONDS, gt=0)
     call_deadline: float = Field(constants.CALL_DEADLINE_SECONDS, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _usable_base_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_api_key(value.get_secret_value())
+        return value
 
     @property
     def base_url_if_set(self) -> str | None:

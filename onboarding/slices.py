@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from onboarding.delivery import Delivery
-from onboarding.errors import APITimeoutError, SliceFailed, worth_retrying
+from onboarding.campaign import Campaign
+from onboarding.errors import APITimeoutError, OnboardingError, is_transient
 from onboarding.ledger import Status
-from onboarding.retry_policy import RetryRule, Verdict, verdict
+from onboarding.outcomes import TenantOutcome, failed_outcome
+from onboarding.retry_policy import RetryLater, Tries, Verdict, decide
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import TenantOutcome, failed_outcome
 
 # Claimed tenants another run holds are looked at again this often, for at most this long: a
 # live run lets go of a slice when it is decided, a dead one's lease lapses within
@@ -31,43 +30,30 @@ from onboarding.tenant_steps import TenantOutcome, failed_outcome
 CLAIM_POLL_SECONDS = 0.5
 CLAIM_WAIT_SECONDS = 30.0
 
-
-class BatchJob(Protocol):
-    """What a batch's slices share: one connector's OnboardingJob, or a Campaign of several."""
-
-    deliver: Delivery
-    # When a failed tenant is tried again within the run (its deadline, timeouts).
-    rule: RetryRule
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def stop_reason(self) -> str:
-        """Why the batch stopped (onboarding.retry_policy.BatchStop), or empty."""
-        ...
-
-    def note(self, tenant_id: str, outcome: TenantOutcome | BaseException) -> None:
-        """Told of each tenant's try: what decides when the batch stops."""
-        ...
-
-    def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None: ...
-
-    def not_attempted(self, tenant: Tenant) -> TenantOutcome: ...
-
-    def claim(self, tenant_ids: list[str]) -> set[str]:
-        """Claim the tenants in the ledger; those this run now holds."""
-        ...
-
-    def release(self, tenant_ids: list[str]) -> None: ...
-
-    def settled(self, tenant_ids: list[str]) -> set[str]:
-        """Of these claimed tenants, those that need nothing any more (another run did them
-        since the batch began)."""
-        ...
+# A tenant's step: onboarding.campaign.onboard_tenant or remind_tenant.
+Step = Callable[[Campaign, Tenant, Tries], TenantOutcome]
 
 
-Step = Callable[[Any, Tenant], TenantOutcome]
+class SliceFailed(OnboardingError):
+    """Some tenants of a slice failed. `retryable` are those a retry of the slice would call
+    again (their last error by tenant id); `outcomes` has every tenant, the retryable ones
+    counted as failed, for when no retry is left."""
+
+    code = "slice_failed"
+
+    def __init__(
+        self, label: str, outcomes: list[TenantOutcome], retryable: dict[str, BaseException]
+    ) -> None:
+        self.label = label
+        self.outcomes = outcomes
+        self.retryable = retryable
+        failed = [o for o in outcomes if not o.ok]
+        shown = "; ".join(f"{o.tenant_id}: {o.error_code}" for o in failed[:5])
+        more = f"; +{len(failed) - 5} more" if len(failed) > 5 else ""
+        super().__init__(
+            f"{len(failed)} of {len(outcomes)} tenant(s) of {label} failed ({shown}{more})"
+            + (f"; {len(retryable)} may be retried" if retryable else "")
+        )
 
 
 @dataclass
@@ -98,86 +84,77 @@ class TenantSlice:
         """The outcomes decided so far, in roster order (pending tenants have none yet)."""
         return [self.done[t.tenant_id] for t in self.tenants if t.tenant_id in self.done]
 
+    def tries(self, tenant_id: str, last_attempt: bool) -> Tries:
+        elapsed = time.monotonic() - (self.claimed_at or time.monotonic())
+        return Tries(last_attempt, elapsed, self.timeouts.get(tenant_id, 0))
+
 
 def run_slice(
-    job: BatchJob,
+    campaign: Campaign,
     tenant_slice: TenantSlice,
     step: Step,
     pool: Executor | None,
     last_attempt: bool,
 ) -> list[TenantOutcome]:
-    """One attempt over the slice's pending tenants: `step(job, tenant)` for each, concurrently
-    on `pool` (in this thread for one tenant, or without a pool).
+    """One attempt over the slice's pending tenants: `step` for each, concurrently on `pool`
+    (in this thread for one tenant, or without a pool).
 
     Returns every tenant's outcome when all succeeded. Otherwise raises: a one-tenant slice
-    raises the tenant's own error (the task run shows the real cause), a larger one, or one
-    whose step returned a failed outcome (a campaign's tenant), raises SliceFailed, so that
-    the task run's state says some of its tenants failed. A tenant that failed transiently
-    stays pending while `verdict` says retry; every other outcome is final, reported once, and
-    its claim let go."""
+    raises the tenant's own error (the task run shows the real cause), a larger one SliceFailed,
+    so that the task run's state says some of its tenants failed. A tenant whose step raised
+    RetryLater stays pending; every other outcome is final, and its claim let go."""
     if tenant_slice.claimed_at is None:
-        _claim(job, tenant_slice)
+        _claim(campaign, tenant_slice)
     pending = tenant_slice.pending()
 
-    def attempt(tenant: Tenant) -> TenantOutcome | BaseException:
-        if job.stop_reason:
-            earlier = tenant_slice.errors.get(tenant.tenant_id)
+    def attempt(tenant: Tenant) -> TenantOutcome | RetryLater:
+        tid = tenant.tenant_id
+        if campaign.stop_reason:
+            earlier = tenant_slice.errors.get(tid)
             if earlier is not None:  # it was tried: it keeps its real error
-                return _final(job, tenant.tenant_id, earlier)
-            return job.not_attempted(tenant)
+                return _final(campaign, tid, earlier)
+            return campaign.not_attempted(tenant)
+        tries = tenant_slice.tries(tid, last_attempt)
         try:
-            outcome = step(job, tenant)
-        except Exception as exc:
-            job.note(tenant.tenant_id, exc)
-            return exc
-        job.note(tenant.tenant_id, outcome)
-        return outcome
+            return step(campaign, tenant, tries)
+        except RetryLater as later:
+            return later
+        except Exception as exc:  # not the step's own decision: a failure outside its tries
+            if decide(exc, tid, tries, campaign.rule) is Verdict.RETRY:
+                return RetryLater(exc)
+            return _final(campaign, tid, exc)
 
     if pool is None or len(pending) == 1:
         results = [attempt(t) for t in pending]
     else:
         results = list(pool.map(attempt, pending))
 
-    elapsed = time.monotonic() - (tenant_slice.claimed_at or time.monotonic())
     retryable: dict[str, BaseException] = {}
-    decided: list[str] = []
     for tenant, result in zip(pending, results, strict=True):
         tid = tenant.tenant_id
         if isinstance(result, TenantOutcome):
             tenant_slice.done[tid] = result
-            decided.append(tid)
             continue
-        tenant_slice.errors[tid] = result
-        if isinstance(result, APITimeoutError):
+        tenant_slice.errors[tid] = result.cause
+        if campaign.stop_reason:  # stopped meanwhile: no retry for anyone
+            tenant_slice.done[tid] = _final(campaign, tid, result.cause)
+            continue
+        retryable[tid] = result.cause
+        if isinstance(result.cause, APITimeoutError):
             tenant_slice.timeouts[tid] = tenant_slice.timeouts.get(tid, 0) + 1
-        timeouts = tenant_slice.timeouts.get(tid, 0)
-        if (
-            not job.stop_reason
-            and verdict(
-                result,
-                last_attempt=last_attempt,
-                elapsed=elapsed,
-                timeouts=timeouts,
-                rule=job.rule,
-            )
-            is Verdict.RETRY
-        ):
-            retryable[tid] = result
-            continue
-        tenant_slice.done[tid] = _final(job, tid, result)
-        decided.append(tid)
+    decided = [t.tenant_id for t in pending if t.tenant_id not in retryable]
     if decided:
-        job.release(decided)
+        campaign.release(decided)
 
     if not retryable and all(o.ok for o in tenant_slice.done.values()):
         return tenant_slice.outcomes()
     if len(tenant_slice.tenants) == 1:
         tid = tenant_slice.tenants[0].tenant_id
-        error = tenant_slice.errors.get(tid)
         # The tenant's own error, so the task run shows the real cause; but not a transient
         # one it will not be tried again for (its deadline, a second timeout, a stopped
         # batch): the task's retry condition would retry that.
-        if error is not None and (tid in retryable or not worth_retrying(error)):
+        error = retryable.get(tid) or getattr(tenant_slice.done.get(tid), "cause", None)
+        if error is not None and (tid in retryable or not is_transient(error)):
             raise error
     # A tenant that failed for good in an earlier attempt keeps the slice failed.
     outcomes = [
@@ -187,23 +164,23 @@ def run_slice(
     raise SliceFailed(tenant_slice.label, outcomes, retryable)
 
 
-def _final(job: BatchJob, tenant_id: str, exc: BaseException) -> TenantOutcome:
+def _final(campaign: Campaign, tenant_id: str, exc: BaseException) -> TenantOutcome:
     outcome = failed_outcome(tenant_id, exc)
-    job.report(tenant_id, Status.FAILED, outcome.error_code)
+    campaign.report(tenant_id, Status.FAILED, outcome.error_code)
     return outcome
 
 
-def _claim(job: BatchJob, tenant_slice: TenantSlice) -> None:
+def _claim(campaign: Campaign, tenant_slice: TenantSlice) -> None:
     """Claim the slice's tenants; wait (a while) for those another run holds; decide as
     skipped those that need nothing any more, and those still held elsewhere after the wait."""
     wanted = [t.tenant_id for t in tenant_slice.pending()]
-    held = job.claim(wanted)
+    held = campaign.claim(wanted)
     waited_until = time.monotonic() + CLAIM_WAIT_SECONDS
-    while len(held) < len(wanted) and time.monotonic() < waited_until and not job.stop_reason:
+    while len(held) < len(wanted) and time.monotonic() < waited_until and not campaign.stop_reason:
         time.sleep(CLAIM_POLL_SECONDS)
-        held |= job.claim([t for t in wanted if t not in held])
+        held |= campaign.claim([t for t in wanted if t not in held])
     tenant_slice.claimed_at = time.monotonic()
-    settled = job.settled([t for t in wanted if t in held])
+    settled = campaign.settled([t for t in wanted if t in held])
     for tid in wanted:
         if tid not in held:
             tenant_slice.done[tid] = TenantOutcome(
@@ -215,4 +192,4 @@ def _claim(job: BatchJob, tenant_slice: TenantSlice) -> None:
         elif tid in settled:
             tenant_slice.done[tid] = TenantOutcome(tid, "skipped")
     if settled:
-        job.release(list(settled))
+        campaign.release(list(settled))

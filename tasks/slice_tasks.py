@@ -6,9 +6,7 @@ that failed transiently (onboarding/slices.py)."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Executor
-from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger, task
@@ -18,31 +16,21 @@ from prefect.runtime import task_run as current_task_run
 from prefect.tasks import exponential_backoff
 
 from onboarding import constants
-from onboarding.campaign import Campaign, onboard_campaign_tenant, remind_campaign_tenant
-from onboarding.errors import SliceFailed, retry_after, worth_retrying
-from onboarding.roster import Tenant
+from onboarding.campaign import Campaign, onboard_tenant, remind_tenant
+from onboarding.errors import is_transient
+from onboarding.outcomes import TenantOutcome
 from onboarding.settings import RetrySettings
-from onboarding.slices import BatchJob, Step, TenantSlice, run_slice
-from onboarding.tenant_steps import OnboardingJob, TenantOutcome, onboard_tenant, remind_tenant
+from onboarding.slices import SliceFailed, Step, TenantSlice, run_slice
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry a slice that has tenants worth retrying (transport errors, 408, 425, 429, 5xx);
-    never sooner than Retry-After asks.
-
-    Prefect's retry delays are fixed when the task is declared, so a server's Retry-After is
-    honoured here, where the failure is known: the wait happens before Prefect's own backoff,
-    which then adds to it. Prefect asks this function only while retries are left."""
+    """Retry a slice that has tenants to try again (onboarding.retry_policy.decide said so),
+    or a one-tenant slice whose own error is transient. A Retry-After is waited out before
+    the next call by the connector's pacer, not here. Prefect asks only while retries are left."""
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, SliceFailed):
-        wait, retry = exc.wait_seconds, bool(exc.retryable)
-    elif isinstance(exc, BaseException):
-        wait, retry = retry_after(exc), worth_retrying(exc)
-    else:
-        return False
-    if retry and wait:
-        time.sleep(wait)
-    return retry
+        return bool(exc.retryable)
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 P = ParamSpec("P")
@@ -73,10 +61,10 @@ def with_retry_backoff(task: Task[P, R]) -> Task[P, R]:
 
 
 def _run(
-    verb: str, step: Step, tenant_slice: TenantSlice, job: BatchJob, pool: Executor | None
+    verb: str, step: Step, tenant_slice: TenantSlice, campaign: Campaign, pool: Executor | None
 ) -> list[TenantOutcome]:
     try:
-        return run_slice(job, tenant_slice, step, pool, _last_attempt())
+        return run_slice(campaign, tenant_slice, step, pool, _last_attempt())
     except SliceFailed as failed:
         logger = get_run_logger()
         for outcome in failed.outcomes:
@@ -113,33 +101,13 @@ def _name(verb: str) -> Any:
 
 @task(name="onboard-tenants-slice", task_run_name=_name("onboard"), **RETRY_POLICY)
 def onboard_slice_task(
-    tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None = None
+    tenant_slice: TenantSlice, campaign: Campaign, pool: Executor | None = None
 ) -> list[TenantOutcome]:
-    return _run("onboard", onboard_tenant, tenant_slice, job, pool)
-
-
-def _remind(job: OnboardingJob, tenant: Tenant) -> TenantOutcome:
-    return remind_tenant(job, tenant.tenant_id)
+    return _run("onboard", onboard_tenant, tenant_slice, campaign, pool)
 
 
 @task(name="remind-tenants-slice", task_run_name=_name("remind"), **RETRY_POLICY)
 def remind_slice_task(
-    tenant_slice: TenantSlice, job: OnboardingJob, pool: Executor | None = None
+    tenant_slice: TenantSlice, campaign: Campaign, pool: Executor | None = None
 ) -> list[TenantOutcome]:
-    return _run("remind", _remind, tenant_slice, job, pool)
-
-
-@task(name="onboard-campaign-slice", task_run_name=_name("onboard"), **RETRY_POLICY)
-def onboard_campaign_slice_task(
-    tenant_slice: TenantSlice, job: Campaign, pool: Executor | None = None
-) -> list[TenantOutcome]:
-    step = partial(onboard_campaign_tenant, last_attempt=_last_attempt())
-    return _run("onboard", step, tenant_slice, job, pool)
-
-
-@task(name="remind-campaign-slice", task_run_name=_name("remind"), **RETRY_POLICY)
-def remind_campaign_slice_task(
-    tenant_slice: TenantSlice, job: Campaign, pool: Executor | None = None
-) -> list[TenantOutcome]:
-    step = partial(remind_campaign_tenant, last_attempt=_last_attempt())
-    return _run("remind", step, tenant_slice, job, pool)
+    return _run("remind", remind_tenant, tenant_slice, campaign, pool)

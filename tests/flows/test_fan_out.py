@@ -21,15 +21,16 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
 )
 
-import flows.fan_out as fan_out_module
+import flows.batching.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
+import onboarding.run_inputs as run_inputs_module
 from demo.emulator import DEFAULT_API_KEY, EmulatorServer
-from flows.batch import OutcomeCounts
-from flows.fan_out import split
+from flows.batching.fan_out import split
 from flows.onboard_tenants import onboard_tenants
+from flows.reporting.summary import OutcomeCounts
 from onboarding.ledger import Ledger, Status
+from onboarding.outcomes import TenantOutcome
 from onboarding.roster import load_roster, open_roster_slice
-from onboarding.tenant_steps import TenantOutcome
 from tests.flows.helpers import summary_of
 
 PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
@@ -258,7 +259,7 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
             raise RuntimeError("worker lost")
         return real_slice(location, digest, first, stop, only, **kwargs)
 
-    monkeypatch.setattr(chunk_module, "open_roster_slice", second_chunk_dies)
+    monkeypatch.setattr(run_inputs_module, "open_roster_slice", second_chunk_dies)
     fan_out = {"chunk_size": 5, "fan_out": "deployment"}
     state = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
     assert state.is_failed()
@@ -270,7 +271,7 @@ def test_a_chunk_that_dies_before_reporting_fails_its_tenants_and_the_next_run_d
     assert "ended Failed before reporting" in lost["error_message"]
     assert "5 of 12 tenant(s) failed" in (state.message or "")
 
-    monkeypatch.setattr(chunk_module, "open_roster_slice", real_slice)
+    monkeypatch.setattr(run_inputs_module, "open_roster_slice", real_slice)
     again = onboard_tenants(roster=roster, profile=PROFILE, **fan_out, return_state=True)
     assert summary_of(again)["by_status"] == {"skipped": 7, "delivered": 5}
     assert env["emulator"].stats()["requests"] == 12

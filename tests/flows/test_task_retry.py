@@ -1,4 +1,5 @@
-"""The task's retry decision: transient failures only, and never sooner than Retry-After."""
+"""The task's retry decision: transient failures only, without sleeping in Prefect's retry
+condition (a Retry-After is waited out by the connector's pacer, before its next call)."""
 
 from __future__ import annotations
 
@@ -60,15 +61,9 @@ def test_only_transient_failures_are_retried(
     assert slept == []
 
 
-def test_retry_after_is_waited_out_before_prefects_own_backoff(slept: list[float]) -> None:
+def test_a_retry_after_is_not_slept_in_the_retry_condition(slept: list[float]) -> None:
     assert decide(RateLimitedError(429, "rate_limited", "slow", retry_after=7.0)) is True
-    assert slept == [7.0]
-
-
-def test_retry_after_beyond_the_cap_fails_the_tenant_for_this_run(slept: list[float]) -> None:
-    too_long = constants.MAX_RETRY_AFTER_SECONDS + 1
-    assert decide(RateLimitedError(429, "rate_limited", "later", retry_after=too_long)) is False
-    assert slept == []
+    assert slept == [], "the pacer holds calls off; Prefect's engine thread is not blocked"
 
 
 def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
@@ -77,8 +72,8 @@ def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
 
 
 def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
-    from onboarding.errors import SliceFailed
-    from onboarding.tenant_steps import TenantOutcome
+    from onboarding.outcomes import TenantOutcome
+    from onboarding.slices import SliceFailed
 
     failed = TenantOutcome("t2", "failed", error_code="rate_limited")
     ok = TenantOutcome("t1", "delivered")
@@ -86,7 +81,7 @@ def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[
         "t2": RateLimitedError(429, "rate_limited", "slow", retry_after=4.0)
     }
     assert decide(SliceFailed("tenants 1-2", [ok, failed], retry)) is True
-    assert slept == [4.0], "the longest Retry-After among the slice's tenants"
+    assert slept == []
     final = TenantOutcome("t2", "failed", error_code="validation_failed")
     assert decide(SliceFailed("tenants 1-2", [ok, final], {})) is False
 

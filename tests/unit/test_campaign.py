@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from onboarding.campaign import combined
 from onboarding.errors import InputError
 from onboarding.mail import MailLink, MailTemplates, build_message, message_id_for
+from onboarding.outcomes import TenantOutcome, combined
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import TenantOutcome
 
 NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 FROM = "onboarding@saas.example.com"

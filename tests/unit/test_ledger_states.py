@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from onboarding.connection import record_connection
 from onboarding.delivery import Delivery
 from onboarding.errors import SupersededStateError
 from onboarding.ledger import Ledger, Status, records
 from onboarding.profile import load_profile
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import OnboardingJob, onboard_tenant, record_connection
+from tests.support import campaign_of, onboard
 from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
 
 pytestmark = pytest.mark.timeout(120)
@@ -126,17 +127,13 @@ def test_a_callback_during_a_real_send_leaves_the_tenant_connected(ledger: Ledge
         expires_at=NOW + 1000 * HOUR,
     )
     mailer = _CallbackDuringSend(ledger, "st-1")
-    job = OnboardingJob(
-        profile=load_profile(PROFILE),
-        client=None,
-        ledger=ledger,
-        deliver=Delivery.EMAIL,
-        mailer=mailer,  # type: ignore[arg-type]
-        templates=MailTemplates(),
+    profile = load_profile(PROFILE)
+    campaign = campaign_of(
+        profile, ledger, deliver=Delivery.EMAIL, mailer=mailer, templates=MailTemplates()
     )
-    onboard_tenant(job, tenant)
+    onboard(campaign, tenant)
     assert mailer.sent == 1
-    record = ledger.get("t1", job.profile.target_id)
+    record = ledger.get("t1", profile.target_id)
     assert record is not None
     assert (record.status, record.connection_id) == (Status.CONNECTED, "conn-during-send")
 
@@ -167,15 +164,11 @@ def test_a_tenant_that_connected_before_the_send_is_not_mailed(ledger: Ledger) -
         return original(*args, **kwargs)
 
     ledger.mark_sending = connect_first  # type: ignore[method-assign]
-    job = OnboardingJob(
-        profile=load_profile(PROFILE),
-        client=None,
-        ledger=ledger,
-        deliver=Delivery.EMAIL,
-        mailer=mailer,  # type: ignore[arg-type]
-        templates=MailTemplates(),
+    profile = load_profile(PROFILE)
+    campaign = campaign_of(
+        profile, ledger, deliver=Delivery.EMAIL, mailer=mailer, templates=MailTemplates()
     )
-    outcome = onboard_tenant(job, tenant)
+    outcome = onboard(campaign, tenant)
     assert mailer.sent == 0
     assert outcome.status == "connected"
     assert get(ledger, "t1").connection_id == "conn-first"

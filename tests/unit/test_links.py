@@ -429,7 +429,7 @@ def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: 
     from onboarding.ledger import Ledger
     from onboarding.profile import ConnectorProfile
     from onboarding.roster import Tenant
-    from onboarding.tenant_steps import OnboardingJob, onboard_tenant
+    from tests.support import campaign_of, onboard
 
     hostile = build(edit(redirect_uri=ATTACKER))
 
@@ -450,13 +450,11 @@ def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: 
         api_key="k", base_url="https://x.example", transport=httpx.MockTransport(versori)
     )
     with client:
-        job = OnboardingJob(profile=profile, client=client, ledger=ledger)
-        with pytest.raises(LinkCheckError, match="redirect_host"):
-            onboard_tenant(job, tenant)
+        outcome = onboard(campaign_of(profile, ledger, client), tenant)
+        assert isinstance(outcome.cause, LinkCheckError), outcome
+        assert "redirect_host" in str(outcome.cause)
         record = ledger.get("t1", profile.target_id)
         assert record is not None and not record.url
         # The same link without the pin is accepted: the pin is what refused it.
-        job = OnboardingJob(
-            profile=profile.model_copy(update={"redirect_host": None}), client=client, ledger=ledger
-        )
-        assert onboard_tenant(job, tenant).ok
+        unpinned = profile.model_copy(update={"redirect_host": None})
+        assert onboard(campaign_of(unpinned, ledger, client), tenant).ok

@@ -36,7 +36,7 @@ from onboarding.links import check_link
 from onboarding.models import InitialiseRequest
 from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import Tenant
-from onboarding.tenant_steps import OnboardingJob, onboard_tenant
+from tests.support import campaign_of, onboard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -282,7 +282,7 @@ def test_v2_base_url_defaults_to_platform_v2_and_versori_base_url_overrides(
 
 
 def test_open_client_gives_a_v2_profile_the_v2_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.job import open_client
+    from flows.batching.parts import open_client
 
     monkeypatch.setenv("VERSORI_API_KEY", API_KEY)
     monkeypatch.chdir(Path(__file__).parent)  # no .env of the project's
@@ -350,14 +350,13 @@ def test_onboarding_never_stores_a_v2_link_to_another_redirect(tmp_path: Path) -
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
     try:
         with v2_client(Recorder(redirect_uri="https://attacker.example/cb")) as client:
-            job = OnboardingJob(profile=profile, client=client, ledger=ledger)
-            with pytest.raises(LinkCheckError, match="redirect_url"):
-                onboard_tenant(job, tenant)
+            outcome = onboard(campaign_of(profile, ledger, client), tenant)
+            assert isinstance(outcome.cause, LinkCheckError), outcome
+            assert "redirect_url" in str(outcome.cause)
         record = ledger.get("t1", SYSTEM)
         assert record is not None and record.status is Status.FAILED and not record.url
         with v2_client(Recorder()) as client:
-            job = OnboardingJob(profile=profile, client=client, ledger=ledger)
-            assert onboard_tenant(job, tenant).ok
+            assert onboard(campaign_of(profile, ledger, client), tenant).ok
         record = ledger.get("t1", SYSTEM)
         assert record is not None and record.url
         assert dict(parse_qsl(urlsplit(record.url).query))["redirect_uri"] == REDIRECT

@@ -941,7 +941,7 @@ def test_runs_started_through_a_deployment_read_only_under_the_files_root(
 
     from prefect.context import FlowRunContext
 
-    import flows.onboard_tenants as flow_module
+    import flows.inputs.parameters as flow_module
 
     monkeypatch.delenv("ONBOARD_FILES_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 from onboarding import constants
 from onboarding.errors import InputError
 from onboarding.mail import SmtpSettings
-from onboarding.preflight import check_environment
+from onboarding.run_inputs import check_environment
 from onboarding.settings import RetrySettings, VersoriSettings
 from tasks.slice_tasks import onboard_slice_task, with_retry_backoff
 

@@ -19,7 +19,7 @@ from prefect import Flow
 from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-from flows.events import on_temporary_server
+from flows.running.server import on_temporary_server
 
 # How long the temporary server's record of a run's task runs must stand still, every one of
 # them in a final state, before it counts as caught up; how long it may stand still with some

@@ -20,14 +20,12 @@ from prefect import get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
-from flows.batch import OutcomeCounts
 from flows.inputs.options import TenantEvents
-from flows.progress import Progress
+from flows.reporting.progress import Progress
+from flows.reporting.summary import OutcomeCounts
 from onboarding.clock import utcnow
-from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger
-from onboarding.profile import ConnectorProfile
-from onboarding.roster import Roster
+from onboarding.run_inputs import RunInputs
 
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0
@@ -53,28 +51,31 @@ def split(count: int, chunk_size: int) -> list[Chunk]:
     ]
 
 
-def run_chunks(
-    *,
-    batch: Roster,
-    location: str,
-    profile_path: str,
-    profile: ConnectorProfile,
-    ledger: Ledger,
-    deliver: Delivery,
-    concurrency: int,
-    only: list[str] | None,
-    chunk_size: int,
-    chunk_deployment: str,
-    tenants_per_task: int | None,
-    tenant_events: TenantEvents,
-    deadline_minutes: float,
-) -> OutcomeCounts:
-    """Run every chunk of `batch` on the work pool and add their summaries to one OutcomeCounts. A
-    chunk already finished for this batch (the parent was retried) is not run again; one whose
-    earlier run is still going is waited for, not started twice."""
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a batch fans out: `size` tenants per run of `deployment`, each given the roster and
+    profile parameters the parent was given (`roster`, `profile`: a `secret:` roster stays a
+    reference), waited for `deadline_minutes` at most."""
+
+    size: int
+    deployment: str
+    deadline_minutes: float
+    roster: str
+    profile: str
+    concurrency: int
+    tenants_per_task: int | None
+    tenant_events: TenantEvents
+
+
+def run_chunks(inputs: RunInputs, ledger: Ledger, plan: ChunkPlan) -> OutcomeCounts:
+    """Run every chunk of the inputs' roster on the work pool and add their summaries to one
+    OutcomeCounts. A chunk already finished for this batch (the parent was retried) is not run
+    again; one whose earlier run is still going is waited for, not started twice."""
+    assert inputs.roster is not None
+    batch, profile, request = inputs.roster, inputs.profiles[0], inputs.request
     logger = get_run_logger()
     batch_id = str(flow_run.id)
-    chunks = split(len(batch), chunk_size)
+    chunks = split(len(batch), plan.size)
     progress = Progress(len(batch), profile.name)
     tally = OutcomeCounts()
 
@@ -84,27 +85,27 @@ def run_chunks(
 
     def parameters(chunk: Chunk) -> dict[str, Any]:
         return {
-            "profile": profile_path,
-            "roster": location,
+            "profile": plan.profile,
+            "roster": plan.roster,
             "digest": batch.digest,
             "batch_id": batch_id,
             "chunk": chunk.index,
             "chunks": len(chunks),
             "first": chunk.first,
             "stop": chunk.stop,
-            "deliver": deliver,
-            "concurrency": concurrency,
-            "only": only,
-            "tenants_per_task": tenants_per_task,
-            "tenant_events": tenant_events,
+            "deliver": request.deliver,
+            "concurrency": plan.concurrency,
+            "only": list(request.only) if request.only else None,
+            "tenants_per_task": plan.tenants_per_task,
+            "tenant_events": plan.tenant_events,
         }
 
     logger.info(
         "%d tenants in %d chunks of up to %d, as runs of deployment %r on its work pool",
         len(batch),
         len(chunks),
-        chunk_size,
-        chunk_deployment,
+        plan.size,
+        plan.deployment,
     )
     todo = []
     for chunk in chunks:
@@ -118,8 +119,8 @@ def run_chunks(
             "%d chunk(s) finished before this attempt; not run again", len(chunks) - len(todo)
         )
 
-    started = _start_chunk_runs(todo, parameters, chunk_deployment, batch_id)
-    deadline = time.monotonic() + deadline_minutes * 60
+    started = _start_chunk_runs(todo, parameters, plan.deployment, batch_id)
+    deadline = time.monotonic() + plan.deadline_minutes * 60
     for chunk, run_state in _wait_for_runs(started, logger, deadline):
         add_chunk_summary(
             chunk,

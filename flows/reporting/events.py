@@ -18,8 +18,9 @@ import uuid
 from typing import Any
 
 from flows.inputs.options import TenantEvents
+from flows.running.server import on_temporary_server
 from onboarding.clock import utcnow
-from onboarding.tenant_steps import StatusChange
+from onboarding.outcomes import StatusChange
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,6 @@ BATCH_MAX = 500
 SEND_TRIES = 5
 # Leaving on an interrupt, how long to wait for the sending thread before giving up the rest.
 INTERRUPTED_JOIN_SECONDS = 1.0
-
-
-def on_temporary_server() -> bool:
-    """True when no PREFECT_API_URL is set: Prefect starts a temporary server for this process
-    alone, which no other process shares and no Automation watches."""
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url is None
 
 
 def event_name(status: str) -> str:

@@ -1,0 +1,133 @@
+"""What a batch's tasks share, opened by its flow: one Versori client and pacer per connector,
+the SMTP sender, tenant events, the run's lease in the ledger."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import ExitStack
+from datetime import datetime
+
+from prefect import get_run_logger
+
+from flows.inputs.blocks import open_mailer, resolve_api_key
+from flows.inputs.options import TenantEvents
+from flows.reporting.events import TenantEventSender
+from flows.running.local import on_interrupt
+from onboarding.campaign import Campaign
+from onboarding.client import VersoriClient
+from onboarding.connector_run import ConnectorRun
+from onboarding.ledger import Ledger
+from onboarding.models import Api
+from onboarding.pacing import PACE_SHARE, Pacer, Spacing
+from onboarding.profile import ConnectorProfile
+from onboarding.retry_policy import BatchStop, RetryRule
+from onboarding.run_inputs import RunInputs
+from onboarding.settings import LedgerSettings, RetrySettings, VersoriSettings
+
+
+def tag_run(profiles: list[ConnectorProfile]) -> None:
+    """Tag the current flow run `profile:<slug>` for each profile, so the UI can filter runs
+    by profile."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    tags = list(flow_run.tags or [])
+    wanted = [f"profile:{p.slug}" for p in profiles if f"profile:{p.slug}" not in tags]
+    if flow_run.id is None or not wanted:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*tags, *wanted])
+
+
+def open_campaign(
+    stack: ExitStack,
+    inputs: RunInputs,
+    ledger: Ledger,
+    concurrency: int,
+    events: TenantEvents = TenantEvents.AUTO,
+    remind_before: datetime | None = None,
+    max_reminders: int = 0,
+) -> Campaign:
+    """A run's shared parts: per profile, a Versori client for its API, a pacer and a batch
+    stop; one SMTP sender and one tenant event sender for all; the run's lease on the tenants
+    it claims in the ledger. Closed with `stack`. `remind_before` makes it a reminder batch
+    (a tenant is due while last sent before then)."""
+    from prefect.runtime import flow_run
+
+    deliver = inputs.request.deliver
+    claimant = str(flow_run.id or uuid.uuid4())
+    stack.enter_context(ledger.run_lease(claimant, LedgerSettings().run_lease_seconds))
+    settings = RetrySettings()
+    on_status = stack.enter_context(TenantEventSender(events))
+    connectors = [
+        ConnectorRun(
+            profile=profile,
+            client=stack.enter_context(open_client(concurrency, profile.api)),
+            ledger=ledger,
+            deliver=deliver,
+            run_id=flow_run.id,
+            pacer=make_pacer(profile, ledger),
+            on_status=on_status,
+            stop=BatchStop(settings.stop_after),
+            claimant=claimant,
+        )
+        for profile in inputs.profiles
+    ]
+
+    def interrupt() -> None:
+        for connector in connectors:
+            connector.stop.interrupt()
+
+    # Ctrl-C: no new tenant starts, so the run unwinds (and lets go of its claims) in time.
+    stack.enter_context(on_interrupt(interrupt))
+    return Campaign(
+        connectors,
+        deliver,
+        mailer=open_mailer(stack) if deliver.sends_email else None,
+        templates=inputs.templates,
+        rule=RetryRule(deadline=settings.tenant_deadline_seconds),
+        remind_before=remind_before,
+        max_reminders=max_reminders,
+    )
+
+
+def rate_limit_name(profile: ConnectorProfile) -> str:
+    return f"onboarding-rate-{profile.slug}"
+
+
+def make_pacer(profile: ConnectorProfile, ledger: Ledger) -> Pacer:
+    """A pacer at a little under the profile's `rate_limit_per_second`, if it sets one,
+    shared through the ledger by every run of the profile on it (chunks, workers, two CLI
+    runs at once); else one that only holds off after a 429 (onboarding/pacing.py)."""
+    rate = profile.rate_limit_per_second
+    if rate is None:
+        return Pacer()
+    get_run_logger().info(
+        "Pacing %s at %.4g calls/s (%g/s less %.0f%%), shared by every run on this ledger",
+        profile.name,
+        rate * PACE_SHARE,
+        rate,
+        100 * (1 - PACE_SHARE),
+    )
+    return Spacing(rate, name=rate_limit_name(profile), times=ledger)
+
+
+def effective_concurrency(profiles: list[ConnectorProfile], asked: int) -> int:
+    """`asked`, within every profile's `max_concurrency`."""
+    caps = [p.max_concurrency for p in profiles if p.max_concurrency]
+    return min([asked, *caps])
+
+
+def open_client(concurrency: int, api: Api = "connect-v1") -> VersoriClient:
+    """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once, for
+    `api` (a profile's): unless VERSORI_BASE_URL is set, that API's production base URL."""
+    versori = VersoriSettings()
+    return VersoriClient(
+        api=api,
+        api_key=resolve_api_key(versori),
+        base_url=versori.base_url_if_set,
+        connect_timeout=versori.connect_timeout,
+        read_timeout=versori.read_timeout,
+        call_deadline=versori.call_deadline,
+        max_connections=concurrency,
+    )

@@ -1,0 +1,156 @@
+"""A batch's tenants in slices, each slice a task run, at most `concurrency` tenants in flight:
+what every run's batch goes through (onboard and remind, one connector or several)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+
+from prefect import Task, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from flows.reporting.progress import Progress, quiet_routine_task_logs
+from flows.reporting.summary import OutcomeCounts
+from flows.running.local import INTERRUPTED
+from onboarding.campaign import Campaign
+from onboarding.outcomes import TenantOutcome, failed_outcome
+from onboarding.roster import Tenant
+from onboarding.slices import SliceFailed, TenantSlice
+from tasks.slice_tasks import with_retry_backoff
+
+# Up to this many tenants, one task run per tenant: the UI shows each by name. Above it, one
+# task run per slice of SLICE_SIZE tenants: a task run costs the engine milliseconds of CPU and
+# the server ~3 events, a tenant's call ~1-2 ms, so per-tenant task runs would make Prefect,
+# not Versori, the bottleneck (bench/run.py measures both).
+ONE_TASK_PER_TENANT_MAX = 100
+SLICE_SIZE = 100
+
+
+def tenants_per_task(total: int, asked: int | None = None) -> int:
+    """`asked` when given; else one for a small batch, SLICE_SIZE for a large one."""
+    if asked:
+        return asked
+    return 1 if total <= ONE_TASK_PER_TENANT_MAX else SLICE_SIZE
+
+
+def tenant_threads(campaign: Campaign, concurrency: int) -> int:
+    """Threads for the tenants of a batch's slices. The Versori client lets `concurrency` calls
+    be in flight whatever the thread count. When links are only stored, a tenant's thread spends
+    about a third of its time waiting for its ledger commit (bench/run.py under py-spy --idle),
+    holding no Versori slot: twice the threads keep the slots busy (ratio 0.87 -> 0.90). With
+    email, each thread keeps an SMTP connection of its own, so the threads stay at
+    `concurrency` and so do the SMTP connections."""
+    return concurrency if campaign.deliver.sends_email else 2 * concurrency
+
+
+def slice_up(
+    work: Iterable[Tenant | TenantOutcome], size: int
+) -> Iterator[TenantSlice | TenantOutcome]:
+    """Group the tenants of `work` into slices of `size`, in roster order; an outcome (a tenant
+    decided without a task) passes through."""
+    tenants: list[Tenant] = []
+    first = position = 0
+    for position, item in enumerate(work, 1):
+        if isinstance(item, TenantOutcome):
+            yield item
+            continue
+        if not tenants:
+            first = position
+        tenants.append(item)
+        if len(tenants) == size:
+            yield TenantSlice(tenants, first, position)
+            tenants = []
+    if tenants:
+        yield TenantSlice(tenants, first, position)
+
+
+def run_batch(
+    campaign: Campaign,
+    task: Task[..., list[TenantOutcome]],
+    work: Iterable[Tenant | TenantOutcome],
+    total: int,
+    concurrency: int,
+    per_task: int | None = None,
+    progress: Progress | None = None,
+) -> OutcomeCounts:
+    """Run `task` over the tenants of `work` in slices of `per_task` (automatic when None), at
+    most `concurrency` tenants in flight in all: slices share one thread pool of that size.
+    Slices are submitted as task runners free up, so memory stays flat however long `work`
+    is. No tenant's failure stops the others, except a batch-fatal one, after which the rest
+    are recorded `not_attempted`."""
+    logger = get_run_logger()
+    task = with_retry_backoff(task)
+    size = tenants_per_task(total, per_task)
+    progress = progress or Progress(total, campaign.name)
+    tally = OutcomeCounts()
+    # Enough slices at once to keep every tenant thread busy while one slice winds down.
+    slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
+    threads = tenant_threads(campaign, concurrency)
+    in_flight: dict[PrefectFuture[list[TenantOutcome]], TenantSlice] = {}
+    announced = False
+
+    def add(outcomes: list[TenantOutcome]) -> None:
+        nonlocal announced
+        for outcome in outcomes:
+            tally.add(outcome)
+        progress.advance(failed=sum(not o.ok for o in outcomes), count=len(outcomes))
+        if campaign.stop_reason and not announced:
+            announced = True
+            logger.error("Stopping the batch: %s", campaign.stop_reason)
+
+    def collect_one() -> None:
+        """Wait for the first task run in flight to finish, and count its tenants."""
+        future = next(as_completed(list(in_flight)))
+        add(outcomes_of(in_flight.pop(future), future.result(raise_on_failure=False)))
+
+    if size > 1:
+        logger.info(
+            "%d tenants per task run, %d task runs at once sharing %d tenant threads",
+            size,
+            slices_at_once,
+            threads,
+        )
+    with ExitStack() as stack:
+        stack.enter_context(quiet_routine_task_logs())
+        pool = None
+        if size > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(threads, "tenant"))
+        runner: ThreadPoolTaskRunner[list[TenantOutcome]] = stack.enter_context(
+            ThreadPoolTaskRunner(max_workers=slices_at_once)
+        )
+        for item in slice_up(work, size):
+            if isinstance(item, TenantOutcome):
+                add([item])
+            elif INTERRUPTED.is_set():
+                break  # the rest of the roster is left as it is, for the next run
+            elif campaign.stop_reason:
+                add([campaign.not_attempted(t) for t in item.tenants])
+            else:
+                while len(in_flight) >= 2 * slices_at_once:
+                    collect_one()
+                # quote(): Prefect would otherwise walk the campaign (clients, ledger) per task run.
+                parameters = {"tenant_slice": item, "campaign": campaign, "pool": pool}
+                future = runner.submit(task, {k: quote(v) for k, v in parameters.items()})
+                in_flight[future] = item
+        while in_flight:
+            collect_one()
+    progress.finish()
+    return tally
+
+
+def outcomes_of(tenant_slice: TenantSlice, result: object) -> list[TenantOutcome]:
+    """Every tenant's outcome from what a slice's task run ended with: its list of outcomes,
+    a SliceFailed carrying them, or another error (a one-tenant slice's own, or a crash)."""
+    if isinstance(result, list):
+        return result
+    if isinstance(result, SliceFailed):
+        return result.outcomes
+    error = result if isinstance(result, BaseException) else RuntimeError(repr(result))
+    return [
+        tenant_slice.done.get(t.tenant_id) or failed_outcome(t.tenant_id, error)
+        for t in tenant_slice.tenants
+    ]

@@ -1,0 +1,92 @@
+"""A run's parameters, as a flow receives them, turned into the core's checked run inputs
+(onboarding.run_inputs): what only the flow layer knows is settled here first (a roster kept
+in a Secret block, the folder a deployment's run may read, whether a server keeps the run's
+parameters)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect.context import FlowRunContext
+from prefect.runtime import deployment
+
+from flows.running.server import on_temporary_server
+from onboarding.delivery import Delivery
+from onboarding.errors import InputError
+from onboarding.roster import TenantRow
+from onboarding.run_inputs import RosterPart, RunInputs, RunRequest, check_run, take_handed
+from onboarding.settings import files_root
+
+SECRET_ROSTER = "secret:"
+
+
+def profile_paths(profile: str | Sequence[str]) -> list[str]:
+    """The profile paths a run was given: one (a str), or several for a campaign."""
+    paths = [profile] if isinstance(profile, str) else list(profile)
+    if not paths:
+        raise InputError("profile: give at least one connector profile")
+    return paths
+
+
+def run_files_root() -> Path | None:
+    """Local paths of a run started through a deployment (by whoever may call it) must lie in
+    ONBOARD_FILES_ROOT; a run started by hand reads any path its user can."""
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        return files_root(context.flow_run.deployment_id is not None)
+    return files_root(deployment.id is not None)  # naming a run: its context is not set yet
+
+
+def roster_location(roster: str) -> str:
+    """Where to read the roster from. `secret:<name>` reads it from the Prefect Secret block of
+    that name: the way to pass a URL that carries a credential (a signed URL, a token), which
+    as a flow parameter a Prefect server keeps, and shows, in clear."""
+    if not roster.startswith(SECRET_ROSTER):
+        return roster
+    from prefect.blocks.system import Secret
+
+    name = roster.removeprefix(SECRET_ROSTER)
+    try:
+        return str(Secret.load(name).get())  # type: ignore[union-attr]  # sync call
+    except ValueError as err:
+        raise InputError(
+            f"roster {roster}: no Secret block named {name!r}; create it in the Prefect UI "
+            "(Blocks, Secret) with the roster URL as its value"
+        ) from err
+
+
+def run_request(
+    profile: str | Sequence[str],
+    roster: str | None = None,
+    tenants: Sequence[TenantRow] | None = None,
+    only: Sequence[str] | None = None,
+    deliver: Delivery = Delivery.STORE,
+    dry_run: bool = False,
+    *,
+    reminders: bool = False,
+    chunked: bool = False,
+    part: RosterPart | None = None,
+) -> RunRequest:
+    """The core's request for a run with these parameters (a `secret:` roster read here)."""
+    if roster is not None and tenants is not None:
+        raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
+    return RunRequest(
+        profiles=tuple(profile_paths(profile)),
+        roster=roster_location(roster) if roster is not None else None,
+        tenants=tuple(tenants) if tenants is not None else None,
+        only=tuple(only) if only else None,
+        deliver=deliver,
+        dry_run=dry_run,
+        reminders=reminders,
+        chunked=chunked,
+        # A URL read from a Secret block was never a parameter.
+        keeps_parameters=not on_temporary_server() and not (roster or "").startswith(SECRET_ROSTER),
+        root=run_files_root(),
+        part=part,
+    )
+
+
+def run_inputs(request: RunRequest) -> RunInputs:
+    """The checked inputs: those the CLI checked for this very request, else checked now."""
+    return take_handed(request) or check_run(request)

@@ -1,0 +1,1 @@
+"""What a run tells the Prefect UI: tenant events, progress, its summary and table artifacts."""

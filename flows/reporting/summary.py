@@ -1,0 +1,172 @@
+"""A run's summary: its counts and a sample of its tenants' outcomes, published as a table
+and a markdown artifact, and the run's final state."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Failed
+
+from onboarding.outcomes import TenantOutcome
+
+TABLE_ROWS_MAX = 1000
+
+
+class OutcomeCounts:
+    """A batch's counts, and a sample of its outcomes for the table: every failure up to `keep`,
+    then others until `keep` rows in all. Memory stays flat however many tenants go by; the
+    ledger (`onboard export`) has every tenant."""
+
+    def __init__(self, keep: int = TABLE_ROWS_MAX) -> None:
+        self.keep = keep
+        self.by_status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        # A campaign's counts for each connector (by name), from its tenants' parts.
+        self.by_connector: dict[str, Counter[str]] = {}
+        self.rows_seen = 0  # table rows offered: one per tenant, or per (tenant, connector)
+        self._failed: list[dict[str, str]] = []
+        self._others: list[dict[str, str]] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+    def add(self, outcome: TenantOutcome) -> None:
+        self.by_status[outcome.status] += 1
+        for part in outcome.parts:
+            self.by_connector.setdefault(part.connector, Counter())[part.status] += 1
+        for row in outcome.rows():
+            if row["error_code"]:
+                self.errors[row["error_code"]] += 1
+            self._keep(row)
+
+    def merge(self, summary: dict[str, Any]) -> None:
+        """Fold in another batch's summary (a chunk's), sample included."""
+        self.by_status.update(summary["by_status"])
+        self.errors.update(summary["errors"])
+        for name, counts in summary.get("by_connector", {}).items():
+            self.by_connector.setdefault(name, Counter()).update(counts)
+        for row in summary["outcomes"]:
+            self._keep(row)
+        self.rows_seen += summary.get("outcomes_left_out", 0)
+
+    def _keep(self, row: dict[str, str]) -> None:
+        self.rows_seen += 1
+        failed = row["status"] == "failed"
+        if failed and len(self._failed) < self.keep:
+            self._failed.append(row)
+        elif not failed and len(self._failed) + len(self._others) < self.keep:
+            self._others.append(row)
+
+    def rows(self) -> list[dict[str, str]]:
+        """Failures first, each part in tenant order; at most `keep`."""
+        ordered = sorted(self._failed, key=lambda r: r["tenant_id"])
+        ordered += sorted(self._others, key=lambda r: r["tenant_id"])
+        return ordered[: self.keep]
+
+    @classmethod
+    def of(cls, outcomes: Iterable[TenantOutcome]) -> OutcomeCounts:
+        tally = cls()
+        for outcome in outcomes:
+            tally.add(outcome)
+        return tally
+
+
+def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, Any]:
+    """A run's result: counts, and `outcomes`, the table's sample (every tenant up to 1,000)."""
+    rows = tally.rows()
+    return {
+        **about,
+        "total": tally.total,
+        "failed": tally.by_status.get("failed", 0),
+        "skipped": tally.by_status.get("skipped", 0),
+        "by_status": dict(tally.by_status),
+        "by_connector": {name: dict(counts) for name, counts in tally.by_connector.items()},
+        "errors": dict(tally.errors),
+        "seconds": round(seconds, 2),
+        "outcomes": rows,
+        "outcomes_left_out": max(0, tally.rows_seen - len(rows)),
+    }
+
+
+def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
+    """The table and summary artifacts, under keys stable per profile so the UI keeps history."""
+    campaign = bool(summary.get("by_connector"))
+    rows = [
+        {
+            "tenant": o["tenant_id"],
+            **({"connector": o.get("connector", "")} if campaign else {}),
+            "status": o["status"],
+            "link host": o["link_host"],
+            "state": o["masked_state"],
+            "error": f"{o['error_code']}: {o['error_message']}" if o["error_code"] else "",
+        }
+        for o in summary["outcomes"]
+    ]
+    cut = summary["outcomes_left_out"]
+    create_table_artifact(
+        key=key,
+        table=rows,
+        description=f"Tenants of {source}"
+        + (f" (first {len(rows)}, failures first; `onboard export` has all)" if cut else ""),
+    )
+    lines = [
+        f"# {title}{' (dry run)' if summary.get('dry_run') else ''}",
+        "",
+        f"{source}: {summary['total']} tenant(s) in {summary['seconds']} s.",
+        "",
+        "| status | tenants |",
+        "| --- | --- |",
+        *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
+    ]
+    if campaign:
+        statuses = sorted({s for counts in summary["by_connector"].values() for s in counts})
+        lines += ["", f"| connector | {' | '.join(statuses)} |", "|---" * (len(statuses) + 1) + "|"]
+        lines += [
+            f"| {name} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
+            for name, counts in summary["by_connector"].items()
+        ]
+    if summary.get("coverage"):
+        c = summary["coverage"]
+        lines += [
+            "",
+            f"Ledger, over these {len(summary['by_connector']) or 1} connector(s): "
+            f"{c['fully']} tenant(s) fully connected, {c['partly']} partly, "
+            f"{c['none']} not at all.",
+        ]
+    if summary["errors"]:
+        lines += ["", "| error | tenants |", "| --- | --- |"]
+        lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]
+    create_markdown_artifact(key=key.replace("-", "-summary-", 1), markdown="\n".join(lines))
+
+
+def conclude(
+    tally: OutcomeCounts,
+    started: float,
+    done: str,
+    *,
+    artifact: tuple[str, str, str],
+    **about: Any,
+) -> State[dict[str, Any]]:
+    """A run's end: its summary (`about` and the counts since `started`, a time.monotonic()),
+    published as artifacts under `artifact` (key, title, source; see `publish`), and its final
+    state, which says `done` when no tenant failed."""
+    summary = summarise(tally, time.monotonic() - started, **about)
+    publish(*artifact, summary)
+    return final_state(summary, done)
+
+
+def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:
+    """Completed when no tenant failed; Failed, after every tenant was tried, when any did."""
+    if summary["failed"]:
+        return Failed(
+            message=f"{summary['failed']} of {summary['total']} tenant(s) failed; "
+            "the next run retries them",
+            data=summary,
+        )
+    return Completed(message=f"{summary['total']} tenant(s) {done}", data=summary)

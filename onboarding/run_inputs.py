@@ -1,0 +1,212 @@
+"""A run's parameters turned into checked inputs, the one place they are checked: the CLI
+calls it before Prefect starts (bad input exits 2 before anything runs), the flow calls it
+too (a run started from the UI or the API), and a run the CLI checked takes the CLI's result
+(`hand_over`, `take_handed`), so each profile is read and a URL roster downloaded once.
+Loading an API key kept in a Prefect block, and a roster URL kept in one, is the flow
+layer's (`flows.inputs`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from onboarding import constants
+from onboarding.delivery import Delivery
+from onboarding.errors import InputError
+from onboarding.ledger import Ledger
+from onboarding.mail import MailTemplates, SmtpSettings
+from onboarding.profile import ConnectorProfile, load_profile
+from onboarding.roster import (
+    Roster,
+    TenantRow,
+    display_source,
+    load_inline_roster,
+    load_roster,
+    open_roster_slice,
+)
+from onboarding.settings import (
+    ENV_HINT,
+    InputSettings,
+    LedgerSettings,
+    RetrySettings,
+    VersoriSettings,
+)
+
+
+@dataclass(frozen=True)
+class RosterPart:
+    """A chunk's part of a roster its batch's parent checked: positions first..stop-1 of the
+    file whose SHA-256 is `digest` (a changed file is refused)."""
+
+    digest: str
+    first: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run was asked to do. `roster` is a path or URL (the caller resolved a
+    `secret:` reference), or `tenants` the rows given inline; neither for reminders.
+    `keeps_parameters`: a Prefect server stores the run's parameters (so a roster URL must
+    not carry a credential). `chunked`: the batch fans out to a deployment's runs. A reminder
+    run delivers by email (store for a dry run: it sends nothing)."""
+
+    profiles: tuple[str, ...]
+    roster: str | None = None
+    tenants: tuple[TenantRow, ...] | None = None
+    only: tuple[str, ...] | None = None
+    deliver: Delivery = Delivery.STORE
+    dry_run: bool = False
+    reminders: bool = False
+    chunked: bool = False
+    keeps_parameters: bool = False
+    root: Path | None = None
+    part: RosterPart | None = None
+
+
+@dataclass
+class RunInputs:
+    request: RunRequest
+    profiles: list[ConnectorProfile]
+    templates: MailTemplates | None  # the first profile's, when mail goes out
+    roster: Roster | None
+
+    @property
+    def source(self) -> str:
+        """The roster as logs and run names show it (a URL without its query)."""
+        if self.request.roster is not None:
+            return display_source(self.request.roster)
+        return self.roster.source if self.roster is not None else "the ledger"
+
+
+def check_run(request: RunRequest) -> RunInputs:
+    """Check everything a run needs, in the order a person fixes it: the environment, the
+    profiles (several make a campaign: each connector once), the mail settings and templates
+    when mail goes out, the roster with the columns those templates read, the ledger, and an
+    API key (or the name of its block) when Versori is called. Raises InputError."""
+    check_environment()
+    if not request.profiles:
+        raise InputError("profile: give at least one connector profile")
+    profiles = _load_profiles(request)
+    if len(profiles) > 1 and request.chunked:
+        raise InputError(
+            "fan_out deployment: a campaign (several profiles) runs in one flow run; "
+            "use fan_out in_process, or one run per profile to fan out"
+        )
+    templates = _templates(profiles) if request.deliver.sends_email else None
+    needs = templates.tenant_fields_used if templates else ()
+    roster = None
+    if request.roster is not None and request.part is not None:
+        part = request.part
+        roster = open_roster_slice(
+            request.roster, part.digest, part.first, part.stop, request.only, root=request.root
+        )
+    elif request.roster is not None:
+        _refuse_credential_in_url(request)
+        roster = load_roster(
+            request.roster, profiles, request.only, template_columns=needs, root=request.root
+        )
+    elif request.tenants is not None:
+        roster = load_inline_roster(request.tenants, profiles, request.only, needs)
+    elif not request.reminders:
+        raise InputError("give either `roster` (a file or URL) or `tenants` (inline)")
+    Ledger(LedgerSettings().db_url).close()
+    if not request.dry_run:
+        check_api_key_is_set(VersoriSettings())
+    return RunInputs(request, profiles, templates, roster)
+
+
+# A request the CLI checked, and its inputs, for the run it starts in this process.
+_handed: list[tuple[RunRequest, RunInputs]] = []
+
+
+def hand_over(inputs: RunInputs) -> None:
+    _handed[:] = [(inputs.request, inputs)]
+
+
+def take_handed(request: RunRequest) -> RunInputs | None:
+    """The inputs handed over for exactly this request, once; else None."""
+    if _handed and _handed[0][0] == request:
+        return _handed.pop()[1]
+    return None
+
+
+def check_environment() -> None:
+    """Every VERSORI_* and ONBOARD_* setting a run reads (mail's apart, checked with the
+    templates) passes its check: one InputError names every variable that does not."""
+    problems = []
+    for settings in (VersoriSettings, LedgerSettings, InputSettings, RetrySettings):
+        try:
+            settings()
+        except InputError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise InputError(problems, hint=ENV_HINT)
+
+
+def check_api_key_is_set(versori: VersoriSettings) -> None:
+    if not (versori.api_key or versori.api_key_block):
+        raise InputError(
+            "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
+            "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
+        )
+
+
+def _load_profiles(request: RunRequest) -> list[ConnectorProfile]:
+    profiles = [load_profile(path, root=request.root) for path in request.profiles]
+    seen: dict[str, str] = {}
+    for path, profile in zip(request.profiles, profiles, strict=True):
+        first = seen.get(profile.target_id)
+        if first is not None:
+            raise InputError(
+                f"profile {path}: names connector {profile.target_id}, as {first} does; "
+                "a campaign needs each connector once"
+            )
+        seen[profile.target_id] = path
+    return profiles
+
+
+def _templates(profiles: list[ConnectorProfile]) -> MailTemplates:
+    """The first profile's email templates (its `email_templates` folder over the defaults),
+    which show every link of a campaign's email, and SMTP settings that name a server and a
+    From address (or a block, read when the flow starts)."""
+    folder = profiles[0].email_templates
+    templates = MailTemplates(Path(folder) if folder else None)
+    if len(profiles) > 1:
+        templates.check_campaign()
+    settings = SmtpSettings()
+    if settings.block and not settings.host:
+        return templates  # read when the flow starts; a missing block fails it with its name
+    missing = [
+        name
+        for name, value in (
+            ("ONBOARD_SMTP_HOST", settings.host),
+            ("ONBOARD_EMAIL_FROM", settings.email_from),
+        )
+        if not value
+    ]
+    if missing:
+        raise InputError(
+            f"email delivery needs {' and '.join(missing)} (or ONBOARD_SMTP_BLOCK, the name of "
+            "a prefect-email EmailServerCredentials block); see the README's Configuration"
+        )
+    return templates
+
+
+def _refuse_credential_in_url(request: RunRequest) -> None:
+    """A roster URL with a credential in its query, given as a parameter a Prefect server
+    keeps (and shows) in clear, is refused: such a URL goes in a Secret block."""
+    assert request.roster is not None
+    parts = urlsplit(request.roster)
+    if parts.scheme not in ("http", "https") or not request.keeps_parameters:
+        return
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    held = [k for k in keys if any(w in k.lower() for w in constants.SECRET_QUERY_WORDS)]
+    if held:
+        raise InputError(
+            f"roster {display_source(request.roster)}: the URL carries a credential (query "
+            f"key {held[0]!r}), and the Prefect server would keep it in clear with the "
+            "run's parameters; put the URL in a Prefect Secret block and pass "
+            "`secret:<block name>` as the roster"
+        )
