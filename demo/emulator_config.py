@@ -9,10 +9,21 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-
-from demo.versori_rules import is_ulid
+from ulid import ULID
 
 DEFAULT_API_KEY = "emulator-key"
+
+
+def is_ulid(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ULID.from_str(value)
+    except ValueError:
+        return False
+    return True
+
+
 DEFAULT_REDIRECT_URI = "https://platform.versori.com/api/connect/v1/oauth2/callback"
 
 # What a script entry may answer, in order: "ok" (normal answer), an HTTP error in Versori's

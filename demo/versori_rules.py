@@ -5,7 +5,7 @@ one place."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -13,24 +13,13 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 from ulid import ULID
 
-if TYPE_CHECKING:
-    from demo.emulator_config import EmulatedConnector
+from demo.emulator_config import EmulatedConnector, is_ulid
 
 # Defined here rather than imported from the client's constants: the emulator plays the server,
 # and should keep answering like Versori even if the client's idea of the contract drifts.
 RESERVED_KEYS = frozenset(
     {"redirect_uri", "state", "prompt", "scope", "response_type", "client_id"}
 )
-
-
-def is_ulid(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        ULID.from_str(value)
-    except ValueError:
-        return False
-    return True
 
 
 def normalise_ulid(value: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr, parseaddr
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
@@ -23,9 +23,6 @@ from email_validator import EmailNotValidError, validate_email
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
 from onboarding.roster import Tenant
-
-if TYPE_CHECKING:
-    from onboarding.mail.templates import MailTemplates
 
 # Where a problem with ONBOARD_EMAIL_FROM or another SMTP setting is reported.
 SETTINGS_SOURCE = "SMTP settings"
@@ -100,12 +97,30 @@ def message_id_for(
     return f"<onboard.{digest[:32]}@{_domain_of(email_from)}>"
 
 
+class Rendered(Protocol):
+    @property
+    def subject(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def html(self) -> str: ...
+
+
+class Renders(Protocol):
+    """What writes a message's subject and bodies: onboarding.mail.templates.MailTemplates
+    (named by shape, so that the templates may import this module and not the reverse)."""
+
+    def render(
+        self, *, tenant: Tenant, links: Sequence[MailLink], now: datetime, reminder: int = 0
+    ) -> Rendered: ...
+
+
 def build_message(
     *,
     tenant: Tenant,
     links: Sequence[MailLink],
     email_from: str,
-    templates: MailTemplates,
+    templates: Renders,
     reminder: int = 0,
     now: datetime | None = None,
 ) -> EmailMessage:
