@@ -39,6 +39,7 @@ def run_name() -> str:
     return f"{name} for {shown or 'no tenants'}"
 
 
+# Long for its docstring: the Prefect UI's run form shows each parameter's Args entry.
 @flow(name="onboard-tenants", flow_run_name=run_name, log_prints=False)
 def onboard_tenants(
     profile: str | list[str],

@@ -118,36 +118,7 @@ class VersoriClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._call_deadline = call_deadline
-        headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Accept": "application/json",
-            "User-Agent": f"versori-onboarding/{__version__}",
-        }
-        # One TLS context for every thread's connection pool, for http too: httpx builds one
-        # per client otherwise (the CA bundle loaded each time, ~30 ms of CPU here), and 16
-        # threads doing that at once delayed a batch's first calls by a quarter of a second.
-        tls = httpx.create_ssl_context()
-
-        def new_pool() -> httpx.Client:
-            return httpx.Client(
-                base_url=self.base_url,
-                headers=headers,
-                limits=httpx.Limits(
-                    max_connections=1,
-                    max_keepalive_connections=1,
-                    keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
-                ),
-                transport=transport,
-                verify=tls,
-                follow_redirects=False,
-            )
-
-        # A connection pool per calling thread, not one shared by all: httpcore guards a pool
-        # with one lock, taken on every request and response close, and with 16 threads and
-        # the ledger's and Prefect's work competing for the GIL, tenant threads spent 43% of
-        # their time waiting for it (bench/run.py under py-spy --idle). A semaphore keeps the
-        # number of calls in flight at `max_connections`, as the shared pool did.
-        self._new_pool = new_pool
+        self._new_pool = _pool_factory(self.base_url, api_key, transport)
         self._local = threading.local()
         self._pools: list[httpx.Client] = []
         self._pools_lock = threading.Lock()
@@ -276,3 +247,39 @@ class VersoriClient:
 
 def _reason(status: int) -> str:
     return httpx.codes.get_reason_phrase(status) or "error without a Versori error body"
+
+
+def _pool_factory(
+    base_url: str, api_key: str, transport: httpx.BaseTransport | None
+) -> Callable[[], httpx.Client]:
+    """Makes each calling thread's connection pool."""
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Accept": "application/json",
+        "User-Agent": f"versori-onboarding/{__version__}",
+    }
+    # One TLS context for every thread's connection pool, for http too: httpx builds one
+    # per client otherwise (the CA bundle loaded each time, ~30 ms of CPU here), and 16
+    # threads doing that at once delayed a batch's first calls by a quarter of a second.
+    tls = httpx.create_ssl_context()
+
+    def new_pool() -> httpx.Client:
+        return httpx.Client(
+            base_url=base_url,
+            headers=headers,
+            limits=httpx.Limits(
+                max_connections=1,
+                max_keepalive_connections=1,
+                keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
+            ),
+            transport=transport,
+            verify=tls,
+            follow_redirects=False,
+        )
+
+    # A connection pool per calling thread, not one shared by all: httpcore guards a pool
+    # with one lock, taken on every request and response close, and with 16 threads and
+    # the ledger's and Prefect's work competing for the GIL, tenant threads spent 43% of
+    # their time waiting for it (bench/run.py under py-spy --idle). A semaphore keeps the
+    # number of calls in flight at `max_connections`, as the shared pool did.
+    return new_pool

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from onboarding.constants import RESERVED_QUERY_KEYS
@@ -93,11 +94,36 @@ def check_link(
     `redirect_uri` / `redirect_host` (the profile's pins, optional): the URL's redirect_uri must
     equal the one, and its host must be the other. A request that set `redirect_url` (Platform
     API v2) pins redirect_uri to it the same way."""
-    problems: list[str] = []
     got = _split(url)
     if got is None:
         raise LinkCheckError(["is not a parseable URL"])
     want = urlsplit(request.authorize_url)
+    additional = parse_additional_params(request.additional_params)
+    pairs = parse_qsl(got.query, keep_blank_values=True)
+    params = dict(pairs)
+    problems = [
+        *_endpoint_problems(got, want, pairs, additional),
+        *_core_problems(params, request),
+        *_redirect_problems(params, request, redirect_uri, redirect_host),
+        *_scope_problems(params, request),
+        *_prompt_problems(params, request, additional),
+        *(
+            f"additional parameter {key} is missing or changed"
+            for key, value in additional
+            if params.get(key) != value
+        ),
+    ]
+    if problems:
+        raise LinkCheckError(problems)
+    return Link(url=url, state=params["state"])
+
+
+def _endpoint_problems(
+    got: SplitResult, want: SplitResult, pairs: list[tuple[str, str]], additional: list[Any]
+) -> list[str]:
+    """The URL goes to the profile's endpoint, keeping its own query, with nothing repeated
+    and nothing that changes how the provider answers unless the profile asked for it."""
+    problems = []
     got_endpoint = _endpoint(got)
     if got_endpoint is None or got_endpoint != _endpoint(want):
         problems.append("scheme, host, port or path differ from the profile's authorize_url")
@@ -105,9 +131,6 @@ def check_link(
         problems.append("has a #fragment")
     if got.username is not None or got.password is not None:
         problems.append("carries user info before the host")
-
-    additional = parse_additional_params(request.additional_params)
-    pairs = parse_qsl(got.query, keep_blank_values=True)
     counts = Counter(k for k, _ in pairs)
     repeated = sorted(k for k, n in counts.items() if n > 1)
     if repeated:
@@ -118,17 +141,39 @@ def check_link(
             named.append(f"{len(repeated) - len(named)} other(s)")
         problems.append(f"repeats parameter(s) {', '.join(named)}")
     params = dict(pairs)
+    own = parse_qsl(want.query, keep_blank_values=True)
+    problems += [
+        f"dropped or changed the endpoint's own parameter {key}"
+        for key, value in own
+        if params.get(key) != value
+    ]
+    asked = {k for k, _ in [*own, *additional]}
+    problems += [
+        f"carries {key}, which changes how the provider answers; not asked for"
+        for key in sorted(RESPONSE_ALTERING_KEYS & params.keys() - asked)
+    ]
+    return problems
 
-    for key, value in parse_qsl(want.query, keep_blank_values=True):
-        if params.get(key) != value:
-            problems.append(f"dropped or changed the endpoint's own parameter {key}")
 
+def _core_problems(params: dict[str, str], request: InitialiseRequest) -> list[str]:
+    problems = []
     if params.get("response_type") != "code":
         problems.append("response_type is not 'code'")
     if params.get("client_id") != request.client_id:
         problems.append("client_id is missing or differs from the request's")
     if not params.get("state"):
         problems.append("has no state")
+    return problems
+
+
+def _redirect_problems(
+    params: dict[str, str],
+    request: InitialiseRequest,
+    redirect_uri: str | None,
+    redirect_host: str | None,
+) -> list[str]:
+    """An absolute https redirect_uri (http only to loopback), no fragment, and the pins."""
+    problems = []
     redirect = _split(params.get("redirect_uri", ""))
     if redirect is None or not redirect.scheme or not redirect.hostname:
         problems.append("redirect_uri is missing or not absolute")
@@ -145,7 +190,12 @@ def check_link(
     got_host = (redirect.hostname or "") if redirect is not None else ""
     if redirect_host is not None and got_host.rstrip(".") != redirect_host.lower().rstrip("."):
         problems.append("redirect_uri's host is not the profile's redirect_host")
+    return problems
 
+
+def _scope_problems(params: dict[str, str], request: InitialiseRequest) -> list[str]:
+    """Every scope asked for (and offline_access unless disabled); nothing more."""
+    problems = []
     scopes = set(params.get("scope", "").split())
     wanted = set(request.scopes)
     if not request.disable_offline_access:
@@ -153,7 +203,6 @@ def check_link(
     missing = sorted(wanted - scopes)
     if missing:
         problems.append(f"scope lacks {', '.join(missing)}")
-    # Nothing beyond what was asked, but offline_access (which the API adds unless disabled).
     extra = sorted(scopes - wanted - {"offline_access"})
     if extra:
         # A scope is named when it is short and not a piece of the state; else only counted.
@@ -164,28 +213,21 @@ def check_link(
         if len(named) < len(extra):
             named.append(f"{len(extra) - len(named)} other(s)")
         problems.append(f"scope has {', '.join(named)}, which the profile did not ask for")
+    return problems
 
-    asked = {k for k, _ in [*parse_qsl(want.query, keep_blank_values=True), *additional]}
-    for key in sorted(RESPONSE_ALTERING_KEYS & params.keys() - asked):
-        problems.append(f"carries {key}, which changes how the provider answers; not asked for")
 
-    expected_prompt = request.prompt or None
-    if expected_prompt is None and "approval_prompt" not in {k for k, _ in additional}:
-        expected_prompt = "login"
-    if expected_prompt is not None:
-        got_prompt = _prompt_values(params.get("prompt", ""))
-        if got_prompt != _prompt_values(expected_prompt):
-            problems.append(f"prompt is not {expected_prompt!r}")
-    if (
-        "none" in _prompt_values(params.get("prompt", ""))
-        and len(_prompt_values(params.get("prompt", ""))) > 1
-    ):
+def _prompt_problems(
+    params: dict[str, str], request: InitialiseRequest, additional: list[Any]
+) -> list[str]:
+    """The prompt asked for (`login` by default, unless the profile uses approval_prompt);
+    `none` never with another value."""
+    problems = []
+    got = _prompt_values(params.get("prompt", ""))
+    expected = request.prompt or None
+    if expected is None and "approval_prompt" not in {k for k, _ in additional}:
+        expected = "login"
+    if expected is not None and got != _prompt_values(expected):
+        problems.append(f"prompt is not {expected!r}")
+    if "none" in got and len(got) > 1:
         problems.append("prompt combines 'none' with another value")
-
-    for key, value in additional:
-        if params.get(key) != value:
-            problems.append(f"additional parameter {key} is missing or changed")
-
-    if problems:
-        raise LinkCheckError(problems)
-    return Link(url=url, state=params["state"])
+    return problems

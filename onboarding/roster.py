@@ -236,6 +236,8 @@ def _fetch(
     return source, path, None
 
 
+# Long: one pass over the rows, checking each against every profile and the templates, so
+# that a roster of millions is read once and every problem is named with its line.
 def _check(
     path: Path,
     fmt: str,

@@ -96,6 +96,7 @@ def _json_limit(err: BaseException) -> str:
     return "bad JSON: a number with too many digits"
 
 
+# Long: a streaming JSON reader state machine; split, its state would be passed around.
 def _json_records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     # json.load gives no line numbers; walking the top-level array with raw_decode does.
     text = path.read_text(encoding="utf-8-sig")

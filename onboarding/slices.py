@@ -129,6 +129,20 @@ def run_slice(
     else:
         results = list(pool.map(attempt, pending))
 
+    retryable = _settle(campaign, tenant_slice, pending, results)
+    if not retryable and all(o.ok for o in tenant_slice.done.values()):
+        return tenant_slice.outcomes()
+    raise _failure(tenant_slice, retryable)
+
+
+def _settle(
+    campaign: Campaign,
+    tenant_slice: TenantSlice,
+    pending: list[Tenant],
+    results: list[TenantOutcome | RetryLater],
+) -> dict[str, BaseException]:
+    """Record what this attempt decided; let go of the decided tenants' claims; return the
+    tenants to try again, with their errors."""
     retryable: dict[str, BaseException] = {}
     for tenant, result in zip(pending, results, strict=True):
         tid = tenant.tenant_id
@@ -145,23 +159,24 @@ def run_slice(
     decided = [t.tenant_id for t in pending if t.tenant_id not in retryable]
     if decided:
         campaign.release(decided)
+    return retryable
 
-    if not retryable and all(o.ok for o in tenant_slice.done.values()):
-        return tenant_slice.outcomes()
+
+def _failure(tenant_slice: TenantSlice, retryable: dict[str, BaseException]) -> BaseException:
+    """What a slice with failed tenants raises: a one-tenant slice its tenant's own error, so
+    the task run shows the real cause (but not a transient one it will not be tried again
+    for: its deadline, a second timeout, a stopped batch; the task's retry condition would
+    retry that); else SliceFailed, a tenant failed in an earlier attempt keeping it failed."""
     if len(tenant_slice.tenants) == 1:
         tid = tenant_slice.tenants[0].tenant_id
-        # The tenant's own error, so the task run shows the real cause; but not a transient
-        # one it will not be tried again for (its deadline, a second timeout, a stopped
-        # batch): the task's retry condition would retry that.
         error = retryable.get(tid) or getattr(tenant_slice.done.get(tid), "cause", None)
         if error is not None and (tid in retryable or not is_transient(error)):
-            raise error
-    # A tenant that failed for good in an earlier attempt keeps the slice failed.
+            return error
     outcomes = [
         tenant_slice.done.get(t.tenant_id) or failed_outcome(t.tenant_id, retryable[t.tenant_id])
         for t in tenant_slice.tenants
     ]
-    raise SliceFailed(tenant_slice.label, outcomes, retryable)
+    return SliceFailed(tenant_slice.label, outcomes, retryable)
 
 
 def _final(campaign: Campaign, tenant_id: str, exc: BaseException) -> TenantOutcome:

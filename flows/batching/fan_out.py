@@ -67,6 +67,7 @@ class ChunkPlan:
     tenant_events: TenantEvents
 
 
+# Long: the chunk parameters, adopted earlier runs and the wait, read in order.
 def run_chunks(inputs: RunInputs, ledger: Ledger, plan: ChunkPlan) -> OutcomeCounts:
     """Run every chunk of the inputs' roster on the work pool and add their summaries to one
     OutcomeCounts. A chunk already finished for this batch (the parent was retried) is not run

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import get_run_logger
@@ -140,32 +140,22 @@ def remind_tenants_batch(
         after_hours,
         max_reminders,
     )
-    concurrency = effective_concurrency(profiles, concurrency)
     started = time.monotonic()
     try:
         if inputs.request.dry_run:
             tally = OutcomeCounts.of(_would_remind(r, now) for r in due)
             expired = ledger.count_past_expiry([p.target_id for p in profiles], now)
         else:
-            with ExitStack() as stack:
-                campaign = open_campaign(
-                    stack,
-                    inputs,
-                    ledger,
-                    concurrency,
-                    tenant_events,
-                    remind_before=sent_before,
-                    max_reminders=max_reminders,
-                )
-                tally = run_batch(
-                    campaign,
-                    remind_slice_task,
-                    (tenant_of(r) for r in due),
-                    len(due),
-                    concurrency,
-                    tenants_per_task,
-                )
-                expired = _expire(campaign)
+            tally, expired = _remind(
+                inputs,
+                ledger,
+                due,
+                sent_before,
+                max_reminders,
+                concurrency,
+                tenants_per_task,
+                tenant_events,
+            )
         if expired:
             logger.info("%d link(s) past their time and not re-issued are now expired", expired)
         coverage = _coverage(ledger, profiles)
@@ -182,6 +172,36 @@ def remind_tenants_batch(
         expired=expired,
         **coverage,
     )
+
+
+def _remind(
+    inputs: RunInputs,
+    ledger: Ledger,
+    due: list[Record],
+    sent_before: datetime,
+    max_reminders: int,
+    concurrency: int,
+    tenants_per_task: int | None,
+    tenant_events: TenantEvents,
+) -> tuple[OutcomeCounts, int]:
+    """The due tenants reminded in slices as task runs; then links past their time and not
+    re-issued marked expired. The counts, and how many expired."""
+    concurrency = effective_concurrency(inputs.profiles, concurrency)
+    with ExitStack() as stack:
+        campaign = open_campaign(
+            stack,
+            inputs,
+            ledger,
+            concurrency,
+            tenant_events,
+            remind_before=sent_before,
+            max_reminders=max_reminders,
+        )
+        work = (tenant_of(r) for r in due)
+        tally = run_batch(
+            campaign, remind_slice_task, work, len(due), concurrency, tenants_per_task
+        )
+        return tally, _expire(campaign)
 
 
 def _label(profiles: list[ConnectorProfile]) -> str:
@@ -239,7 +259,7 @@ def _dry_run(
 
 
 def _due(
-    ledger: Ledger, profiles: list[ConnectorProfile], sent_before: Any, max_reminders: int
+    ledger: Ledger, profiles: list[ConnectorProfile], sent_before: datetime, max_reminders: int
 ) -> list[Record]:
     """Each tenant due a reminder under any of the profiles' connectors, once."""
     first: dict[str, Record] = {}
@@ -251,7 +271,7 @@ def _due(
     return list(first.values())
 
 
-def _would_remind(record: Record, now: Any) -> TenantOutcome:
+def _would_remind(record: Record, now: datetime) -> TenantOutcome:
     stale = record.expires_at is not None and record.expires_at <= now
     return TenantOutcome(record.tenant_id, "would_reissue" if stale else "would_remind")
 

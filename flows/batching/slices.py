@@ -68,6 +68,8 @@ def slice_up(
         yield TenantSlice(tenants, first, position)
 
 
+# Long: the submit and collect loop with its bookkeeping (in flight, tally, progress) in
+# one place, where the flat-memory and stop-the-batch rules can be read together.
 def run_batch(
     campaign: Campaign,
     task: Task[..., list[TenantOutcome]],

@@ -30,6 +30,7 @@ _LINK_COLUMNS = (
 )
 
 
+# Long: two SQL statements, written out.
 def link_statements(insert_into: Callable[[Any], Any]) -> tuple[Any, Any]:
     """record_link's statements: the state that leaves goes to the history, then the row is
     inserted or updated. `insert_into` is the dialect's INSERT (with ON CONFLICT).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr, parseaddr
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
@@ -115,17 +115,9 @@ class Renders(Protocol):
     ) -> Rendered: ...
 
 
-def build_message(
-    *,
-    tenant: Tenant,
-    links: Sequence[MailLink],
-    email_from: str,
-    templates: Renders,
-    reminder: int = 0,
-    now: datetime | None = None,
-) -> EmailMessage:
-    """The email carrying a tenant's authorize links (one per connector, in the order given):
-    multipart/alternative, text then HTML."""
+def _checked_inputs(tenant: Tenant, links: Sequence[MailLink], email_from: str) -> Any:
+    """What goes in headers holds no line break, each link is an http(s) URL with an aware
+    expiry, the admin's address is valid (returned, normalised)."""
     if not links:
         raise ValueError("an email needs at least one link")
     for header, value in (
@@ -143,11 +135,25 @@ def build_message(
         if urlsplit(link.url).scheme not in ("https", "http") or has_line_break(link.url):
             raise UnsafeMessageError("", "the link is not an http(s) URL")
     try:
-        to = validate_email(tenant.admin_email, check_deliverability=False)
+        return validate_email(tenant.admin_email, check_deliverability=False)
     except EmailNotValidError as err:
         raise InputError(
             [Problem(f"tenant {tenant.tenant_id}", None, "admin_email", str(err))]
         ) from None
+
+
+def build_message(
+    *,
+    tenant: Tenant,
+    links: Sequence[MailLink],
+    email_from: str,
+    templates: Renders,
+    reminder: int = 0,
+    now: datetime | None = None,
+) -> EmailMessage:
+    """The email carrying a tenant's authorize links (one per connector, in the order given):
+    multipart/alternative, text then HTML."""
+    to = _checked_inputs(tenant, links, email_from)
     from_name, from_addr = parse_from(email_from)
 
     now = now or utcnow()

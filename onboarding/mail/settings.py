@@ -121,6 +121,7 @@ class SendSettings:
     tls: ssl.SSLContext | None
 
 
+# Long: a list of independent checks, each with its own message.
 def check_for_sending(settings: SmtpServerSettings) -> SendSettings:
     """What valid settings must also be to send: a host and a From address, a username and a
     password together, plain SMTP only to this machine, a CA file that loads. Every problem is
