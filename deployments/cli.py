@@ -215,6 +215,8 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: {counts}",
         highlight=False,
     )
+    for why, n in summary.get("skipped_why", {}).items():
+        out.print(f"  {n} skipped: {why}", highlight=False)
     for name, by_status in summary.get("by_connector", {}).items():
         counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
         out.print(f"  {name}: {counts}", highlight=False)

@@ -237,7 +237,7 @@ def _to_do(roster: Iterable[Tenant], campaign: Campaign) -> Iterator[Tenant | Te
             yield tenant
 
 
-ALREADY_DONE = "already delivered"
+ALREADY_DONE = "already delivered or connected, no task run needed"
 
 
 def _dry_run(

@@ -26,6 +26,8 @@ class OutcomeCounts:
         self.keep = keep
         self.by_status: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        # Why tenants were skipped (already delivered; another run holds it), where it is said.
+        self.skipped_why: Counter[str] = Counter()
         # A campaign's counts for each connector (by name), from its tenants' parts.
         self.by_connector: dict[str, Counter[str]] = {}
         self.rows_seen = 0  # table rows offered: one per tenant, or per (tenant, connector)
@@ -38,6 +40,8 @@ class OutcomeCounts:
 
     def add(self, outcome: TenantOutcome) -> None:
         self.by_status[outcome.status] += 1
+        if outcome.status == "skipped" and outcome.error_message:
+            self.skipped_why[outcome.error_message] += 1
         for part in outcome.parts:
             self.by_connector.setdefault(part.connector, Counter())[part.status] += 1
         for row in outcome.rows():
@@ -49,6 +53,7 @@ class OutcomeCounts:
         """Fold in another batch's summary (a chunk's), sample included."""
         self.by_status.update(summary["by_status"])
         self.errors.update(summary["errors"])
+        self.skipped_why.update(summary.get("skipped_why", {}))
         for name, counts in summary.get("by_connector", {}).items():
             self.by_connector.setdefault(name, Counter()).update(counts)
         for row in summary["outcomes"]:
@@ -88,6 +93,7 @@ def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, A
         "by_status": dict(tally.by_status),
         "by_connector": {name: dict(counts) for name, counts in tally.by_connector.items()},
         "errors": dict(tally.errors),
+        "skipped_why": dict(tally.skipped_why),
         "seconds": round(seconds, 2),
         "outcomes": rows,
         "outcomes_left_out": max(0, tally.rows_seen - len(rows)),
@@ -123,6 +129,7 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         "| status | tenants |",
         "| --- | --- |",
         *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
+        *(f"\n{n} skipped: {why}." for why, n in summary.get("skipped_why", {}).items()),
     ]
     if campaign:
         statuses = sorted({s for counts in summary["by_connector"].values() for s in counts})
@@ -169,4 +176,6 @@ def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:
             "the next run retries them",
             data=summary,
         )
-    return Completed(message=f"{summary['total']} tenant(s) {done}", data=summary)
+    why = "; ".join(f"{n} skipped: {w}" for w, n in summary.get("skipped_why", {}).items())
+    message = f"{summary['total']} tenant(s) {done}" + (f" ({why})" if why else "")
+    return Completed(message=message, data=summary)

@@ -84,6 +84,8 @@ def test_all_succeed_then_rerun_skips_everything(env: dict[str, Any], emulator: 
     state, summary = run(roster, concurrency=4)
     assert state == "COMPLETED"
     assert summary["by_status"] == {"skipped": 12}
+    # A run with nothing to do says why it made no task run (the UI shows none).
+    assert summary["skipped_why"] == {"already delivered or connected, no task run needed": 12}
     assert emulator.stats()["requests"] == requests_before
 
 
