@@ -108,6 +108,35 @@ def test_no_api_key_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "VERSORI_API_KEY is not set" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("VERSORI_BASE_URL", "http://versori.example.com/api", "is plain http to versori.example"),
+        ("VERSORI_BASE_URL", "ftp://versori.example.com", "is not an http(s) URL"),
+        ("VERSORI_API_KEY", "key with spaces", "contains whitespace"),
+    ],
+)
+def test_a_bad_versori_setting_exits_2_before_prefect_starts(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    """Refused by the run's input check, not inside the flow after the temporary server
+    started (which was a traceback and exit 1); the value itself is never shown."""
+    monkeypatch.setenv(variable, value)
+    result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", PROFILE])
+    assert result.exit_code == 2, result.output
+    assert variable in result.stderr and expected in result.stderr
+    assert value not in result.stderr
+    assert "Beginning flow run" not in result.output + result.stderr
+
+
+def test_a_campaign_fanned_out_to_a_deployment_exits_2(cli_env: Path) -> None:
+    slack = str(PROJECT / "examples" / "profile-slack.yaml")
+    args = ["run", "--roster", ROSTER, "--profile", PROFILE, "--profile", slack]
+    result = runner.invoke(app, [*args, "--fan-out", "deployment"])
+    assert result.exit_code == 2, result.output
+    assert "fan_out deployment: a campaign" in result.stderr
+
+
 def test_bad_ledger_url_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONBOARD_DB_URL", "postgresql+psycopg://me:hunter2@127.0.0.1:1/x")
     result = runner.invoke(app, ["run", "--roster", ROSTER, "--profile", PROFILE])
