@@ -40,7 +40,7 @@ class BatchStop:
 
     def interrupt(self) -> None:
         """Stop now because the operator asked (Ctrl-C): tenants not yet tried are left as
-        they are in the ledger, for the next run (see OnboardingJob.not_attempted)."""
+        they are in the ledger, for the next run (see ConnectorRun.not_attempted)."""
         with self._lock:
             self.reason = self.reason or "the run was interrupted"
             self.interrupted = True
