@@ -9,7 +9,6 @@
     ├── StateUsedError             a state already accepted: the tenant is connected
     ├── LedgerSchemaError          the ledger's tables could not be created or brought up to date
     ├── LedgerUnavailableError     the ledger's connection was lost and not restored: transient
-    ├── SliceFailed                some tenants of a slice failed (outcomes, retryable)
     ├── MailError                  sending an email failed (smtp_code: the server's reply code)
     │   ├── TransientMailError         4xx, a dropped connection, a timeout: worth retrying
     │   ├── PermanentMailError         5xx: retrying will not help
