@@ -114,10 +114,10 @@ def flow_run(
     roster: Path, profile: Path, concurrency: int, **options: Any
 ) -> tuple[float, dict[str, object]]:
     from flows.onboard_tenants import onboard_tenants
-    from flows.running.local import run_here
+    from flows.running.in_process import run_here
 
     started = time.perf_counter()
-    # As `onboard run` runs it (flows/running/local.py: no heartbeats on the temporary server).
+    # As `onboard run` runs it (flows/running/in_process.py: no heartbeats on the temporary server).
     state = run_here(
         onboard_tenants,
         roster=str(roster),

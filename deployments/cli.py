@@ -117,7 +117,7 @@ def _run_flow(
     **options: Any,
 ) -> dict[str, Any] | None:
     from flows.onboard_tenants import onboard_tenants
-    from flows.running.local import run_here
+    from flows.running.in_process import run_here
 
     state = run_here(
         onboard_tenants,
@@ -280,7 +280,7 @@ def run(
     """Onboard a roster, to one connector or, with several --profile, to each (a campaign).
     Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad input (nothing was
     called)."""
-    from flows.running.local import EXIT_INTERRUPTED, stop_on_interrupt
+    from flows.running.in_process import EXIT_INTERRUPTED, stop_on_interrupt
 
     inputs = _check_run_inputs(roster, profile, only, dry_run, deliver, fan_out)
     _quiet_task_logs(verbose)
@@ -386,7 +386,7 @@ def remind(
     """Re-send links to admins who have not connected, re-issuing links past their time.
     Exit 0: all reminders sent; 1: some failed; 2: bad input."""
     from flows.remind_tenants import remind_tenants
-    from flows.running.local import run_here
+    from flows.running.in_process import run_here
 
     _check_run_inputs(None, profile, None, dry_run, Delivery.STORE if dry_run else Delivery.EMAIL)
     _quiet_task_logs(verbose)
@@ -427,7 +427,7 @@ def mark_connected(
     from pydantic import SecretStr
 
     from flows.record_connection import record_connection_flow
-    from flows.running.local import run_here
+    from flows.running.in_process import run_here
 
     if state == "-":
         state = sys.stdin.readline()

@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.batching.parts import tag_run
+from flows.batching.resources import tag_run
 from flows.batching.runs import onboard_tenants_of
 from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import run_inputs, run_request

@@ -1,8 +1,8 @@
 """The Prefect tasks over a slice of tenants: retries, run names, no caching.
 
 A task run holds one tenant for small batches and up to a hundred for large ones (see
-flows/batching/slices.py). Retries are Prefect task retries; a retried slice calls again only its tenants
-that failed transiently (onboarding/slices.py)."""
+flows/batching/slices.py). Retries are Prefect task retries; a retried slice calls again only
+its tenants that failed transiently (onboarding/slices.py)."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def prefect_harness(prefect_api: str) -> Iterator[None]:
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     # No flow-run heartbeats: no test watches them, and waiting for their thread at the end
-    # of each flow run cost up to a second a run (see flows/running/local.py).
+    # of each flow run cost up to a second a run (see flows/running/in_process.py).
     with ExitStack() as stack:
         stack.enter_context(
             temporary_settings(

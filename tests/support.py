@@ -26,7 +26,7 @@ def campaign_of(
     stop: BatchStop | None = None,
     **options: Any,
 ) -> Campaign:
-    """The Campaign a run of this one profile opens (flows/batching/parts.py), minus Prefect;
+    """The Campaign a run of this one profile opens (flows/batching/resources.py), minus Prefect;
     `options` go to the Campaign (mailer, templates, rule, remind_before...)."""
     connector = ConnectorRun(profile=profile, client=client, ledger=ledger, deliver=deliver)
     if on_status is not None:

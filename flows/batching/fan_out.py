@@ -2,8 +2,8 @@
 tenants, spread over the pool's workers, aggregated into one progress artifact and one table.
 
 Chunks pay where workers have cores or machines of their own; on one machine a batch runs in
-its own flow run, in slices (flows/batching/slices.py), with flat memory. A retried parent adopts the
-chunk runs of its earlier attempt that are still going, and starts again those that ended
+its own flow run, in slices (flows/batching/slices.py), with flat memory. A retried parent
+adopts the chunk runs of its earlier attempt that are still going, and starts again those that ended
 without a summary; past the deadline, chunk runs still going are cancelled and count as lost.
 """
 

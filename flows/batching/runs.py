@@ -15,7 +15,7 @@ from prefect import get_run_logger
 from prefect.client.schemas.objects import State
 
 from flows.batching.fan_out import ChunkPlan, run_chunks
-from flows.batching.parts import effective_concurrency, open_campaign, tag_run
+from flows.batching.resources import effective_concurrency, open_campaign, tag_run
 from flows.batching.slices import run_batch
 from flows.inputs.options import TenantEvents
 from flows.reporting.summary import OutcomeCounts, conclude

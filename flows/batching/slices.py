@@ -15,7 +15,7 @@ from prefect.utilities.annotations import quote
 
 from flows.reporting.progress import Progress, quiet_routine_task_logs
 from flows.reporting.summary import OutcomeCounts
-from flows.running.local import INTERRUPTED
+from flows.running.in_process import INTERRUPTED
 from onboarding.campaign import Campaign
 from onboarding.outcomes import TenantOutcome, failed_outcome
 from onboarding.roster import Tenant

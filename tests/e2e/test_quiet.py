@@ -1,8 +1,9 @@
 """A successful command on Prefect's temporary server ends quietly, and that server has recorded
 every task run of it by then.
 
-Before flows/running/local.py waited for it (`let_temporary_server_catch_up`), each of these commands
-ended, after "Stopping temporary server", with ~150 lines of `Error flushing 1 events`
+Before flows/running/in_process.py waited for it (`let_temporary_server_catch_up`), each of
+these commands ended, after "Stopping temporary server", with ~150 lines of
+`Error flushing 1 events`
 tracebacks from the server's task-run recorder, cancelled mid-write while still behind the run,
 and that server's database (PREFECT_HOME/prefect.db) kept a third of the task runs `Running` and
 others not at all. Each command here starts a temporary server of its own, on a database that is

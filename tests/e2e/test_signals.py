@@ -6,8 +6,8 @@
   pauses against the gone API, deaf to SIGTERM and Ctrl-C.
 - `onboard run`, one Ctrl-C to its process group (which stops its temporary Prefect server too,
   as a terminal does): exit 130 within 10 s with how far the roster got, read from the ledger;
-  the same command again finishes the roster (flows/running/local.py: stop_on_interrupt). Before, it
-  went on for minutes trying to reach the dead server.
+  the same command again finishes the roster (flows/running/in_process.py: stop_on_interrupt).
+  Before, it went on for minutes trying to reach the dead server.
 """
 
 from __future__ import annotations

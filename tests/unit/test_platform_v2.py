@@ -282,7 +282,7 @@ def test_v2_base_url_defaults_to_platform_v2_and_versori_base_url_overrides(
 
 
 def test_open_client_gives_a_v2_profile_the_v2_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.batching.parts import open_client
+    from flows.batching.resources import open_client
 
     monkeypatch.setenv("VERSORI_API_KEY", API_KEY)
     monkeypatch.chdir(Path(__file__).parent)  # no .env of the project's

@@ -12,7 +12,7 @@ from prefect import get_run_logger
 from flows.inputs.blocks import open_mailer, resolve_api_key
 from flows.inputs.options import TenantEvents
 from flows.reporting.events import TenantEventSender
-from flows.running.local import on_interrupt
+from flows.running.in_process import on_interrupt
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
 from onboarding.connector_run import ConnectorRun
