@@ -18,7 +18,7 @@ from flows.batching.fan_out import ChunkPlan, run_chunks
 from flows.batching.resources import effective_concurrency, open_campaign, tag_run
 from flows.batching.slices import run_batch
 from flows.inputs.options import TenantEvents
-from flows.reporting.summary import OutcomeCounts, conclude
+from flows.reporting.summary import OutcomeCounts, publish_and_end
 from onboarding.campaign import Campaign
 from onboarding.clock import utcnow
 from onboarding.connection import tenant_of
@@ -64,7 +64,7 @@ def onboard_tenants_batch(
         coverage = _coverage(ledger, profiles)
     finally:
         ledger.close()
-    return conclude(
+    return publish_and_end(
         tally,
         started,
         "onboarded or skipped",
@@ -161,7 +161,7 @@ def remind_tenants_batch(
         coverage = _coverage(ledger, profiles)
     finally:
         ledger.close()
-    return conclude(
+    return publish_and_end(
         tally,
         started,
         "reminded",

@@ -152,7 +152,7 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
     create_markdown_artifact(key=key.replace("-", "-summary-", 1), markdown="\n".join(lines))
 
 
-def conclude(
+def publish_and_end(
     tally: OutcomeCounts,
     started: float,
     done: str,
