@@ -49,6 +49,8 @@ class ConnectorRun:
     stop: BatchStop = field(default_factory=BatchStop)
     # Who holds the run's claims in the ledger (the flow run's id; see Ledger.claim).
     claimant: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The profile's path as the run was given it (a durable connect link records it).
+    profile_path: str = ""
 
     @property
     def connector_id(self) -> str:

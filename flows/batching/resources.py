@@ -70,8 +70,9 @@ def open_campaign(
             on_status=on_status,
             stop=BatchStop(settings.stop_after),
             claimant=claimant,
+            profile_path=path,
         )
-        for profile in inputs.profiles
+        for profile, path in zip(inputs.profiles, inputs.request.profiles, strict=True)
     ]
 
     def interrupt() -> None:
