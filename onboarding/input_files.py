@@ -5,6 +5,7 @@ what the file holds."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from yaml.composer import Composer
 
 from onboarding.errors import InputError, Problem
@@ -195,7 +196,10 @@ def load_yaml_with_lines(
 
 
 def problems_from_validation(
-    err: ValidationError, source: str, lines: dict[tuple[str | int, ...], int]
+    err: ValidationError,
+    source: str,
+    lines: dict[tuple[str | int, ...], int],
+    model: type[BaseModel] | None = None,
 ) -> list[Problem]:
     out = []
     for e in err.errors():
@@ -207,8 +211,19 @@ def problems_from_validation(
                 break
         field = ".".join(str(p) for p in loc)
         message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = unknown_key(str(loc[-1]), model if len(loc) == 1 else None)
         value = e.get("input")
         if isinstance(value, str) and value and repr(value) in message:
             message = message.replace(repr(value), "the value")  # never quote the file
         out.append(Problem(source, line, field, message))
     return out
+
+
+def unknown_key(key: str, model: type[BaseModel] | None) -> str:
+    """What a typo'd key is told: "unknown key `scope`; did you mean `scopes`?", naming the
+    field (or alias) of `model` closest to it, if one is close."""
+    fields = model.model_fields if model is not None else {}
+    known = [*fields, *(f.alias for f in fields.values() if f.alias)]
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"unknown key `{key}`" + (f"; did you mean `{close[0]}`?" if close else "")

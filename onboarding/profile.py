@@ -65,6 +65,8 @@ class ConnectorProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=200)
+    # What people read (emails, `onboard status`); default: `readable(name)`.
+    display_name: str = Field("", max_length=200)
     # Which API the initialise call goes to. Declared before the ids: their checks read it.
     api: Api = "connect-v1"
     organisation_id: Ulid
@@ -192,10 +194,19 @@ class ConnectorProfile(BaseModel):
             parse_additional_params(fill(value, _Sample()))
         return value
 
+    @field_validator("display_name")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if len(value.strip().splitlines()) > 1:
+            raise ValueError("must be one line: email subjects show it")
+        return value.strip()
+
     @model_validator(mode="after")
-    def _default_credential_organisation(self) -> ConnectorProfile:
+    def _defaults(self) -> ConnectorProfile:
         if self.credential_organisation_id is None:
             object.__setattr__(self, "credential_organisation_id", self.organisation_id)
+        if not self.display_name:
+            object.__setattr__(self, "display_name", readable(self.name))
         return self
 
     @property
@@ -249,6 +260,13 @@ class ConnectorProfile(BaseModel):
         )
 
 
+def readable(name: str) -> str:
+    """A profile name as people read it: zendesk-demo is Zendesk Demo; each word's first letter
+    made upper case, the rest kept (HubSpot stays HubSpot)."""
+    words = name.replace("_", " ").replace("-", " ").split()
+    return " ".join(word[:1].upper() + word[1:] for word in words) or name
+
+
 class _Sample(dict[str, str]):
     """Stands in for any tenant when a template is checked on its own."""
 
@@ -296,7 +314,7 @@ def _read_profile(path: Path, source: str, root: str | Path | None) -> Connector
         profile = ConnectorProfile.model_validate(data)
     except ValidationError as err:
         raise InputError(
-            problems_from_validation(err, source, lines),
+            problems_from_validation(err, source, lines, ConnectorProfile),
             hint=(
                 "See examples/profile.yaml (examples/profile-v2.yaml for api: platform-v2) "
                 "for a complete profile."

@@ -263,10 +263,59 @@ def test_non_ulid_credential_organisation(tmp_path: Path) -> None:
     assert (problem.line, problem.field) == (12, "credential_organisation_id")
 
 
-def test_unknown_key(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE + "colour: red\n")
+@pytest.mark.parametrize(
+    ("line", "key", "message"),
+    [
+        ("colour: red", "colour", "unknown key `colour`"),  # nothing close: no guess
+        ("scope: [read]", "scope", "unknown key `scope`; did you mean `scopes`?"),
+        ("link_ttl: 12", "link_ttl", "unknown key `link_ttl`; did you mean `link_ttl_hours`?"),
+        (
+            "display-name: X",
+            "display-name",
+            "unknown key `display-name`; did you mean `display_name`?",
+        ),
+        (
+            "redirect_hots: a.b",
+            "redirect_hots",
+            "unknown key `redirect_hots`; did you mean `redirect_host`?",
+        ),
+    ],
+)
+def test_unknown_key_names_the_closest_known_one(
+    tmp_path: Path, line: str, key: str, message: str
+) -> None:
+    path = write(tmp_path, BASE + line + "\n")
+    assert only_problem(path) == Problem(str(path), 12, key, message)
+    assert f"{path}:12: {key}: {message}" in str(problems_of(path)[0])
+
+
+def test_a_key_under_a_mapping_gets_no_guess_from_the_top_level() -> None:
+    from onboarding.input_files import unknown_key
+
+    assert unknown_key("scope", None) == "unknown key `scope`"
+    assert unknown_key("scope", ConnectorProfile).endswith("did you mean `scopes`?")
+
+
+@pytest.mark.parametrize(
+    ("name", "readable"),
+    [
+        ("zendesk-demo", "Zendesk Demo"),
+        ("slack_demo", "Slack Demo"),
+        ("HubSpot", "HubSpot"),  # already readable: kept
+        ("google  drive-v2", "Google Drive V2"),
+        ("---", "---"),  # no word in it: the name itself
+    ],
+)
+def test_display_name_defaults_to_a_readable_name(name: str, readable: str) -> None:
+    assert profile_with(name=name).display_name == readable
+
+
+def test_display_name_is_kept_and_must_be_one_line(tmp_path: Path) -> None:
+    assert profile_with(display_name=" Zendesk Support ").display_name == "Zendesk Support"
+    path = write(tmp_path, BASE + 'display_name: "Zendesk\\nSupport"\n')
     problem = only_problem(path)
-    assert problem == Problem(str(path), 12, "colour", "Extra inputs are not permitted")
+    assert (problem.line, problem.field) == (12, "display_name")
+    assert problem.message == "must be one line: email subjects show it"
 
 
 @pytest.mark.parametrize("key", sorted(RESERVED_QUERY_KEYS))
@@ -373,7 +422,7 @@ def test_all_problems_at_once_with_a_hint(tmp_path: Path) -> None:
     assert located == {("connector_id", 3), ("colour", 6), ("link_ttl_hours", 12)}
     message = str(info.value)
     assert f"{path}:3: connector_id: " in message
-    assert f"{path}:6: colour: Extra inputs are not permitted" in message
+    assert f"{path}:6: colour: unknown key `colour`\n" in message
     assert "examples/profile.yaml" in info.value.hint
 
 
