@@ -67,6 +67,7 @@ class MailLink:
     url: str
     state: str
     expires_at: datetime
+    display_name: str = ""  # the profile's; empty: templates show connector_name
 
     def __repr__(self) -> str:  # the URL and state are secrets
         return f"MailLink(connector_id={self.connector_id!r}, url=..., state=...)"
@@ -122,7 +123,7 @@ def _checked_inputs(tenant: Tenant, links: Sequence[MailLink], email_from: str) 
         raise ValueError("an email needs at least one link")
     for header, value in (
         ("Subject (tenant name)", tenant.name),
-        *(("Subject (connector name)", link.connector_name) for link in links),
+        *(("Subject (connector name)", link.connector_name + link.display_name) for link in links),
         ("X-Onboarding-Tenant (tenant_id)", tenant.tenant_id),
         ("To (admin_email)", tenant.admin_email),
         ("From (email_from)", email_from),

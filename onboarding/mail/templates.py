@@ -68,9 +68,9 @@ _SAMPLE_LINK = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}"
 _SAMPLE_LINK_2 = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}-2"
 _VARIABLES = (
     "Email template variables: tenant (.name, .tenant_id, .admin_email, .fields.<column>), "
-    "links (a list, one per connector: .connector_name, .connector_id, .link, .expires_at, "
-    ".expires_in_hours), reminder; and the first link's connector_name, link, expires_at, "
-    "expires_in_hours."
+    "links (a list, one per connector: .display_name, .connector_name, .connector_id, .link, "
+    ".expires_at, .expires_in_hours), reminder; and the first link's display_name, "
+    "connector_name, link, expires_at, expires_in_hours."
 )
 
 
@@ -79,6 +79,7 @@ def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
     expires = link.expires_at.astimezone(UTC)
     return {
         "connector_name": link.connector_name,
+        "display_name": link.display_name or link.connector_name,
         "connector_id": link.connector_id,
         "link": link.url,
         "expires_at": expires,
@@ -90,9 +91,9 @@ class MailTemplates:
     """subject.txt, body.txt and body.html: each from `folder` if it has it, else the default.
 
     Variables: tenant (tenant.name, .tenant_id, .admin_email, .fields, .values); links, one per
-    connector the email carries (a campaign's email carries several), each with connector_name,
-    connector_id, link, expires_at (aware datetime, UTC) and expires_in_hours (int); the first
-    link's connector_name, link, expires_at, expires_in_hours at the top level too; reminder
+    connector the email carries (a campaign's email carries several), each with display_name
+    (the profile's, else its name), connector_name, connector_id, link, expires_at (aware
+    datetime, UTC) and expires_in_hours (int); the first link's at the top level too; reminder
     (0 on first send). HTML is autoescaped; text is not. An undefined variable is an error, and
     every template is rendered once with sample values here, so a typo fails before anything
     is sent; `check_campaign` also asks that an email with two links shows both.
