@@ -1,6 +1,10 @@
 """The `onboard` command line: each command parses its options, calls the core or a flow, and
 prints what came of it. Bad input, an InputError from wherever it is raised, exits 2
-(`_Commands`)."""
+(`_Commands`).
+
+Each command imports what it uses when it runs, and only that: SQLAlchemy, pydantic-settings,
+httpx and Prefect take seconds to import, which `onboard status` should not pay for Prefect,
+nor `onboard --help` for any of them."""
 
 from __future__ import annotations
 
@@ -14,18 +18,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from flows.inputs.options import FanOut, TenantEvents
 from onboarding import constants
 from onboarding.clock import utcnow
-from onboarding.db_url import redact_url
 from onboarding.delivery import Delivery
 from onboarding.errors import InputError
-from onboarding.export import ExportFormat, private_file, write_records
-from onboarding.ledger import Ledger
-from onboarding.settings import LedgerSettings, VersoriSettings
+from onboarding.export import ExportFormat
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from demo.emulator import EmulatorConfig
+    from onboarding.ledger import Ledger, Record
 
 if TYPE_CHECKING:
     from onboarding.run_inputs import RunInputs
@@ -59,6 +65,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -90,6 +97,7 @@ def _check_run_inputs(
     from flows.inputs.blocks import resolve_api_key
     from flows.inputs.parameters import run_request
     from onboarding.run_inputs import check_run, hand_over
+    from onboarding.settings import VersoriSettings
 
     request = run_request(
         profiles,
@@ -154,6 +162,9 @@ def _interrupted_run_report(inputs: RunInputs) -> Callable[[], None]:
     state or address."""
 
     def report() -> None:
+        from onboarding.ledger import Ledger
+        from onboarding.settings import LedgerSettings
+
         assert inputs.roster is not None
         ids = {t.tenant_id for t in inputs.roster}
         ledger = Ledger(LedgerSettings().db_url)
@@ -189,6 +200,8 @@ def _interrupted_counts(seen: dict[str, int], total: int) -> str:
 
 
 def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
+    from rich.table import Table
+
     rows = sorted(summary["outcomes"], key=lambda r: r["tenant_id"])
     if not everything:
         rows = [r for r in rows if r["status"] == "failed"]
@@ -197,7 +210,8 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         table = Table(title="Tenants" if everything else "Failed tenants")
         columns = ["tenant", "connector", "status", "link host", "state", "error"]
         for column in columns if campaign else [c for c in columns if c != "connector"]:
-            table.add_column(column, overflow="fold")
+            # Only the error wraps: ids and hosts are copied, so each stays whole on one line.
+            table.add_column(column, no_wrap=column != "error")
         for r in rows:
             style = "red" if r["status"] == "failed" else ""
             error = r["error_message"] or r["error_code"]
@@ -424,24 +438,74 @@ def mark_connected(
     """Record that the tenant owning STATE connected. A state is accepted once, while its link
     is current and unexpired. Exit 0: recorded; 1: unknown, superseded, expired or already
     used state (nothing recorded); 2: bad input."""
-    from pydantic import SecretStr
+    from rich.markup import escape
 
-    from flows.record_connection import record_connection_flow
-    from flows.running.in_process import run_here
+    from onboarding.connection import record_connection
+    from onboarding.errors import OnboardingError
+    from onboarding.ledger import Ledger
+    from onboarding.settings import LedgerSettings
 
     if state == "-":
         state = sys.stdin.readline()
-    Ledger(LedgerSettings().db_url).close()  # a ledger that cannot be opened exits 2
-    # A SecretStr: the run's parameters, as stored by the Prefect API, show it masked.
-    result = run_here(
-        record_connection_flow, state=SecretStr(state.strip()), connection_id=connection_id
-    )
-    data = result.result(raise_on_failure=False)
-    if result.is_completed() and isinstance(data, dict):
-        out.print(f"Tenant {data['tenant_id']} is connected.", highlight=False)
+    ledger = Ledger(LedgerSettings().db_url)
+    try:
+        record = record_connection(ledger, state.strip(), connection_id)
+    except InputError:
+        raise
+    except OnboardingError as error:  # the state's error says which, never the whole state
+        err.print(f"[bold red]Not recorded:[/] {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(EXIT_SOME_FAILED) from None
+    finally:
+        ledger.close()
+    out.print(f"Tenant {record.tenant_id} is connected to {record.profile}.", highlight=False)
+    _send_connected_event(record)
+
+
+def _send_connected_event(record: Record) -> None:
+    """The event the record-connection flow sends, as flows/reporting/events.py builds it (with
+    no flow run to relate it to), posted to the Prefect API's /events with httpx: importing
+    Prefect's client alone takes longer (1.3 to 2.7 s) than this whole command should."""
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not api:
+        out.print("No event sent: no Prefect server is configured (PREFECT_API_URL is not set).")
         return
-    err.print(f"[bold red]Not recorded:[/] {result.message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_SOME_FAILED)
+    import base64
+    import uuid
+
+    import httpx
+
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": utcnow().isoformat(),
+        "event": "onboarding.tenant.connected",
+        "resource": {
+            "prefect.resource.id": f"onboarding.tenant.{record.tenant_id}",
+            "prefect.resource.name": record.tenant_id,
+            "onboarding.connector-id": record.connector_id,
+            "onboarding.profile": record.profile,
+        },
+        "related": [],
+        "payload": {},
+    }
+    # As Prefect's client authenticates: a server's auth string first, else a Cloud API key.
+    auth, key = os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY")
+    token = f"Basic {base64.b64encode(auth.encode()).decode()}" if auth else f"Bearer {key}"
+    headers = {"Authorization": token} if auth or key else {}
+    try:
+        httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        reason = (
+            f"HTTP {error.response.status_code}"
+            if isinstance(error, httpx.HTTPStatusError)
+            else type(error).__name__
+        )
+        err.print(
+            f"The event was not sent to {api} ({reason}); the ledger has the connection.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    out.print(f"Event {event['event']} sent to {api}.", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -474,46 +538,93 @@ def emulator(
     api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
 ) -> None:
     """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
-    from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, load_script, run_emulator
+    from demo.emulator import DEFAULT_API_KEY, run_emulator
 
-    key = api_key or DEFAULT_API_KEY
-    options = {
-        "latency_ms": "--latency-ms",
-        "error_rate": "--error-rate",
-        "rate_limit_window": "--rate-limit-window",
-        "rate_limit": "--rate-limit",
-        "stall_seconds": "--stall-seconds",
-        "script": "--script",
-        "api_keys": "--api-key",
-    }
+    config = _emulator_config(
+        api_key or DEFAULT_API_KEY,
+        script,
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        rate_limit=rate_limit,
+        rate_limit_window=rate_limit_window,
+        stall_seconds=stall_seconds,
+    )
+    url = f"http://{host}:{port}"
+    # One line to copy; a key given on the command line is not echoed.
+    key = f" VERSORI_API_KEY={DEFAULT_API_KEY}" if not api_key else "  # and your --api-key"
+    err.print(
+        f"Versori emulator on {url}\n  export VERSORI_BASE_URL={url}{key}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    run_emulator(config, host=host, port=port)
+
+
+# The emulator's settings as the operator typed them (rate_limit_window before rate_limit).
+_EMULATOR_OPTIONS = {
+    "latency_ms": "--latency-ms",
+    "error_rate": "--error-rate",
+    "rate_limit_window": "--rate-limit-window",
+    "rate_limit": "--rate-limit",
+    "stall_seconds": "--stall-seconds",
+    "script": "--script",
+    "api_keys": "--api-key",
+}
+
+
+def _emulator_config(key: str, script: Path | None, **options: Any) -> EmulatorConfig:
+    from demo.emulator import EmulatorConfig, load_script
+
     try:
         scripted = load_script(script) if script is not None else {}
     except ValueError as error:
         raise InputError(f"--script: {error}") from None
     try:
-        config = EmulatorConfig(
-            api_keys=frozenset({key}),
-            latency_ms=latency_ms,
-            error_rate=error_rate,
-            rate_limit=rate_limit,
-            rate_limit_window=rate_limit_window,  # type: ignore[arg-type]  # checked by the config
-            script=scripted,
-            stall_seconds=stall_seconds,
-        )
+        return EmulatorConfig(api_keys=frozenset({key}), script=scripted, **options)
     except ValueError as error:
         message = str(error)
         # The config names its field; the operator typed an option: name that too.
-        option = next((o for f, o in options.items() if message.startswith(f)), None)
+        option = next((o for f, o in _EMULATOR_OPTIONS.items() if message.startswith(f)), None)
         if option == "--script" and script is not None:
             option = f"--script {script}"
         raise InputError(f"{option}: {message}" if option else message) from None
+
+
+@app.command("smtp-sink")
+def smtp_sink(
+    host: Annotated[str, typer.Option(help="Loopback address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8025,
+    output: Annotated[
+        Path, typer.Option(help="Folder for the messages, one .eml file each (0600).")
+    ] = Path("smtp-sink"),
+) -> None:
+    """Take every email sent to this local SMTP server and write it to an .eml file, until
+    Ctrl-C: `onboard run --deliver email` and `onboard remind` without a mail relay."""
+    import threading
+
+    from demo.smtp import LocalSmtpServer
+    from onboarding.net import is_loopback
+
+    if not is_loopback(host):  # the product sends without TLS only to a loopback host
+        raise InputError(f"--host {host}: not a loopback address; use 127.0.0.1 or localhost")
+    try:
+        sink = LocalSmtpServer(output, host=host, port=port).start()
+    except OSError as error:
+        raise InputError(f"--port {port}: cannot listen there ({error}); pick another") from None
     err.print(
-        f"Versori emulator on http://{host}:{port}\n"
-        f"  export VERSORI_BASE_URL=http://{host}:{port} VERSORI_API_KEY=<its key"
-        f"{'' if api_key else ': ' + DEFAULT_API_KEY}>",
+        f"SMTP sink on {host}:{port}, writing each message to {output}/ until Ctrl-C\n"
+        f"  export ONBOARD_SMTP_HOST={host} ONBOARD_SMTP_PORT={port} ONBOARD_SMTP_SECURITY=none "
+        "ONBOARD_EMAIL_FROM=onboarding@example.com",
         highlight=False,
+        soft_wrap=True,
     )
-    run_emulator(config, host=host, port=port)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.stop()
+    err.print(f"Stopped: {sink.messages} message(s) written to {output}/.", highlight=False)
 
 
 @app.command()
@@ -572,6 +683,8 @@ def blocks_create(
     and nothing secret sits in prefect.yaml or in parameters."""
     from prefect.blocks.system import Secret
 
+    from onboarding.settings import VersoriSettings
+
     versori = VersoriSettings()
     key = versori.api_key.get_secret_value() if versori.api_key else _ask("VERSORI_API_KEY")
     Secret(value=key).save(api_key_block, overwrite=True)
@@ -609,27 +722,25 @@ def status(
 ) -> None:
     """Count tenants by status in the ledger (ONBOARD_DB_URL), for each connector; with
     several, also how many tenants are connected to all of them, to some, to none."""
-    from onboarding.profile import load_profile
+    from onboarding.db_url import redact_url
+    from onboarding.ledger import Ledger
+    from onboarding.settings import LedgerSettings
 
+    names: dict[str, str] = {}
+    if profile:  # imported only then: profiles need pydantic's models and YAML
+        from onboarding.profile import load_profile
+
+        names = {p.target_id: p.display_name for p in map(load_profile, profile)}
     ledger = Ledger(LedgerSettings().db_url)
-    named = [*(connector or []), *(load_profile(p).target_id for p in profile or [])]
-    ids = list(dict.fromkeys(named)) or ledger.connector_ids()
-    if not ids:
-        out.print(f"Ledger {redact_url(ledger.url)} holds no records yet.", highlight=False)
-        return
-    per_connector = {cid: ledger.counts_by_status(cid) for cid in ids}
-    statuses = sorted({s for counts in per_connector.values() for s in counts})
     # Redacted: the URL may hold a password, in its user part or its query.
-    table = Table(title=f"Ledger {redact_url(ledger.url)}")
-    table.add_column("status")
-    for cid in ids:
-        table.add_column(cid if len(ids) > 1 else "tenants", justify="right", overflow="fold")
-    for name in statuses:
-        table.add_row(name, *(str(per_connector[cid].get(name, 0)) for cid in ids))
-    table.add_row(
-        "[bold]total[/]", *(f"[bold]{sum(per_connector[cid].values())}[/]" for cid in ids)
-    )
-    out.print(table)
+    where = f"Ledger {redact_url(ledger.url)}"
+    recorded = ledger.connector_profiles()
+    ids = list(dict.fromkeys([*(connector or []), *names])) or list(recorded)
+    if not ids:
+        out.print(f"{where} holds no records yet.", highlight=False, soft_wrap=True)
+        return
+    out.print(f"{where}:", highlight=False, soft_wrap=True)
+    out.print(_status_table(ledger, {i: names.get(i) or recorded.get(i) or i for i in ids}))
     if len(ids) > 1:
         c = ledger.connection_coverage(ids)
         out.print(
@@ -637,9 +748,25 @@ def status(
             f"{c['partly']}; to none: {c['none']}.",
             highlight=False,
         )
-    stale = ledger.count_past_expiry(ids, utcnow()) if ids else 0
+    stale = ledger.count_past_expiry(ids, utcnow())
     if stale:
         out.print(f"{stale} link(s) are past their expiry and not connected.")
+
+
+def _status_table(ledger: Ledger, labels: dict[str, str]) -> Table:
+    """Counts by status, a column per connector, headed by its label."""
+    from rich.table import Table
+
+    per_connector = [ledger.counts_by_status(cid) for cid in labels]
+    statuses = sorted({s for counts in per_connector for s in counts})
+    table = Table()
+    table.add_column("status")
+    for label in labels.values():
+        table.add_column(label if len(labels) > 1 else "tenants", justify="right")
+    for name in statuses:
+        table.add_row(name, *(str(counts.get(name, 0)) for counts in per_connector))
+    table.add_row("[bold]total[/]", *(f"[bold]{sum(c.values())}[/]" for c in per_connector))
+    return table
 
 
 @app.command()
@@ -652,6 +779,10 @@ def export(
 ) -> None:
     """Write every onboarding record, one per (tenant, connector), links included: handle the
     output as a secret."""
+    from onboarding.export import private_file, write_records
+    from onboarding.ledger import Ledger
+    from onboarding.settings import LedgerSettings
+
     ledger = Ledger(LedgerSettings().db_url)
     with private_file(output) if output else nullcontext(sys.stdout) as stream:
         n = write_records(ledger, stream, format, connector)

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from onboarding.ledger import EXPORT_KEYS, Ledger
+if TYPE_CHECKING:  # the CLI imports ExportFormat for its options: not the ledger with it
+    from onboarding.ledger import Ledger
 
 
 class ExportFormat(StrEnum):
@@ -28,6 +29,8 @@ def write_records(
 ) -> int:
     """Every record of the ledger (of `connector_id` only, if given) to `stream`, one a line,
     with the columns EXPORT_KEYS; returns how many."""
+    from onboarding.ledger import EXPORT_KEYS
+
     writer = csv.DictWriter(stream, fieldnames=EXPORT_KEYS, lineterminator="\n")
     if format is ExportFormat.CSV:
         writer.writeheader()

@@ -136,11 +136,16 @@ class LedgerQueries:
             return {status: count for status, count in conn.execute(query)}
 
     @reconnecting
-    def connector_ids(self) -> list[str]:
-        """Every connector (or system) id the ledger holds records of."""
-        query = select(records.c.connector_id).distinct().order_by(records.c.connector_id)
+    def connector_profiles(self) -> dict[str, str]:
+        """Every connector (or system) id the ledger holds records of, in order, with the name
+        of the profile its records were written by (the greatest, if several)."""
+        query = (
+            select(records.c.connector_id, func.max(records.c.profile))
+            .group_by(records.c.connector_id)
+            .order_by(records.c.connector_id)
+        )
         with self.engine.connect() as conn:
-            return list(conn.execute(query).scalars())
+            return {connector_id: profile for connector_id, profile in conn.execute(query)}
 
     @reconnecting
     def connection_coverage(self, connector_ids: Sequence[str]) -> dict[str, int]:

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from deployments.cli import app
 
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
 ROSTER = str(PROJECT / "examples" / "tenants.csv")
+CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 runner = CliRunner()
 
 
@@ -326,6 +328,21 @@ def test_email_batch_rerun_remind_and_connect_from_the_command_line(
         connected = onboard_cli("mark-connected", "--state", state, "--connection-id", "c-9")
         assert connected.returncode == 0, connected.stdout + connected.stderr
         assert "Tenant a1 is connected" in connected.stdout
+        assert "Event onboarding.tenant.connected sent to" in connected.stdout
+        query = {
+            "filter": {
+                "event": {"name": ["onboarding.tenant.connected"]},
+                "resource": {"id": ["onboarding.tenant.a1"]},
+            },
+            "limit": 5,
+        }
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the server stores events shortly after POST
+            found = httpx.post(f"{prefect_api}/events/filter", json=query).json()["events"]
+            if found:
+                break
+            time.sleep(0.5)
+        assert [e["resource"]["onboarding.connector-id"] for e in found] == [CONNECTOR]
         unknown = onboard_cli("mark-connected", "--state", "not-a-state")
         assert unknown.returncode == 1 and "no tenant owns state" in unknown.stderr
 
@@ -375,3 +392,72 @@ def test_blocks_create_saves_what_the_environment_holds(
     monkeypatch.delenv("VERSORI_API_KEY")
     missing = runner.invoke(app, ["blocks", "create", "--skip-smtp"])
     assert missing.exit_code == 2 and "VERSORI_API_KEY is not set" in missing.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("args", "not_imported"),
+    [
+        (["--help"], {"prefect", "sqlalchemy", "httpx", "pydantic_settings"}),
+        (["status"], {"prefect", "httpx"}),
+        (["export", "--format", "csv"], {"prefect", "httpx"}),
+        (["mark-connected", "--state", "not-a-state"], {"prefect"}),
+    ],
+)
+def test_commands_import_only_what_they_use(
+    tmp_path: Path, args: list[str], not_imported: set[str]
+) -> None:
+    """Each of these starts in well under a second because it leaves out the packages that
+    take seconds to import (Prefect above all): checked on the real command's imports."""
+    env = {**base_env(tmp_path), "ONBOARD_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "deployments.cli", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stdout + done.stderr[-2000:]
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "typer" in imported, "-X importtime lists what was imported"
+    assert {m for m in imported if m.partition(".")[0] in not_imported} == set()
+    # Of the Prefect layer, only the plain enums its options are typed with.
+    assert {m for m in imported if m.startswith("flows.")} <= {
+        "flows.inputs",
+        "flows.inputs.options",
+    }
+
+
+@pytest.mark.e2e
+def test_smtp_sink_writes_what_it_is_sent_to_an_eml_file(tmp_path: Path) -> None:
+    """`onboard smtp-sink` in its own process, as in the README's second shell; a message sent
+    with smtplib to the address it prints lands in its folder."""
+    import smtplib
+    from email.message import EmailMessage
+
+    port, folder, log = free_port(), tmp_path / "sink", tmp_path / "sink.log"
+    args = [ONBOARD, "smtp-sink", "--port", str(port), "--output", str(folder)]
+    with child(args, base_env(tmp_path), log) as sink:
+        deadline = time.monotonic() + 30
+        while "export ONBOARD_SMTP_HOST" not in log.read_text() and time.monotonic() < deadline:
+            assert sink.poll() is None, log.read_text()
+            time.sleep(0.1)
+        banner = log.read_text()
+        assert (
+            f"export ONBOARD_SMTP_HOST=127.0.0.1 ONBOARD_SMTP_PORT={port} "
+            "ONBOARD_SMTP_SECURITY=none ONBOARD_EMAIL_FROM=onboarding@example.com\n"
+        ) in banner
+        message = EmailMessage()
+        message["From"], message["To"] = "onboarding@example.com", "admin@acme.example.com"
+        message["Subject"], message["Message-ID"] = "Connect Acme", "<m-1@example.com>"
+        message.set_content("https://acme.example.com/authorize?state=s-1")
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.send_message(message)
+        [eml] = folder.glob("*.eml")
+        assert eml.name == "0001-m-1@example.com.eml"
+        assert "state=s-1" in eml.read_text() and eml.stat().st_mode & 0o777 == 0o600

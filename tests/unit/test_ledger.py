@@ -341,7 +341,11 @@ def test_connection_coverage_counts_tenants_connected_to_all_some_none(ledger: L
     assert ledger.connection_coverage([CONNECTOR, OTHER]) == {"fully": 1, "partly": 1, "none": 2}
     assert ledger.connection_coverage([CONNECTOR]) == {"fully": 1, "partly": 0, "none": 3}
     assert ledger.connection_coverage(["nobody"]) == {"fully": 0, "partly": 0, "none": 0}
-    assert ledger.connector_ids() == sorted([CONNECTOR, OTHER])
+    slack = "01M8F12B95S4BX0QFB3TPDWZ0S"
+    link(ledger, "full", connector_id=slack, profile="slack-demo")
+    recorded = ledger.connector_profiles()
+    assert recorded == {CONNECTOR: "zendesk-demo", slack: "slack-demo", OTHER: "zendesk-demo"}
+    assert list(recorded) == sorted(recorded), "in id order, as status shows them"
 
 
 def test_iter_records_streams_many(ledger: Ledger) -> None:

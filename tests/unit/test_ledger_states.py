@@ -242,17 +242,18 @@ def test_states_are_looked_up_by_their_hash(ledger: Ledger) -> None:
 def test_the_flow_keeps_the_state_out_of_its_stored_parameters(
     prefect_harness: None, ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`onboard mark-connected` runs record-connection in-process: the run's parameters in the
-    Prefect API show the state masked, and its form marks it a password."""
+    """record-connection run in this process with the state as a SecretStr, as a Python caller
+    would: the run's parameters in the Prefect API show the state masked, and its form marks
+    it a password. (`onboard mark-connected` runs no flow: tests/unit/test_mark_connected.py.)"""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.utilities.callables import parameter_schema
-    from typer.testing import CliRunner
+    from pydantic import SecretStr
 
-    from deployments.cli import app
     from flows.record_connection import record_connection_flow
+    from flows.running.in_process import run_here
 
     if "sqlite" not in ledger_url:
         pytest.skip("one backend is enough for the parameters")
@@ -261,13 +262,10 @@ def test_the_flow_keeps_the_state_out_of_its_stored_parameters(
     secret = "st-" + hashlib.sha256(ledger_url.encode()).hexdigest()[:20]
     link(ledger, "t1", state=secret, created_at=NOW.replace(year=2020), ttl=100_000 * HOUR)
     ledger.close()
-    result = CliRunner().invoke(
-        app, ["mark-connected", "--state", "-", "--connection-id", "c-1"], input=secret + "\n"
-    )
-    assert result.exit_code == 0, result.output
-    assert "connected" in result.output
-    replay = CliRunner().invoke(app, ["mark-connected", "--state", secret])
-    assert replay.exit_code == 1 and secret not in replay.output
+    done = run_here(record_connection_flow, state=SecretStr(secret), connection_id="c-1")
+    assert done.is_completed(), done.message
+    replay = run_here(record_connection_flow, state=SecretStr(secret))
+    assert replay.is_failed() and secret not in str(replay.message)
 
     async def stored_parameters() -> list[dict[str, Any]]:
         # Filtered on the server: the session's server holds every test's flow runs, more
