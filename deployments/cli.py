@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
     from demo.emulator import EmulatorConfig
     from onboarding.ledger import Ledger, Record
-
-if TYPE_CHECKING:
     from onboarding.run_inputs import RunInputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
