@@ -25,11 +25,6 @@ def redact(url: str) -> str:
     return parsed.set(query=query).render_as_string(hide_password=True)
 
 
-def redact_url(url: str) -> str:
-    """A database URL as it may be printed (see redact)."""
-    return redact(url)
-
-
 def _secrets_of(url: str) -> list[str]:
     """The secret values in a database URL, to scrub from a driver's message."""
     try:

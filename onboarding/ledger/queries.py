@@ -139,11 +139,8 @@ class LedgerQueries:
     def connector_profiles(self) -> dict[str, str]:
         """Every connector (or system) id the ledger holds records of, in order, with the name
         of the profile its records were written by (the greatest, if several)."""
-        query = (
-            select(records.c.connector_id, func.max(records.c.profile))
-            .group_by(records.c.connector_id)
-            .order_by(records.c.connector_id)
-        )
+        ids = records.c.connector_id
+        query = select(ids, func.max(records.c.profile)).group_by(ids).order_by(ids)
         with self.engine.connect() as conn:
             return {connector_id: profile for connector_id, profile in conn.execute(query)}
 

@@ -398,7 +398,10 @@ def test_blocks_create_saves_what_the_environment_holds(
 @pytest.mark.parametrize(
     ("args", "not_imported"),
     [
-        (["--help"], {"prefect", "sqlalchemy", "httpx", "pydantic_settings"}),
+        (
+            ["--help"],
+            {"prefect", "sqlalchemy", "httpx", "pydantic_settings", "aiosmtpd", "uvicorn"},
+        ),
         (["status"], {"prefect", "httpx"}),
         (["export", "--format", "csv"], {"prefect", "httpx"}),
         (["mark-connected", "--state", "not-a-state"], {"prefect"}),

@@ -86,18 +86,18 @@ def test_status_does_not_print_a_query_password(
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     Ledger(url).close()
     monkeypatch.setenv("ONBOARD_DB_URL", url)
-    from deployments import cli
 
     class Spy(Ledger):
         def __init__(self, _url: str) -> None:
             super().__init__(url)
             self.url = "postgresql+psycopg://admin@db.example.com/l?password=hush-2"
 
-    monkeypatch.setattr(cli, "Ledger", Spy)
+    # Where `onboard status` imports it from when it runs.
+    monkeypatch.setattr("onboarding.ledger.Ledger", Spy)
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
-    shown = "".join(line.strip() for line in result.output.splitlines())  # the title wraps
-    assert "hush-2" not in shown and "db.example.com" in shown
+    assert "hush-2" not in result.output
+    assert "Ledger postgresql+psycopg://admin@db.example.com/l?password=%2A%2A%2A" in result.output
 
 
 def test_an_unusable_url_message_holds_no_secret() -> None:
