@@ -280,7 +280,14 @@ def _message(
 
     assert campaign.mailer is not None and campaign.templates is not None
     links = [
-        MailLink(h.run.profile.name, h.run.connector_id, h.link.url, h.link.state, h.expires_at)
+        MailLink(
+            h.run.profile.name,
+            h.run.connector_id,
+            h.link.url,
+            h.link.state,
+            h.expires_at,
+            display_name=h.run.profile.display_name,
+        )
         for h in issued
     ]
     return build_message(

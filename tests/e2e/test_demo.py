@@ -55,5 +55,6 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
     subjects = Counter(str(m["Subject"]).split(" to ", 1)[1] for m in campaign)
     # t024 lacked both links: one email with the two; the others lacked Slack's only (t023's
     # Zendesk link failed again, and its email went with Slack's).
-    assert subjects == {"slack-demo": 24, "zendesk-demo and slack-demo": 1}
+    # Each connector by its display_name (the profile's name made readable).
+    assert subjects == {"Slack Demo": 24, "Zendesk Demo and Slack Demo": 1}
     ledger.close()

@@ -134,7 +134,7 @@ def test_one_email_per_tenant_with_its_links_and_a_rerun_sends_only_the_missing_
         else:
             assert slack_record.status is Status.DELIVERED and slack_record.url is not None
             assert slack_record.url in body
-            assert "1. zendesk-demo:" in body and "2. Slack:" in body
+            assert "1. Zendesk Demo:" in body and "2. Slack:" in body
     # t5's Slack link was retried after its 503; its Zendesk link was not asked for again.
     t5 = ledger.get("t5", ZENDESK_ID)
     assert t5 is not None and t5.attempts == 1
