@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from demo.emulator_config import DEFAULT_API_KEY
 from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.net import is_loopback
@@ -113,7 +112,7 @@ def emulator(
     api_key: Annotated[str, typer.Option(help="The Bearer key it accepts.")] = "",
 ) -> None:
     """Serve a local emulator of Versori's initialise endpoint (knows examples/profile.yaml)."""
-    from demo.emulator import run_emulator
+    from demo.emulator import DEFAULT_API_KEY, run_emulator
 
     config = _emulator_config(
         api_key or DEFAULT_API_KEY,

@@ -431,20 +431,18 @@ def _send_connected_event(record: Record) -> None:
     token = f"Basic {base64.b64encode(auth.encode()).decode()}" if auth else f"Bearer {key}"
     headers = {"Authorization": token} if auth or key else {}
     try:
-        httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10).raise_for_status()
+        response = httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10)
+        reason = "" if response.is_success else f"HTTP {response.status_code}"
     except httpx.HTTPError as error:
-        reason = (
-            f"HTTP {error.response.status_code}"
-            if isinstance(error, httpx.HTTPStatusError)
-            else type(error).__name__
-        )
+        reason = type(error).__name__
+    if reason:
         err.print(
             f"The event was not sent to {api} ({reason}); the ledger has the connection.",
             highlight=False,
             soft_wrap=True,
         )
-        return
-    out.print(f"Event {event['event']} sent to {api}.", highlight=False, soft_wrap=True)
+    else:
+        out.print(f"Event {event['event']} sent to {api}.", highlight=False, soft_wrap=True)
 
 
 # The demo and its stand-ins come with demo/ (and its packages), which the wheel leaves out.
