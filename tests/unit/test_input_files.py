@@ -148,11 +148,6 @@ def test_a_device_is_not_a_regular_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_bounded_text opens the file before it checks that it is a regular one: "
-    "opening a named pipe no writer holds blocks for ever (load_profile('p.yaml') on a FIFO hangs)",
-)
 def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     fifo = tmp_path / "profile.yaml"
     os.mkfifo(fifo)
