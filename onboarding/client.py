@@ -270,9 +270,9 @@ class VersoriClient:
             }
         else:
             path = f"/o/{org}/connectors/{quote(connector_id, safe='')}/connections"
+            # The Connect API v1 has no end users: the connector's connection is the tenant's.
             payload = {
                 "name": name,
-                "externalId": external_id,
                 "credentials": {"action": [credential]},
                 "variables": [],
             }

@@ -34,12 +34,12 @@ from onboarding.ledger.store import Ledger
 __all__ = [
     "DONE_STATUSES",
     "EXPORT_KEYS",
-    "Funnel",
     "LIVE_STATUSES",
     "SENDING_CHANNELS",
     "ConnectLink",
     "ConnectOutcome",
     "ConnectResult",
+    "Funnel",
     "Ledger",
     "LinkOpens",
     "Record",

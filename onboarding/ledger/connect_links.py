@@ -399,6 +399,22 @@ class ConnectLinks:
         return Record.from_row(row) if row is not None else None
 
     @reconnecting
+    def latest_profile_path(self, tenant_id: str, connector_id: str) -> str | None:
+        """The profile of the tenant's most recently used (or issued) connect link."""
+        query = (
+            select(connect_links.c.profile_path)
+            .where(
+                connect_links.c.tenant_id == tenant_id,
+                connect_links.c.connector_id == connector_id,
+            )
+            .order_by(func.coalesce(connect_links.c.minted_at, connect_links.c.created_at).desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            path = conn.execute(query).scalar_one_or_none()
+        return str(path) if path is not None else None
+
+    @reconnecting
     def connect_opens(
         self, connector_id: str, tenant_ids: list[str] | None = None
     ) -> dict[str, LinkOpens]:
