@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -52,16 +53,12 @@ def create_app(service: ConnectService, own_origin: str | None = None) -> Starle
         token = request.path_params["token"]
         if request.method == "GET":
             return await run(lambda: service.show_link(token))
-        if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
+        form = await _small_form(request)
+        if form is None:
             return respond(pages.forbidden_form())
-        form = await request.form()
-        csrf = form.get("csrf")
+        csrf = form.get("csrf", "")
         cross = _cross_site(request, own_origin)
-        return await run(
-            lambda: service.press_button(
-                token, csrf if isinstance(csrf, str) else "", cross_site=cross
-            )
-        )
+        return await run(lambda: service.press_button(token, csrf, cross_site=cross))
 
     async def callback(request: Request) -> Response:
         query = request.query_params
@@ -95,6 +92,27 @@ def create_app(service: ConnectService, own_origin: str | None = None) -> Starle
     )
     app.state.service = service
     return app
+
+
+async def _small_form(request: Request) -> dict[str, str] | None:
+    """A url-encoded form of at most MAX_FORM_BYTES (the button's), first value of each
+    field; None for anything else."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
 
 
 def _cross_site(request: Request, own_origin: str | None) -> bool:

@@ -60,6 +60,7 @@ class EventSender:
         self._lock = threading.Lock()
         self.sent = 0
         self.lost = 0
+        self._pending = 0  # queued or being sent
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +75,7 @@ class EventSender:
             self.lost += 1
             return
         with self._lock:
+            self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="connect-events", daemon=True
@@ -90,7 +92,11 @@ class EventSender:
                         batch.append(self._queue.get(timeout=FLUSH_SECONDS / 10))
                     except queue.Empty:
                         break
-                self._send(client, batch)
+                try:
+                    self._send(client, batch)
+                finally:
+                    with self._lock:
+                        self._pending -= len(batch)
 
     def _send(self, client: httpx.Client, batch: list[dict[str, Any]]) -> None:
         for attempt in range(3):
@@ -112,5 +118,5 @@ class EventSender:
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until the queue is empty: for tests and a clean stop."""
         deadline = utcnow().timestamp() + timeout
-        while not self._queue.empty() and utcnow().timestamp() < deadline:
+        while self._pending and utcnow().timestamp() < deadline:
             threading.Event().wait(0.05)
