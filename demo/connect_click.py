@@ -12,11 +12,19 @@ import re
 from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from demo.emulator_config import DEMO_SYSTEM
 from demo.emulator_oauth import CONSENT_PATH
+
+if TYPE_CHECKING:
+    from onboarding.client import VersoriClient
+    from onboarding.ledger import Ledger
+    from onboarding.mail import MailSender, MailTemplates
+    from onboarding.profile import ConnectorProfile
+    from onboarding.roster import Tenant
 
 # Any ULID stands for the connection template: the emulator checks only its form.
 DEMO_TEMPLATE_ID = "01M8F12B95S4BX0QFB3TPDWZ0V"
@@ -107,3 +115,62 @@ def click_through(link: str, *, allow: bool = True, client: httpx.Client | None 
     finally:
         if own:
             http.close()
+
+
+def deliver_connect_link(
+    ledger: Ledger,
+    profile: ConnectorProfile,
+    profile_path: Path,
+    tenant: Tenant,
+    client: VersoriClient,
+    base_url: str,
+    *,
+    mailer: MailSender | None = None,
+    templates: MailTemplates | None = None,
+) -> str:
+    """What a batch does for one tenant once ONBOARD_CONNECT_BASE_URL is set: a checked link
+    from Versori recorded (a state, as today), then a durable connect link issued and, with a
+    mailer, emailed in place of the raw authorize URL. Returns the durable link."""
+    from datetime import timedelta
+
+    from onboarding.clock import utcnow
+    from onboarding.connect import connect_url, issue_connect_link
+    from onboarding.links import check_link
+
+    request = profile.render(tenant.values)
+    url = client.initialise(profile.organisation_id, profile.target_id, request)
+    checked = check_link(
+        url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host
+    )
+    now = utcnow()
+    ledger.record_link(
+        tenant_id=tenant.tenant_id,
+        connector_id=profile.target_id,
+        profile=profile.name,
+        tenant_name=tenant.name,
+        admin_email=tenant.admin_email,
+        url=checked.url,
+        state=checked.state,
+        created_at=now,
+        expires_at=now + timedelta(hours=profile.link_ttl_hours),
+        tenant_fields=tenant.fields,
+    )
+    link = connect_url(
+        base_url, issue_connect_link(ledger, tenant.tenant_id, profile, profile_path)
+    )
+    if mailer is not None and templates is not None:
+        from onboarding.mail import MailLink, build_message
+
+        expires = now + timedelta(days=profile.connect_link_days)
+        message = build_message(
+            tenant=tenant,
+            links=[MailLink(profile.name, profile.target_id, link, checked.state, expires)],
+            email_from=mailer.email_from,
+            templates=templates,
+        )
+        mailer.send(message)
+        channel = "email"
+    else:
+        channel = "store"
+    ledger.mark_delivered(tenant.tenant_id, profile.target_id, channel=channel)
+    return link
