@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from demo.emulator_config import DEMO_SYSTEM
+from demo.emulator_config import DEMO_CRM
 from demo.emulator_oauth import CONSENT_PATH
 
 if TYPE_CHECKING:
@@ -41,14 +41,14 @@ def write_connect_profile(
     success_url: str | None = None,
     connect_link_days: float = 30,
 ) -> Path:
-    """A v2 profile for the emulator's DEMO_SYSTEM that the connect service completes."""
+    """A v2 profile for the emulator's DEMO_CRM that the connect service completes."""
     lines = [
         f"name: {name}",
         "api: platform-v2",
-        f"organisation_id: {DEMO_SYSTEM.organisation_id}",
-        f"system_id: {DEMO_SYSTEM.connector_id}",
-        f"credential_id: {DEMO_SYSTEM.credential_id}",
-        f"client_id: {DEMO_SYSTEM.client_id}",
+        f"organisation_id: {DEMO_CRM.organisation_id}",
+        f"system_id: {DEMO_CRM.connector_id}",
+        f"credential_id: {DEMO_CRM.credential_id}",
+        f"client_id: {DEMO_CRM.client_id}",
         f"authorize_url: {emulator_url.rstrip('/')}{CONSENT_PATH}",
         f"redirect_url: {callback_url}",
         "scopes: [read]",

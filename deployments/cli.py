@@ -326,6 +326,7 @@ def demo(
 ) -> None:
     """Onboard the example roster against a local emulator and a local SMTP server: no
     account, no set-up."""
+    from demo import connect_demo
     from demo.local import demo_stage
 
     roster, profile = str(EXAMPLES_DIR / "tenants.csv"), str(EXAMPLES_DIR / "profile.yaml")
@@ -355,6 +356,12 @@ def demo(
             raise typer.Exit(EXIT_SOME_FAILED)
         _print_outcomes(campaign, everything=False)
         campaign_emails = len(list(stage.mail_dir.glob("*.eml"))) - emails
+        out.print(
+            "\n[bold]Last, a durable connect link[/] (onboard connect-server):", highlight=False
+        )
+        emulator_url = os.environ["VERSORI_BASE_URL"]
+        for line in connect_demo.connect_one(stage, Path(roster), emulator_url, "t001"):
+            out.print(line, highlight=False, soft_wrap=True)
     out.print(
         f"\nWhere to look next:\n"
         f"  emails     {stage.mail_dir}/ ({emails} .eml file(s) from the first run, one per "

@@ -243,6 +243,6 @@ def test_a_revoked_link(stack: Stack, browser: Any) -> None:
 
 
 def load_profile_id(stack: Stack) -> str:
-    from demo.emulator_config import DEMO_SYSTEM
+    from demo.emulator_config import DEMO_CRM
 
-    return DEMO_SYSTEM.connector_id
+    return DEMO_CRM.connector_id
