@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # Any ULID stands for the connection template: the emulator checks only its form.
 DEMO_TEMPLATE_ID = "01M8F12B95S4BX0QFB3TPDWZ0V"
-_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+CSRF_PATTERN = re.compile(r'name="csrf" value="([^"]+)"')
 _TITLE = re.compile(r"<h1>(.*?)</h1>", re.S)
 
 
@@ -89,7 +89,7 @@ def click_through(link: str, *, allow: bool = True, client: httpx.Client | None 
     try:
         page = http.get(link)
         hops.append(page.status_code)
-        found = _CSRF.search(page.text)
+        found = CSRF_PATTERN.search(page.text)
         if page.status_code != 200 or found is None:
             return Click(page.status_code, title_of(page.text), tuple(hops), str(page.url))
         pressed = http.post(link, data={"csrf": unescape(found.group(1))}, follow_redirects=False)
