@@ -4,6 +4,7 @@ out). Bad input is an InputError, which the CLI prints and exits 2 on, as for it
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ def demo_command(
     ) -> None:
         """Onboard the example roster against a local emulator and a local SMTP server: no
         account, no set-up."""
+        from demo import connect_demo
         from demo.local import demo_stage
 
         roster, profile = str(EXAMPLES / "tenants.csv"), str(EXAMPLES / "profile.yaml")
@@ -67,6 +69,13 @@ def demo_command(
                 raise typer.Exit(1)
             print_outcomes(campaign, False)
             campaign_emails = len(list(stage.mail_dir.glob("*.eml"))) - emails
+            out.print(
+                "\n[bold]Last, a durable connect link[/] (onboard connect-server):",
+                highlight=False,
+            )
+            emulator_url = os.environ["VERSORI_BASE_URL"]
+            for line in connect_demo.connect_one(stage, Path(roster), emulator_url, "t001"):
+                out.print(line, highlight=False, soft_wrap=True)
         out.print(
             f"\nWhere to look next:\n"
             f"  emails     {stage.mail_dir}/ ({emails} .eml file(s) from the first run, one per "

@@ -47,6 +47,7 @@ from demo.emulator_config import (
     EmulatorConfig,
     load_script,
 )
+from demo.emulator_oauth import mount_oauth
 from demo.versori_rules import (
     RESERVED_KEYS,
     build_url,
@@ -539,7 +540,7 @@ def create_app(
         exception_handlers={HTTPException: http_error},
     )
     app.state.emulator = runtime
-    app.state.states = runtime.states
+    mount_oauth(app, runtime)  # the consent page and CreateConnection (emulator_oauth.py)
     return app
 
 

@@ -89,6 +89,17 @@ DEMO_SYSTEM = EmulatedConnector(
 )
 
 
+# A third, for the connect service's demo and tests (demo/connect_click.py): a Platform API v2
+# system whose profile's authorize_url is the emulator's own consent page.
+DEMO_CRM = EmulatedConnector(
+    organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
+    connector_id="01M8F12B95S4BX0QFB3TPDWZ0W",
+    credential_id="01M8F12B95S4BX0QFB3TPDWZ0X",
+    credential_organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
+    client_id="demo-crm-client-id",
+)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -98,7 +109,7 @@ class EmulatorConfig:
     """How the emulator behaves: who may call it, what it knows, and which faults it injects."""
 
     api_keys: frozenset[str] = frozenset({DEFAULT_API_KEY})
-    connectors: tuple[EmulatedConnector, ...] = (DEMO_CONNECTOR, DEMO_SYSTEM)
+    connectors: tuple[EmulatedConnector, ...] = (DEMO_CONNECTOR, DEMO_SYSTEM, DEMO_CRM)
     latency_ms: float = 0.0
     error_rate: float = 0.0
     rate_limit: float | None = None

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from deployments import connect_cli
 from flows.inputs.options import FanOut, TenantEvents
 from onboarding import constants
 from onboarding.clock import utcnow
@@ -616,6 +617,9 @@ def export(
         n = write_records(ledger, stream, format, connector)
     if output:
         err.print(f"{n} record(s) written to {output}", highlight=False)
+
+
+connect_cli.register(app)  # onboard connect-server, onboard revoke
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -35,7 +35,14 @@ from onboarding.errors import (
     RateLimitedError,
     error_class_for,
 )
-from onboarding.models import Api, ErrorBody, InitialiseRequest, InitialiseResponse
+from onboarding.models import (
+    Api,
+    ConnectionResponse,
+    ErrorBody,
+    InitialiseRequest,
+    InitialiseResponse,
+    oauth2_code_credential,
+)
 from onboarding.settings import VersoriSettings, check_api_key, check_base_url
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,55 @@ class VersoriClient:
             except ValidationError as err:
                 raise APIError(
                     status, "invalid_response", "Versori answered 2xx without a JSON 'url'"
+                ) from err
+        raise self._error_for(status, headers, body)
+
+    def create_connection(
+        self,
+        organisation_id: str,
+        connector_id: str,
+        *,
+        code: str,
+        state: str,
+        name: str,
+        external_id: str,
+        template_id: str | None = None,
+        redirect_url: str | None = None,
+    ) -> ConnectionResponse:
+        """Complete an OAuth2 connection with the code and state the provider sent back: the
+        Platform API v2's CreateConnection (`template_id`: the connection template, required
+        there) or the Connect API v1's CreateConnectorConnection. One attempt, the same error
+        types as `initialise`; the code and state are never in an error's message."""
+        credential = oauth2_code_credential(organisation_id, name, code, state, redirect_url)
+        org = quote(organisation_id, safe="")
+        payload: dict[str, Any]
+        if self.api == constants.PLATFORM_V2:
+            if not template_id:
+                raise InputError(
+                    "connection_template_id is not set in the profile: a Platform API v2 "
+                    "connection is created from its template; set connection_template_id"
+                )
+            path = f"/o/{org}/connections"
+            payload = {
+                "connectionTemplateId": template_id,
+                "externalId": external_id,
+                "connection": {"name": name, "credentials": [credential]},
+            }
+        else:
+            path = f"/o/{org}/connectors/{quote(connector_id, safe='')}/connections"
+            # The Connect API v1 has no end users: the connector's connection is the tenant's.
+            payload = {
+                "name": name,
+                "credentials": {"action": [credential]},
+                "variables": [],
+            }
+        status, headers, body = self._post(path, payload)
+        if 200 <= status < 300:
+            try:
+                return ConnectionResponse.model_validate_json(body)
+            except ValidationError as err:
+                raise APIError(
+                    status, "invalid_response", "Versori answered 2xx without a connection id"
                 ) from err
         raise self._error_for(status, headers, body)
 

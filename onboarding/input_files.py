@@ -127,7 +127,10 @@ def resolve_under(path: Path, root: str | Path | None, source: str, what: str) -
 def read_bounded_text(path: Path, source: str, max_bytes: int, what: str = "file") -> str:
     """A regular file's text (UTF-8, BOM dropped), refused past max_bytes."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a named pipe no writer holds returns at once (then is refused
+        # below) instead of waiting for ever; a regular file reads as it always does.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise InputError(f"{source}: not a regular file; give the {what} file")
             data = f.read(max_bytes + 1)

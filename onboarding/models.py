@@ -120,3 +120,31 @@ class ErrorBody(BaseModel):
         if info.field_name == "details" and not isinstance(value, str):
             return json.dumps(value, separators=(",", ":"))
         return value
+
+
+# CreateConnection (completing an OAuth2 connection with the provider's code): the Platform
+# API v2 `POST /o/{org}/connections` and the Connect API v1
+# `POST /o/{org}/connectors/{connector_id}/connections`. Built by VersoriClient.
+def oauth2_code_credential(
+    organisation_id: str, name: str, code: str, state: str, redirect_url: str | None
+) -> dict[str, object]:
+    """The `oauth2-code` credential both APIs take: the code and state the provider sent."""
+    data: dict[str, object] = {"code": code, "state": state}
+    if redirect_url is not None:
+        data["redirectUrl"] = redirect_url
+    return {
+        "authSchemeConfig": {"type": "oauth2"},
+        "credential": {
+            "name": name,
+            "organisationId": organisation_id,
+            "type": "oauth2-code",
+            "data": data,
+        },
+    }
+
+
+class ConnectionResponse(BaseModel):
+    """What both APIs answer a CreateConnection with (only what this project reads)."""
+
+    id: str = Field(min_length=1)
+    name: str = ""

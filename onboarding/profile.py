@@ -30,6 +30,7 @@ from onboarding.models import (
 from onboarding.net import is_loopback
 
 _FORMATTER = string.Formatter()
+DEFAULT_CONNECT_LINK_DAYS = 30.0
 
 
 def template_fields(template: str) -> list[str]:
@@ -97,6 +98,35 @@ class ConnectorProfile(BaseModel):
     # platform-v2 only: sent as the request's redirectUrl, and then the returned URL's
     # redirect_uri must be exactly this (as with redirect_uri).
     redirect_url: str | None = None
+    # onboard connect-server (onboarding/connect/): the durable link's lifetime; and, for
+    # platform-v2 profiles whose redirect_url is the service's /callback, what CreateConnection
+    # is called with (the connection's template, its name: a {field} template over the tenant,
+    # default its name) and where a connected admin is sent (a fixed URL, never the request's).
+    connect_link_days: float = Field(DEFAULT_CONNECT_LINK_DAYS, gt=0, le=366)
+    connection_template_id: Ulid | None = None
+    connection_name: str = Field("{name}", min_length=1, max_length=200)
+    success_url: str | None = None
+
+    @field_validator("connection_name")
+    @classmethod
+    def _connection_name_template(cls, value: str) -> str:
+        template_fields(value)
+        return value
+
+    @field_validator("success_url")
+    @classmethod
+    def _success_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        check_absolute_url(value)
+        parts = urlsplit(value)
+        if parts.scheme != "https" and not is_loopback(parts.hostname):
+            raise ValueError("must be an https URL (http only to a loopback host)")
+        return value
+
+    def connection_name_for(self, values: dict[str, str]) -> str:
+        """The name CreateConnection gives the tenant's connection (not URL-encoded: a name)."""
+        return self.connection_name.format_map(values)
 
     @field_validator("connector_id", "system_id")
     @classmethod
@@ -218,6 +248,8 @@ class ConnectorProfile(BaseModel):
                 names += template_fields(template)
         else:
             names += template_fields(self.additional_params)
+        if self.connection_template_id is not None:  # only then is a connection named
+            names += template_fields(self.connection_name)
         return list(dict.fromkeys(names))
 
     @property

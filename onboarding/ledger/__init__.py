@@ -7,9 +7,11 @@ statement in its own transaction, so a crash never leaves a half-written row.
 Read in this order: `schema` (the tables and statuses), `records` (what a read hands back),
 `engine` (opening the database), `queries` (the reads), `store` (`Ledger`: the writes;
 `link_sql`, the statements of its most frequent one),
-`group_commit` (concurrent link writes committed together).
+`group_commit` (concurrent link writes committed together); `connect_links` (durable connect
+links and the OAuth callback's writes, for onboard connect-server).
 """
 
+from onboarding.ledger.connect_links import ConnectLink, Funnel, LinkOpens, funnel_lines
 from onboarding.ledger.records import (
     EXPORT_KEYS,
     ConnectOutcome,
@@ -34,13 +36,17 @@ __all__ = [
     "EXPORT_KEYS",
     "LIVE_STATUSES",
     "SENDING_CHANNELS",
+    "ConnectLink",
     "ConnectOutcome",
     "ConnectResult",
+    "Funnel",
     "Ledger",
+    "LinkOpens",
     "Record",
     "Status",
     "SupersededLink",
     "batch_chunks",
+    "funnel_lines",
     "records",
     "state_digest",
     "superseded_links",

@@ -22,6 +22,10 @@ from onboarding.ledger.schema import (
     superseded_links,
 )
 
+# Statuses a reminder goes to (with an email channel): opened and declined admins got the
+# link and did not finish.
+REMINDABLE_STATUSES = (*DONE_STATUSES, Status.EXPIRED)
+
 # SQLite caps a statement's bound parameters (999 before 3.32): IN lists go in parts this long.
 IN_LIST_MAX = 900
 
@@ -48,9 +52,7 @@ class LedgerQueries:
             select(records)
             .where(
                 records.c.connector_id == connector_id,
-                records.c.status.in_(
-                    [Status.DELIVERED.value, Status.REMINDED.value, Status.EXPIRED.value]
-                ),
+                records.c.status.in_([s.value for s in REMINDABLE_STATUSES]),
                 records.c.delivery_channel.in_(SENDING_CHANNELS),
                 records.c.reminders < max_reminders,
                 last_sent <= utc(sent_before),

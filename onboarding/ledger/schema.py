@@ -44,13 +44,26 @@ class Status(StrEnum):
     EXPIRED = "expired"
     REMINDED = "reminded"
     CONNECTED = "connected"
+    # Set by onboard connect-server: the admin opened a durable connect link (or pressed its
+    # button, which made the tenant a new state); the provider answered the callback with an
+    # error (the admin declined: error_code holds the provider's code).
+    OPENED = "opened"
+    DECLINED = "declined"
 
 
 # A link in one of these is out with (or on its way to) the tenant until it expires.
-LIVE_STATUSES = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
+LIVE_STATUSES = (
+    Status.LINK_CREATED,
+    Status.SENDING,
+    Status.DELIVERED,
+    Status.REMINDED,
+    Status.OPENED,
+    Status.DECLINED,
+)
 # A tenant in one of these, with an unexpired link, needs nothing from the next run. A link
 # that was created but not yet delivered (link_created, sending) is delivered by the next run.
-DONE_STATUSES = (Status.DELIVERED, Status.REMINDED)
+# Opened and declined tenants were delivered: reminders chase them, runs leave them be.
+DONE_STATUSES = (Status.DELIVERED, Status.REMINDED, Status.OPENED, Status.DECLINED)
 # Channels that send the link to the admin, which reminders send again.
 SENDING_CHANNELS = ("email", "both")
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 
 from onboarding.clock import utcnow
+from onboarding.ledger.connect_links import ConnectLinks
 from onboarding.ledger.engine import lock_tenants, open_engine, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
 from onboarding.ledger.link_sql import link_statements
@@ -57,8 +58,9 @@ Key = tuple[str, str]  # (tenant_id, connector_id)
 RUN_LEASE_SECONDS = 20.0
 
 
-class Ledger(LedgerQueries):
-    """Reads and writes onboarding records. Thread-safe: share one per process."""
+class Ledger(ConnectLinks, LedgerQueries):
+    """Reads and writes onboarding records (and connect links, see ConnectLinks). Thread-safe:
+    share one per process."""
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -18,6 +18,7 @@ from onboarding.ledger import Ledger
 ONBOARD = str(Path(sys.executable).parent / "onboard")
 ZENDESK = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 SLACK = "01M8F12B95S4BX0QFB3TPDWZ0S"
+CRM = "01M8F12B95S4BX0QFB3TPDWZ0W"  # demo/emulator_config.py DEMO_CRM
 
 
 @pytest.mark.e2e
@@ -49,12 +50,20 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
         message_from_bytes(p.read_bytes(), policy=email.policy.default)
         for p in sorted((output / "mail").glob("*.eml"))
     ]
-    assert len(messages) == 48
-    campaign = messages[23:]
+    assert len(messages) == 49
+    campaign = messages[23:48]
     assert len({str(m["To"]) for m in campaign}) == 25  # one email per tenant
     subjects = Counter(str(m["Subject"]).split(" to ", 1)[1] for m in campaign)
     # t024 lacked both links: one email with the two; the others lacked Slack's only (t023's
     # Zendesk link failed again, and its email went with Slack's).
     # Each connector by its display_name (the profile's name made readable).
     assert subjects == {"Slack Demo": 24, "Zendesk Demo and Slack Demo": 1}
+
+    # Last, t001 connects through a durable link emailed to it, and the funnel is printed.
+    assert "callback: 'Acme Corp is connected to acme-crm'" in done.stdout
+    assert "acme-crm: linked 1 → delivered 1 (100%) → opened 1 (100%) → connected 1" in done.stdout
+    text = messages[48].get_body(preferencelist=("plain",))
+    assert text is not None and "/c/" in str(text.get_content())
+    record = ledger.get("t001", CRM)
+    assert record is not None and record.status.value == "connected" and record.connection_id
     ledger.close()

@@ -29,12 +29,13 @@ from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import display_source, load_roster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RUNS: Counter[str] = Counter()  # examples run per test, reported at the end
+RUNS: Counter[str] = Counter()  # examples run, by property test
 
 # Examples per test: 400 roster files, 600 profile files, 500 roster URLs (1,500 in all; they
 # were 1,000, 1,500 and 500, 18 s of the suite's single core for the two file tests alone).
+ROSTER_FILES, PROFILE_FILES, ROSTER_URLS = 400, 600, 500
 FUZZ = settings(
-    max_examples=600,
+    max_examples=PROFILE_FILES,
     deadline=timedelta(seconds=2),  # one input taking longer is a failure: no hangs
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -176,6 +177,33 @@ def profiles() -> list[ConnectorProfile]:
     return [example, in_path]
 
 
+# What each property test asks Hypothesis for; each must run at least half of it (`ran_enough`):
+# fewer, and its strategy mostly made inputs Hypothesis threw away, or it stopped early, and the
+# test proved little. Checked in each test's own teardown, so it holds in any order (xdist).
+ASKED = {
+    "test_any_roster_file_loads_or_is_an_input_error": ROSTER_FILES,
+    "test_any_profile_file_loads_or_is_an_input_error": PROFILE_FILES,
+    "test_any_roster_url_is_refused_before_a_connection": ROSTER_URLS,
+}
+
+
+@pytest.fixture(autouse=True)
+def ran_enough(request: pytest.FixtureRequest) -> Iterator[None]:
+    name = request.node.originalname
+    before = RUNS[name]
+    yield
+    if name in ASKED:
+        ran = RUNS[name] - before
+        assert ran >= ASKED[name] // 2, f"{name} ran {ran} examples of the {ASKED[name]} asked"
+
+
+def test_every_property_test_is_held_to_its_examples() -> None:
+    given_tests = {
+        n for n, f in globals().items() if n.startswith("test_") and hasattr(f, "hypothesis")
+    }
+    assert given_tests == set(ASKED)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """No fuzzed URL may reach the network: any connection attempt fails the test."""
@@ -196,7 +224,7 @@ def roster_inputs(draw: st.DrawFn) -> tuple[str, bytes]:
     return suffix, draw(documents(fmt, data))
 
 
-@settings(FUZZ, max_examples=400)  # each loads, checks and renders: the dearest
+@settings(FUZZ, max_examples=ROSTER_FILES)  # each loads, checks and renders: the dearest
 @given(case=roster_inputs(), which=st.integers(0, 2))
 def test_any_roster_file_loads_or_is_an_input_error(
     folder: Path, profiles: list[ConnectorProfile], case: tuple[str, bytes], which: int
@@ -205,7 +233,7 @@ def test_any_roster_file_loads_or_is_an_input_error(
     path = folder / f"roster{suffix}"
     path.write_bytes(content)
     profile = profiles[which] if which < len(profiles) else None
-    RUNS["roster files"] += 1
+    RUNS["test_any_roster_file_loads_or_is_an_input_error"] += 1
     try:
         roster = load_roster(path, profile)
         assert len(list(roster)) == len(roster)
@@ -249,14 +277,14 @@ def test_any_profile_file_loads_or_is_an_input_error(
 ) -> None:
     path = folder / f"profile{suffix}"
     path.write_bytes(content)
-    RUNS["profile files"] += 1
+    RUNS["test_any_profile_file_loads_or_is_an_input_error"] += 1
     try:
         load_profile(path)
     except InputError as err:
         assert all(p.source == str(path) for p in err.problems)
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=ROSTER_URLS)
 @given(
     url=st.builds(
         "{}{}".format,
@@ -265,14 +293,9 @@ def test_any_profile_file_loads_or_is_an_input_error(
     )
 )
 def test_any_roster_url_is_refused_before_a_connection(url: str) -> None:
-    RUNS["roster URLs"] += 1
+    RUNS["test_any_roster_url_is_refused_before_a_connection"] += 1
     display_source(url)  # a label never fails
     if "://" not in url:
         return
     with pytest.raises(InputError):
         load_roster(url)
-
-
-def test_report_the_examples_run() -> None:
-    """Runs last in this file: the count of examples each property test ran."""
-    print(f"\nHypothesis examples run: {dict(RUNS)} (total {sum(RUNS.values())})")

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +14,6 @@ from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import (
     MAX_PROBLEMS,
     Tenant,
-    display_source,
     load_roster,
     open_roster_slice,
 )
@@ -541,52 +535,7 @@ def test_iteration_streams_tenants_with_extra_columns(
     assert next(iterator, None) is None
 
 
-# --- over HTTP, and a big one ----------------------------------------------------------------
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(base URL, folder) of a local HTTP server that serves the folder."""
-    folder = tmp_path / "www"
-    folder.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_roster_from_http_url(served: tuple[str, Path], profile: ConnectorProfile) -> None:
-    base, folder = served
-    (folder / "tenants.csv").write_text(csv_text("t1,A,a@x.com,a,p", "t2,B,b@x.com,b,p"))
-    (folder / "tenants.jsonl").write_text(tenant_json(1, subdomain="a") + "\n")
-    roster = load_roster(f"{base}/tenants.csv?token=abc", profile)
-    assert roster.source == f"{base}/tenants.csv", "a signed URL's token stays out of labels"
-    assert len(roster) == 2
-    assert ids(roster) == ["t1", "t2"]
-    assert ids(load_roster(f"{base}/tenants.jsonl", profile)) == ["t1"]
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_roster_from_http_url_problems_name_the_url(served: tuple[str, Path]) -> None:
-    base, folder = served
-    (folder / "bad.csv").write_text(csv_text("t1,,a@x.com,a,p"))
-    (problem,) = problems_of(f"{base}/bad.csv")
-    assert (problem.source, problem.line, problem.field) == (f"{base}/bad.csv", 2, "name")
-    with pytest.raises(InputError, match="cannot download the roster") as caught:
-        load_roster(f"{base}/missing.csv?sig=s3cret")
-    assert "s3cret" not in str(caught.value) and "HTTP 404" in str(caught.value)
+# --- a big one ---------------------------------------------------------------------------------
 
 
 def test_20k_row_csv(tmp_path: Path, profile: ConnectorProfile) -> None:
@@ -641,178 +590,7 @@ def test_a_slice_of_a_roster_changed_since_it_was_checked_is_refused(tmp_path: P
         open_roster_slice(tmp_path / "elsewhere.csv", digest, 0, 1)
 
 
-# --- where a roster may come from (issue 10, #1) -----------------------------------------------
-
-SECRET_LINE = "AccessKeyId=AKIAEXAMPLEKEY,SecretAccessKey=wJalrXUtnFEMI-s3cr3t"
-
-
-@pytest.fixture
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every address a connection is opened to, in order; anything but loopback is refused
-    here, so that no test ever reaches out of the machine."""
-    opened: list[tuple[str, int]] = []
-    real = socket.create_connection
-
-    def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        opened.append((address[0], address[1]))
-        if address[0] not in ("127.0.0.1", "localhost", "::1"):
-            raise ConnectionRefusedError(f"test: no connection to {address[0]}")
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    return opened
-
-
-class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
-    """Answers by path: /redirect?to=URL, /trickle (a byte every 0.1 s), /endless (bytes with
-    no length, forever), /secret.csv (a body holding credentials)."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        if path.startswith("/redirect"):
-            self.send_response(302)
-            self.send_header("Location", query.removeprefix("to="))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif path == "/secret.csv":
-            body = (SECRET_LINE + "\nx,y\n").encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif path in ("/trickle.csv", "/endless.csv"):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(HEADER.encode() + b"\n")
-            until = time.monotonic() + 15
-            try:
-                while time.monotonic() < until:
-                    if path == "/trickle.csv":
-                        self.wfile.write(b"t")
-                        self.wfile.flush()
-                        time.sleep(0.1)
-                    else:
-                        self.wfile.write(b"t" * 65536)
-            except OSError:
-                pass
-        else:
-            self.send_error(404)
-
-
-@pytest.fixture
-def scripted() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@pytest.fixture
-def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "127.0.0.1")
-
-
-def test_no_roster_url_is_fetched_unless_its_host_is_allowed(
-    monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]], served: tuple[str, Path]
-) -> None:
-    base, folder = served
-    (folder / "r.csv").write_text(csv_text("t1,A,a@x.com,a,p"))
-    monkeypatch.delenv("ONBOARD_ROSTER_ALLOWED_HOSTS", raising=False)
-    for url in (f"{base}/r.csv", "https://rosters.example.com/r.csv?sig=s3cret"):
-        with pytest.raises(InputError, match="ONBOARD_ROSTER_ALLOWED_HOSTS") as caught:
-            load_roster(url)
-        assert "s3cret" not in str(caught.value)
-    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "rosters.example.com, 127.0.0.1")
-    with pytest.raises(InputError, match="https") as caught:
-        load_roster("http://rosters.example.com/r.csv?sig=s3cret")
-    assert "s3cret" not in str(caught.value)
-    assert connections == [], "refused before any connection"
-    assert ids(load_roster(f"{base}/r.csv")) == ["t1"], "plain http to an allowed loopback host"
-
-
-@pytest.mark.usefixtures("allow_loopback")
-@pytest.mark.parametrize(
-    "target",
-    [
-        "http://169.254.169.254/latest/meta-data/iam/r.csv",  # not https, not allowed
-        "https://169.254.169.254/r.csv",  # https, but not an allowed host
-        "https://evil.example.com/r.csv?X-Amz-Signature=s3cret",
-        "http://[::1]:1/r.csv",  # loopback, but not the allowed host
-        "file:///etc/passwd",
-    ],
-)
-def test_every_redirect_hop_is_checked_before_it_is_followed(
-    scripted: str, connections: list[tuple[str, int]], target: str
-) -> None:
-    started = time.monotonic()
-    with pytest.raises(InputError, match="redirect") as caught:
-        load_roster(f"{scripted}/redirect.csv?to={target}")
-    assert time.monotonic() - started < 5
-    assert [host for host, _ in connections] == ["127.0.0.1"], "only the first hop connected"
-    assert "s3cret" not in str(caught.value) and "meta-data" not in str(caught.value)
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_a_redirect_to_an_allowed_host_is_followed(scripted: str, served: tuple[str, Path]) -> None:
-    base, folder = served
-    (folder / "r.csv").write_text(csv_text("t1,A,a@x.com,a,p"))
-    assert ids(load_roster(f"{scripted}/redirect.csv?to={base}/r.csv")) == ["t1"]
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_errors_never_quote_what_the_server_sent(scripted: str) -> None:
-    with pytest.raises(InputError) as caught:
-        load_roster(f"{scripted}/secret.csv")
-    text = str(caught.value)
-    assert "secret.csv:1: tenant_id: no such column" in text
-    for secret in ("AKIAEXAMPLEKEY", "s3cr3t", "AccessKeyId"):
-        assert secret not in text
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_a_download_has_a_byte_cap(scripted: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONBOARD_ROSTER_MAX_BYTES", str(1024 * 1024))
-    started = time.monotonic()
-    with pytest.raises(InputError, match="larger than 1048576 bytes"):
-        load_roster(f"{scripted}/endless.csv")
-    assert time.monotonic() - started < 10
-
-
-@pytest.mark.usefixtures("allow_loopback")
-def test_a_download_has_a_whole_deadline(scripted: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONBOARD_ROSTER_DOWNLOAD_SECONDS", "1")
-    started = time.monotonic()
-    with pytest.raises(InputError, match="not downloaded within 1 s"):
-        load_roster(f"{scripted}/trickle.csv")
-    assert time.monotonic() - started < 3, "the deadline is for the whole download"
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "https://example.com:99999/r.csv",
-        "https://example.com:port/r.csv",
-        "https://[::1/r.csv",
-        "https:///r.csv",
-    ],
-)
-def test_a_malformed_url_is_an_input_error(
-    url: str, monkeypatch: pytest.MonkeyPatch, connections: list[tuple[str, int]]
-) -> None:
-    monkeypatch.setenv("ONBOARD_ROSTER_ALLOWED_HOSTS", "example.com")
-    with pytest.raises(InputError, match="not a valid URL"):
-        load_roster(url)
-    assert connections == []
-    display_source(url)  # a label never fails either
+# --- local paths under a root (issue 10, #1; roster URLs: tests/unit/test_roster_download.py) ---
 
 
 def test_local_paths_must_lie_under_the_root(tmp_path: Path) -> None:

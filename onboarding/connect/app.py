@@ -1,0 +1,156 @@
+"""The ASGI app of `onboard connect-server`: routes, each answered from `ConnectService` on a
+worker thread (the ledger and the Versori client are synchronous), with the security headers
+on every answer and a plain page, never a stack trace, for anything that goes wrong."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from onboarding.connect import pages
+from onboarding.connect.pages import Page, security_headers
+from onboarding.connect.service import RETRY_COOKIE, CallbackAnswer, ConnectService
+
+log = logging.getLogger(__name__)
+
+# A form post is a few hundred bytes; anything much larger is not ours.
+MAX_FORM_BYTES = 4096
+
+
+def respond(page: Page) -> Response:
+    headers = security_headers(page.form_targets)
+    if page.location:
+        headers["Location"] = page.location
+        response: Response = Response(status_code=page.status, headers=headers)
+    else:
+        response = HTMLResponse(page.html(), status_code=page.status, headers=headers)
+    if page.set_cookie:
+        response.headers.append("Set-Cookie", page.set_cookie)
+    return response
+
+
+def create_app(service: ConnectService, own_origin: str | None = None) -> Starlette:
+    """`own_origin`: the service's public origin (ONBOARD_CONNECT_BASE_URL's), which a form
+    post's Origin may name besides the request's own Host."""
+
+    async def run(work: Callable[[], Page]) -> Response:
+        try:
+            page = await run_in_threadpool(work)
+        except Exception as err:  # a page, never a traceback; the type only (no secrets)
+            log.error("request failed: %s", type(err).__name__)
+            page = pages.internal_error()
+        return respond(page)
+
+    async def link(request: Request) -> Response:
+        token = request.path_params["token"]
+        if request.method == "GET":
+            return await run(lambda: service.show_link(token))
+        form = await _small_form(request)
+        if form is None:
+            return respond(pages.forbidden_form())
+        csrf = form.get("csrf", "")
+        cross = _cross_site(request, own_origin)
+        return await run(lambda: service.press_button(token, csrf, cross_site=cross))
+
+    async def callback(request: Request) -> Response:
+        query = request.query_params
+        answer = CallbackAnswer(
+            state=query.get("state", ""), code=query.get("code", ""), error=query.get("error", "")
+        )
+        cookie = request.cookies.get(RETRY_COOKIE)
+        return await run(lambda: service.callback(answer, cookie))
+
+    async def retry(request: Request) -> Response:
+        cookie = request.cookies.get(RETRY_COOKIE)
+        return await run(lambda: service.retry(cookie))
+
+    async def healthz(request: Request) -> Response:
+        ok = await run_in_threadpool(_ledger_answers, service)
+        return JSONResponse({"ok": ok}, status_code=200 if ok else 503, headers=security_headers())
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        page = pages.not_found() if status in (404, 405) else pages.internal_error()
+        return respond(Page(status, page.title, page.paragraphs, kind=page.kind))
+
+    app = Starlette(
+        routes=[
+            Route("/c/{token}", link, methods=["GET", "POST"]),
+            Route("/callback", callback, methods=["GET"]),
+            Route("/retry", retry, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+    )
+    app.state.service = service
+    return app
+
+
+async def _small_form(request: Request) -> dict[str, str] | None:
+    """A url-encoded form of at most MAX_FORM_BYTES (the button's), first value of each
+    field; None for anything else."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+def _cross_site(request: Request, own_origin: str | None) -> bool:
+    """A form post that a browser says came from another site. Sec-Fetch-Site is sent by every
+    current browser; Origin is `null` under Referrer-Policy no-referrer, so only another
+    site's origin counts against the post."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return False
+    return origin not in (f"{request.url.scheme}://{request.url.netloc}", own_origin)
+
+
+def _ledger_answers(service: ConnectService) -> bool:
+    from sqlalchemy import text
+
+    try:
+        with service.ledger.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception:
+        return False
+    return True
+
+
+def app_from_env() -> Starlette:
+    """The app as `onboard connect-server` runs it in each uvicorn worker: the ledger at
+    ONBOARD_DB_URL, Versori from VERSORI_*, events to PREFECT_API_URL when set."""
+    from onboarding.connect.settings import ConnectSettings
+    from onboarding.ledger import Ledger
+    from onboarding.settings import LedgerSettings
+
+    settings = ConnectSettings()
+    service = ConnectService(
+        Ledger(LedgerSettings().db_url),
+        mints_per_hour=settings.mints_per_hour,
+        secure_cookies=bool(settings.base_url and settings.base_url.startswith("https:")),
+    )
+    own = pages.origin_of(settings.base_url) if settings.base_url else None
+    return create_app(service, own_origin=own)

@@ -1,0 +1,43 @@
+"""ONBOARD_CONNECT_*: where the service's links point, and how often a link may mint."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from onboarding.net import is_loopback
+from onboarding.settings import EnvSettings
+
+
+class ConnectSettings(EnvSettings):
+    """ONBOARD_CONNECT_BASE_URL: the service's public base (`https://connect.example.com`);
+    emails carry `<base>/c/<token>` when it is set, the raw authorize URL when not.
+    ONBOARD_CONNECT_MINTS_PER_HOUR: how many times one link's button may make a new state in
+    an hour (each press calls Versori)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ONBOARD_CONNECT_", env_file=".env", extra="ignore"
+    )
+
+    base_url: str | None = None
+    mints_per_hour: int = Field(10, ge=1, le=1000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute https URL, e.g. https://connect.example.com")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must have no query, fragment or user info")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(
+                "is plain http to a host other than this machine: links would carry their "
+                "token in clear; use https (http only to 127.0.0.1, ::1 or localhost)"
+            )
+        return value

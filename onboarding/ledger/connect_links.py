@@ -1,0 +1,486 @@
+"""Durable connect links and the OAuth callback's writes (onboard connect-server).
+
+A connect link is `https://<connect base>/c/<token>`: one per email, per (tenant, connector),
+valid until its own expiry, a revoke, or the tenant's connection. The token is a random
+value of 256 bits handed out once (`issue_connect_link`) and stored only as its sha256, like
+a state. Behind it, the tenant's OAuth state is minted on demand (the link's button), so an
+emailed link never goes stale the way a raw authorize URL does.
+
+Every write here is one conditional statement, or one short transaction under the tenant's
+lock (PostgreSQL) or the database's write lock (SQLite), so that several replicas of the
+service on one ledger never mint past a link's rate limit, never move a state to the history
+twice, and connect a tenant once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+)
+
+from onboarding.clock import utcnow
+from onboarding.ledger.engine import lock_tenants, reconnecting
+from onboarding.ledger.records import Record, aware, utc
+from onboarding.ledger.schema import Status, metadata, records, state_digest
+
+# Bytes of randomness in a link's token: 256 bits, URL-safe base64 (43 characters).
+TOKEN_BYTES = 32
+
+connect_links = Table(
+    "onboarding_connect_links",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("connector_id", String(26), nullable=False),
+    # The profile file as the run that issued the link saw it: what the service renders the
+    # initialise request from when the button is pressed.
+    Column("profile_path", Text, nullable=False),
+    # Tied to this link: the page's form carries it, the POST must give it back.
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("opened_first_at", DateTime(timezone=True)),
+    Column("opened_last_at", DateTime(timezone=True)),
+    Column("opened_count", Integer, nullable=False, default=0, server_default=text("0")),
+    # The mint rate limit: a fixed window that starts with its first mint.
+    Column("mint_window_at", DateTime(timezone=True)),
+    Column("mint_count", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("minted_at", DateTime(timezone=True)),
+    Index("ix_onboarding_connect_links_tenant", "tenant_id", "connector_id"),
+)
+
+# Each state a callback came back with, claimed before CreateConnection is called, so that a
+# replayed or doubled callback never calls Versori twice with the same code.
+callback_states = Table(
+    "onboarding_callback_states",
+    metadata,
+    Column("state_hash", String(64), primary_key=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("connector_id", String(26), nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def token_digest(token: str) -> str:
+    """How a token is looked up: its sha256, hex (as a state is; 256 random bits need no
+    salt or slow hash)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ConnectLink:
+    token_hash: str
+    tenant_id: str
+    connector_id: str
+    profile_path: str
+    csrf: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    opened_first_at: datetime | None
+    opened_last_at: datetime | None
+    opened_count: int
+    mint_window_at: datetime | None
+    mint_count: int
+    minted_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> ConnectLink:
+        values = dict(row._mapping)
+        for key, value in values.items():
+            if isinstance(value, datetime):
+                values[key] = aware(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LinkOpens:
+    """What a tenant's connect links (for one connector) say about the admin: opened how many
+    times, first and last. What a reminder reads to say "you opened the link but did not
+    finish"."""
+
+    count: int
+    first_at: datetime | None
+    last_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """One connector's tenants, as far as each got: linked (a link was made), delivered
+    (sent or stored), opened (a connect link was opened), connected; and declined / failed
+    (their status now). Each stage counts the tenants that reached it, whatever came later."""
+
+    linked: int
+    delivered: int
+    opened: int
+    connected: int
+    declined: int
+    failed: int
+
+    STAGES = ("linked", "delivered", "opened", "connected")
+
+    def share(self, stage: str) -> float:
+        """A stage's count as a share of linked (0 when nothing was linked)."""
+        return getattr(self, stage) / self.linked if self.linked else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "linked": self.linked,
+            "delivered": self.delivered,
+            "opened": self.opened,
+            "connected": self.connected,
+            "declined": self.declined,
+            "failed": self.failed,
+        }
+
+
+class ConnectLinks:
+    """The ledger's connect-link reads and writes (mixed into Ledger)."""
+
+    engine: Any
+    postgres: bool
+    _insert: Any
+    _link_sql: tuple[Any, Any]
+
+    @reconnecting
+    def issue_connect_link(
+        self,
+        tenant_id: str,
+        connector_id: str,
+        profile_path: str,
+        expires_at: datetime,
+        *,
+        now: datetime | None = None,
+    ) -> str:
+        """A new connect link for (tenant, connector): its token, in plain text, returned this
+        once (only its hash is kept). Older links of the tenant stay valid until their own
+        expiry, a revoke, or the tenant's connection."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        with self.engine.begin() as conn:
+            conn.execute(
+                connect_links.insert().values(
+                    token_hash=token_digest(token),
+                    tenant_id=tenant_id,
+                    connector_id=connector_id,
+                    profile_path=profile_path,
+                    csrf=secrets.token_urlsafe(24),
+                    created_at=utc(now or utcnow()),
+                    expires_at=utc(expires_at),
+                    opened_count=0,
+                    mint_count=0,
+                )
+            )
+        return token
+
+    @reconnecting
+    def find_connect_link(self, token: str) -> ConnectLink | None:
+        query = select(connect_links).where(connect_links.c.token_hash == token_digest(token))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return ConnectLink.from_row(row) if row is not None else None
+
+    @reconnecting
+    def note_link_opened(self, link: ConnectLink, at: datetime | None = None) -> bool:
+        """The link's page was shown: its open counts, and the tenant's status `opened` when it
+        was waiting for the admin (link made, sent, delivered, reminded). True when that
+        status changed (an `opened` event is due)."""
+        when = utc(at or utcnow())
+        waiting = [
+            s.value
+            for s in (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(
+                connect_links.update()
+                .where(connect_links.c.token_hash == link.token_hash)
+                .values(
+                    opened_count=connect_links.c.opened_count + 1,
+                    opened_last_at=when,
+                    opened_first_at=func.coalesce(connect_links.c.opened_first_at, when),
+                )
+            )
+            done = conn.execute(
+                records.update()
+                .where(
+                    records.c.tenant_id == link.tenant_id,
+                    records.c.connector_id == link.connector_id,
+                    records.c.status.in_(waiting),
+                )
+                .values(status=Status.OPENED.value, updated_at=utcnow())
+            )
+        return bool(done.rowcount)
+
+    @reconnecting
+    def take_mint(
+        self, link: ConnectLink, limit: int, window: timedelta, at: datetime | None = None
+    ) -> bool:
+        """Count one mint against the link's limit (`limit` in a fixed `window` that starts
+        with its first mint); False, and nothing counted, past it. One conditional UPDATE: two
+        replicas pressing the same link's button at once never mint past the limit."""
+        when = utc(at or utcnow())
+        fresh = or_(
+            connect_links.c.mint_window_at.is_(None),
+            connect_links.c.mint_window_at <= when - window,
+        )
+        done: Any
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                connect_links.update()
+                .where(
+                    connect_links.c.token_hash == link.token_hash,
+                    or_(fresh, connect_links.c.mint_count < limit),
+                )
+                .values(
+                    mint_count=case((fresh, 1), else_=connect_links.c.mint_count + 1),
+                    mint_window_at=case((fresh, when), else_=connect_links.c.mint_window_at),
+                    minted_at=when,
+                )
+            )
+        return bool(done.rowcount)
+
+    @reconnecting
+    def record_minted_link(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        url: str,
+        state: str,
+        created_at: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        """The state a connect link's button just made: it becomes the tenant's current one
+        (status `opened`), and the state it replaces goes to the history, as a re-issue does.
+        Unlike record_link, what the tenant was sent (delivered_at, channel, reminders) stays.
+        False, and the new state put straight in the history, when the tenant is connected."""
+        supersede, _ = self._link_sql
+        created, updated = utc(created_at), utcnow()
+        digest = state_digest(state)
+        with self.engine.begin() as conn:
+            if self.postgres:
+                lock_tenants(conn, [(tenant_id, connector_id)])
+            conn.execute(
+                supersede,
+                {
+                    "tenant_id": tenant_id,
+                    "connector_id": connector_id,
+                    "state": state,
+                    "state_hash": digest,
+                    "created_at": created,
+                    "updated_at": updated,
+                },
+            )
+            done = conn.execute(
+                records.update()
+                .where(
+                    records.c.tenant_id == tenant_id,
+                    records.c.connector_id == connector_id,
+                    records.c.status != Status.CONNECTED.value,
+                )
+                .values(
+                    status=Status.OPENED.value,
+                    url=url,
+                    state=state,
+                    state_hash=digest,
+                    created_at=created,
+                    expires_at=utc(expires_at),
+                    attempts=records.c.attempts + 1,
+                    error_code=None,
+                    error_message=None,
+                    updated_at=updated,
+                )
+            )
+        return bool(done.rowcount)
+
+    @reconnecting
+    def note_connect_error(
+        self, tenant_id: str, connector_id: str, code: str, message: str
+    ) -> None:
+        """A failure of the service for this tenant (a mint or CreateConnection that did not
+        go through): kept as the row's last error; its status stays (the link still works)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                records.update()
+                .where(
+                    records.c.tenant_id == tenant_id,
+                    records.c.connector_id == connector_id,
+                    records.c.status != Status.CONNECTED.value,
+                )
+                .values(error_code=code[:100], error_message=message, updated_at=utcnow())
+            )
+
+    @reconnecting
+    def revoke_connect_links(
+        self, tenant_id: str, connector_id: str | None = None, at: datetime | None = None
+    ) -> int:
+        """Revoke every live connect link of the tenant (for one connector, or all): how many."""
+        where = [connect_links.c.tenant_id == tenant_id, connect_links.c.revoked_at.is_(None)]
+        if connector_id is not None:
+            where.append(connect_links.c.connector_id == connector_id)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                connect_links.update().where(*where).values(revoked_at=utc(at or utcnow()))
+            )
+        return int(done.rowcount or 0)
+
+    @reconnecting
+    def claim_callback(self, state: str, tenant_id: str, connector_id: str) -> bool:
+        """Claim a callback's state before CreateConnection is called with its code: True for
+        the first claim, False for any later one (a replay, a double submit, another replica)."""
+        stmt = (
+            self._insert(callback_states)
+            .values(
+                state_hash=state_digest(state),
+                tenant_id=tenant_id,
+                connector_id=connector_id,
+                claimed_at=utcnow(),
+            )
+            .on_conflict_do_nothing()
+        )
+        with self.engine.begin() as conn:
+            done = conn.execute(stmt)
+        return bool(done.rowcount)
+
+    @reconnecting
+    def callback_claimed(self, state: str) -> bool:
+        query = select(callback_states.c.state_hash).where(
+            callback_states.c.state_hash == state_digest(state)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    @reconnecting
+    def record_declined(
+        self, state: str, error_code: str, at: datetime | None = None
+    ) -> Record | None:
+        """The provider sent the admin back with an error (access_denied: they declined) for
+        the tenant's current, unexpired state: status `declined`, the provider's code kept.
+        None, and nothing written, for any other state (unknown, superseded, expired, used)."""
+        digest = state_digest(state)
+        when = utc(at or utcnow())
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                records.update()
+                .where(
+                    records.c.state_hash == digest,
+                    records.c.status.not_in([Status.CONNECTED.value, Status.EXPIRED.value]),
+                    records.c.expires_at > when,
+                )
+                .values(
+                    status=Status.DECLINED.value,
+                    error_code=error_code[:100],
+                    error_message="the provider answered the authorization with an error",
+                    updated_at=utcnow(),
+                )
+            )
+            if not done.rowcount:
+                return None
+            row = conn.execute(select(records).where(records.c.state_hash == digest)).first()
+        return Record.from_row(row) if row is not None else None
+
+    @reconnecting
+    def latest_profile_path(self, tenant_id: str, connector_id: str) -> str | None:
+        """The profile of the tenant's most recently used (or issued) connect link."""
+        query = (
+            select(connect_links.c.profile_path)
+            .where(
+                connect_links.c.tenant_id == tenant_id,
+                connect_links.c.connector_id == connector_id,
+            )
+            .order_by(func.coalesce(connect_links.c.minted_at, connect_links.c.created_at).desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            path = conn.execute(query).scalar_one_or_none()
+        return str(path) if path is not None else None
+
+    @reconnecting
+    def connect_opens(
+        self, connector_id: str, tenant_ids: list[str] | None = None
+    ) -> dict[str, LinkOpens]:
+        """For the reminder text: each tenant (of these) whose connect links were opened, with
+        how often and when, summed over its links for this connector."""
+        query = (
+            select(
+                connect_links.c.tenant_id,
+                func.sum(connect_links.c.opened_count),
+                func.min(connect_links.c.opened_first_at),
+                func.max(connect_links.c.opened_last_at),
+            )
+            .where(connect_links.c.connector_id == connector_id, connect_links.c.opened_count > 0)
+            .group_by(connect_links.c.tenant_id)
+        )
+        if tenant_ids is not None:
+            query = query.where(connect_links.c.tenant_id.in_(tenant_ids))
+        with self.engine.connect() as conn:
+            return {
+                tenant: LinkOpens(int(count), aware(first), aware(last))
+                for tenant, count, first, last in conn.execute(query)
+            }
+
+    @reconnecting
+    def funnel(self, connector_ids: list[str] | None = None) -> dict[str, Funnel]:
+        """Per connector: how many tenants were linked, delivered, opened, connected; and how
+        many are declined or failed now. One statement over the records (and, for opened,
+        whether any of the tenant's connect links was opened)."""
+        opened_link = exists().where(
+            connect_links.c.tenant_id == records.c.tenant_id,
+            connect_links.c.connector_id == records.c.connector_id,
+            connect_links.c.opened_count > 0,
+        )
+        connected = records.c.status == Status.CONNECTED.value
+        linked = or_(records.c.url.is_not(None), records.c.state_hash.is_not(None), connected)
+        delivered = or_(
+            records.c.delivered_at.is_not(None), records.c.last_sent_at.is_not(None), connected
+        )
+        statuses = [Status.OPENED.value, Status.DECLINED.value, Status.CONNECTED.value]
+        opened = or_(opened_link, and_(records.c.status.in_(statuses), linked))
+
+        def count(condition: Any) -> Any:
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        query = select(
+            records.c.connector_id,
+            count(linked),
+            count(delivered),
+            count(opened),
+            count(connected),
+            count(records.c.status == Status.DECLINED.value),
+            count(records.c.status == Status.FAILED.value),
+        ).group_by(records.c.connector_id)
+        if connector_ids:
+            query = query.where(records.c.connector_id.in_(list(connector_ids)))
+        with self.engine.connect() as conn:
+            return {
+                cid: Funnel(*(int(n) for n in numbers))
+                for cid, *numbers in conn.execute(query.order_by(records.c.connector_id))
+            }
+
+
+def funnel_lines(funnel: Funnel) -> str:
+    """A funnel in one line: `linked 25 → delivered 23 (92%) → opened 3 (12%) → connected 1
+    (4%); declined 0, failed 2`."""
+    parts = [f"linked {funnel.linked}"]
+    for stage in Funnel.STAGES[1:]:
+        parts.append(f"{stage} {getattr(funnel, stage)} ({funnel.share(stage):.0%})")
+    return " → ".join(parts) + f"; declined {funnel.declined}, failed {funnel.failed}"
