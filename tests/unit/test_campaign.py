@@ -423,7 +423,7 @@ def test_each_reminder_is_a_new_message_threaded_under_the_first(setup: Setup) -
         assert remind_tenant(reminding(setup), TENANT, NOT_LAST).status == "reminded"
     first, *reminders = setup.mailer.sent
     assert [m["Subject"] for m in reminders] == [
-        "Reminder: Connect Acme to zendesk-demo and slack-demo"
+        "Reminder: Connect Acme to Zendesk Demo and Slack Demo"
     ] * 2
     ids = [m["Message-ID"] for m in setup.mailer.sent]
     assert len(set(ids)) == 3, "the second reminder is not the first one again"
