@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,8 @@ class Issued:
     expires_at: datetime
     reminders: int = 0  # reminders sent so far for this link's connector
     channel: str = ""  # how its first email went (email, both), for a reminder
+    # What the email carries, once chosen: the authorize URL, or a durable connect link.
+    mailed: tuple[str, datetime] | None = None
 
 
 # What a connector holds for a tenant while the tenant's slice is retried.
@@ -64,6 +66,9 @@ class Campaign:
     # fewer than max_reminders times.
     remind_before: datetime | None = None
     max_reminders: int = 0
+    # ONBOARD_CONNECT_BASE_URL: when set, emails carry a durable connect link of the connect
+    # service (onboard connect-server) instead of the raw authorize URL.
+    connect_base_url: str | None = None
     # A tenant's links and final outcomes while its slice is retried: a retry calls only the
     # connectors that failed transiently. Each tenant is handled by one thread at a time.
     held: dict[str, dict[str, Settled]] = field(default_factory=dict)
@@ -279,17 +284,19 @@ def _message(
     from onboarding.mail import MailLink, build_message
 
     assert campaign.mailer is not None and campaign.templates is not None
-    links = [
-        MailLink(
-            h.run.profile.name,
-            h.run.connector_id,
-            h.link.url,
-            h.link.state,
-            h.expires_at,
-            display_name=h.run.profile.display_name,
+    links = []
+    for h in issued:
+        url, expires_at = _mailed(campaign, tenant, h)
+        links.append(
+            MailLink(
+                h.run.profile.name,
+                h.run.connector_id,
+                url,
+                h.link.state,
+                expires_at,
+                display_name=h.run.profile.display_name,
+            )
         )
-        for h in issued
-    ]
     return build_message(
         tenant=tenant,
         links=links,
@@ -297,6 +304,23 @@ def _message(
         templates=campaign.templates,
         reminder=1 + max(h.reminders for h in issued) if reminder else 0,
     )
+
+
+def _mailed(campaign: Campaign, tenant: Tenant, issued: Issued) -> tuple[str, datetime]:
+    """The link the email carries and its expiry: the authorize URL, or, with a connect base
+    URL, a new durable connect link (its token kept only as a hash; older ones stay valid)
+    that lives the profile's connect_link_days. Chosen once per issued link."""
+    if issued.mailed is None:
+        if campaign.connect_base_url is None:
+            issued.mailed = (issued.link.url, issued.expires_at)
+        else:
+            from onboarding.connect.service import connect_url, issue_connect_link
+
+            run = issued.run
+            token = issue_connect_link(run.ledger, tenant.tenant_id, run.profile, run.profile_path)
+            days = timedelta(days=run.profile.connect_link_days)
+            issued.mailed = (connect_url(campaign.connect_base_url, token), run.clock() + days)
+    return issued.mailed
 
 
 def _mark_sending(

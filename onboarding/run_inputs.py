@@ -136,7 +136,15 @@ def check_environment() -> None:
     """Every VERSORI_* and ONBOARD_* setting a run reads (mail's apart, checked with the
     templates) passes its check: one InputError names every variable that does not."""
     problems = []
-    for settings in (VersoriSettings, LedgerSettings, InputSettings, RetrySettings):
+    from onboarding.connect.settings import ConnectSettings
+
+    for settings in (
+        VersoriSettings,
+        LedgerSettings,
+        InputSettings,
+        RetrySettings,
+        ConnectSettings,
+    ):
         try:
             settings()
         except InputError as err:

@@ -15,6 +15,7 @@ from flows.reporting.events import TenantEventSender
 from flows.running.in_process import on_interrupt
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
+from onboarding.connect.settings import ConnectSettings
 from onboarding.connector_run import ConnectorRun
 from onboarding.ledger import Ledger
 from onboarding.models import Api
@@ -89,6 +90,7 @@ def open_campaign(
         rule=RetryRule(deadline=settings.tenant_deadline_seconds),
         remind_before=remind_before,
         max_reminders=max_reminders,
+        connect_base_url=ConnectSettings().base_url if deliver.sends_email else None,
     )
 
 

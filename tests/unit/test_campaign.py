@@ -8,6 +8,7 @@ campaigns through the flow: tests/flows/test_campaign.py."""
 from __future__ import annotations
 
 import email.policy
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -190,6 +191,23 @@ def test_one_email_carries_both_links_and_each_connector_records_its_delivery(
         ("zendesk-demo", "delivered"),
         ("slack-demo", "delivered"),
     ]
+
+
+def test_with_a_connect_base_url_the_email_carries_durable_links_not_authorize_urls(
+    setup: Setup,
+) -> None:
+    base = "https://connect.example.com"
+    outcome = onboard_tenant(setup.campaign(connect_base_url=base), TENANT, NOT_LAST)
+    assert outcome.status == "delivered"
+    (message,) = setup.mailer.sent
+    text = setup.text_of(message)
+    tokens = re.findall(re.escape(base) + r"/c/([A-Za-z0-9_-]+)", text)
+    assert len(tokens) == 2 and len(set(tokens)) == 2, "one durable link per connector"
+    for profile, token in zip((ZENDESK, SLACK), tokens, strict=True):
+        record = setup.record(profile)
+        assert record.url and record.url not in text, "the authorize URL stays in the ledger"
+        link = setup.ledger.find_connect_link(token)
+        assert link is not None and link.connector_id == profile.target_id
 
 
 def test_a_connector_failing_for_good_still_mails_the_others_link(setup: Setup) -> None:
