@@ -582,6 +582,14 @@ def status(
     stale = ledger.count_past_expiry(ids, utcnow())
     if stale:
         out.print(f"{stale} link(s) are past their expiry and not connected.")
+    from onboarding.ledger import funnel_lines
+
+    labels = {i: names.get(i) or recorded.get(i) or i for i in ids}
+    out.print("Funnel (linked → delivered → opened → connected):", highlight=False)
+    for cid, funnel in ledger.funnel(ids).items():
+        out.print(
+            f"  {labels.get(cid, cid)}: {funnel_lines(funnel)}", highlight=False, soft_wrap=True
+        )
 
 
 def _status_table(ledger: Ledger, labels: dict[str, str]) -> Table:
