@@ -22,7 +22,7 @@ from flows.reporting.summary import OutcomeCounts, publish_and_end
 from onboarding.campaign import Campaign
 from onboarding.clock import utcnow
 from onboarding.connection import tenant_of
-from onboarding.ledger import Ledger, Record, Status
+from onboarding.ledger import Ledger, Record, Status, funnel_lines
 from onboarding.outcomes import TenantOutcome, combined
 from onboarding.profile import ConnectorProfile
 from onboarding.roster import Tenant
@@ -216,10 +216,20 @@ def _key(kind: str, profiles: list[ConnectorProfile]) -> str:
 
 
 def _coverage(ledger: Ledger, profiles: list[ConnectorProfile]) -> dict[str, Any]:
-    """How many tenants are connected to all, some, none of a campaign's connectors."""
-    if len(profiles) == 1:
-        return {}
-    return {"coverage": ledger.connection_coverage([p.target_id for p in profiles])}
+    """Each connector's funnel in the ledger (linked, delivered, opened, connected), and for a
+    campaign how many tenants are connected to all, some, none of its connectors."""
+    ids = [p.target_id for p in profiles]
+    funnels = ledger.funnel(ids)
+    about: dict[str, Any] = {
+        "funnel": {
+            p.display_name: funnel_lines(funnels[p.target_id])
+            for p in profiles
+            if p.target_id in funnels
+        }
+    }
+    if len(profiles) > 1:
+        about["coverage"] = ledger.connection_coverage(ids)
+    return about
 
 
 def _to_do(roster: Iterable[Tenant], campaign: Campaign) -> Iterator[Tenant | TenantOutcome]:

@@ -138,6 +138,9 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
             f"| {name} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
             for name, counts in summary["by_connector"].items()
         ]
+    if summary.get("funnel"):
+        lines += ["", "Funnel in the ledger (linked → delivered → opened → connected):", ""]
+        lines += [f"- {name}: {line}" for name, line in summary["funnel"].items()]
     if summary.get("coverage"):
         c = summary["coverage"]
         lines += [
