@@ -440,9 +440,8 @@ def test_each_reminder_is_a_new_message_threaded_under_the_first(setup: Setup) -
     for _ in range(2):
         assert remind_tenant(reminding(setup), TENANT, NOT_LAST).status == "reminded"
     first, *reminders = setup.mailer.sent
-    assert [m["Subject"] for m in reminders] == [
-        "Reminder: Connect Acme to Zendesk Demo and Slack Demo"
-    ] * 2
+    names = f"{ZENDESK.display_name} and {SLACK.display_name}"
+    assert [m["Subject"] for m in reminders] == [f"Reminder: Connect Acme to {names}"] * 2
     ids = [m["Message-ID"] for m in setup.mailer.sent]
     assert len(set(ids)) == 3, "the second reminder is not the first one again"
     assert {m["References"] for m in reminders} == {first["Message-ID"]}
