@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,7 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():
+    # Starlette 1.x warns that its TestClient will move to another httpx package: not ours.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
 
 from demo.connect_click import write_connect_profile
 from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
