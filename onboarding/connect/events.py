@@ -6,6 +6,7 @@ a provider's error code."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
@@ -54,6 +55,7 @@ class EventSender:
     ) -> None:
         self.api_url = (api_url or os.environ.get("PREFECT_API_URL") or "").rstrip("/")
         self._key = api_key or os.environ.get("PREFECT_API_KEY") or ""
+        self._auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or ""
         self._transport = transport
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_MAX)
         self._thread: threading.Thread | None = None
@@ -83,7 +85,13 @@ class EventSender:
                 self._thread.start()
 
     def _run(self) -> None:
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        # As Prefect's client authenticates: a server's auth string first, else an API key.
+        headers = {}
+        if self._auth_string:
+            basic = base64.b64encode(self._auth_string.encode()).decode()
+            headers["Authorization"] = f"Basic {basic}"
+        elif self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
         with httpx.Client(headers=headers, timeout=10, transport=self._transport) as client:
             while True:
                 batch = [self._queue.get()]

@@ -356,10 +356,12 @@ class ConnectLinks:
                 claimed_at=utcnow(),
             )
             .on_conflict_do_nothing()
+            # RETURNING, not rowcount: psycopg's rowcount for an INSERT that did nothing on a
+            # conflict read 1 here (the race test saw 16 winners of one claim).
+            .returning(callback_states.c.state_hash)
         )
         with self.engine.begin() as conn:
-            done = conn.execute(stmt)
-        return bool(done.rowcount)
+            return conn.execute(stmt).first() is not None
 
     @reconnecting
     def callback_claimed(self, state: str) -> bool:
