@@ -144,7 +144,7 @@ def _summary_of(state: Any) -> dict[str, Any] | None:
 
 # Ledger statuses as an interrupted run's report counts them: done, or begun.
 _KIND = dict.fromkeys(("delivered", "reminded", "connected"), "done") | dict.fromkeys(
-    ("pending", "link_created", "sending"), "begun"
+    ("pending", "link_created", "sending", "opened", "declined"), "begun"
 )
 
 

@@ -30,7 +30,10 @@ from onboarding.roster import Tenant
 if TYPE_CHECKING:
     from onboarding.mail import MailSender, MailTemplates
 
-REMINDABLE = frozenset({Status.DELIVERED, Status.REMINDED, Status.EXPIRED})
+# An admin who opened the link, or declined at the provider, is reminded too.
+REMINDABLE = frozenset(
+    {Status.DELIVERED, Status.REMINDED, Status.EXPIRED, Status.OPENED, Status.DECLINED}
+)
 
 
 @dataclass
