@@ -27,9 +27,7 @@ import onboarding.run_inputs as run_inputs_module
 from demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from flows.batching.fan_out import split
 from flows.onboard_tenants import onboard_tenants
-from flows.reporting.summary import OutcomeCounts
 from onboarding.ledger import Ledger, Status
-from onboarding.outcomes import TenantOutcome
 from onboarding.roster import load_roster, open_roster_slice
 from tests.flows.helpers import summary_of
 
@@ -37,7 +35,7 @@ PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 
 
-# --- pure parts --------------------------------------------------------------------------------
+# --- pure parts (a batch's tally: tests/flows/test_summary.py) ------------------------------
 
 
 def test_split_covers_every_position_once() -> None:
@@ -46,37 +44,6 @@ def test_split_covers_every_position_once() -> None:
     assert chunks[2].label == "chunk 3 (tenants 2001-2501)"
     assert split(1000, 1000) == split(1000, 5000)[:1]
     assert split(0, 10) == []
-
-
-def outcome(n: int, failed: bool = False) -> TenantOutcome:
-    if failed:
-        return TenantOutcome(f"t{n:05d}", "failed", error_code="unavailable", error_message="503")
-    return TenantOutcome(f"t{n:05d}", "delivered", link_host="x.example.com")
-
-
-def test_a_tally_counts_everything_and_keeps_a_bounded_sample_failures_first() -> None:
-    tally = OutcomeCounts(keep=10)
-    for n in range(10_000):
-        tally.add(outcome(n, failed=n % 1000 == 999))
-    assert tally.total == 10_000
-    assert tally.by_status == {"delivered": 9990, "failed": 10}
-    assert tally.errors == {"unavailable": 10}
-    rows = tally.rows()
-    assert len(rows) == 10 and all(r["status"] == "failed" for r in rows)
-    assert rows[0]["tenant_id"] == "t00999", "failures in tenant order"
-
-
-def test_a_tally_merges_chunk_summaries_into_one_table() -> None:
-    first, second = OutcomeCounts(keep=4), OutcomeCounts(keep=4)
-    for n in range(3):
-        first.add(outcome(n))
-    second.add(outcome(7, failed=True))
-    second.add(outcome(8))
-    batch = OutcomeCounts(keep=4)
-    for part in (first, second):
-        batch.merge({"by_status": part.by_status, "errors": part.errors, "outcomes": part.rows()})
-    assert batch.total == 5 and batch.by_status["failed"] == 1
-    assert [r["tenant_id"] for r in batch.rows()] == ["t00007", "t00000", "t00001", "t00002"]
 
 
 # --- the flow ----------------------------------------------------------------------------------
