@@ -166,20 +166,35 @@ def test_a_full_batch_goes_at_once_and_leaving_sends_the_rest(
 ) -> None:
     monkeypatch.setattr(events_module, "FLUSH_SECONDS", 30.0)  # no flush by time here
     with TenantEventSender(TenantEvents.ALL, RUN_ID) as sender:
-        for n in range(2 * BATCH_MAX):
+        for n in range(BATCH_MAX):
             sender(change(n))
-        assert wait_for(lambda: len(api.sent) == 2 * BATCH_MAX), "sent without waiting 30 s"
+        assert wait_for(lambda: len(api.sent) == BATCH_MAX), "sent without waiting 30 s"
         for n in range(10):
-            sender(change(10_000 + n))
+            sender(change(BATCH_MAX + n))
         time.sleep(0.2)
-        assert len(api.sent) == 2 * BATCH_MAX, "fewer than a batch wait for the flush"
-    assert api.batches[-1] == api.sent[-10:] and len(api.batches[-1]) == 10
-    assert all(1 <= len(batch) <= BATCH_MAX for batch in api.batches)
+        assert len(api.sent) == BATCH_MAX, "fewer than a batch wait for the flush"
+    assert [len(batch) for batch in api.batches] == [BATCH_MAX, 10]
     assert [e["resource"]["prefect.resource.name"] for e in api.sent] == [
-        *(f"t{n:04d}" for n in range(2 * BATCH_MAX)),
-        *(f"t{10_000 + n:04d}" for n in range(10)),
+        f"t{n:04d}" for n in range(BATCH_MAX + 10)
     ], "every event once, in order"
-    assert sender.sent == 2 * BATCH_MAX + 10
+    assert sender.sent == BATCH_MAX + 10
+
+
+def test_a_backlog_goes_in_batches_of_at_most_batch_max(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_module, "FLUSH_SECONDS", 30.0)
+    api.hold = threading.Event()  # the first send hangs while more pile up
+    with TenantEventSender(TenantEvents.ALL, RUN_ID) as sender:
+        for n in range(BATCH_MAX):
+            sender(change(n))
+        assert api.requested.wait(5)
+        for n in range(BATCH_MAX, 3 * BATCH_MAX - 100):
+            sender(change(n))
+        api.hold.set()
+        assert wait_for(lambda: len(api.sent) == 3 * BATCH_MAX - 100), "the backlog is full"
+    assert [len(batch) for batch in api.batches] == [BATCH_MAX, BATCH_MAX, BATCH_MAX - 100]
+    assert sender.sent == 3 * BATCH_MAX - 100
 
 
 def test_what_is_queued_is_sent_every_flush_seconds(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -206,10 +207,17 @@ def test_every_property_test_is_held_to_its_examples() -> None:
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No fuzzed URL may reach the network: any connection attempt fails the test."""
+    """No fuzzed URL may reach the network: any connection attempt by the test's thread or a
+    roster download's fails the test. Other threads (the session's Prefect server, starting in
+    the background, polls itself) connect as usual."""
+    real = socket.create_connection
+    test_thread = threading.get_ident()
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"a connection was attempted: {args!r}")
+    def refuse(*args: Any, **kwargs: Any) -> socket.socket:
+        thread = threading.current_thread()
+        if thread.ident == test_thread or thread.name == "roster-download":
+            raise AssertionError(f"a connection was attempted: {args!r}")
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.delenv("ONBOARD_ROSTER_ALLOWED_HOSTS", raising=False)

@@ -90,12 +90,17 @@ SECRET_LINE = "AccessKeyId=AKIAEXAMPLEKEY,SecretAccessKey=wJalrXUtnFEMI-s3cr3t"
 
 @pytest.fixture
 def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every address a connection is opened to, in order; anything but loopback is refused
-    here, so that no test ever reaches out of the machine."""
+    """Every address the test's thread or a roster download opens a connection to, in order;
+    anything but loopback is refused here, so that no test ever reaches out of the machine.
+    Other threads (the session's Prefect server, starting in the background) are let be."""
     opened: list[tuple[str, int]] = []
     real = socket.create_connection
+    test_thread = threading.get_ident()
 
     def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        thread = threading.current_thread()
+        if thread.ident != test_thread and thread.name != "roster-download":
+            return real(address, *args, **kwargs)
         opened.append((address[0], address[1]))
         if address[0] not in ("127.0.0.1", "localhost", "::1"):
             raise ConnectionRefusedError(f"test: no connection to {address[0]}")
