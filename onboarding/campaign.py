@@ -45,6 +45,7 @@ class Issued:
     expires_at: datetime
     reminders: int = 0  # reminders sent so far for this link's connector
     channel: str = ""  # how its first email went (email, both), for a reminder
+    declined: bool = False  # for a reminder: the admin said no at the provider last time
     # What the email carries, once chosen: the authorize URL, or a durable connect link.
     mailed: tuple[str, datetime] | None = None
 
@@ -225,7 +226,8 @@ def _issue(
     if decided.record is None:
         return Issued(connector, link, expires_at)
     record = decided.record
-    return Issued(connector, link, expires_at, record.reminders, record.delivery_channel or "")
+    channel, declined = record.delivery_channel or "", record.status is Status.DECLINED
+    return Issued(connector, link, expires_at, record.reminders, channel, declined)
 
 
 def _deliver(campaign: Campaign, tenant: Tenant, tries: Tries, reminder: bool) -> TenantOutcome:
@@ -290,6 +292,11 @@ def _message(
     links = []
     for h in issued:
         url, expires_at = _mailed(campaign, tenant, h)
+        # A reminder says when the admin opened a connect link and did not finish.
+        opens = (
+            h.run.ledger.connect_opens(h.run.connector_id, [tenant.tenant_id]) if reminder else {}
+        )
+        opened = opens.get(tenant.tenant_id)
         links.append(
             MailLink(
                 h.run.profile.name,
@@ -298,6 +305,8 @@ def _message(
                 h.link.state,
                 expires_at,
                 display_name=h.run.profile.display_name,
+                opened_at=opened.first_at if opened else None,
+                declined=h.declined,
             )
         )
     return build_message(

@@ -1,5 +1,5 @@
 """Progress of a batch: its progress artifact and progress log lines, and the quieting of
-Prefect's one INFO line per task run."""
+Prefect's task run logs (the INFO line per task run, the traceback of our own failures)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,28 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-if TYPE_CHECKING:
-    pass
+from onboarding.errors import OnboardingError
 
 
 class _DropRoutineTaskRunLogs(logging.Filter):
-    """Drops the one INFO line per successful task run; retries and failures still log."""
+    """Drops the one INFO line per successful task run; retries and failures still log, a
+    failure of our own (an OnboardingError, its tenants already logged one line each with
+    their reason) without Prefect's traceback: a line, not thirty."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.levelno == logging.INFO
-            and str(record.msg).startswith("Finished in state Completed")
-        )
+        if record.levelno == logging.INFO and str(record.msg).startswith(
+            "Finished in state Completed"
+        ):
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], OnboardingError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 @contextmanager

@@ -68,6 +68,10 @@ class MailLink:
     state: str
     expires_at: datetime
     display_name: str = ""  # the profile's; empty: templates show connector_name
+    # For a reminder: when the admin first opened a connect link for this connector (and
+    # did not finish), and whether they declined at the provider.
+    opened_at: datetime | None = None
+    declined: bool = False
 
     def __repr__(self) -> str:  # the URL and state are secrets
         return f"MailLink(connector_id={self.connector_id!r}, url=..., state=...)"

@@ -69,8 +69,8 @@ _SAMPLE_LINK_2 = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}
 _VARIABLES = (
     "Email template variables: tenant (.name, .tenant_id, .admin_email, .fields.<column>), "
     "links (a list, one per connector: .display_name, .connector_name, .connector_id, .link, "
-    ".expires_at, .expires_in_hours), reminder; and the first link's display_name, "
-    "connector_name, link, expires_at, expires_in_hours."
+    ".expires_at, .expires_in_hours, .opened_at, .declined), reminder; and the first link's "
+    "display_name, connector_name, link, expires_at, expires_in_hours, opened_at, declined."
 )
 
 
@@ -84,6 +84,8 @@ def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
         "link": link.url,
         "expires_at": expires,
         "expires_in_hours": max(0, round((expires - now).total_seconds() / 3600)),
+        "opened_at": link.opened_at.astimezone(UTC) if link.opened_at else None,
+        "declined": link.declined,
     }
 
 
@@ -93,10 +95,12 @@ class MailTemplates:
     Variables: tenant (tenant.name, .tenant_id, .admin_email, .fields, .values); links, one per
     connector the email carries (a campaign's email carries several), each with display_name
     (the profile's, else its name), connector_name, connector_id, link, expires_at (aware
-    datetime, UTC) and expires_in_hours (int); the first link's at the top level too; reminder
-    (0 on first send). HTML is autoescaped; text is not. An undefined variable is an error, and
-    every template is rendered once with sample values here, so a typo fails before anything
-    is sent; `check_campaign` also asks that an email with two links shows both.
+    datetime, UTC) and expires_in_hours (int), opened_at (when the admin first opened its
+    connect link without finishing, else None) and declined (they said no at the provider);
+    the first link's at the top level too; reminder (0 on first send). HTML is autoescaped;
+    text is not. An undefined variable is an error, and every template is rendered once with
+    sample values here, so a typo fails before anything is sent; `check_campaign` also asks
+    that an email with two links shows both.
     """
 
     def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
@@ -175,11 +179,20 @@ class MailTemplates:
             fields=_AnyFields(),
         )
         now = utcnow().replace(microsecond=0)
-        links = [
-            MailLink(f"Sample Connector {i}", f"sample-{i}", url, "", now + timedelta(hours=72))
-            for i, url in enumerate(samples, 1)
-        ]
-        for reminder in (0, 1):
+        for reminder in (0, 1, 2):
+            # A reminder to an admin who opened the link, then to one who declined.
+            links = [
+                MailLink(
+                    f"Sample Connector {i}",
+                    f"sample-{i}",
+                    url,
+                    "",
+                    now + timedelta(hours=72),
+                    opened_at=now - timedelta(days=1) if reminder else None,
+                    declined=reminder == 2,
+                )
+                for i, url in enumerate(samples, 1)
+            ]
             context = _context(tenant, [link_context(link, now) for link in links], reminder)
             out = {name: self._render(name, context) for name in TEMPLATE_NAMES}
             subject = out["subject.txt"].strip()

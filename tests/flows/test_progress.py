@@ -16,6 +16,7 @@ from prefect import flow, task
 
 import flows.reporting.progress as progress_module
 from flows.reporting.progress import Progress, quiet_routine_task_logs
+from onboarding.errors import OnboardingError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,3 +242,32 @@ def test_in_a_flow_run_task_runs_log_failures_but_not_their_routine_success(
         "Finished in state Completed",
         "Finished in state Failed",
     ]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_in_a_flow_run_our_own_failure_is_one_line_and_any_other_keeps_its_traceback(
+    task_run_logs: Kept,
+) -> None:
+    @task(name="test-quiet-ours", persist_result=False)
+    def ours() -> int:
+        raise OnboardingError("t001: the connector said no")
+
+    @task(name="test-quiet-theirs", persist_result=False)
+    def theirs() -> int:
+        raise ValueError("boom")
+
+    @flow(name="test-quiet-failures", persist_result=False)
+    def batch() -> None:
+        with quiet_routine_task_logs():
+            ours(return_state=True)
+            theirs(return_state=True)
+
+    assert batch(return_state=True).is_completed()
+    failed = [
+        r for r in task_run_logs.records if r.getMessage().startswith("Task run failed with")
+    ]
+    ours_line = next(r for r in failed if "OnboardingError" in r.getMessage())
+    theirs_line = next(r for r in failed if "ValueError" in r.getMessage())
+    assert ours_line.exc_info is None and "the connector said no" in ours_line.getMessage()
+    assert theirs_line.exc_info is not None, "a bug of ours keeps its traceback"
+

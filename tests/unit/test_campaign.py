@@ -463,6 +463,31 @@ def test_a_tenant_never_emailed_gets_no_reminder(setup: Setup) -> None:
     assert setup.mailer.sent == [] and setup.zendesk.calls == {}
 
 
+def test_a_reminder_says_which_links_were_opened_or_declined_and_not_finished(
+    setup: Setup,
+) -> None:
+    base = "https://connect.example.com"
+    onboard_tenant(setup.campaign(connect_base_url=base), TENANT, NOT_LAST)
+    first = setup.text_of(setup.mailer.sent[0])
+    zendesk_token, slack_token = re.findall(re.escape(base) + r"/c/([A-Za-z0-9_-]+)", first)
+    link = setup.ledger.find_connect_link(slack_token)
+    assert link is not None
+    opened_at = utcnow() - timedelta(days=2)
+    setup.ledger.note_link_opened(link, at=opened_at)
+    setup.ledger.note_link_opened(link)  # opened twice: the first time is the one named
+    zendesk_state = setup.record(ZENDESK).state or ""
+    assert setup.ledger.record_declined(zendesk_state, "access_denied") is not None
+    assert "opened" not in first and "declined" not in first
+
+    campaign = reminding(setup)
+    campaign.connect_base_url = base
+    assert remind_tenant(campaign, TENANT, NOT_LAST).status == "reminded"
+    text = setup.text_of(setup.mailer.sent[-1])
+    assert f"{SLACK.display_name} (opened on {opened_at:%Y-%m-%d}, not finished)" in text
+    assert f"{ZENDESK.display_name} (declined last time)" in text
+    assert zendesk_token not in text, "a reminder carries a new durable link"
+
+
 def test_a_link_past_its_time_is_issued_again_before_the_reminder(setup: Setup) -> None:
     onboard_tenant(setup.campaign(), TENANT, NOT_LAST)
     old = setup.record(SLACK).url or ""
