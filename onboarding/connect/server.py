@@ -3,6 +3,7 @@ http only where it cannot cross a network), then one or more worker processes.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from onboarding.errors import InputError
@@ -49,10 +50,13 @@ def serve(
     forwarded_allow_ips: str | None = None,
 ) -> None:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     check_serving(host, forwarded_allow_ips)
     check_settings()
-    uvicorn.run(
+    from onboarding.connect.listener import TcpConfig
+
+    config = TcpConfig(
         APP_FACTORY,
         factory=True,
         host=host,
@@ -67,3 +71,12 @@ def serve(
         server_header=False,
         timeout_graceful_shutdown=5,
     )
+    # What uvicorn.run does, with TcpConfig's listener.
+    if workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's own exit code when it could not start

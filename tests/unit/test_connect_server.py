@@ -63,3 +63,39 @@ def test_the_command_exits_2_before_serving(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2 and "VERSORI_API_KEY" in done.stderr
+
+
+def test_the_workers_shared_listener_is_tcp_so_answers_are_not_held_back() -> None:
+    """With --workers N > 1 the workers accept on TcpConfig's listener: each accepted
+    connection gets TCP_NODELAY from asyncio, so an answer's body is not held ~40 ms for the
+    client's delayed ACK (uvicorn's own listener has protocol 0: asyncio skips it)."""
+    import asyncio
+    import socket
+
+    from onboarding.connect.listener import TcpConfig
+
+    config = TcpConfig("onboarding.connect.app:app_from_env", host="127.0.0.1", port=0)
+    listener = config.bind_socket()
+    assert listener.proto == socket.IPPROTO_TCP
+    listener.listen()
+    seen: list[int] = []
+
+    async def accept_one() -> None:
+        class Note(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Note, sock=listener)
+        host, port = listener.getsockname()[:2]
+        _, writer = await asyncio.open_connection(host, port)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(accept_one())
+    assert seen == [1], "the accepted connection has TCP_NODELAY on"
