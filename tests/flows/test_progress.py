@@ -263,11 +263,8 @@ def test_in_a_flow_run_our_own_failure_is_one_line_and_any_other_keeps_its_trace
             theirs(return_state=True)
 
     assert batch(return_state=True).is_completed()
-    failed = [
-        r for r in task_run_logs.records if r.getMessage().startswith("Task run failed with")
-    ]
+    failed = [r for r in task_run_logs.records if r.getMessage().startswith("Task run failed with")]
     ours_line = next(r for r in failed if "OnboardingError" in r.getMessage())
     theirs_line = next(r for r in failed if "ValueError" in r.getMessage())
     assert ours_line.exc_info is None and "the connector said no" in ours_line.getMessage()
     assert theirs_line.exc_info is not None, "a bug of ours keeps its traceback"
-
