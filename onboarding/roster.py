@@ -236,8 +236,6 @@ def _fetch(
     return source, path, None
 
 
-# Long: one pass over the rows, checking each against every profile and the templates, so
-# that a roster of millions is read once and every problem is named with its line.
 def _check(
     path: Path,
     fmt: str,
@@ -245,77 +243,73 @@ def _check(
     profile: ConnectorProfile | Sequence[ConnectorProfile] | None,
     template_columns: list[str],
 ) -> tuple[list[Problem], set[str]]:
-    """`template_columns`: columns something other than the profiles read (the email templates)."""
-    problems: list[Problem] = []
-    first_line: dict[str, int] = {}
+    """Every problem of the roster, in one pass over its rows (a roster of millions is read
+    once), each named with its line; and the tenant ids. `template_columns`: columns something
+    other than the profiles read (the email templates)."""
     profiles = [profile] if isinstance(profile, ConnectorProfile) else list(profile or ())
     used_by_profiles = [name for p in profiles for name in p.fields_used]
     needed = list(dict.fromkeys([*used_by_profiles, *template_columns]))
     # Once each: admin_email is both required and, often, used by the templates.
     checked = list(dict.fromkeys([*REQUIRED_COLUMNS, *needed]))
-    header_missing: set[str] = set()
-    if fmt == "csv":
-        columns = csv_header(path, source)
-        for name in checked:
-            if name not in columns:
-                header_missing.add(name)
-                used = "" if name in REQUIRED_COLUMNS else " (the profile's templates use it)"
-                # The header is not quoted: a file that is no roster may hold anything there.
-                problems.append(
-                    Problem(
-                        source,
-                        1,
-                        name,
-                        f"no such column among the header's {len(columns)}{used}; check "
-                        "the first line's spelling",
-                    )
-                )
+    columns = csv_header(path, source) if fmt == "csv" else None
+    header_missing = set(checked) - set(columns) if columns is not None else set()
+    problems = [
+        _missing_column(source, name, columns) for name in checked if name in header_missing
+    ]
+    first_line: dict[str, int] = {}
     for line, raw in raw_records(path, fmt, source):
         values, row_problems = _normalise(raw)
-        for fld, message in row_problems:
-            problems.append(Problem(source, line, fld, message))
-        # A missing column, or a value refused above, has been reported already.
+        # A missing column, or a value refused by _normalise, is reported once.
         reported = header_missing | {fld for fld, _ in row_problems}
-        for name in checked:
-            if name not in reported and not values.get(name):
-                what = (
-                    "is required"
-                    if name in REQUIRED_COLUMNS
-                    else "is empty, and the profile's templates use it"
-                )
-                problems.append(Problem(source, line, name, what))
-        tenant_id = values.get("tenant_id", "")
-        if tenant_id:
-            if not _TENANT_ID.match(tenant_id):
-                problems.append(
-                    Problem(
-                        source,
-                        line,
-                        "tenant_id",
-                        "use 1-128 letters, digits and . _ : @ + - (first a letter or digit)",
-                    )
-                )
-            elif tenant_id in first_line:
-                problems.append(
-                    Problem(
-                        source,
-                        line,
-                        "tenant_id",
-                        f"duplicate {tenant_id!r} (first at line {first_line[tenant_id]})",
-                    )
-                )
-            else:
-                first_line[tenant_id] = line
-        email = values.get("admin_email", "")
-        if email:
-            try:
-                validate_email(email, check_deliverability=False)
-            except EmailNotValidError as err:
-                problems.append(Problem(source, line, "admin_email", without_quotes(str(err))))
+        found = row_problems + _value_problems(values, checked, reported, first_line, line)
         if all(values.get(n) for n in needed):
-            for each in profiles:
-                problems += [Problem(source, line, f, m) for f, m in _render_problems(each, values)]
+            found += [problem for each in profiles for problem in _render_problems(each, values)]
+        problems += [Problem(source, line, fld, message) for fld, message in found]
     return problems, set(first_line)
+
+
+def _missing_column(source: str, name: str, columns: Sequence[str] | None) -> Problem:
+    used = "" if name in REQUIRED_COLUMNS else " (the profile's templates use it)"
+    # The header is not quoted: a file that is no roster may hold anything there.
+    message = (
+        f"no such column among the header's {len(columns or ())}{used}; check the first line's"
+    )
+    return Problem(source, 1, name, message + " spelling")
+
+
+def _value_problems(
+    values: dict[str, str],
+    checked: list[str],
+    reported: set[str],
+    first_line: dict[str, int],
+    line: int,
+) -> list[tuple[str, str]]:
+    """One record's empty required or used values, its tenant_id (well-formed, not seen at an
+    earlier line: `first_line` keeps where each was) and its admin_email."""
+    found = [
+        (name, "is required" if name in REQUIRED_COLUMNS else _EMPTY_USED)
+        for name in checked
+        if name not in reported and not values.get(name)
+    ]
+    tenant_id = values.get("tenant_id", "")
+    if tenant_id and not _TENANT_ID.match(tenant_id):
+        found.append(("tenant_id", _TENANT_ID_RULE))
+    elif tenant_id in first_line:
+        found.append(
+            ("tenant_id", f"duplicate {tenant_id!r} (first at line {first_line[tenant_id]})")
+        )
+    elif tenant_id:
+        first_line[tenant_id] = line
+    if email := values.get("admin_email", ""):
+        try:
+            validate_email(email, check_deliverability=False)
+        except EmailNotValidError as err:
+            found.append(("admin_email", without_quotes(str(err))))
+    return found
+
+
+_EMPTY_USED = "is empty, and the profile's templates use it"
+_TENANT_ID_RULE = "use 1-128 letters, digits and . _ : @ + - (first a letter or digit)"
 
 
 _IN_PATH_REFUSED = frozenset("/?#%\\")

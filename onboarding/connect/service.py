@@ -25,6 +25,7 @@ from onboarding.clock import utcnow
 from onboarding.connect import pages
 from onboarding.connect.events import EventSender, tenant_event
 from onboarding.connect.pages import Page
+from onboarding.connection import tenant_of
 from onboarding.errors import (
     APIError,
     LinkCheckError,
@@ -35,7 +36,6 @@ from onboarding.errors import (
 from onboarding.ledger import ConnectLink, ConnectOutcome, Ledger, Record, Status
 from onboarding.links import check_link, mask_state
 from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import Tenant
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,15 +72,6 @@ def issue_connect_link(
         str(Path(profile_path).resolve()),
         when + timedelta(days=profile.connect_link_days),
         now=when,
-    )
-
-
-def tenant_of(record: Record) -> Tenant:
-    return Tenant(
-        tenant_id=record.tenant_id,
-        name=record.tenant_name,
-        admin_email=record.admin_email,
-        fields=record.tenant_fields or {},
     )
 
 
