@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -159,16 +160,8 @@ def check_for_sending(settings: SmtpServerSettings) -> SendSettings:
             + " in clear; use starttls or ssl (security none only to 127.0.0.1, ::1 or "
             "localhost)",
         )
-    tls: ssl.SSLContext | None = None
     ca_file = settings.ca_file
-    if security in ("starttls", "ssl"):
-        try:
-            # Verification (certificate chain and host name) is never turned off: a private
-            # CA is trusted by naming its certificate in ONBOARD_SMTP_CA_FILE.
-            tls = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
-        except (OSError, ValueError) as err:
-            why = "file not found" if isinstance(err, FileNotFoundError) else str(err)
-            problem("ONBOARD_SMTP_CA_FILE", f"{ca_file}: cannot load CA certificates ({why})")
+    tls = _tls_context(ca_file, problem) if security in ("starttls", "ssl") else None
     if problems:
         raise InputError(problems, hint=ENV_HINT)
     assert settings.port is not None  # set by SmtpServerSettings._default_port
@@ -184,3 +177,14 @@ def check_for_sending(settings: SmtpServerSettings) -> SendSettings:
         ca_file=ca_file or None,
         tls=tls,
     )
+
+
+def _tls_context(ca_file: str | None, problem: Callable[[str, str], None]) -> ssl.SSLContext | None:
+    """Verification (certificate chain and host name) is never turned off: a private CA is
+    trusted by naming its certificate in ONBOARD_SMTP_CA_FILE."""
+    try:
+        return ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
+    except (OSError, ValueError) as err:
+        why = "file not found" if isinstance(err, FileNotFoundError) else str(err)
+        problem("ONBOARD_SMTP_CA_FILE", f"{ca_file}: cannot load CA certificates ({why})")
+        return None
