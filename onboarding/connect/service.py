@@ -208,15 +208,7 @@ class ConnectService:
         name = profile.name if profile is not None else record.profile
         can_retry = self._retry_link(retry_token, record) is not None
         if answer.error:
-            declined = self.ledger.record_declined(
-                answer.state, _provider_code(answer.error), self._clock()
-            )
-            if declined is None:  # changed in between (connected, replaced)
-                return pages.callback_refused("used")
-            if profile is not None:
-                self._event(declined, profile, Status.DECLINED, declined.error_code or "")
-            log.info("tenant %s declined %s (%s)", record.tenant_id, name, declined.error_code)
-            return pages.declined(name, can_retry)
+            return self._declined(answer, profile, name, can_retry)
         if profile is None:
             return pages.try_again_later()
         if not self.ledger.claim_callback(answer.state, record.tenant_id, record.connector_id):
@@ -266,6 +258,20 @@ class ConnectService:
         if profile.success_url:
             return pages.redirect(profile.success_url, kind="to_success_url")
         return pages.connected(record.tenant_name, name)
+
+    def _declined(
+        self, answer: CallbackAnswer, profile: ConnectorProfile | None, name: str, can_retry: bool
+    ) -> Page:
+        """The provider sent an error (access_denied: the admin said no): status `declined`."""
+        declined = self.ledger.record_declined(
+            answer.state, _provider_code(answer.error), self._clock()
+        )
+        if declined is None:  # changed in between (connected, replaced)
+            return pages.callback_refused("used")
+        if profile is not None:
+            self._event(declined, profile, Status.DECLINED, declined.error_code or "")
+        log.info("tenant %s declined %s (%s)", declined.tenant_id, name, declined.error_code)
+        return pages.declined(name, can_retry)
 
     def _current_state(self, state: str) -> tuple[Record | None, str]:
         """The tenant holding `state` now, unexpired and not connected; else why not."""
