@@ -18,6 +18,8 @@ One tenant's path, module by module:
       mail            then one email with every link the tenant still needs
     outcomes        what became of the tenant: its row in the run's table, its status changes
     connection      later, the `state` an OAuth callback received: the tenant connected
+    connect         or the connect service (`onboard connect-server`): a durable link's page,
+                    its button minting a fresh state, the callback calling CreateConnection
     export          the ledger as CSV or JSON Lines
 
 `errors` holds every error class. The Prefect layers read the same way: tasks/ (the task over
