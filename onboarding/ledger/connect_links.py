@@ -39,8 +39,8 @@ from sqlalchemy import (
 
 from onboarding.clock import utcnow
 from onboarding.ledger.engine import lock_tenants, reconnecting
-from onboarding.ledger.records import Record, aware, utc
-from onboarding.ledger.schema import Status, metadata, records, state_digest
+from onboarding.ledger.records import Record, aware, aware_values, utc
+from onboarding.ledger.schema import Status, metadata, records, state_digest, tenant_row
 
 # Bytes of randomness in a link's token: 256 bits, URL-safe base64 (43 characters).
 TOKEN_BYTES = 32
@@ -106,11 +106,7 @@ class ConnectLink:
 
     @classmethod
     def from_row(cls, row: Any) -> ConnectLink:
-        values = dict(row._mapping)
-        for key, value in values.items():
-            if isinstance(value, datetime):
-                values[key] = aware(value)
-        return cls(**values)
+        return cls(**aware_values(row))
 
 
 @dataclass(frozen=True)
@@ -222,9 +218,7 @@ class ConnectLinks:
             done = conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == link.tenant_id,
-                    records.c.connector_id == link.connector_id,
-                    records.c.status.in_(waiting),
+                    *tenant_row(link.tenant_id, link.connector_id), records.c.status.in_(waiting)
                 )
                 .values(status=Status.OPENED.value, updated_at=utcnow())
             )
@@ -293,9 +287,7 @@ class ConnectLinks:
             done = conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == tenant_id,
-                    records.c.connector_id == connector_id,
-                    records.c.status != Status.CONNECTED.value,
+                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
                 )
                 .values(
                     status=Status.OPENED.value,
@@ -322,9 +314,7 @@ class ConnectLinks:
             conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == tenant_id,
-                    records.c.connector_id == connector_id,
-                    records.c.status != Status.CONNECTED.value,
+                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
                 )
                 .values(error_code=code[:100], error_message=message, updated_at=utcnow())
             )
