@@ -39,6 +39,7 @@ from sqlalchemy import (
 
 from onboarding.clock import utcnow
 from onboarding.ledger.engine import lock_tenants, reconnecting
+from onboarding.ledger.queries import count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
 from onboarding.ledger.schema import Status, metadata, records, state_digest, tenant_row
 
@@ -154,7 +155,6 @@ class ConnectLinks:
     """The ledger's connect-link reads and writes (mixed into Ledger)."""
 
     engine: Any
-    postgres: bool
     _insert: Any
     _link_sql: tuple[Any, Any]
 
@@ -271,8 +271,7 @@ class ConnectLinks:
         created, updated = utc(created_at), utcnow()
         digest = state_digest(state)
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(tenant_id, connector_id)])
+            lock_tenants(conn, [(tenant_id, connector_id)])
             conn.execute(
                 supersede,
                 {
@@ -447,18 +446,14 @@ class ConnectLinks:
         )
         statuses = [Status.OPENED.value, Status.DECLINED.value, Status.CONNECTED.value]
         opened = or_(opened_link, and_(records.c.status.in_(statuses), linked))
-
-        def count(condition: Any) -> Any:
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
         query = select(
             records.c.connector_id,
-            count(linked),
-            count(delivered),
-            count(opened),
-            count(connected),
-            count(records.c.status == Status.DECLINED.value),
-            count(records.c.status == Status.FAILED.value),
+            count_where(linked),
+            count_where(delivered),
+            count_where(opened),
+            count_where(connected),
+            count_where(records.c.status == Status.DECLINED.value),
+            count_where(records.c.status == Status.FAILED.value),
         ).group_by(records.c.connector_id)
         if connector_ids:
             query = query.where(records.c.connector_id.in_(list(connector_ids)))

@@ -139,17 +139,14 @@ class LedgerQueries:
         """Over the tenants the ledger holds for any of `connector_ids`: how many are connected
         to all of them (fully), to some (partly), to none."""
         ids = list(dict.fromkeys(connector_ids))
-        connected = func.sum(case((records.c.status == Status.CONNECTED.value, 1), else_=0))
         per_tenant = (
-            select(connected.label("n"))
+            select(count_where(records.c.status == Status.CONNECTED.value).label("n"))
             .where(records.c.connector_id.in_(ids))
             .group_by(records.c.tenant_id)
             .subquery()
         )
         query = select(
-            func.count(),
-            func.coalesce(func.sum(case((per_tenant.c.n >= len(ids), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((per_tenant.c.n == 0, 1), else_=0)), 0),
+            func.count(), count_where(per_tenant.c.n >= len(ids)), count_where(per_tenant.c.n == 0)
         ).select_from(per_tenant)
         with self.engine.connect() as conn:
             total, fully, none = conn.execute(query).one()
@@ -175,6 +172,11 @@ class LedgerQueries:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
+
+
+def count_where(condition: Any) -> Any:
+    """How many rows (of a group) meet `condition`: 0, not NULL, for none."""
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
 def in_parts(items: Sequence[T], size: int = IN_LIST_MAX) -> Iterator[Sequence[T]]:

@@ -277,7 +277,13 @@ def _hash_old_states(conn: Connection) -> None:
         query = select(*keys, table.c.state).where(
             table.c.state_hash.is_(None), table.c.state.is_not(None)
         )
-        rows = [dict(row._mapping) for row in conn.execute(query)]
+        rows = [
+            {
+                **{f"k_{c.name}": row._mapping[c.name] for c in keys},
+                "digest": state_digest(row.state),
+            }
+            for row in conn.execute(query)
+        ]
         if not rows:
             continue
         update = (
@@ -285,13 +291,7 @@ def _hash_old_states(conn: Connection) -> None:
             .where(*[c == bindparam(f"k_{c.name}") for c in keys])
             .values(state_hash=bindparam("digest"))
         )
-        conn.execute(
-            update,
-            [
-                {**{f"k_{c.name}": row[c.name] for c in keys}, "digest": state_digest(row["state"])}
-                for row in rows
-            ],
-        )
+        conn.execute(update, rows)
         log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
 
 

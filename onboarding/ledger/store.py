@@ -147,8 +147,7 @@ class Ledger(ConnectLinks, LedgerQueries):
         is a write, so the transaction holds the database's write lock from its start."""
         supersede, upsert = self._link_sql
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
+            lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
             conn.execute(supersede, rows)
             conn.execute(upsert, rows)
 
@@ -212,9 +211,8 @@ class Ledger(ConnectLinks, LedgerQueries):
         """`state`: the state of the link delivered, if known. False, and nothing written, when
         the tenant is connected or holds another state."""
         when = utc(at or utcnow())
-        return self._mark_sent(
-            tenant_id, connector_id, state, Status.DELIVERED, channel, when, delivered_at=when
-        )
+        sent = _sent(Status.DELIVERED, channel, when)
+        return self._update(tenant_id, connector_id, state, **sent, delivered_at=when)
 
     def mark_sending(
         self, tenant_id: str, connector_id: str, *, message_id: str, state: str | None = None
@@ -236,37 +234,9 @@ class Ledger(ConnectLinks, LedgerQueries):
         state: str | None = None,
     ) -> bool:
         """False, and nothing written, when the tenant is connected or holds another state."""
-        return self._mark_sent(
-            tenant_id,
-            connector_id,
-            state,
-            Status.REMINDED,
-            channel,
-            utc(at or utcnow()),
-            reminders=records.c.reminders + 1,
-        )
-
-    def _mark_sent(
-        self,
-        tenant_id: str,
-        connector_id: str,
-        state: str | None,
-        status: Status,
-        channel: str,
-        when: datetime,
-        **more: Any,
-    ) -> bool:
-        """A message went out (a first delivery or a reminder): errors cleared."""
+        sent = _sent(Status.REMINDED, channel, utc(at or utcnow()))
         return self._update(
-            tenant_id,
-            connector_id,
-            state,
-            status=status.value,
-            delivery_channel=channel,
-            last_sent_at=when,
-            error_code=None,
-            error_message=None,
-            **more,
+            tenant_id, connector_id, state, **sent, reminders=records.c.reminders + 1
         )
 
     def mark_connected(
@@ -303,8 +273,8 @@ class Ledger(ConnectLinks, LedgerQueries):
                     return ConnectResult(ConnectOutcome.UNKNOWN)
                 return ConnectResult(ConnectOutcome.SUPERSEDED, superseded=superseded_from_row(old))
             key = tenant_row(row.tenant_id, row.connector_id)
-            if self.postgres:  # the lock record_link takes: no re-issue half-way through
-                lock_tenants(conn, [(row.tenant_id, row.connector_id)])
+            # The lock record_link takes: no re-issue half-way through.
+            lock_tenants(conn, [(row.tenant_id, row.connector_id)])
             done = conn.execute(
                 records.update()
                 .where(*key, *accepts)
@@ -325,8 +295,7 @@ class Ledger(ConnectLinks, LedgerQueries):
         """An operator's reset of a tenant, connected or not: back to pending, its link
         retired to the history (its state is refused from now on), ready for a new link."""
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(tenant_id, connector_id)])
+            lock_tenants(conn, [(tenant_id, connector_id)])
             key = tenant_row(tenant_id, connector_id)
             row = conn.execute(select(records).where(*key)).first()
             if row is None:
@@ -349,17 +318,9 @@ class Ledger(ConnectLinks, LedgerQueries):
                 .where(*key)
                 .values(
                     status=Status.PENDING.value,
-                    url=None,
-                    state=None,
-                    state_hash=None,
-                    expires_at=None,
-                    delivered_at=None,
-                    connected_at=None,
-                    connection_id=None,
-                    message_id=None,
-                    last_sent_at=None,
                     reminders=0,
                     updated_at=utcnow(),
+                    **dict.fromkeys(_RESET_TO_NONE),
                 )
             )
         return True
@@ -523,6 +484,17 @@ class Ledger(ConnectLinks, LedgerQueries):
         return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
 
 
+def _sent(status: Status, channel: str, at: datetime) -> dict[str, Any]:
+    """A message went out (a first delivery or a reminder): errors cleared."""
+    return {
+        "status": status.value,
+        "delivery_channel": channel,
+        "last_sent_at": at,
+        "error_code": None,
+        "error_message": None,
+    }
+
+
 def _connected(connection_id: str | None, at: datetime) -> dict[str, Any]:
     """A tenant's connection, its errors cleared."""
     return {
@@ -533,6 +505,12 @@ def _connected(connection_id: str | None, at: datetime) -> dict[str, Any]:
         "error_message": None,
     }
 
+
+# What a reset clears, besides the status and reminders.
+_RESET_TO_NONE = (
+    *("url", "state", "state_hash", "expires_at"),  # the link
+    *("delivered_at", "message_id", "last_sent_at", "connected_at", "connection_id"),  # its fate
+)
 
 # A claim's (tenant, connector), for IN lists of keys.
 _CLAIM_KEY = tuple_(claims.c.tenant_id, claims.c.connector_id)
