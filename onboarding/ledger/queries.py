@@ -155,11 +155,7 @@ class LedgerQueries:
     @reconnecting
     def count_past_expiry(self, connector_id: str | Sequence[str] | None, now: datetime) -> int:
         """Links handed out but not connected whose time is up (stale, whatever their status)."""
-        query = select(func.count()).where(
-            records.c.status.in_([s.value for s in LIVE_STATUSES]),
-            records.c.expires_at <= utc(now),
-        )
-        query = _of_connectors(query, connector_id)
+        query = _of_connectors(select(func.count()).where(*past_expiry(now)), connector_id)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
@@ -172,6 +168,11 @@ class LedgerQueries:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
+
+
+def past_expiry(now: datetime) -> tuple[Any, Any]:
+    """Links handed out but not connected whose time is up at `now`."""
+    return records.c.status.in_([s.value for s in LIVE_STATUSES]), records.c.expires_at <= utc(now)
 
 
 def count_where(condition: Any) -> Any:

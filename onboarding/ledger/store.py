@@ -18,7 +18,7 @@ from onboarding.ledger.connect_links import ConnectLinks
 from onboarding.ledger.engine import lock_tenants, open_engine, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
 from onboarding.ledger.link_sql import link_statements
-from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries, in_parts
+from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries, in_parts, past_expiry
 from onboarding.ledger.records import (
     ConnectOutcome,
     ConnectResult,
@@ -27,7 +27,6 @@ from onboarding.ledger.records import (
     utc,
 )
 from onboarding.ledger.schema import (
-    LIVE_STATUSES,
     Status,
     batch_chunks,
     claims,
@@ -328,11 +327,7 @@ class Ledger(ConnectLinks, LedgerQueries):
     @reconnecting
     def expire_links(self, connector_id: str, now: datetime) -> list[str]:
         """Mark every link past its time and not connected `expired`; return their tenants."""
-        past = (
-            records.c.connector_id == connector_id,
-            records.c.status.in_([s.value for s in LIVE_STATUSES]),
-            records.c.expires_at <= utc(now),
-        )
+        past = (records.c.connector_id == connector_id, *past_expiry(now))
         with self.engine.begin() as conn:
             ids = list(conn.execute(select(records.c.tenant_id).where(*past)).scalars())
             for part in in_parts(ids):
