@@ -39,8 +39,9 @@ from sqlalchemy import (
 
 from onboarding.clock import utcnow
 from onboarding.ledger.engine import lock_tenants, reconnecting
-from onboarding.ledger.records import Record, aware, utc
-from onboarding.ledger.schema import Status, metadata, records, state_digest
+from onboarding.ledger.queries import count_where
+from onboarding.ledger.records import Record, aware, aware_values, utc
+from onboarding.ledger.schema import Status, metadata, records, state_digest, tenant_row
 
 # Bytes of randomness in a link's token: 256 bits, URL-safe base64 (43 characters).
 TOKEN_BYTES = 32
@@ -106,11 +107,7 @@ class ConnectLink:
 
     @classmethod
     def from_row(cls, row: Any) -> ConnectLink:
-        values = dict(row._mapping)
-        for key, value in values.items():
-            if isinstance(value, datetime):
-                values[key] = aware(value)
-        return cls(**values)
+        return cls(**aware_values(row))
 
 
 @dataclass(frozen=True)
@@ -158,7 +155,6 @@ class ConnectLinks:
     """The ledger's connect-link reads and writes (mixed into Ledger)."""
 
     engine: Any
-    postgres: bool
     _insert: Any
     _link_sql: tuple[Any, Any]
 
@@ -222,9 +218,7 @@ class ConnectLinks:
             done = conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == link.tenant_id,
-                    records.c.connector_id == link.connector_id,
-                    records.c.status.in_(waiting),
+                    *tenant_row(link.tenant_id, link.connector_id), records.c.status.in_(waiting)
                 )
                 .values(status=Status.OPENED.value, updated_at=utcnow())
             )
@@ -277,8 +271,7 @@ class ConnectLinks:
         created, updated = utc(created_at), utcnow()
         digest = state_digest(state)
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(tenant_id, connector_id)])
+            lock_tenants(conn, [(tenant_id, connector_id)])
             conn.execute(
                 supersede,
                 {
@@ -293,9 +286,7 @@ class ConnectLinks:
             done = conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == tenant_id,
-                    records.c.connector_id == connector_id,
-                    records.c.status != Status.CONNECTED.value,
+                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
                 )
                 .values(
                     status=Status.OPENED.value,
@@ -322,9 +313,7 @@ class ConnectLinks:
             conn.execute(
                 records.update()
                 .where(
-                    records.c.tenant_id == tenant_id,
-                    records.c.connector_id == connector_id,
-                    records.c.status != Status.CONNECTED.value,
+                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
                 )
                 .values(error_code=code[:100], error_message=message, updated_at=utcnow())
             )
@@ -457,18 +446,14 @@ class ConnectLinks:
         )
         statuses = [Status.OPENED.value, Status.DECLINED.value, Status.CONNECTED.value]
         opened = or_(opened_link, and_(records.c.status.in_(statuses), linked))
-
-        def count(condition: Any) -> Any:
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
         query = select(
             records.c.connector_id,
-            count(linked),
-            count(delivered),
-            count(opened),
-            count(connected),
-            count(records.c.status == Status.DECLINED.value),
-            count(records.c.status == Status.FAILED.value),
+            count_where(linked),
+            count_where(delivered),
+            count_where(opened),
+            count_where(connected),
+            count_where(records.c.status == Status.DECLINED.value),
+            count_where(records.c.status == Status.FAILED.value),
         ).group_by(records.c.connector_id)
         if connector_ids:
             query = query.where(records.c.connector_id.in_(list(connector_ids)))

@@ -31,14 +31,11 @@ def open_engine(url: str) -> Engine:
     when the URL is unusable or nothing answers there; LedgerSchemaError when the tables
     cannot be made."""
     try:
-        # hide_parameters: a failed statement must not print the link it was writing.
-        kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
-            kwargs = {
-                "hide_parameters": True,
-                "connect_args": {"check_same_thread": False, "timeout": 30},
-            }
-        engine = create_engine(url, **kwargs)
+            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        # hide_parameters: a failed statement must not print the link it was writing.
+        engine = create_engine(url, hide_parameters=True, **kwargs)
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
         raise InputError(
             f"ONBOARD_DB_URL {redact(url)!r} is not a usable database URL "
@@ -72,7 +69,10 @@ def open_engine(url: str) -> Engine:
 
 def lock_tenants(conn: Connection, keys: list[tuple[str, str]]) -> None:
     """PostgreSQL: each tenant's advisory lock, held to the end of the transaction, taken in
-    key order so that two transactions never wait for each other."""
+    key order so that two transactions never wait for each other. Nothing on SQLite, whose
+    writing transaction holds the database's write lock."""
+    if conn.dialect.name != "postgresql":
+        return
     ordered = sorted({_lock_key(t, c) for t, c in keys})
     conn.execute(
         text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),

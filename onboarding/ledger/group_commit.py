@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -71,11 +72,9 @@ class GroupCommit:
                 self._leading = False
 
 
+@dataclass(slots=True, eq=False)
 class _Waiter:
-    __slots__ = ("committed", "error", "row", "wake")
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.row = row
-        self.wake = threading.Event()
-        self.committed = False
-        self.error: Exception | None = None
+    row: dict[str, Any]
+    wake: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    error: Exception | None = None

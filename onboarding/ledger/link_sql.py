@@ -38,23 +38,21 @@ def link_statements(insert_into: Callable[[Any], Any]) -> tuple[Any, Any]:
     Built once per ledger: building and hashing a statement of this size cost more CPU than
     the rest of a tenant's path together (bench/run.py under py-spy), so each call only binds
     new values to them."""
-    now: Any = bindparam("updated_at", type_=DateTime(timezone=True))
+    stamp = DateTime(timezone=True)
     connected = records.c.status == Status.CONNECTED.value
-    # The state that leaves: the current one; for a connected tenant (whose row stays)
-    # the new one.
+
+    def leaving(name: str, type_: Any) -> Any:
+        """A column of the state that leaves: the current one; for a connected tenant (whose
+        row stays) the new one."""
+        return case((connected, bindparam(name, type_=type_)), else_=records.c[name])
+
     current = select(
-        case((connected, bindparam("state", type_=String)), else_=records.c.state),
-        case(
-            (connected, bindparam("state_hash", type_=String)),
-            else_=records.c.state_hash,
-        ),
+        leaving("state", String),
+        leaving("state_hash", String),
         records.c.tenant_id,
         records.c.connector_id,
-        case(
-            (connected, bindparam("created_at", type_=DateTime(timezone=True))),
-            else_=records.c.created_at,
-        ),
-        now,
+        leaving("created_at", stamp),
+        bindparam("updated_at", type_=stamp),
     ).where(
         records.c.tenant_id == bindparam("tenant_id"),
         records.c.connector_id == bindparam("connector_id"),
@@ -64,14 +62,7 @@ def link_statements(insert_into: Callable[[Any], Any]) -> tuple[Any, Any]:
     supersede = (
         insert_into(superseded_links)
         .from_select(
-            [
-                "state",
-                "state_hash",
-                "tenant_id",
-                "connector_id",
-                "created_at",
-                "superseded_at",
-            ],
+            ["state", "state_hash", "tenant_id", "connector_id", "created_at", "superseded_at"],
             current,
         )
         .on_conflict_do_nothing()

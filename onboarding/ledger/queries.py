@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, case, func, select
 
@@ -20,7 +20,10 @@ from onboarding.ledger.schema import (
     records,
     state_digest,
     superseded_links,
+    tenant_row,
 )
+
+T = TypeVar("T")
 
 # Statuses a reminder goes to (with an email channel): opened and declined admins got the
 # link and did not finish.
@@ -60,13 +63,9 @@ class LedgerQueries:
             .order_by(last_sent, records.c.tenant_id)
         )
         with self.engine.connect() as conn:
-            if only_ids is None:
-                return [Record.from_row(row) for row in conn.execute(query)]
-            ids, due = list(only_ids), list[Record]()
-            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
-                part = query.where(records.c.tenant_id.in_(ids[start : start + IN_LIST_MAX]))
-                due += [Record.from_row(row) for row in conn.execute(part)]
-            return due
+            return [
+                Record.from_row(row) for q in _of_ids(query, only_ids) for row in conn.execute(q)
+            ]
 
     @reconnecting
     def find_superseded(self, state: str) -> SupersededLink | None:
@@ -78,11 +77,7 @@ class LedgerQueries:
     @reconnecting
     def get(self, tenant_id: str, connector_id: str) -> Record | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(records).where(
-                    records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
-                )
-            ).first()
+            row = conn.execute(select(records).where(*tenant_row(tenant_id, connector_id))).first()
         return Record.from_row(row) if row else None
 
     @reconnecting
@@ -112,13 +107,7 @@ class LedgerQueries:
             ),
         )
         with self.engine.connect() as conn:
-            if only_ids is None:
-                return set(conn.execute(query).scalars())
-            ids, live = list(only_ids), set[str]()
-            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
-                part = ids[start : start + IN_LIST_MAX]
-                live.update(conn.execute(query.where(records.c.tenant_id.in_(part))).scalars())
-            return live
+            return {tid for q in _of_ids(query, only_ids) for tid in conn.execute(q).scalars()}
 
     @reconnecting
     def chunk_summary(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
@@ -132,8 +121,7 @@ class LedgerQueries:
     @reconnecting
     def counts_by_status(self, connector_id: str | Sequence[str] | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)
-        if connector_id:
-            query = query.where(_of_connectors(connector_id))
+        query = _of_connectors(query, connector_id)
         with self.engine.connect() as conn:
             return {status: count for status, count in conn.execute(query)}
 
@@ -151,17 +139,14 @@ class LedgerQueries:
         """Over the tenants the ledger holds for any of `connector_ids`: how many are connected
         to all of them (fully), to some (partly), to none."""
         ids = list(dict.fromkeys(connector_ids))
-        connected = func.sum(case((records.c.status == Status.CONNECTED.value, 1), else_=0))
         per_tenant = (
-            select(connected.label("n"))
+            select(count_where(records.c.status == Status.CONNECTED.value).label("n"))
             .where(records.c.connector_id.in_(ids))
             .group_by(records.c.tenant_id)
             .subquery()
         )
         query = select(
-            func.count(),
-            func.coalesce(func.sum(case((per_tenant.c.n >= len(ids), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((per_tenant.c.n == 0, 1), else_=0)), 0),
+            func.count(), count_where(per_tenant.c.n >= len(ids)), count_where(per_tenant.c.n == 0)
         ).select_from(per_tenant)
         with self.engine.connect() as conn:
             total, fully, none = conn.execute(query).one()
@@ -170,12 +155,7 @@ class LedgerQueries:
     @reconnecting
     def count_past_expiry(self, connector_id: str | Sequence[str] | None, now: datetime) -> int:
         """Links handed out but not connected whose time is up (stale, whatever their status)."""
-        query = select(func.count()).where(
-            records.c.status.in_([s.value for s in LIVE_STATUSES]),
-            records.c.expires_at <= utc(now),
-        )
-        if connector_id:
-            query = query.where(_of_connectors(connector_id))
+        query = _of_connectors(select(func.count()).where(*past_expiry(now)), connector_id)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
@@ -183,14 +163,39 @@ class LedgerQueries:
         """Every record (of these connectors), one per (tenant, connector), streamed in tenant
         order, so an export of 100k rows stays small."""
         query = select(records).order_by(records.c.tenant_id, records.c.connector_id)
-        if connector_id:
-            query = query.where(_of_connectors(connector_id))
+        query = _of_connectors(query, connector_id)
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
 
 
-def _of_connectors(connector_id: str | Sequence[str]) -> Any:
+def past_expiry(now: datetime) -> tuple[Any, Any]:
+    """Links handed out but not connected whose time is up at `now`."""
+    return records.c.status.in_([s.value for s in LIVE_STATUSES]), records.c.expires_at <= utc(now)
+
+
+def count_where(condition: Any) -> Any:
+    """How many rows (of a group) meet `condition`: 0, not NULL, for none."""
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+def in_parts(items: Sequence[T], size: int = IN_LIST_MAX) -> Iterator[Sequence[T]]:
+    """`items` in parts of at most `size`, for IN lists (see IN_LIST_MAX)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _of_ids(query: Any, only_ids: Collection[str] | None) -> list[Any]:
+    """`query`, or with `only_ids` its parts for those tenants only (see in_parts)."""
+    if only_ids is None:
+        return [query]
+    return [query.where(records.c.tenant_id.in_(part)) for part in in_parts(list(only_ids))]
+
+
+def _of_connectors(query: Any, connector_id: str | Sequence[str] | None) -> Any:
+    """`query` for these connectors only (every connector for None or none)."""
+    if not connector_id:
+        return query
     ids = [connector_id] if isinstance(connector_id, str) else list(connector_id)
-    return records.c.connector_id.in_(ids)
+    return query.where(records.c.connector_id.in_(ids))

@@ -49,22 +49,10 @@ class Record:
 
     @classmethod
     def from_row(cls, row: Any) -> Record:
-        values = dict(row._mapping)
-        for key in _DATETIME_COLUMNS:
-            values[key] = aware(values[key])
+        values = aware_values(row)
         values["status"] = Status(values["status"])
         values["reminders"] = values["reminders"] or 0
         return cls(**values)
-
-
-_DATETIME_COLUMNS = (
-    "created_at",
-    "expires_at",
-    "delivered_at",
-    "connected_at",
-    "updated_at",
-    "last_sent_at",
-)
 
 
 EXPORT_KEYS = (
@@ -88,6 +76,14 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def aware_values(row: Any) -> dict[str, Any]:
+    """A row's values by column, its datetimes made aware (see aware)."""
+    return {
+        key: aware(value) if isinstance(value, datetime) else value
+        for key, value in row._mapping.items()
+    }
+
+
 def utc(value: datetime) -> datetime:
     # SQLite stores the wall time and drops the offset, so a +02:00 time must become UTC first.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -109,8 +105,6 @@ class ConnectResult:
 
 
 def superseded_from_row(row: Any) -> SupersededLink:
-    values = dict(row._mapping)
+    values = aware_values(row)
     values.pop("state_hash", None)
-    values["created_at"] = aware(values["created_at"])
-    values["superseded_at"] = aware(values["superseded_at"])
     return SupersededLink(**values)

@@ -161,6 +161,11 @@ paces = Table(
 )
 
 
+def tenant_row(tenant_id: str, connector_id: str) -> tuple[Any, Any]:
+    """The WHERE clause of one tenant's record."""
+    return records.c.tenant_id == tenant_id, records.c.connector_id == connector_id
+
+
 def state_digest(state: str) -> str:
     """How a state is looked up: its sha256, hex. A state is a random value of Versori's
     (a CSRF token), so a plain hash cannot be reversed by guessing; the index is on this, and
@@ -268,11 +273,17 @@ def _add_missing_columns(conn: Connection) -> None:
 def _hash_old_states(conn: Connection) -> None:
     """Fill in state_hash for the rows an older version wrote without it."""
     for table in (records, superseded_links):
-        keys = [c for c in table.primary_key.columns]
+        keys = list(table.primary_key.columns)
         query = select(*keys, table.c.state).where(
             table.c.state_hash.is_(None), table.c.state.is_not(None)
         )
-        rows = [dict(row._mapping) for row in conn.execute(query)]
+        rows = [
+            {
+                **{f"k_{c.name}": row._mapping[c.name] for c in keys},
+                "digest": state_digest(row.state),
+            }
+            for row in conn.execute(query)
+        ]
         if not rows:
             continue
         update = (
@@ -280,13 +291,7 @@ def _hash_old_states(conn: Connection) -> None:
             .where(*[c == bindparam(f"k_{c.name}") for c in keys])
             .values(state_hash=bindparam("digest"))
         )
-        conn.execute(
-            update,
-            [
-                {**{f"k_{c.name}": row[c.name] for c in keys}, "digest": state_digest(row["state"])}
-                for row in rows
-            ],
-        )
+        conn.execute(update, rows)
         log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
 
 

@@ -6,27 +6,19 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    Engine,
-    exists,
-    func,
-    literal_column,
-    or_,
-    select,
-    tuple_,
-)
+from sqlalchemy import Engine, Table, exists, func, literal_column, or_, select, tuple_
 
 from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import ConnectLinks
 from onboarding.ledger.engine import lock_tenants, open_engine, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
 from onboarding.ledger.link_sql import link_statements
-from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries
+from onboarding.ledger.queries import IN_LIST_MAX, LedgerQueries, in_parts, past_expiry
 from onboarding.ledger.records import (
     ConnectOutcome,
     ConnectResult,
@@ -35,7 +27,6 @@ from onboarding.ledger.records import (
     utc,
 )
 from onboarding.ledger.schema import (
-    LIVE_STATUSES,
     Status,
     batch_chunks,
     claims,
@@ -44,6 +35,7 @@ from onboarding.ledger.schema import (
     run_leases,
     state_digest,
     superseded_links,
+    tenant_row,
 )
 
 log = logging.getLogger(__name__)
@@ -78,13 +70,19 @@ class Ledger(ConnectLinks, LedgerQueries):
         self.engine.dispose()
 
     @reconnecting
-    def _upsert(self, key: dict[str, str], insert: dict[str, Any], update: dict[str, Any]) -> None:
-        """Insert, or update a row that is not connected (connected is final)."""
-        stmt = self._insert(records).values(**key, **insert)
+    def _upsert(
+        self,
+        table: Table,
+        key: dict[str, Any],
+        values: dict[str, Any],
+        update: dict[str, Any] | None = None,
+        where: Any = None,
+    ) -> None:
+        """Insert a row of `table`, or update the one with its `key` (with `values`, or
+        `update` when given; only where `where` holds)."""
+        stmt = self._insert(table).values(**key, **values)
         stmt = stmt.on_conflict_do_update(
-            index_elements=["tenant_id", "connector_id"],
-            set_=update,
-            where=records.c.status != Status.CONNECTED.value,
+            index_elements=list(key), set_=values if update is None else update, where=where
         )
         with self.engine.begin() as conn:
             conn.execute(stmt)
@@ -148,8 +146,7 @@ class Ledger(ConnectLinks, LedgerQueries):
         is a write, so the transaction holds the database's write lock from its start."""
         supersede, upsert = self._link_sql
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
+            lock_tenants(conn, [(r["tenant_id"], r["connector_id"]) for r in rows])
             conn.execute(supersede, rows)
             conn.execute(upsert, rows)
 
@@ -180,9 +177,11 @@ class Ledger(ConnectLinks, LedgerQueries):
         }
         step = 1 if count_attempt else 0
         self._upsert(
+            records,
             {"tenant_id": tenant_id, "connector_id": connector_id},
             {**values, "attempts": step},
             {**values, "attempts": records.c.attempts + step},
+            where=records.c.status != Status.CONNECTED.value,  # connected is final
         )
 
     @reconnecting
@@ -190,11 +189,7 @@ class Ledger(ConnectLinks, LedgerQueries):
         """Update a row that is not connected (connected is final) and, with `state`, still
         holds that state (a write about a link must not land on the link that replaced it).
         Whether a row was written."""
-        where = [
-            records.c.tenant_id == tenant_id,
-            records.c.connector_id == connector_id,
-            records.c.status != Status.CONNECTED.value,
-        ]
+        where = [*tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value]
         if state is not None:
             where.append(records.c.state_hash == state_digest(state))
         with self.engine.begin() as conn:
@@ -210,23 +205,13 @@ class Ledger(ConnectLinks, LedgerQueries):
         *,
         channel: str,
         at: datetime | None = None,
-        count_attempt: bool = False,
         state: str | None = None,
     ) -> bool:
-        """`count_attempt`: this write ends an attempt that recorded nothing else (it reused a
-        stored link), so it counts it. `state`: the state of the link delivered, if known.
-        False, and nothing written, when the tenant is connected or holds another state."""
+        """`state`: the state of the link delivered, if known. False, and nothing written, when
+        the tenant is connected or holds another state."""
         when = utc(at or utcnow())
-        return self._mark_sent(
-            tenant_id,
-            connector_id,
-            state,
-            Status.DELIVERED,
-            channel,
-            when,
-            count_attempt,
-            delivered_at=when,
-        )
+        sent = _sent(Status.DELIVERED, channel, when)
+        return self._update(tenant_id, connector_id, state, **sent, delivered_at=when)
 
     def mark_sending(
         self, tenant_id: str, connector_id: str, *, message_id: str, state: str | None = None
@@ -245,44 +230,12 @@ class Ledger(ConnectLinks, LedgerQueries):
         *,
         channel: str,
         at: datetime | None = None,
-        count_attempt: bool = False,
         state: str | None = None,
     ) -> bool:
         """False, and nothing written, when the tenant is connected or holds another state."""
-        return self._mark_sent(
-            tenant_id,
-            connector_id,
-            state,
-            Status.REMINDED,
-            channel,
-            utc(at or utcnow()),
-            count_attempt,
-            reminders=records.c.reminders + 1,
-        )
-
-    def _mark_sent(
-        self,
-        tenant_id: str,
-        connector_id: str,
-        state: str | None,
-        status: Status,
-        channel: str,
-        when: datetime,
-        count_attempt: bool,
-        **more: Any,
-    ) -> bool:
-        """A message went out (a first delivery or a reminder): errors cleared."""
+        sent = _sent(Status.REMINDED, channel, utc(at or utcnow()))
         return self._update(
-            tenant_id,
-            connector_id,
-            state,
-            attempts=records.c.attempts + int(count_attempt),
-            status=status.value,
-            delivery_channel=channel,
-            last_sent_at=when,
-            error_code=None,
-            error_message=None,
-            **more,
+            tenant_id, connector_id, state, **sent, reminders=records.c.reminders + 1
         )
 
     def mark_connected(
@@ -291,16 +244,7 @@ class Ledger(ConnectLinks, LedgerQueries):
         """Connect a tenant that is not connected yet, whatever its link (an operator's
         override; a callback goes through connect_state, which checks the state). False when
         it was connected already: that connection stays as it is."""
-        return self._update(
-            tenant_id,
-            connector_id,
-            None,
-            status=Status.CONNECTED.value,
-            connection_id=connection_id,
-            connected_at=utc(at),
-            error_code=None,
-            error_message=None,
-        )
+        return self._update(tenant_id, connector_id, None, **_connected(connection_id, utc(at)))
 
     @reconnecting
     def connect_state(
@@ -327,26 +271,15 @@ class Ledger(ConnectLinks, LedgerQueries):
                 if old is None:
                     return ConnectResult(ConnectOutcome.UNKNOWN)
                 return ConnectResult(ConnectOutcome.SUPERSEDED, superseded=superseded_from_row(old))
-            key = (row.tenant_id, row.connector_id)
-            if self.postgres:  # the lock record_link takes: no re-issue half-way through
-                lock_tenants(conn, [key])
+            key = tenant_row(row.tenant_id, row.connector_id)
+            # The lock record_link takes: no re-issue half-way through.
+            lock_tenants(conn, [(row.tenant_id, row.connector_id)])
             done = conn.execute(
                 records.update()
-                .where(records.c.tenant_id == key[0], records.c.connector_id == key[1], *accepts)
-                .values(
-                    status=Status.CONNECTED.value,
-                    connection_id=connection_id,
-                    connected_at=when,
-                    error_code=None,
-                    error_message=None,
-                    updated_at=utcnow(),
-                )
+                .where(*key, *accepts)
+                .values(**_connected(connection_id, when), updated_at=utcnow())
             )
-            now_row = conn.execute(
-                select(records).where(
-                    records.c.tenant_id == key[0], records.c.connector_id == key[1]
-                )
-            ).first()
+            now_row = conn.execute(select(records).where(*key)).first()
         record = Record.from_row(now_row) if now_row is not None else None
         if done.rowcount:
             return ConnectResult(ConnectOutcome.CONNECTED, record)
@@ -361,9 +294,8 @@ class Ledger(ConnectLinks, LedgerQueries):
         """An operator's reset of a tenant, connected or not: back to pending, its link
         retired to the history (its state is refused from now on), ready for a new link."""
         with self.engine.begin() as conn:
-            if self.postgres:
-                lock_tenants(conn, [(tenant_id, connector_id)])
-            key = (records.c.tenant_id == tenant_id, records.c.connector_id == connector_id)
+            lock_tenants(conn, [(tenant_id, connector_id)])
+            key = tenant_row(tenant_id, connector_id)
             row = conn.execute(select(records).where(*key)).first()
             if row is None:
                 return False
@@ -385,17 +317,9 @@ class Ledger(ConnectLinks, LedgerQueries):
                 .where(*key)
                 .values(
                     status=Status.PENDING.value,
-                    url=None,
-                    state=None,
-                    state_hash=None,
-                    expires_at=None,
-                    delivered_at=None,
-                    connected_at=None,
-                    connection_id=None,
-                    message_id=None,
-                    last_sent_at=None,
                     reminders=0,
                     updated_at=utcnow(),
+                    **dict.fromkeys(_RESET_TO_NONE),
                 )
             )
         return True
@@ -403,31 +327,23 @@ class Ledger(ConnectLinks, LedgerQueries):
     @reconnecting
     def expire_links(self, connector_id: str, now: datetime) -> list[str]:
         """Mark every link past its time and not connected `expired`; return their tenants."""
-        past = (
-            records.c.connector_id == connector_id,
-            records.c.status.in_([s.value for s in LIVE_STATUSES]),
-            records.c.expires_at <= utc(now),
-        )
+        past = (records.c.connector_id == connector_id, *past_expiry(now))
         with self.engine.begin() as conn:
             ids = list(conn.execute(select(records.c.tenant_id).where(*past)).scalars())
-            for start in range(0, len(ids), IN_LIST_MAX):  # SQLite caps bound parameters
+            for part in in_parts(ids):
                 conn.execute(
                     records.update()
-                    .where(*past, records.c.tenant_id.in_(ids[start : start + IN_LIST_MAX]))
+                    .where(*past, records.c.tenant_id.in_(part))
                     .values(status=Status.EXPIRED.value, updated_at=utcnow())
                 )
         return ids
 
-    @reconnecting
     def record_chunk(
         self, batch_id: str, chunk: int, flow_run_id: str | None, summary: dict[str, Any]
     ) -> None:
         """A chunk's summary, once it has run; a second write of the same chunk replaces it."""
         values = {"flow_run_id": flow_run_id, "summary": summary, "finished_at": utcnow()}
-        stmt = self._insert(batch_chunks).values(batch_id=batch_id, chunk=chunk, **values)
-        stmt = stmt.on_conflict_do_update(index_elements=["batch_id", "chunk"], set_=values)
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
+        self._upsert(batch_chunks, {"batch_id": batch_id, "chunk": chunk}, values)
 
     @reconnecting
     def forget_batch(self, batch_id: str) -> None:
@@ -471,13 +387,9 @@ class Ledger(ConnectLinks, LedgerQueries):
             except Exception as err:  # its claims lapse with the lease anyway
                 log.warning("could not let go of the run's claims: %s", type(err).__name__)
 
-    @reconnecting
-    def _renew_lease(self, run_id: str, seconds: float = RUN_LEASE_SECONDS) -> None:
+    def _renew_lease(self, run_id: str, seconds: float) -> None:
         until = utcnow() + timedelta(seconds=seconds)
-        stmt = self._insert(run_leases).values(run_id=run_id, alive_until=until)
-        stmt = stmt.on_conflict_do_update(index_elements=["run_id"], set_={"alive_until": until})
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
+        self._upsert(run_leases, {"run_id": run_id}, {"alive_until": until})
 
     @reconnecting
     def end_run_lease(self, run_id: str) -> None:
@@ -507,41 +419,29 @@ class Ledger(ConnectLinks, LedgerQueries):
             {"tenant_id": t, "connector_id": c, "run_id": run_id, "claimed_at": when}
             for t, c in keys
         ]
+        parts = list(_parts(keys))
         held: set[Key] = set()
         with self.engine.begin() as conn:
-            for part in _parts(list(keys)):
+            for part in parts:
                 conn.execute(
                     claims.update()
-                    .where(
-                        tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
-                        or_(claims.c.run_id == run_id, ~holder_alive),
-                    )
+                    .where(_CLAIM_KEY.in_(part), or_(claims.c.run_id == run_id, ~holder_alive))
                     .values(run_id=run_id, claimed_at=when)
                 )
             conn.execute(self._insert(claims).on_conflict_do_nothing(), rows)
-            for part in _parts(list(keys)):
-                held.update(
-                    (t, c)
-                    for t, c in conn.execute(
-                        select(claims.c.tenant_id, claims.c.connector_id).where(
-                            claims.c.run_id == run_id,
-                            tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
-                        )
-                    )
+            for part in parts:
+                query = select(claims.c.tenant_id, claims.c.connector_id).where(
+                    claims.c.run_id == run_id, _CLAIM_KEY.in_(part)
                 )
+                held.update((t, c) for t, c in conn.execute(query))
         return held
 
     @reconnecting
     def release(self, run_id: str, keys: Collection[Key]) -> None:
         """Let go of `run_id`'s claims on `keys` (the tenants it has decided)."""
         with self.engine.begin() as conn:
-            for part in _parts(list(keys)):
-                conn.execute(
-                    claims.delete().where(
-                        claims.c.run_id == run_id,
-                        tuple_(claims.c.tenant_id, claims.c.connector_id).in_(part),
-                    )
-                )
+            for part in _parts(keys):
+                conn.execute(claims.delete().where(claims.c.run_id == run_id, _CLAIM_KEY.in_(part)))
 
     # Pacing: a profile's calls spaced across every process on this ledger.
 
@@ -579,7 +479,37 @@ class Ledger(ConnectLinks, LedgerQueries):
         return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
 
 
-def _parts(keys: list[Key]) -> Iterator[list[Key]]:
-    # Two bound parameters a key; SQLite caps a statement's parameters.
-    for start in range(0, len(keys), IN_LIST_MAX // 2):
-        yield keys[start : start + IN_LIST_MAX // 2]
+def _sent(status: Status, channel: str, at: datetime) -> dict[str, Any]:
+    """A message went out (a first delivery or a reminder): errors cleared."""
+    return {
+        "status": status.value,
+        "delivery_channel": channel,
+        "last_sent_at": at,
+        "error_code": None,
+        "error_message": None,
+    }
+
+
+def _connected(connection_id: str | None, at: datetime) -> dict[str, Any]:
+    """A tenant's connection, its errors cleared."""
+    return {
+        "status": Status.CONNECTED.value,
+        "connection_id": connection_id,
+        "connected_at": at,
+        "error_code": None,
+        "error_message": None,
+    }
+
+
+# What a reset clears, besides the status and reminders.
+_RESET_TO_NONE = (
+    *("url", "state", "state_hash", "expires_at"),  # the link
+    *("delivered_at", "message_id", "last_sent_at", "connected_at", "connection_id"),  # its fate
+)
+
+# A claim's (tenant, connector), for IN lists of keys.
+_CLAIM_KEY = tuple_(claims.c.tenant_id, claims.c.connector_id)
+
+
+def _parts(keys: Collection[Key]) -> Iterator[Sequence[Key]]:
+    return in_parts(list(keys), IN_LIST_MAX // 2)  # two bound parameters a key
