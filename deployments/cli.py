@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections import Counter
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -117,9 +117,8 @@ def _run_flow(
     **options: Any,
 ) -> dict[str, Any] | None:
     from flows.onboard_tenants import onboard_tenants
-    from flows.running.in_process import run_here
 
-    state = run_here(
+    return _summary_of_run(
         onboard_tenants,
         roster=roster,
         profile=profile,
@@ -129,12 +128,14 @@ def _run_flow(
         only=only,
         **options,
     )
-    return _summary_of(state)
 
 
-def _summary_of(state: Any) -> dict[str, Any] | None:
-    """A finished run's summary (Completed or Failed alike), or None after saying why the run
-    did not get that far (bad input inside the flow, a crash)."""
+def _summary_of_run(flow: Any, **parameters: Any) -> dict[str, Any] | None:
+    """Run `flow` in this process; its summary once finished (Completed or Failed alike), or
+    None after saying why the run did not get that far (bad input inside the flow, a crash)."""
+    from flows.running.in_process import run_here
+
+    state = run_here(flow, **parameters)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         return result
@@ -142,48 +143,39 @@ def _summary_of(state: Any) -> dict[str, Any] | None:
     return None
 
 
-# Ledger statuses as an interrupted run's report counts them: done, or begun.
-_KIND = dict.fromkeys(("delivered", "reminded", "connected"), "done") | dict.fromkeys(
-    ("pending", "link_created", "sending", "opened", "declined"), "begun"
+# Ledger statuses as an interrupted run's report counts them: done, failed, or begun.
+_KIND = (
+    dict.fromkeys(("delivered", "reminded", "connected"), "done")
+    | dict.fromkeys(("pending", "link_created", "sending", "opened", "declined"), "begun")
+    | {"failed": "failed"}
 )
 
 
-def _interrupted_run_report(inputs: RunInputs) -> Callable[[], None]:
-    """The report `onboard run` prints when interrupted: how far the roster got, per connector,
-    read from the ledger (the truth, whatever the flow managed to say). Counts only: no link,
-    state or address."""
+def _report_interrupted_run(inputs: RunInputs) -> None:
+    """What `onboard run` prints when interrupted: how far the roster got, per connector, read
+    from the ledger (the truth, whatever the flow managed to say). Counts only: no link, state
+    or address."""
+    from onboarding.ledger import Ledger
+    from onboarding.settings import LedgerSettings
 
-    def report() -> None:
-        from onboarding.ledger import Ledger
-        from onboarding.settings import LedgerSettings
-
-        assert inputs.roster is not None
-        ids = {t.tenant_id for t in inputs.roster}
-        ledger = Ledger(LedgerSettings().db_url)
-        try:
-            lines = []
-            for connector in inputs.profiles:
-                seen: dict[str, int] = {"done": 0, "failed": 0, "begun": 0}
-                for record in ledger.iter_records(connector.target_id):
-                    status = str(record.status)
-                    if record.tenant_id in ids:
-                        kind = "failed" if status == "failed" else _KIND.get(status, "")
-                        seen[kind] = seen.get(kind, 0) + 1
-                lines.append(_interrupted_counts(seen, len(ids)))
-        finally:
-            ledger.close()
-        again = "run the same command again to finish (it skips what is done)"
-        if len(inputs.profiles) == 1:
-            out.print(f"Interrupted: {lines[0]}; {again}.", highlight=False, soft_wrap=True)
-            return
-        out.print(f"Interrupted; {again}. How far each connector got:", highlight=False)
-        for connector, line in zip(inputs.profiles, lines, strict=True):
-            out.print(f"  {connector.name}: {line}", highlight=False, soft_wrap=True)
-
-    return report
+    assert inputs.roster is not None
+    ids = {t.tenant_id for t in inputs.roster}
+    lines = []
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+        for connector in inputs.profiles:
+            records = ledger.iter_records(connector.target_id)
+            seen = Counter(_KIND.get(str(r.status)) for r in records if r.tenant_id in ids)
+            lines.append(_interrupted_counts(seen, len(ids)))
+    again = "run the same command again to finish (it skips what is done)"
+    if len(inputs.profiles) == 1:
+        out.print(f"Interrupted: {lines[0]}; {again}.", highlight=False, soft_wrap=True)
+        return
+    out.print(f"Interrupted; {again}. How far each connector got:", highlight=False)
+    for connector, line in zip(inputs.profiles, lines, strict=True):
+        out.print(f"  {connector.name}: {line}", highlight=False, soft_wrap=True)
 
 
-def _interrupted_counts(seen: dict[str, int], total: int) -> str:
+def _interrupted_counts(seen: Counter[str | None], total: int) -> str:
     begun = f", {seen['begun']} in progress when stopped" if seen["begun"] else ""
     rest = total - seen["done"] - seen["failed"] - seen["begun"]
     not_started = f", the rest ({rest}) not started" if rest else ""
@@ -288,9 +280,8 @@ def run(
 
     inputs = _check_run_inputs(roster, profile, only, dry_run, deliver, fan_out)
     _quiet_task_logs(verbose)
-    report = _interrupted_run_report(inputs)
     try:
-        with stop_on_interrupt(report) as interrupt:
+        with stop_on_interrupt(lambda: _report_interrupted_run(inputs)) as interrupt:
             summary = _run_flow(
                 roster,
                 profile[0] if len(profile) == 1 else profile,
@@ -340,11 +331,10 @@ def remind(
     """Re-send links to admins who have not connected, re-issuing links past their time.
     Exit 0: all reminders sent; 1: some failed; 2: bad input."""
     from flows.remind_tenants import remind_tenants
-    from flows.running.in_process import run_here
 
     _check_run_inputs(None, profile, None, dry_run, Delivery.STORE if dry_run else Delivery.EMAIL)
     _quiet_task_logs(verbose)
-    state = run_here(
+    summary = _summary_of_run(
         remind_tenants,
         profile=profile[0] if len(profile) == 1 else profile,
         after_hours=after_hours,
@@ -352,7 +342,6 @@ def remind(
         concurrency=concurrency,
         dry_run=dry_run,
     )
-    summary = _summary_of(state)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=True)
@@ -387,46 +376,35 @@ def mark_connected(
 
     if state == "-":
         state = sys.stdin.readline()
-    ledger = Ledger(LedgerSettings().db_url)
-    try:
-        record = record_connection(ledger, state.strip(), connection_id)
-    except InputError:
-        raise
-    except OnboardingError as error:  # the state's error says which, never the whole state
-        err.print(f"[bold red]Not recorded:[/] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(EXIT_SOME_FAILED) from None
-    finally:
-        ledger.close()
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+        try:
+            record = record_connection(ledger, state.strip(), connection_id)
+        except InputError:
+            raise
+        except OnboardingError as error:  # the state's error says which, never the whole state
+            err.print(f"[bold red]Not recorded:[/] {escape(str(error))}", soft_wrap=True)
+            raise typer.Exit(EXIT_SOME_FAILED) from None
     out.print(f"Tenant {record.tenant_id} is connected to {record.profile}.", highlight=False)
     _send_connected_event(record)
 
 
 def _send_connected_event(record: Record) -> None:
-    """The event the record-connection flow sends, as flows/reporting/events.py builds it (with
-    no flow run to relate it to), posted to the Prefect API's /events with httpx: importing
-    Prefect's client alone takes longer (1.3 to 2.7 s) than this whole command should."""
+    """The event the record-connection flow sends, built as it builds it (with no flow run to
+    relate it to), posted to the Prefect API's /events with httpx: importing Prefect's client
+    alone takes longer (1.3 to 2.7 s) than this whole command should."""
     api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if not api:
         out.print("No event sent: no Prefect server is configured (PREFECT_API_URL is not set).")
         return
     import base64
-    import uuid
 
     import httpx
 
-    event = {
-        "id": str(uuid.uuid4()),
-        "occurred": utcnow().isoformat(),
-        "event": "onboarding.tenant.connected",
-        "resource": {
-            "prefect.resource.id": f"onboarding.tenant.{record.tenant_id}",
-            "prefect.resource.name": record.tenant_id,
-            "onboarding.connector-id": record.connector_id,
-            "onboarding.profile": record.profile,
-        },
-        "related": [],
-        "payload": {},
-    }
+    from flows.reporting.events import tenant_event
+    from onboarding.outcomes import StatusChange
+
+    change = StatusChange(record.tenant_id, record.connector_id, record.profile, "connected")
+    event = tenant_event(change, related=[])
     # As Prefect's client authenticates: a server's auth string first, else a Cloud API key.
     auth, key = os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY")
     token = f"Basic {base64.b64encode(auth.encode()).decode()}" if auth else f"Bearer {key}"
@@ -536,8 +514,7 @@ def blocks_create(
 def _ask(variable: str, hide: bool = True) -> str:
     if not sys.stdin.isatty():
         raise InputError(f"{variable} is not set; set it, or run this in a terminal")
-    value: str = typer.prompt(variable, hide_input=hide)
-    return value
+    return str(typer.prompt(variable, hide_input=hide))
 
 
 @app.command()
@@ -554,7 +531,7 @@ def status(
     """Count tenants by status in the ledger (ONBOARD_DB_URL), for each connector; with
     several, also how many tenants are connected to all of them, to some, to none."""
     from onboarding.db_url import redact
-    from onboarding.ledger import Ledger
+    from onboarding.ledger import Ledger, funnel_lines
     from onboarding.settings import LedgerSettings
 
     names: dict[str, str] = {}
@@ -570,8 +547,9 @@ def status(
     if not ids:
         out.print(f"{where} holds no records yet.", highlight=False, soft_wrap=True)
         return
+    labels = {i: names.get(i) or recorded.get(i) or i for i in ids}
     out.print(f"{where}:", highlight=False, soft_wrap=True)
-    out.print(_status_table(ledger, {i: names.get(i) or recorded.get(i) or i for i in ids}))
+    out.print(_status_table(ledger, labels))
     if len(ids) > 1:
         c = ledger.connection_coverage(ids)
         out.print(
@@ -582,9 +560,6 @@ def status(
     stale = ledger.count_past_expiry(ids, utcnow())
     if stale:
         out.print(f"{stale} link(s) are past their expiry and not connected.")
-    from onboarding.ledger import funnel_lines
-
-    labels = {i: names.get(i) or recorded.get(i) or i for i in ids}
     out.print("Funnel (linked → delivered → opened → connected):", highlight=False)
     for cid, funnel in ledger.funnel(ids).items():
         out.print(
@@ -627,7 +602,8 @@ def export(
         err.print(f"{n} record(s) written to {output}", highlight=False)
 
 
-connect_cli.register(app)  # onboard connect-server, onboard revoke
+app.command("connect-server")(connect_cli.connect_server)
+app.command()(connect_cli.revoke)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,8 +1,9 @@
 """`onboard connect-server` and `onboard revoke`: the durable connect links' service and their
-revocation. Registered on the main `onboard` app by deployments/cli.py (`register`)."""
+revocation, registered on the main `onboard` app by deployments/cli.py."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Annotated
 
 import typer
@@ -46,18 +47,10 @@ def revoke(
 
     if not tenant.strip():
         raise InputError("--tenant is empty: give the tenant_id whose links to revoke")
-    ledger = Ledger(LedgerSettings().db_url)
-    try:
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
         n = ledger.revoke_connect_links(tenant, connector)
-    finally:
-        ledger.close()
     which = f" for connector {connector}" if connector else ""
     if not n:
         out.print(f"Tenant {tenant} has no live connect link{which}.", highlight=False)
         raise typer.Exit(1)
     out.print(f"Revoked {n} connect link(s) of tenant {tenant}{which}.", highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("connect-server")(connect_server)
-    app.command()(revoke)

@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,8 +23,8 @@ from prefect.runner import Runner
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
+from deployments.steps import PROJECT_DIR
+
 # Asked to stop (SIGTERM, Ctrl-C), the process ends within this many seconds whatever the
 # Prefect API does; and how long the API gets to answer whether it is there at all.
 STOP_GRACE_SECONDS = 5.0
@@ -45,8 +44,8 @@ def load_flow(entrypoint: str) -> Flow[..., Any]:
     return flow
 
 
-def read_config(path: Path = PREFECT_YAML) -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+def read_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((PROJECT_DIR / "prefect.yaml").read_text("utf-8"))
     return config
 
 
@@ -58,26 +57,22 @@ def pool_env(config: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def deployments_from_yaml(config: dict[str, Any] | None = None) -> list[RunnerDeployment]:
-    config = config or read_config()
-    out: list[RunnerDeployment] = []
-    for spec in config["deployments"]:
-        flow = load_flow(spec["entrypoint"])
-        out.append(
-            flow.to_deployment(  # type: ignore[arg-type]  # sync here: never a coroutine
-                name=spec["name"],
-                description=spec.get("description"),
-                tags=spec.get("tags"),
-                parameters=spec.get("parameters") or {},
-                schedules=[
-                    Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
-                    for s in spec.get("schedules", [])
-                ],
-                concurrency_limit=spec.get("concurrency_limit"),
-                enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
-            )
+def deployments_from_yaml(config: dict[str, Any]) -> list[RunnerDeployment]:
+    return [
+        load_flow(spec["entrypoint"]).to_deployment(  # type: ignore[misc]  # sync, not a coroutine
+            name=spec["name"],
+            description=spec.get("description"),
+            tags=spec.get("tags"),
+            parameters=spec.get("parameters") or {},
+            schedules=[
+                Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+                for s in spec.get("schedules", [])
+            ],
+            concurrency_limit=spec.get("concurrency_limit"),
+            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
         )
-    return out
+        for spec in config["deployments"]
+    ]
 
 
 def serve_all() -> None:

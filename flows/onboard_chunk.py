@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -77,8 +77,7 @@ def onboard_chunk(
     # Through a deployment, the paths must lie in ONBOARD_FILES_ROOT (run_request's root).
     part = RosterPart(digest, first, stop)
     request = run_request(profile, roster, only=only, deliver=deliver, part=part)
-    ledger = Ledger(LedgerSettings().db_url)
-    try:
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
         done = ledger.chunk_summary(batch_id, chunk)
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
             return final_state(done, "onboarded or skipped (earlier)")
@@ -96,8 +95,6 @@ def onboard_chunk(
         summary = summarise(tally, time.monotonic() - started, chunk=chunk, first=first, stop=stop)
         ledger.record_chunk(batch_id, chunk, str(flow_run.id), summary)
         return final_state(summary, "onboarded or skipped")
-    finally:
-        ledger.close()
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -40,14 +41,12 @@ def record_connection_flow(
     """
     logger = get_run_logger()
     secret = state.get_secret_value().strip()
-    ledger = Ledger(LedgerSettings().db_url)
-    try:
-        record = record_connection(ledger, secret, connection_id)
-    except (UnknownStateError, SupersededStateError, ExpiredStateError, StateUsedError) as err:
-        logger.error("%s", err)
-        return Failed(message=str(err), data={"code": err.code, "error": str(err)})
-    finally:
-        ledger.close()
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+        try:
+            record = record_connection(ledger, secret, connection_id)
+        except (UnknownStateError, SupersededStateError, ExpiredStateError, StateUsedError) as err:
+            logger.error("%s", err)
+            return Failed(message=str(err), data={"code": err.code, "error": str(err)})
     with TenantEventSender(TenantEvents.ALL) as events:
         events(StatusChange(record.tenant_id, record.connector_id, record.profile, "connected"))
     logger.info(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, closing
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ from flows.batching.fan_out import ChunkPlan, run_chunks
 from flows.batching.resources import effective_concurrency, open_campaign, tag_run
 from flows.batching.slices import run_batch
 from flows.inputs.options import TenantEvents
-from flows.reporting.summary import OutcomeCounts, publish_and_end
+from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
 from onboarding.campaign import Campaign
 from onboarding.clock import utcnow
 from onboarding.connection import tenant_of
@@ -55,27 +55,14 @@ def onboard_tenants_batch(
     )
     tag_run(profiles)
     started = time.monotonic()
-    ledger = Ledger(LedgerSettings().db_url)
-    try:
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
         if chunks is not None and not request.dry_run and len(inputs.roster) > chunks.size:
             tally = run_chunks(inputs, ledger, chunks)
         else:
             tally = onboard_tenants_of(inputs, ledger, concurrency, tenants_per_task, tenant_events)
-        coverage = _coverage(ledger, profiles)
-    finally:
-        ledger.close()
-    return publish_and_end(
-        tally,
-        started,
-        "onboarded or skipped",
-        artifact=(_key("onboarding", profiles), f"Onboarding {label}", f"Roster `{inputs.source}`"),
-        profile=label,
-        connector_id=",".join(p.target_id for p in profiles),
-        roster=inputs.source,
-        dry_run=request.dry_run,
-        deliver=request.deliver.value,
-        **coverage,
-    )
+        artifact = ("onboarding", "Onboarding", f"Roster `{inputs.source}`")
+        about = {"roster": inputs.source, "deliver": request.deliver.value}
+        return _end(tally, started, "onboarded or skipped", inputs, ledger, artifact, **about)
 
 
 def onboard_tenants_of(
@@ -104,13 +91,9 @@ def onboard_tenants_of(
         campaign.needing_nothing = needing_nothing
         if watch is not None:
             stack.enter_context(watch(campaign))
+        work = _to_do(roster, campaign)
         return run_batch(
-            campaign,
-            onboard_slice_task,
-            _to_do(roster, campaign),
-            len(roster),
-            concurrency,
-            tenants_per_task,
+            campaign, onboard_slice_task, work, len(roster), concurrency, tenants_per_task
         )
 
 
@@ -129,79 +112,42 @@ def remind_tenants_batch(
     logger = get_run_logger()
     profiles, label = inputs.profiles, _label(inputs.profiles)
     tag_run(profiles)
-    ledger = Ledger(LedgerSettings().db_url)
-    now = utcnow()
-    sent_before = now - timedelta(hours=after_hours)
-    due = _due(ledger, profiles, sent_before, max_reminders)
-    logger.info(
-        "%d tenant(s) are due a reminder for %s (sent over %g h ago, fewer than %d reminders)",
-        len(due),
-        label,
-        after_hours,
-        max_reminders,
-    )
-    started = time.monotonic()
-    try:
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+        now = utcnow()
+        sent_before = now - timedelta(hours=after_hours)
+        due = _due(ledger, profiles, sent_before, max_reminders)
+        logger.info(
+            "%d tenant(s) are due a reminder for %s (sent over %g h ago, fewer than %d reminders)",
+            len(due),
+            label,
+            after_hours,
+            max_reminders,
+        )
+        started = time.monotonic()
         if inputs.request.dry_run:
             tally = OutcomeCounts.of(_would_remind(r, now) for r in due)
             expired = ledger.count_past_expiry([p.target_id for p in profiles], now)
-        else:
-            tally, expired = _remind(
-                inputs,
-                ledger,
-                due,
-                sent_before,
-                max_reminders,
-                concurrency,
-                tenants_per_task,
-                tenant_events,
-            )
+        else:  # the due tenants in slices as task runs, then links past their time expired
+            concurrency = effective_concurrency(profiles, concurrency)
+            with ExitStack() as stack:
+                campaign = open_campaign(
+                    stack,
+                    inputs,
+                    ledger,
+                    concurrency,
+                    tenant_events,
+                    remind_before=sent_before,
+                    max_reminders=max_reminders,
+                )
+                work = (tenant_of(r) for r in due)
+                tally = run_batch(
+                    campaign, remind_slice_task, work, len(due), concurrency, tenants_per_task
+                )
+                expired = _expire(campaign)
         if expired:
             logger.info("%d link(s) past their time and not re-issued are now expired", expired)
-        coverage = _coverage(ledger, profiles)
-    finally:
-        ledger.close()
-    return publish_and_end(
-        tally,
-        started,
-        "reminded",
-        artifact=(_key("reminders", profiles), f"Reminders for {label}", f"Ledger, {len(due)} due"),
-        profile=label,
-        connector_id=",".join(p.target_id for p in profiles),
-        dry_run=inputs.request.dry_run,
-        expired=expired,
-        **coverage,
-    )
-
-
-def _remind(
-    inputs: RunInputs,
-    ledger: Ledger,
-    due: list[Record],
-    sent_before: datetime,
-    max_reminders: int,
-    concurrency: int,
-    tenants_per_task: int | None,
-    tenant_events: TenantEvents,
-) -> tuple[OutcomeCounts, int]:
-    """The due tenants reminded in slices as task runs; then links past their time and not
-    re-issued marked expired. The counts, and how many expired."""
-    concurrency = effective_concurrency(inputs.profiles, concurrency)
-    with ExitStack() as stack:
-        campaign = open_campaign(
-            stack,
-            inputs,
-            ledger,
-            concurrency,
-            tenant_events,
-            remind_before=sent_before,
-            max_reminders=max_reminders,
-        )
-        work = (tenant_of(r) for r in due)
-        tally = run_batch(
-            campaign, remind_slice_task, work, len(due), concurrency, tenants_per_task
-        )
-        return tally, _expire(campaign)
+        artifact = ("reminders", "Reminders for", f"Ledger, {len(due)} due")
+        return _end(tally, started, "reminded", inputs, ledger, artifact, expired=expired)
 
 
 def _label(profiles: list[ConnectorProfile]) -> str:
@@ -215,28 +161,47 @@ def _key(kind: str, profiles: list[ConnectorProfile]) -> str:
     return (f"{kind}-campaign-" + "-".join(p.slug for p in profiles))[:200]
 
 
-def _coverage(ledger: Ledger, profiles: list[ConnectorProfile]) -> dict[str, Any]:
-    """Each connector's funnel in the ledger (linked, delivered, opened, connected), and for a
-    campaign how many tenants are connected to all, some, none of its connectors."""
+def _end(
+    tally: OutcomeCounts,
+    started: float,
+    done: str,
+    inputs: RunInputs,
+    ledger: Ledger,
+    artifact: tuple[str, str, str],
+    **about: Any,
+) -> State[dict[str, Any]]:
+    """A run's end: its summary (the counts since `started`, a time.monotonic(); `about`; each
+    connector's funnel in the ledger and, for a campaign, how many tenants are connected to
+    all, some, none of its connectors), published as artifacts (`artifact`: key kind, title,
+    source), and its final state, which says `done` when no tenant failed."""
+    profiles, label = inputs.profiles, _label(inputs.profiles)
     ids = [p.target_id for p in profiles]
     funnels = ledger.funnel(ids)
-    about: dict[str, Any] = {
-        "funnel": {
-            p.display_name: funnel_lines(funnels[p.target_id])
-            for p in profiles
-            if p.target_id in funnels
-        }
+    funnel = {
+        p.display_name: funnel_lines(funnels[p.target_id])
+        for p in profiles
+        if p.target_id in funnels
     }
-    if len(profiles) > 1:
-        about["coverage"] = ledger.connection_coverage(ids)
-    return about
+    coverage = {"coverage": ledger.connection_coverage(ids)} if len(profiles) > 1 else {}
+    summary = summarise(
+        tally,
+        time.monotonic() - started,
+        profile=label,
+        connector_id=",".join(ids),
+        dry_run=inputs.request.dry_run,
+        **about,
+        funnel=funnel,
+        **coverage,
+    )
+    kind, title, source = artifact
+    publish(_key(kind, profiles), f"{title} {label}", source, summary)
+    return final_state(summary, done)
 
 
 def _to_do(roster: Iterable[Tenant], campaign: Campaign) -> Iterator[Tenant | TenantOutcome]:
     """The tenants to onboard, with those needing nothing from any connector decided skipped
     (already delivered, or connected): they take no task run."""
-    done_by = campaign.needing_nothing
-    done = set.intersection(*done_by.values())
+    done = set.intersection(*campaign.needing_nothing.values())
     for tenant in roster:
         if tenant.tenant_id in done:
             skipped = TenantOutcome(tenant.tenant_id, "skipped", error_message=ALREADY_DONE)

@@ -118,9 +118,7 @@ def run_batch(
         )
     with ExitStack() as stack:
         stack.enter_context(quiet_routine_task_logs())
-        pool = None
-        if size > 1:
-            pool = stack.enter_context(ThreadPoolExecutor(threads, "tenant"))
+        pool = stack.enter_context(ThreadPoolExecutor(threads, "tenant")) if size > 1 else None
         runner: ThreadPoolTaskRunner[list[TenantOutcome]] = stack.enter_context(
             ThreadPoolTaskRunner(max_workers=slices_at_once)
         )

@@ -37,6 +37,24 @@ def event_name(status: str) -> str:
     return f"onboarding.tenant.{EVENT_NAMES.get(status, status)}"
 
 
+def tenant_event(change: StatusChange, related: list[dict[str, str]]) -> dict[str, Any]:
+    """The event of one change, as the API's `POST /events` takes it. Imports no Prefect:
+    `onboard mark-connected` sends it too."""
+    return {
+        "id": str(uuid.uuid4()),
+        "occurred": utcnow().isoformat(),
+        "event": event_name(change.status),
+        "resource": {
+            "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",
+            "prefect.resource.name": change.tenant_id,
+            "onboarding.connector-id": change.connector_id,
+            "onboarding.profile": change.profile,
+        },
+        "related": related,
+        "payload": {"error_code": change.error_code} if change.error_code else {},
+    }
+
+
 class TenantEventSender:
     """A StatusChange callback that queues one event per change (those `level` wants) and
     sends them in batches from a background thread. Use as a context manager: leaving it
@@ -50,17 +68,15 @@ class TenantEventSender:
             level = TenantEvents.FAILURES if on_temporary_server() else TenantEvents.ALL
         self.level = level
         run_id = flow_run_id or flow_run.id
-        self._related = (
-            [
+        self._related: list[dict[str, str]] = []
+        if run_id:
+            self._related.append(
                 {
                     "prefect.resource.id": f"prefect.flow-run.{run_id}",
                     "prefect.resource.role": "flow-run",
                     "prefect.resource.name": str(flow_run.name or run_id),
                 }
-            ]
-            if run_id
-            else []
-        )
+            )
         self._lock = threading.Lock()
         self._queue: list[dict[str, Any]] = []
         self._wake = threading.Event()
@@ -74,19 +90,7 @@ class TenantEventSender:
     def __call__(self, change: StatusChange) -> None:
         if not self.level.wants(change.status):
             return
-        event = {
-            "id": str(uuid.uuid4()),
-            "occurred": utcnow().isoformat(),
-            "event": event_name(change.status),
-            "resource": {
-                "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",
-                "prefect.resource.name": change.tenant_id,
-                "onboarding.connector-id": change.connector_id,
-                "onboarding.profile": change.profile,
-            },
-            "related": self._related,
-            "payload": {"error_code": change.error_code} if change.error_code else {},
-        }
+        event = tenant_event(change, self._related)
         with self._lock:
             self._queue.append(event)
             full = len(self._queue) >= BATCH_MAX

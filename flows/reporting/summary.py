@@ -3,7 +3,6 @@ and a markdown artifact, and the run's final state."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -153,22 +152,6 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         lines += ["", "| error | tenants |", "| --- | --- |"]
         lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]
     create_markdown_artifact(key=key.replace("-", "-summary-", 1), markdown="\n".join(lines))
-
-
-def publish_and_end(
-    tally: OutcomeCounts,
-    started: float,
-    done: str,
-    *,
-    artifact: tuple[str, str, str],
-    **about: Any,
-) -> State[dict[str, Any]]:
-    """A run's end: its summary (`about` and the counts since `started`, a time.monotonic()),
-    published as artifacts under `artifact` (key, title, source; see `publish`), and its final
-    state, which says `done` when no tenant failed."""
-    summary = summarise(tally, time.monotonic() - started, **about)
-    publish(*artifact, summary)
-    return final_state(summary, done)
 
 
 def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:

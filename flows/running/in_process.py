@@ -62,10 +62,8 @@ def no_heartbeats_on_temporary_server() -> Iterator[None]:
     every flow run, so each run ended on the next whole second after it began (bench/run.py:
     a 2,000-tenant run took 8.1 s in every trial, 7.4 s without heartbeats). On a real server
     they stay on, and a run pays that 0-1 s."""
-    if not on_temporary_server():
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    off = temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    with off if on_temporary_server() else contextlib.nullcontext():
         yield
 
 
@@ -120,10 +118,8 @@ def let_temporary_server_catch_up(flow_run_id: UUID) -> None:
             if counts != last:
                 last, changed = counts, now
             settled = all(n == 0 for kind, n in counts.items() if kind not in FINAL_STATE_TYPES)
-            still = now - changed
-            if still >= (SETTLED_SECONDS if settled else STALLED_SECONDS):
-                return
-            if now - started >= CATCH_UP_MAX_SECONDS:
+            stood_still = now - changed >= (SETTLED_SECONDS if settled else STALLED_SECONDS)
+            if stood_still or now - started >= CATCH_UP_MAX_SECONDS:
                 return
             time.sleep(POLL_SECONDS)
 
@@ -132,9 +128,8 @@ class Interrupt:
     """What `stop_on_interrupt` yields: whether the run was interrupted, and the report of how
     far it got, given once (`report_once`), by whichever path gets there first."""
 
-    def __init__(self, report: Callable[[], None], grace: float) -> None:
+    def __init__(self, report: Callable[[], None]) -> None:
         self.report = report
-        self.grace = grace
         self.interrupted = False
         # Re-entrant: a second Ctrl-C may land while this thread is printing the report.
         self._lock = threading.RLock()
@@ -167,7 +162,7 @@ class Interrupt:
         raise KeyboardInterrupt
 
     def _watch(self) -> None:
-        time.sleep(self.grace)
+        time.sleep(INTERRUPT_GRACE_SECONDS)
         self._end_now()
 
     def _end_now(self) -> None:
@@ -178,15 +173,13 @@ class Interrupt:
 
 
 @contextmanager
-def stop_on_interrupt(
-    report: Callable[[], None], grace: float = INTERRUPT_GRACE_SECONDS
-) -> Iterator[Interrupt]:
-    """One Ctrl-C (SIGINT) stops the run in this block within `grace` seconds and a little.
+def stop_on_interrupt(report: Callable[[], None]) -> Iterator[Interrupt]:
+    """One Ctrl-C (SIGINT) stops the run in this block within INTERRUPT_GRACE_SECONDS and a bit.
 
     The first SIGINT raises KeyboardInterrupt in the main thread, as Python's own handler does,
     so the flow unwinds through its `finally` blocks and context exits, and the caller, catching
     it, calls `report_once()` and exits EXIT_INTERRUPTED. It also starts a timer: if the process
-    still runs `grace` seconds later, it reports (once) and ends with os._exit(EXIT_INTERRUPTED).
+    still runs when the grace is over, it reports (once) and ends with os._exit(EXIT_INTERRUPTED).
     Why a timer: a terminal's Ctrl-C also stops Prefect's temporary server (same process group),
     and with it gone, the unwinding waits on things that cannot finish soon: the tenants already
     handed to the run's threads run to their end (a slice of 100 at 2 s a call: 10 s and more),
@@ -196,10 +189,10 @@ def stop_on_interrupt(
     A second SIGINT ends the process at once, after the report. The ledger stays the truth: what
     a tenant had reached is committed, and a re-run resumes from it (tests/e2e/test_crash_resume
     kills a run outright). After an interrupt the handler stays on until the process ends."""
+    interrupt = Interrupt(report)
     if threading.current_thread() is not threading.main_thread():
-        yield Interrupt(report, grace)
+        yield interrupt
         return
-    interrupt = Interrupt(report, grace)
     previous = signal.signal(signal.SIGINT, interrupt._handle)
     try:
         yield interrupt
@@ -211,7 +204,7 @@ def stop_on_interrupt(
 def _stop_temporary_server() -> None:
     """Terminate Prefect's temporary server of this process if it still runs: an os._exit
     skips the atexit hook that would stop it, and it would outlive us."""
-    try:
+    with contextlib.suppress(Exception):
         from prefect.server.api.server import SubprocessASGIServer
 
         process = SubprocessASGIServer().server_process
@@ -222,5 +215,3 @@ def _stop_temporary_server() -> None:
             process.wait(timeout=2)
         except Exception:
             process.kill()
-    except Exception:
-        pass
