@@ -225,6 +225,7 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         )
 
 
+# Long for its options: each is declared with its help, as typer shows it in `onboard run --help`.
 @app.command()
 def run(
     roster: Annotated[str, typer.Option(help="Roster file (.csv .json .jsonl .yaml) or URL.")],
