@@ -130,8 +130,6 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
-        if record.status is Status.CONNECTED:
-            return pages.already_connected(record.tenant_name, profile.name)
         if self.ledger.note_link_opened(link, self._clock()):
             self._event(record, profile, Status.OPENED)
         authorize = profile.render(tenant_of(record).values).authorize_url
@@ -150,8 +148,6 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
-        if record.status is Status.CONNECTED:
-            return pages.already_connected(record.tenant_name, profile.name)
         if not self.ledger.take_mint(link, self.mints_per_hour, MINT_WINDOW, self._clock()):
             return pages.too_many_tries(_minutes_left(link, self._clock()))
         tenant = tenant_of(record)
@@ -315,12 +311,16 @@ class ConnectService:
     # --- shared ------------------------------------------------------------------------------
 
     def _context(self, link: ConnectLink) -> tuple[ConnectorProfile, Record] | Page:
+        """The link's profile and its tenant's record; or the page that ends the request there
+        (no record, the profile unreadable, the tenant connected already)."""
         record = self.ledger.get(link.tenant_id, link.connector_id)
         if record is None:
             return pages.invalid_link()
         profile = self._profile(link.profile_path, link.connector_id)
         if profile is None:
             return pages.try_again_later()
+        if record.status is Status.CONNECTED:
+            return pages.already_connected(record.tenant_name, profile.name)
         return profile, record
 
     def _profile_of_record(self, record: Record, token: str | None) -> ConnectorProfile | None:
