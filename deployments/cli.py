@@ -397,19 +397,13 @@ def _send_connected_event(record: Record) -> None:
     if not api:
         out.print("No event sent: no Prefect server is configured (PREFECT_API_URL is not set).")
         return
-    import base64
-
     import httpx
 
-    from flows.reporting.events import tenant_event
+    from onboarding.events import api_headers, tenant_event
     from onboarding.outcomes import StatusChange
 
     change = StatusChange(record.tenant_id, record.connector_id, record.profile, "connected")
-    event = tenant_event(change, related=[])
-    # As Prefect's client authenticates: a server's auth string first, else a Cloud API key.
-    auth, key = os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY")
-    token = f"Basic {base64.b64encode(auth.encode()).decode()}" if auth else f"Bearer {key}"
-    headers = {"Authorization": token} if auth or key else {}
+    event, headers = tenant_event(change), api_headers()
     try:
         response = httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10)
         reason = "" if response.is_success else f"HTTP {response.status_code}"

@@ -14,45 +14,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from typing import Any
 
 from flows.inputs.options import TenantEvents
 from flows.running.server import on_temporary_server
-from onboarding.clock import utcnow
+from onboarding.events import tenant_event
 from onboarding.outcomes import StatusChange
 
 log = logging.getLogger(__name__)
 
-# Ledger statuses whose event name reads better short.
-EVENT_NAMES = {"link_created": "linked"}
 FLUSH_SECONDS = 1.0
 BATCH_MAX = 500
 SEND_TRIES = 5
 # Leaving on an interrupt, how long to wait for the sending thread before giving up the rest.
 INTERRUPTED_JOIN_SECONDS = 1.0
-
-
-def event_name(status: str) -> str:
-    return f"onboarding.tenant.{EVENT_NAMES.get(status, status)}"
-
-
-def tenant_event(change: StatusChange, related: list[dict[str, str]]) -> dict[str, Any]:
-    """The event of one change, as the API's `POST /events` takes it. Imports no Prefect:
-    `onboard mark-connected` sends it too."""
-    return {
-        "id": str(uuid.uuid4()),
-        "occurred": utcnow().isoformat(),
-        "event": event_name(change.status),
-        "resource": {
-            "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",
-            "prefect.resource.name": change.tenant_id,
-            "onboarding.connector-id": change.connector_id,
-            "onboarding.profile": change.profile,
-        },
-        "related": related,
-        "payload": {"error_code": change.error_code} if change.error_code else {},
-    }
 
 
 class TenantEventSender:

@@ -1,46 +1,27 @@
 """Tenant events from the service (`onboarding.tenant.opened`, `.declined`, `.connected`), in
-the shape flows/events.py gives a batch's, POSTed to `{PREFECT_API_URL}/events` with httpx:
+the shape of a batch's (onboarding/events.py), POSTed to `{PREFECT_API_URL}/events` with httpx:
 no Prefect import in the core. Sent from a background thread, off the request path: a slow or
 absent Prefect API never slows or fails a page. Nothing secret in an event: ids, the status,
 a provider's error code."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import queue
 import threading
-import uuid
 from typing import Any
 
 import httpx
 
 from onboarding.clock import utcnow
+from onboarding.events import api_headers
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 1.0
 BATCH_MAX = 200
 QUEUE_MAX = 10_000
-
-
-def tenant_event(
-    tenant_id: str, connector_id: str, profile: str, status: str, error_code: str = ""
-) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "occurred": utcnow().isoformat(),
-        "event": f"onboarding.tenant.{status}",
-        "resource": {
-            "prefect.resource.id": f"onboarding.tenant.{tenant_id}",
-            "prefect.resource.name": tenant_id,
-            "onboarding.connector-id": connector_id,
-            "onboarding.profile": profile,
-        },
-        "related": [],
-        "payload": {"error_code": error_code} if error_code else {},
-    }
 
 
 class EventSender:
@@ -54,8 +35,7 @@ class EventSender:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.api_url = (api_url or os.environ.get("PREFECT_API_URL") or "").rstrip("/")
-        self._key = api_key or os.environ.get("PREFECT_API_KEY") or ""
-        self._auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or ""
+        self._headers = api_headers(api_key)
         self._transport = transport
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_MAX)
         self._thread: threading.Thread | None = None
@@ -85,14 +65,7 @@ class EventSender:
                 self._thread.start()
 
     def _run(self) -> None:
-        # As Prefect's client authenticates: a server's auth string first, else an API key.
-        headers = {}
-        if self._auth_string:
-            basic = base64.b64encode(self._auth_string.encode()).decode()
-            headers["Authorization"] = f"Basic {basic}"
-        elif self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        with httpx.Client(headers=headers, timeout=10, transport=self._transport) as client:
+        with httpx.Client(headers=self._headers, timeout=10, transport=self._transport) as client:
             while True:
                 batch = [self._queue.get()]
                 while len(batch) < BATCH_MAX:

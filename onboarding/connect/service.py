@@ -23,7 +23,7 @@ from onboarding import constants
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
 from onboarding.connect import pages
-from onboarding.connect.events import EventSender, tenant_event
+from onboarding.connect.events import EventSender
 from onboarding.connect.pages import Page
 from onboarding.connection import tenant_of
 from onboarding.errors import (
@@ -33,8 +33,10 @@ from onboarding.errors import (
     RateLimitedError,
     is_transient,
 )
+from onboarding.events import tenant_event
 from onboarding.ledger import ConnectLink, ConnectOutcome, Ledger, Record, Status
 from onboarding.links import check_link, mask_state
+from onboarding.outcomes import StatusChange
 from onboarding.profile import ConnectorProfile, load_profile
 
 log = logging.getLogger(__name__)
@@ -374,12 +376,11 @@ class ConnectService:
     def _event(
         self, record: Record, profile: ConnectorProfile, status: Status, error_code: str = ""
     ) -> None:
+        change = StatusChange(
+            record.tenant_id, record.connector_id, profile.name, status.value, error_code
+        )
         try:
-            self.events(
-                tenant_event(
-                    record.tenant_id, record.connector_id, profile.name, status.value, error_code
-                )
-            )
+            self.events(tenant_event(change))
         except Exception as err:  # an event never fails a request
             log.warning("could not queue a tenant event: %s", type(err).__name__)
 

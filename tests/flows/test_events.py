@@ -19,7 +19,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, tempor
 
 import flows.reporting.events as events_module
 from flows.inputs.options import TenantEvents
-from flows.reporting.events import BATCH_MAX, TenantEventSender, event_name
+from flows.reporting.events import BATCH_MAX, TenantEventSender
+from onboarding.events import event_name
 from onboarding.outcomes import StatusChange
 
 pytestmark = pytest.mark.timeout(120)
