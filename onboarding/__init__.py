@@ -17,6 +17,7 @@ One tenant's path, module by module:
                       under the profile's rate (`pacing`)
       mail            then one email with every link the tenant still needs
     outcomes        what became of the tenant: its row in the run's table, its status changes
+                    (`events`: each change as a Prefect event's body)
     connection      later, the `state` an OAuth callback received: the tenant connected
     connect         or the connect service (`onboard connect-server`): a durable link's page,
                     its button minting a fresh state, the callback calling CreateConnection
