@@ -4,8 +4,10 @@ on every answer and a plain page, never a stack trace, for anything that goes wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -17,7 +19,7 @@ from starlette.routing import Route
 
 from onboarding.connect import pages
 from onboarding.connect.pages import Page, security_headers
-from onboarding.connect.service import RETRY_COOKIE, CallbackAnswer, ConnectService
+from onboarding.connect.service import BIND_COOKIE, RETRY_COOKIE, CallbackAnswer, ConnectService
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +28,40 @@ MAX_FORM_BYTES = 4096
 
 
 def respond(page: Page) -> Response:
-    headers = security_headers(page.form_targets)
+    headers = security_headers(page.form_targets, beacon=page.beacon)
     if page.location:
         headers["Location"] = page.location
         response: Response = Response(status_code=page.status, headers=headers)
+    elif page.status == 204:
+        response = Response(status_code=204, headers=headers)
     else:
         response = HTMLResponse(page.html(), status_code=page.status, headers=headers)
-    if page.set_cookie:
-        response.headers.append("Set-Cookie", page.set_cookie)
+    for cookie in page.cookies:
+        response.headers.append("Set-Cookie", cookie)
     return response
 
 
-def create_app(service: ConnectService, own_origin: str | None = None) -> Starlette:
+def create_app(
+    service: ConnectService, own_origin: str | None = None, sweep_seconds: float | None = None
+) -> Starlette:
     """`own_origin`: the service's public origin (ONBOARD_CONNECT_BASE_URL's), which a form
-    post's Origin may name besides the request's own Host."""
+    post's Origin may name besides the request's own Host. `sweep_seconds`: resolve claims
+    left unfinished (`ConnectService.sweep`) on start, then this often."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if sweep_seconds:
+            threading.Thread(
+                target=_sweep_loop,
+                args=(service, sweep_seconds, stop),
+                name="connect-sweep",
+                daemon=True,
+            ).start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     async def run(work: Callable[[], Page]) -> Response:
         try:
@@ -51,14 +73,29 @@ def create_app(service: ConnectService, own_origin: str | None = None) -> Starle
 
     async def link(request: Request) -> Response:
         token = request.path_params["token"]
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             return await run(lambda: service.show_link(token))
         form = await _small_form(request)
         if form is None:
             return respond(pages.forbidden_form())
         csrf = form.get("csrf", "")
         cross = _cross_site(request, own_origin)
-        return await run(lambda: service.press_button(token, csrf, cross_site=cross))
+        browser = request.cookies.get(BIND_COOKIE)
+        https = request.url.scheme == "https"
+        return await run(
+            lambda: service.press_button(
+                token, csrf, cross_site=cross, browser=browser, https=https
+            )
+        )
+
+    async def seen(request: Request) -> Response:
+        token = request.path_params["token"]
+        form = await _small_form(request)
+        if form is None:
+            return respond(pages.no_content())
+        csrf = form.get("csrf", "")
+        cross = _cross_site(request, own_origin)
+        return await run(lambda: service.note_seen(token, csrf, cross_site=cross))
 
     async def callback(request: Request) -> Response:
         query = request.query_params
@@ -66,7 +103,8 @@ def create_app(service: ConnectService, own_origin: str | None = None) -> Starle
             state=query.get("state", ""), code=query.get("code", ""), error=query.get("error", "")
         )
         cookie = request.cookies.get(RETRY_COOKIE)
-        return await run(lambda: service.callback(answer, cookie))
+        browser = request.cookies.get(BIND_COOKIE)
+        return await run(lambda: service.callback(answer, cookie, browser))
 
     async def retry(request: Request) -> Response:
         cookie = request.cookies.get(RETRY_COOKIE)
@@ -83,13 +121,18 @@ def create_app(service: ConnectService, own_origin: str | None = None) -> Starle
 
     app = Starlette(
         routes=[
-            Route("/c/{token}", link, methods=["GET", "POST"]),
+            Route("/c/{token}", link, methods=["GET", "HEAD", "POST"]),
+            Route("/c/{token}/seen", seen, methods=["POST"]),
             Route("/callback", callback, methods=["GET"]),
             Route("/retry", retry, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: http_error},
+        lifespan=lifespan,
     )
+    # No redirect built from the Host header (`/c/<token>/` would get a 307 to it): a path
+    # that is not ours is a 404 page.
+    app.router.redirect_slashes = False
     app.state.service = service
     return app
 
@@ -128,6 +171,17 @@ def _cross_site(request: Request, own_origin: str | None) -> bool:
     return origin not in (f"{request.url.scheme}://{request.url.netloc}", own_origin)
 
 
+def _sweep_loop(service: ConnectService, every: float, stop: threading.Event) -> None:
+    """The sweep on start, then every `every` seconds until the app stops."""
+    while True:
+        try:
+            service.sweep()
+        except Exception as err:  # the ledger or Versori down: the next round tries again
+            log.warning("sweep failed: %s", type(err).__name__)
+        if stop.wait(every):
+            return
+
+
 def _ledger_answers(service: ConnectService) -> bool:
     from sqlalchemy import text
 
@@ -151,6 +205,8 @@ def app_from_env() -> Starlette:
         Ledger(LedgerSettings().db_url),
         mints_per_hour=settings.mints_per_hour,
         secure_cookies=bool(settings.base_url and settings.base_url.startswith("https:")),
+        create_deadline=settings.create_timeout_seconds,
+        lookup_deadline=settings.lookup_timeout_seconds,
     )
     own = pages.origin_of(settings.base_url) if settings.base_url else None
-    return create_app(service, own_origin=own)
+    return create_app(service, own_origin=own, sweep_seconds=settings.sweep_seconds)

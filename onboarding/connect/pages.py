@@ -27,19 +27,35 @@ _STYLE = (
 )
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
 
+# The link page's only script: once the page is shown to a person (visible), it tells the
+# service so, same-origin, with the form's CSRF value (POST <this page>/seen). A mail
+# scanner's GET runs no script; that is how `opened` tells a person from a scanner.
+_BEACON = (
+    "(function(){var c=document.querySelector('input[name=csrf]');if(!c)return;"
+    "var sent=false;function send(){if(sent||document.visibilityState!=='visible')return;"
+    "sent=true;fetch(location.pathname+'/seen',{method:'POST',credentials:'same-origin',"
+    "headers:{'Content-Type':'application/x-www-form-urlencoded'},"
+    "body:'csrf='+encodeURIComponent(c.value),keepalive:true}).catch(function(){});}"
+    "document.addEventListener('visibilitychange',send);send();})();"
+)
+_BEACON_HASH = base64.b64encode(hashlib.sha256(_BEACON.encode()).digest()).decode()
 
-def security_headers(form_targets: tuple[str, ...] = ()) -> dict[str, str]:
+
+def security_headers(form_targets: tuple[str, ...] = (), beacon: bool = False) -> dict[str, str]:
     """What every answer of the service carries. `form_targets`: origins a form on the page
     may end up at (the provider's, after the button's redirect: browsers hold a form's
-    redirects to form-action too)."""
+    redirects to form-action too). `beacon`: the page runs its beacon script (its hash
+    allowed, and fetches to this origin only)."""
     form_action = " ".join(("'self'", *form_targets))
+    script = f"script-src 'sha256-{_BEACON_HASH}'; connect-src 'self'; " if beacon else ""
     return {
         # The provider's authorize URL carries a state: no page may leak its URL onwards.
         "Referrer-Policy": "no-referrer",
         "Cache-Control": "no-store",
         "Pragma": "no-cache",
         "Content-Security-Policy": (
-            f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action {form_action}; "
+            f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; {script}"
+            f"form-action {form_action}; "
             "frame-ancestors 'none'; base-uri 'none'"
         ),
         "X-Frame-Options": "DENY",
@@ -68,7 +84,9 @@ class Page:
     hidden: dict[str, str] = field(default_factory=dict)
     location: str = ""
     form_targets: tuple[str, ...] = ()
-    set_cookie: str = ""
+    cookies: tuple[str, ...] = ()
+    # The link page's beacon script (see _BEACON).
+    beacon: bool = False
     # What the service's log and tests call this answer (never shown).
     kind: str = ""
 
@@ -83,6 +101,8 @@ class Page:
                 f'<form method="{self.form_method}" action="{escape(self.form_action)}">'
                 f'{inputs}<button type="submit">{escape(self.button)}</button></form>'
             )
+        if self.beacon:
+            body += f"<script>{_BEACON}</script>"
         return (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -103,6 +123,7 @@ def link_page(tenant: str, connector: str, csrf: str, provider_origin: str) -> P
         button=f"Connect {connector}",
         hidden={"csrf": csrf},
         form_targets=(provider_origin,),
+        beacon=True,
         kind="link",
     )
 
@@ -242,5 +263,60 @@ def internal_error() -> Page:
     )
 
 
-def redirect(location: str, set_cookie: str = "", kind: str = "redirect") -> Page:
-    return Page(303, location=location, set_cookie=set_cookie, kind=kind)
+def link_withdrawn() -> Page:
+    return Page(
+        410,
+        "This link was withdrawn",
+        (
+            "Whoever sent it withdrew it, so nothing was connected.",
+            "If you still need to connect, ask them for a new link.",
+        ),
+        kind="withdrawn",
+    )
+
+
+def wrong_browser() -> Page:
+    """A callback from a browser other than the one that pressed the link's button: nothing
+    recorded, nothing created; the state stays usable by its own browser."""
+    return Page(
+        403,
+        "Please start again from your email",
+        (
+            "This sign-in was started in another browser, so it cannot finish here.",
+            "Open the link from your email in this browser and press its button.",
+        ),
+        kind="wrong_browser",
+    )
+
+
+def connecting_now() -> Page:
+    return Page(
+        409,
+        "Your connection is being completed",
+        (
+            "A connection for this link is being completed right now.",
+            "Reload this page in a minute to see how it ended.",
+        ),
+        kind="connecting",
+    )
+
+
+def not_confirmed() -> Page:
+    return Page(
+        503,
+        "We could not confirm your connection yet",
+        (
+            "The service that completes connections did not answer in time, and we could not "
+            "check whether it made yours.",
+            "There is no need to sign in again: reload this page in a few minutes.",
+        ),
+        kind="not_confirmed",
+    )
+
+
+def no_content() -> Page:
+    return Page(204, kind="no_content")
+
+
+def redirect(location: str, cookies: tuple[str, ...] = (), kind: str = "redirect") -> Page:
+    return Page(303, location=location, cookies=cookies, kind=kind)

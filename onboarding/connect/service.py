@@ -3,13 +3,26 @@ HTTP: each step reads and writes the ledger and calls Versori, and answers with 
 Stateless between requests (everything lives in the ledger), so any number of replicas on one
 ledger serve the same links.
 
+Every connection exactly once: a callback claims its state (`connecting`) before it calls
+CreateConnection, calls it once (a one-time code is never sent twice), and resolves an answer
+that never came (a timeout, a dropped socket, a 5xx, a 409) by asking Versori for the
+tenant's connection. A claim left unfinished (a crash, a SIGTERM, a ledger outage) is resolved
+the same way on the tenant's next request, or by `sweep` (on start, then every few minutes).
+
+A state minted by the button is bound to the browser that pressed it (a cookie, kept only as
+its hash next to the state): only that browser's callback may use it.
+
 Secrets: a token, state or code is never logged or shown; logs name the tenant and the masked
 state. Versori's and the ledger's errors are logged by type and code, never by message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,14 +40,25 @@ from onboarding.connect.events import EventSender
 from onboarding.connect.pages import Page
 from onboarding.connection import tenant_of
 from onboarding.errors import (
+    APIConnectionError,
     APIError,
+    APITimeoutError,
+    ConflictError,
     LinkCheckError,
     OnboardingError,
     RateLimitedError,
+    ServerError,
     is_transient,
 )
 from onboarding.events import tenant_event
-from onboarding.ledger import ConnectLink, ConnectOutcome, Ledger, Record, Status
+from onboarding.ledger import (
+    ConnectLink,
+    ConnectState,
+    Ledger,
+    Record,
+    StateOutcome,
+    Status,
+)
 from onboarding.links import check_link, mask_state
 from onboarding.outcomes import StatusChange
 from onboarding.profile import ConnectorProfile, load_profile
@@ -46,11 +70,25 @@ T = TypeVar("T")
 RETRY_COOKIE = "onboard_connect"
 RETRY_COOKIE_SECONDS = 3600
 MINT_WINDOW = timedelta(hours=1)
-# Versori calls inside one request: the browser is waiting, so a few quick tries only.
+# The cookie that binds a minted state to the browser that pressed the button (RFC 6749
+# 10.12): a random value, kept in the ledger only as its sha256 next to the state.
+BIND_COOKIE = "onboard_browser"
+BIND_COOKIE_SECONDS = 7 * 24 * 3600
+# Versori calls inside one request: the browser is waiting, so a few quick tries only
+# (InitialiseOAuth2Connection: a new state each time, safe to try again).
 CALL_TRIES = 3
 CALL_WAITS = (0.25, 0.75)
 MAX_WAIT_IN_REQUEST = 2.0
 CALL_DEADLINE_SECONDS = 15.0
+# CreateConnection is tried once, within this; then the lookup, within its own: the browser
+# waits at most their sum (and the ledger's writes).
+CREATE_DEADLINE_SECONDS = 10.0
+LOOKUP_DEADLINE_SECONDS = 8.0
+# A claim younger than this may still have its CreateConnection in flight (in this process or
+# another replica, SIGTERM's grace included): it is left alone; an older one is resolved.
+CONNECTING_GRACE = timedelta(seconds=60)
+# What `claimed_by` starts with once nothing is in flight for a claim any more.
+AWAITING_LOOKUP = "lookup:"
 
 
 def connect_url(base_url: str, token: str) -> str:
@@ -99,6 +137,8 @@ class ConnectService:
         secure_cookies: bool = True,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], datetime] = utcnow,
+        create_deadline: float = CREATE_DEADLINE_SECONDS,
+        lookup_deadline: float = LOOKUP_DEADLINE_SECONDS,
     ) -> None:
         self.ledger = ledger
         self._client_for = client_for or _env_clients()
@@ -107,8 +147,12 @@ class ConnectService:
         self.secure_cookies = secure_cookies
         self._sleep = sleep
         self._clock = clock
+        self.create_deadline = create_deadline
+        self.lookup_deadline = lookup_deadline
         self._profiles: dict[str, tuple[float, ConnectorProfile]] = {}
         self._profiles_lock = threading.Lock()
+        # Which process claimed a state: what an operator reads next to a `connecting` row.
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
 
     # --- the link page ---------------------------------------------------------------------
 
@@ -123,8 +167,9 @@ class ConnectService:
         return link, None
 
     def show_link(self, token: str) -> Page:
-        """GET /c/<token>: the page with its button. Records the open; mints nothing (mail
-        scanners follow links)."""
+        """GET (or HEAD) /c/<token>: the page with its button. Counts a fetch, not an open:
+        mail scanners fetch every link of a message. The page's own script reports a person
+        (`note_seen`). Mints nothing."""
         link, refused = self._live_link(token)
         if link is None:
             return refused or pages.invalid_link()
@@ -132,15 +177,43 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
-        if self.ledger.note_link_opened(link, self._clock()):
-            self._event(record, profile, Status.OPENED)
+        settled = self._settle_tenant(record, profile)
+        if settled is not None:
+            return settled
+        self.ledger.note_link_fetched(link, self._clock())
         authorize = profile.render(tenant_of(record).values).authorize_url
         return pages.link_page(
             record.tenant_name, profile.name, link.csrf, pages.origin_of(authorize)
         )
 
-    def press_button(self, token: str, csrf: str, *, cross_site: bool) -> Page:
-        """POST /c/<token>: a new state from Versori, recorded, and a 303 to the provider."""
+    def note_seen(self, token: str, csrf: str, *, cross_site: bool) -> Page:
+        """POST /c/<token>/seen, sent by the link page's own script once it is shown: a
+        person opened the link (status `opened`, an event). Same-origin, with the page's CSRF
+        value; answers 204 whatever happened (nothing to show)."""
+        link, _ = self._live_link(token)
+        if link is None or cross_site or not _same(csrf, link.csrf):
+            return pages.no_content()
+        record = self.ledger.get(link.tenant_id, link.connector_id)
+        if record is None or record.status is Status.CONNECTED:
+            return pages.no_content()
+        if self.ledger.note_link_opened(link, self._clock()):
+            profile = self._profile(link.profile_path, link.connector_id)
+            if profile is not None:
+                self._event(record, profile, Status.OPENED)
+            log.info("tenant %s opened its link for %s", record.tenant_id, record.profile)
+        return pages.no_content()
+
+    def press_button(
+        self,
+        token: str,
+        csrf: str,
+        *,
+        cross_site: bool,
+        browser: str | None = None,
+        https: bool = False,
+    ) -> Page:
+        """POST /c/<token>: a new state from Versori, recorded and bound to this browser, and a
+        303 to the provider. `browser`: the binding cookie the request carried, if any."""
         link, refused = self._live_link(token)
         if link is None:
             return refused or pages.invalid_link()
@@ -150,6 +223,14 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
+        settled = self._settle_tenant(record, profile)
+        if settled is not None:
+            return settled
+        if (record.status is not Status.OPENED or link.opened_count == 0) and (
+            self.ledger.note_link_opened(link, self._clock())
+        ):
+            # Pressing the button is a person (a browser that ran no script too).
+            self._event(record, profile, Status.OPENED)
         if not self.ledger.take_mint(link, self.mints_per_hour, MINT_WINDOW, self._clock()):
             return pages.too_many_tries(_minutes_left(link, self._clock()))
         tenant = tenant_of(record)
@@ -175,12 +256,23 @@ class ConnectService:
             created_at=created,
             expires_at=created + timedelta(hours=profile.link_ttl_hours),
         )
-        if record.status is not Status.OPENED:
-            self._event(record, profile, Status.OPENED)
+        bound = browser if browser and _plausible(browser) else secrets.token_urlsafe(32)
+        self.ledger.bind_state(
+            checked.state,
+            tenant_id=record.tenant_id,
+            connector_id=record.connector_id,
+            link_hash=link.token_hash,
+            browser_hash=_digest(bound),
+            at=created,
+        )
         log.info(
             "tenant %s: new state %s for %s", record.tenant_id, checked.masked_state, profile.name
         )
-        return pages.redirect(checked.url, self._retry_cookie(token), kind="to_provider")
+        secure = self.secure_cookies or https
+        cookies = [self._retry_cookie(token, secure)]
+        if bound != browser:
+            cookies.append(_cookie(BIND_COOKIE, bound, BIND_COOKIE_SECONDS, secure))
+        return pages.redirect(checked.url, tuple(cookies), kind="to_provider")
 
     def _mint_failed(self, record: Record, err: BaseException) -> Page:
         code = err.code if isinstance(err, OnboardingError) else "invalid_request"
@@ -195,10 +287,18 @@ class ConnectService:
 
     # --- the callback ------------------------------------------------------------------------
 
-    def callback(self, answer: CallbackAnswer, retry_token: str | None) -> Page:
-        """GET /callback: the provider's answer for one state."""
+    def callback(
+        self, answer: CallbackAnswer, retry_token: str | None, browser: str | None = None
+    ) -> Page:
+        """GET /callback: the provider's answer for one state. `retry_token`: the link this
+        browser came from (its cookie); `browser`: its binding cookie."""
         if not answer.state or not (answer.code or answer.error):
             return pages.callback_refused("missing")
+        bound = self.ledger.find_state(answer.state)
+        if bound is not None:
+            refused = self._refuse_bound(bound, browser, retry_token)
+            if refused is not None:
+                return refused
         record, refusal = self._current_state(answer.state)
         if record is None:
             return pages.callback_refused(refusal)
@@ -209,53 +309,241 @@ class ConnectService:
             return self._declined(answer, profile, name, can_retry)
         if profile is None:
             return pages.try_again_later()
-        if not self.ledger.claim_callback(answer.state, record.tenant_id, record.connector_id):
+        if not self.ledger.claim_state(
+            answer.state,
+            tenant_id=record.tenant_id,
+            connector_id=record.connector_id,
+            by=self.process,
+            at=self._clock(),
+        ):
+            again = self.ledger.find_state(answer.state)
+            if again is not None and again.link_revoked:
+                return pages.link_withdrawn()
             return pages.callback_refused("used")
+        digest = _state_hash(answer.state)
+        log.info(
+            "tenant %s: connecting to %s (state %s)",
+            record.tenant_id,
+            name,
+            mask_state(answer.state),
+        )
         tenant = tenant_of(record)
+        client = self._client_for(profile.api)
         try:
-            connection = self._call(
-                lambda client: client.create_connection(
-                    profile.organisation_id,
-                    profile.target_id,
-                    code=answer.code,
-                    state=answer.state,
-                    name=profile.connection_name_for(tenant.values),
-                    external_id=record.tenant_id,
-                    template_id=profile.connection_template_id,
-                    redirect_url=profile.redirect_url,
-                ),
-                profile,
+            connection = client.create_connection(
+                profile.organisation_id,
+                profile.target_id,
+                code=answer.code,
+                state=answer.state,
+                name=profile.connection_name_for(tenant.values),
+                external_id=record.tenant_id,
+                template_id=profile.connection_template_id,
+                redirect_url=profile.redirect_url,
+                deadline=self.create_deadline,
+            )
+        except OnboardingError as err:
+            return self._create_failed(digest, record, profile, err, can_retry)
+        return self._connected(digest, record, profile, connection.id)
+
+    def _refuse_bound(
+        self, bound: ConnectState, browser: str | None, retry_token: str | None
+    ) -> Page | None:
+        """The page that ends a callback for a state the button minted, or None to go on:
+        withdrawn (its link revoked), another browser's, or claimed already (then what became
+        of it: connected, being completed, or resolved now)."""
+        if bound.link_revoked:
+            log.info("tenant %s: callback refused, its link was revoked", bound.tenant_id)
+            return pages.link_withdrawn()
+        if bound.browser_hash is not None and not (
+            browser and _same(_digest(browser), bound.browser_hash)
+        ):
+            log.warning(
+                "tenant %s: callback refused, from a browser other than the one that pressed "
+                "the button",
+                bound.tenant_id,
+            )
+            return pages.wrong_browser()
+        if bound.claimed_at is None:
+            return None
+        record = self.ledger.get(bound.tenant_id, bound.connector_id)
+        if record is None:
+            return pages.callback_refused("unknown")
+        if bound.connecting:
+            profile = self._profile_of_record(record, retry_token)
+            if profile is not None and not self._in_flight(bound):
+                self._resolve(bound, record, profile)
+                bound = self.ledger.find_state_by_hash(bound.state_hash) or bound
+            if bound.connecting:
+                return pages.connecting_now()
+        if bound.outcome == StateOutcome.CONNECTED.value:
+            profile = self._profile_of_record(record, retry_token)
+            return pages.connected(
+                record.tenant_name, profile.name if profile is not None else record.profile
+            )
+        return pages.callback_refused("used")
+
+    def _create_failed(
+        self,
+        digest: str,
+        record: Record,
+        profile: ConnectorProfile,
+        err: OnboardingError,
+        can_retry: bool,
+    ) -> Page:
+        """CreateConnection did not answer with a connection. A refusal of the code or body is
+        final for this state; any answer that may hide a connection Versori made (a timeout, a
+        dropped socket, a 5xx, a 409) is settled by asking Versori, never by trying the code
+        again."""
+        log.warning(
+            "tenant %s: CreateConnection failed (%s); %s",
+            record.tenant_id,
+            err.code,
+            "asking Versori whether it made the connection" if _unknown(err) else "not made",
+        )
+        message = str(err) if isinstance(err, APIError) else type(err).__name__
+        if not _unknown(err):
+            self.ledger.finish_state(
+                digest, StateOutcome.FAILED, error=(f"create_{err.code}", message)
+            )
+            return pages.connection_failed(can_retry)
+        looked, found = self._lookup(record, profile)
+        if not looked:
+            self.ledger.mark_awaiting_lookup(digest, AWAITING_LOOKUP + self.process)
+            log.warning(
+                "tenant %s: left connecting; resolved on its next request or by the sweep",
+                record.tenant_id,
+            )
+            return pages.not_confirmed()
+        if found is not None:
+            return self._connected(digest, record, profile, found)
+        self.ledger.finish_state(
+            digest, StateOutcome.NOT_FOUND, error=(f"create_{err.code}", message)
+        )
+        log.info("tenant %s: Versori holds no connection; a new try may start", record.tenant_id)
+        return pages.connection_failed(can_retry)
+
+    def _connected(
+        self, digest: str, record: Record, profile: ConnectorProfile, connection_id: str
+    ) -> Page:
+        """Versori holds the tenant's connection: recorded (its id in the log first, so that
+        a ledger outage loses nothing), the event sent, the connected page."""
+        log.info(
+            "tenant %s connected to %s: connection %s",
+            record.tenant_id,
+            profile.name,
+            connection_id,
+        )
+        try:
+            updated = self.ledger.finish_state(
+                digest, StateOutcome.CONNECTED, connection_id=connection_id, at=self._clock()
+            )
+        except Exception as err:  # the ledger is down: Versori's word stands, the sweep records it
+            log.error(
+                "tenant %s: connection %s made, but the ledger could not record it (%s); "
+                "recorded on the tenant's next request or by the sweep",
+                record.tenant_id,
+                connection_id,
+                type(err).__name__,
+            )
+            updated = None
+        if updated is not None:
+            self._event(updated, profile, Status.CONNECTED)
+        if profile.success_url:
+            return pages.redirect(profile.success_url, kind="to_success_url")
+        return pages.connected(record.tenant_name, profile.name)
+
+    # --- what an unfinished claim came to ------------------------------------------------------
+
+    def _in_flight(self, state: ConnectState) -> bool:
+        """A claim whose CreateConnection may still be running (here or in another replica)."""
+        if state.claimed_by and state.claimed_by.startswith(AWAITING_LOOKUP):
+            return False
+        return state.claimed_at is not None and state.claimed_at > self._clock() - CONNECTING_GRACE
+
+    def _lookup(self, record: Record, profile: ConnectorProfile) -> tuple[bool, str | None]:
+        """Versori's connection for the tenant: (asked, its id or None). (False, None) when
+        Versori could not be asked."""
+        client = self._client_for(profile.api)
+        try:
+            found = client.find_connection(
+                profile.organisation_id,
+                profile.target_id,
+                external_id=record.tenant_id,
+                name=profile.connection_name_for(tenant_of(record).values),
+                template_id=profile.connection_template_id,
+                deadline=self.lookup_deadline,
             )
         except OnboardingError as err:
             log.warning(
-                "tenant %s: CreateConnection failed (%s, state %s)",
+                "tenant %s: could not ask Versori for its connection (%s)",
                 record.tenant_id,
                 err.code,
-                mask_state(answer.state),
             )
-            message = str(err) if isinstance(err, APIError) else type(err).__name__
-            self.ledger.note_connect_error(
-                record.tenant_id, record.connector_id, f"create_{err.code}", message
-            )
-            return pages.connection_failed(can_retry)
-        result = self.ledger.connect_state(
-            answer.state, connection_id=connection.id, at=self._clock()
-        )
-        if result.outcome is not ConnectOutcome.CONNECTED or result.record is None:
-            # Versori made the connection, but the link changed under it (an operator's reset
-            # or revoke mid-callback): the ledger's word stands; the id is in the log.
-            log.warning(
-                "tenant %s: connection %s made, but the ledger refused its state (%s)",
+            return False, None
+        return True, found.id if found is not None else None
+
+    def _resolve(self, state: ConnectState, record: Record, profile: ConnectorProfile) -> bool:
+        """Settle an unfinished claim from Versori's word: True when it is finished now."""
+        looked, found = self._lookup(record, profile)
+        if not looked:
+            return False
+        if found is not None:
+            log.info(
+                "tenant %s: an unfinished connection resolved: connection %s",
                 record.tenant_id,
-                connection.id,
-                result.outcome.value,
+                found,
             )
-            return pages.callback_refused(_refusal(result.outcome))
-        self._event(result.record, profile, Status.CONNECTED)
-        log.info("tenant %s connected to %s (%s)", record.tenant_id, name, connection.id)
-        if profile.success_url:
-            return pages.redirect(profile.success_url, kind="to_success_url")
-        return pages.connected(record.tenant_name, name)
+            updated = self.ledger.finish_state(
+                state.state_hash, StateOutcome.CONNECTED, connection_id=found, at=self._clock()
+            )
+            if updated is not None:
+                self._event(updated, profile, Status.CONNECTED)
+        else:
+            log.info(
+                "tenant %s: an unfinished connection resolved: Versori holds none",
+                record.tenant_id,
+            )
+            self.ledger.finish_state(
+                state.state_hash,
+                StateOutcome.NOT_FOUND,
+                error=("connect_lost", "the connection was not completed; open the link again"),
+            )
+        return True
+
+    def _settle_tenant(self, record: Record, profile: ConnectorProfile) -> Page | None:
+        """Before a tenant's link page or button: its unfinished claims resolved first, so a
+        connection Versori made is never made twice. The page that ends the request (connected
+        now, or one still in flight), or None."""
+        waiting = self.ledger.connecting_of(record.tenant_id, record.connector_id)
+        for state in waiting:
+            if self._in_flight(state) or not self._resolve(state, record, profile):
+                return pages.connecting_now()
+        if waiting:
+            now = self.ledger.get(record.tenant_id, record.connector_id)
+            if now is not None and now.status is Status.CONNECTED:
+                return pages.already_connected(record.tenant_name, profile.name)
+        return None
+
+    def sweep(self) -> int:
+        """Resolve every claim left unfinished (by a crash, a SIGTERM past its grace, a ledger
+        or Versori outage) from Versori's word: how many were finished. Run on start and every
+        few minutes; safe in several replicas at once (a claim is finished once)."""
+        done = 0
+        for state in self.ledger.unfinished_states():
+            if self._in_flight(state):
+                continue
+            record = self.ledger.get(state.tenant_id, state.connector_id)
+            path = self.ledger.latest_profile_path(state.tenant_id, state.connector_id)
+            profile = self._profile(path, state.connector_id) if path else None
+            if record is None or profile is None:
+                continue
+            try:
+                done += self._resolve(state, record, profile)
+            except Exception as err:  # one tenant's trouble never stops the sweep
+                log.warning("sweep: tenant %s: %s", state.tenant_id, type(err).__name__)
+        if done:
+            log.info("sweep: %d unfinished connection(s) resolved", done)
+        return done
 
     def _declined(
         self, answer: CallbackAnswer, profile: ConnectorProfile | None, name: str, can_retry: bool
@@ -276,7 +564,7 @@ class ConnectService:
         record = self.ledger.find_by_state(state)
         if record is None:
             return None, ("superseded" if self.ledger.find_superseded(state) else "unknown")
-        if record.status is Status.CONNECTED or self.ledger.callback_claimed(state):
+        if record.status is Status.CONNECTED:
             return None, "used"
         if record.status is Status.EXPIRED or (
             record.expires_at is not None and record.expires_at <= self._clock()
@@ -303,12 +591,8 @@ class ConnectService:
             return None
         return link
 
-    def _retry_cookie(self, token: str) -> str:
-        secure = "; Secure" if self.secure_cookies else ""
-        return (
-            f"{RETRY_COOKIE}={token}; Path=/; Max-Age={RETRY_COOKIE_SECONDS}; HttpOnly; "
-            f"SameSite=Lax{secure}"
-        )
+    def _retry_cookie(self, token: str, secure: bool) -> str:
+        return _cookie(RETRY_COOKIE, token, RETRY_COOKIE_SECONDS, secure)
 
     # --- shared ------------------------------------------------------------------------------
 
@@ -408,6 +692,32 @@ def _env_clients() -> Callable[[str], VersoriClient]:
     return client_for
 
 
+def _cookie(name: str, value: str, seconds: int, secure: bool) -> str:
+    """Sent on the provider's top-level redirect back (SameSite=Lax), never to scripts;
+    `Secure` whenever the service is reached over https (its base URL, or this request)."""
+    return f"{name}={value}; Path=/; Max-Age={seconds}; HttpOnly; SameSite=Lax" + (
+        "; Secure" if secure else ""
+    )
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _state_hash(state: str) -> str:
+    from onboarding.ledger import state_digest
+
+    return state_digest(state)
+
+
+def _unknown(err: OnboardingError) -> bool:
+    """An answer to CreateConnection that may hide a connection Versori made: no answer (a
+    timeout, a dropped socket), a 5xx, or a 409 (it holds one for this end user already)."""
+    if isinstance(err, APITimeoutError | APIConnectionError | ServerError):
+        return True
+    return isinstance(err, ConflictError)
+
+
 def _plausible(token: str) -> bool:
     # token_urlsafe(32) is 43 characters of [A-Za-z0-9_-]; anything else is not one of ours.
     return 20 <= len(token) <= 128 and all(c.isalnum() or c in "-_" for c in token)
@@ -430,14 +740,6 @@ def _provider_code(error: str) -> str:
     # The provider's error code is a short token (RFC 6749 4.1.2.1); keep it printable, short.
     code = "".join(c for c in error if c.isalnum() or c in "_-.")[:60]
     return code or "provider_error"
-
-
-def _refusal(outcome: ConnectOutcome) -> str:
-    return {
-        ConnectOutcome.SUPERSEDED: "superseded",
-        ConnectOutcome.EXPIRED: "expired",
-        ConnectOutcome.USED: "used",
-    }.get(outcome, "unknown")
 
 
 def is_secure_base(base_url: str | None) -> bool:

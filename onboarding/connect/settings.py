@@ -15,7 +15,9 @@ class ConnectSettings(EnvSettings):
     """ONBOARD_CONNECT_BASE_URL: the service's public base (`https://connect.example.com`);
     emails carry `<base>/c/<token>` when it is set, the raw authorize URL when not.
     ONBOARD_CONNECT_MINTS_PER_HOUR: how many times one link's button may make a new state in
-    an hour (each press calls Versori)."""
+    an hour (each press calls Versori). ONBOARD_CONNECT_SWEEP_SECONDS: how often unfinished
+    connections are resolved (default 300). ONBOARD_CONNECT_CREATE_TIMEOUT_SECONDS (10) and
+    ONBOARD_CONNECT_LOOKUP_TIMEOUT_SECONDS (8): what a callback waits on Versori."""
 
     model_config = SettingsConfigDict(
         env_prefix="ONBOARD_CONNECT_", env_file=".env", extra="ignore"
@@ -23,6 +25,13 @@ class ConnectSettings(EnvSettings):
 
     base_url: str | None = None
     mints_per_hour: int = Field(10, ge=1, le=1000)
+    # How often the service resolves connections left unfinished (a crash, a SIGTERM, an
+    # outage) by asking Versori; also once on start.
+    sweep_seconds: float = Field(300.0, ge=0.5, le=86400.0)
+    # How long a callback waits on CreateConnection (tried once), then on the lookup that
+    # settles an answer that never came: the browser waits at most their sum.
+    create_timeout_seconds: float = Field(10.0, ge=0.5, le=60.0)
+    lookup_timeout_seconds: float = Field(8.0, ge=0.5, le=60.0)
 
     @field_validator("base_url")
     @classmethod

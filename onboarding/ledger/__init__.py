@@ -8,10 +8,12 @@ Read in this order: `schema` (the tables and statuses), `records` (what a read h
 `engine` (opening the database), `queries` (the reads), `store` (`Ledger`: the writes;
 `link_sql`, the statements of its most frequent one),
 `group_commit` (concurrent link writes committed together); `connect_links` (durable connect
-links and the OAuth callback's writes, for onboard connect-server).
+links and the OAuth callback's writes, for onboard connect-server); `connect_states` (each
+state the service minted or claimed, bound to its browser, and what became of it).
 """
 
 from onboarding.ledger.connect_links import ConnectLink, Funnel, LinkOpens, funnel_lines
+from onboarding.ledger.connect_states import ConnectState, StateOutcome
 from onboarding.ledger.records import (
     EXPORT_KEYS,
     ConnectOutcome,
@@ -38,11 +40,13 @@ __all__ = [
     "SENDING_CHANNELS",
     "ConnectLink",
     "ConnectOutcome",
+    "ConnectState",
     "ConnectResult",
     "Funnel",
     "Ledger",
     "LinkOpens",
     "Record",
+    "StateOutcome",
     "Status",
     "SupersededLink",
     "batch_chunks",

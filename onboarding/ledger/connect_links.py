@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 
 from onboarding.clock import utcnow
+from onboarding.ledger.connect_states import connect_states
 from onboarding.ledger.engine import lock_tenants, reconnecting
 from onboarding.ledger.queries import count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
@@ -63,6 +64,11 @@ connect_links = Table(
     Column("opened_first_at", DateTime(timezone=True)),
     Column("opened_last_at", DateTime(timezone=True)),
     Column("opened_count", Integer, nullable=False, default=0, server_default=text("0")),
+    # Every GET of the link's page (a mail scanner's too): opened_* counts only a person's
+    # evidence (the page's own script, or its button).
+    Column("fetched_count", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("fetched_first_at", DateTime(timezone=True)),
+    Column("fetched_last_at", DateTime(timezone=True)),
     # The mint rate limit: a fixed window that starts with its first mint.
     Column("mint_window_at", DateTime(timezone=True)),
     Column("mint_count", Integer, nullable=False, default=0, server_default=text("0")),
@@ -104,6 +110,9 @@ class ConnectLink:
     mint_window_at: datetime | None
     mint_count: int
     minted_at: datetime | None
+    fetched_count: int = 0
+    fetched_first_at: datetime | None = None
+    fetched_last_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> ConnectLink:
@@ -124,17 +133,22 @@ class LinkOpens:
 @dataclass(frozen=True)
 class Funnel:
     """One connector's tenants, as far as each got: linked (a link was made), delivered
-    (sent or stored), opened (a connect link was opened), connected; and declined / failed
-    (their status now). Each stage counts the tenants that reached it, whatever came later."""
+    (sent or stored), opened (a person opened a connect link: its page's script ran, or its
+    button was pressed), started (the button was pressed: off to the provider), connected;
+    and declined / failed (their status now). Each stage counts the tenants that reached it,
+    whatever came later. `fetched`, apart: tenants whose link page was only fetched (a mail
+    scanner's GET, or a person whose browser ran no script), never opened."""
 
     linked: int
     delivered: int
     opened: int
+    started: int
     connected: int
     declined: int
     failed: int
+    fetched: int = 0
 
-    STAGES = ("linked", "delivered", "opened", "connected")
+    STAGES = ("linked", "delivered", "opened", "started", "connected")
 
     def share(self, stage: str) -> float:
         """A stage's count as a share of linked (0 when nothing was linked)."""
@@ -145,9 +159,11 @@ class Funnel:
             "linked": self.linked,
             "delivered": self.delivered,
             "opened": self.opened,
+            "started": self.started,
             "connected": self.connected,
             "declined": self.declined,
             "failed": self.failed,
+            "fetched": self.fetched,
         }
 
 
@@ -183,6 +199,7 @@ class ConnectLinks:
                     created_at=utc(now or utcnow()),
                     expires_at=utc(expires_at),
                     opened_count=0,
+                    fetched_count=0,
                     mint_count=0,
                 )
             )
@@ -196,10 +213,28 @@ class ConnectLinks:
         return ConnectLink.from_row(row) if row is not None else None
 
     @reconnecting
+    def note_link_fetched(self, link: ConnectLink, at: datetime | None = None) -> None:
+        """The link's page was fetched (a GET: a person's browser or a mail scanner, which
+        fetch every link of a message within seconds of its delivery): counted apart, the
+        tenant's status untouched."""
+        when = utc(at or utcnow())
+        with self.engine.begin() as conn:
+            conn.execute(
+                connect_links.update()
+                .where(connect_links.c.token_hash == link.token_hash)
+                .values(
+                    fetched_count=connect_links.c.fetched_count + 1,
+                    fetched_last_at=when,
+                    fetched_first_at=func.coalesce(connect_links.c.fetched_first_at, when),
+                )
+            )
+
+    @reconnecting
     def note_link_opened(self, link: ConnectLink, at: datetime | None = None) -> bool:
-        """The link's page was shown: its open counts, and the tenant's status `opened` when it
-        was waiting for the admin (link made, sent, delivered, reminded). True when that
-        status changed (an `opened` event is due)."""
+        """A person opened the link (its page's own script reported it was shown, or its
+        button was pressed): its open counts, and the tenant's status `opened` when it was
+        waiting for the admin (link made, sent, delivered, reminded). True when that status
+        changed (an `opened` event is due)."""
         when = utc(at or utcnow())
         waiting = [
             s.value
@@ -434,26 +469,37 @@ class ConnectLinks:
         """Per connector: how many tenants were linked, delivered, opened, connected; and how
         many are declined or failed now. One statement over the records (and, for opened,
         whether any of the tenant's connect links was opened)."""
-        opened_link = exists().where(
-            connect_links.c.tenant_id == records.c.tenant_id,
-            connect_links.c.connector_id == records.c.connector_id,
-            connect_links.c.opened_count > 0,
+
+        def of_tenant(table: Any) -> tuple[Any, Any]:
+            return (
+                table.c.tenant_id == records.c.tenant_id,
+                table.c.connector_id == records.c.connector_id,
+            )
+
+        opened_link = exists().where(*of_tenant(connect_links), connect_links.c.opened_count > 0)
+        fetched_link = exists().where(*of_tenant(connect_links), connect_links.c.fetched_count > 0)
+        started_state = exists().where(
+            *of_tenant(connect_states),
+            or_(connect_states.c.link_hash.is_not(None), connect_states.c.claimed_at.is_not(None)),
         )
         connected = records.c.status == Status.CONNECTED.value
         linked = or_(records.c.url.is_not(None), records.c.state_hash.is_not(None), connected)
         delivered = or_(
             records.c.delivered_at.is_not(None), records.c.last_sent_at.is_not(None), connected
         )
-        statuses = [Status.OPENED.value, Status.DECLINED.value, Status.CONNECTED.value]
-        opened = or_(opened_link, and_(records.c.status.in_(statuses), linked))
+        went = [Status.DECLINED.value, Status.CONNECTED.value]
+        started = or_(started_state, and_(records.c.status.in_(went), linked))
+        opened = or_(opened_link, started)
         query = select(
             records.c.connector_id,
             count_where(linked),
             count_where(delivered),
             count_where(opened),
+            count_where(started),
             count_where(connected),
             count_where(records.c.status == Status.DECLINED.value),
             count_where(records.c.status == Status.FAILED.value),
+            count_where(and_(fetched_link, ~opened)),
         ).group_by(records.c.connector_id)
         if connector_ids:
             query = query.where(records.c.connector_id.in_(list(connector_ids)))
@@ -465,9 +511,12 @@ class ConnectLinks:
 
 
 def funnel_lines(funnel: Funnel) -> str:
-    """A funnel in one line: `linked 25 → delivered 23 (92%) → opened 3 (12%) → connected 1
-    (4%); declined 0, failed 2`."""
+    """A funnel in one line: `linked 25 → delivered 23 (92%) → opened 3 (12%) → started 2 (8%)
+    → connected 1 (4%); declined 0, failed 2; fetched by a scanner only 5`."""
     parts = [f"linked {funnel.linked}"]
     for stage in Funnel.STAGES[1:]:
         parts.append(f"{stage} {getattr(funnel, stage)} ({funnel.share(stage):.0%})")
-    return " → ".join(parts) + f"; declined {funnel.declined}, failed {funnel.failed}"
+    line = " → ".join(parts) + f"; declined {funnel.declined}, failed {funnel.failed}"
+    if funnel.fetched:
+        line += f"; fetched, not opened {funnel.fetched} (a mail scanner, or no script)"
+    return line

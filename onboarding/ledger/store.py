@@ -15,6 +15,7 @@ from sqlalchemy import Engine, Table, exists, func, literal_column, or_, select,
 
 from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import ConnectLinks
+from onboarding.ledger.connect_states import ConnectStates
 from onboarding.ledger.engine import lock_tenants, open_engine, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
 from onboarding.ledger.link_sql import link_statements
@@ -50,7 +51,7 @@ Key = tuple[str, str]  # (tenant_id, connector_id)
 RUN_LEASE_SECONDS = 20.0
 
 
-class Ledger(ConnectLinks, LedgerQueries):
+class Ledger(ConnectLinks, ConnectStates, LedgerQueries):
     """Reads and writes onboarding records (and connect links, see ConnectLinks). Thread-safe:
     share one per process."""
 

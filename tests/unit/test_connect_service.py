@@ -166,9 +166,10 @@ def test_link_button_consent_callback_connects_the_tenant(stage: Stage) -> None:
         assert name in page.headers
     assert page.headers["Referrer-Policy"] == "no-referrer"
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
-    assert stage.record("t1").status is Status.OPENED
+    assert stage.record("t1").status is Status.DELIVERED, "a GET is no person"
     link = stage.ledger.find_connect_link(token)
-    assert link is not None and link.opened_count == 1 and link.mint_count == 0
+    assert link is not None and link.fetched_count == 1 and link.opened_count == 0
+    assert link.mint_count == 0
 
     pressed = stage.press(token)
     assert pressed.status_code == 303
@@ -208,7 +209,9 @@ def test_success_url_is_the_profiles_never_the_requests(
     assert done.headers["location"] == "https://app.example.com/done"
 
 
-def test_a_get_mints_nothing_and_counts_the_opens(stage: Stage) -> None:
+def test_a_get_mints_nothing_and_counts_a_fetch_not_an_open(stage: Stage) -> None:
+    """A mail scanner's GET: counted as fetched, never opened (no status, no event, no
+    reminder wording); the page's own beacon is what says a person opened it."""
     token = stage.tenant("t1")
     before = httpx.get(f"{stage.emulator.base_url}/_emulator/stats").json()["requests"]
     for _ in range(3):
@@ -216,13 +219,40 @@ def test_a_get_mints_nothing_and_counts_the_opens(stage: Stage) -> None:
     after = httpx.get(f"{stage.emulator.base_url}/_emulator/stats").json()["requests"]
     assert after == before, "a scanner's GET never calls Versori"
     link = stage.ledger.find_connect_link(token)
-    assert link is not None and link.opened_count == 3
-    assert link.opened_first_at is not None and link.opened_last_at is not None
-    assert link.opened_first_at <= link.opened_last_at
-    assert stage.record("t1").state == "batch-t1"
-    assert _events(stage) == [("onboarding.tenant.opened", "t1")], "one event for the change"
-    opens = stage.ledger.connect_opens(stage.profile.target_id)
-    assert opens["t1"].count == 3
+    assert link is not None and link.fetched_count == 3 and link.opened_count == 0
+    assert link.fetched_first_at is not None and link.fetched_last_at is not None
+    assert stage.record("t1").status is Status.DELIVERED
+    assert _events(stage) == []
+    assert stage.ledger.connect_opens(stage.profile.target_id) == {}
+    assert stage.ledger.funnel()[stage.profile.target_id].fetched == 1
+
+    page = stage.app.get(f"/c/{token}")
+    assert "<script>" in page.text and "script-src 'sha256-" in page.headers[
+        "Content-Security-Policy"
+    ]
+    csrf = _CSRF.search(page.text)
+    assert csrf
+    # What the page's script sends, once shown: a person.
+    assert stage.app.post(f"/c/{token}/seen", data={"csrf": "wrong"}).status_code == 204
+    assert stage.record("t1").status is Status.DELIVERED, "a wrong CSRF value counts nothing"
+    seen = stage.app.post(
+        f"/c/{token}/seen", data={"csrf": csrf.group(1)}, headers={"Sec-Fetch-Site": "same-origin"}
+    )
+    assert seen.status_code == 204
+    assert stage.record("t1").status is Status.OPENED
+    assert _events(stage) == [("onboarding.tenant.opened", "t1")]
+    assert stage.ledger.connect_opens(stage.profile.target_id)["t1"].count == 1
+    funnel = stage.ledger.funnel()[stage.profile.target_id]
+    assert (funnel.opened, funnel.fetched) == (1, 0)
+
+
+def test_head_is_answered_as_get_and_a_trailing_slash_is_no_redirect(stage: Stage) -> None:
+    token = stage.tenant("t1")
+    head = stage.app.head(f"/c/{token}")
+    assert head.status_code == 200 and "Content-Security-Policy" in head.headers
+    slash = stage.app.get(f"/c/{token}/", headers={"Host": "evil.example"})
+    assert slash.status_code == 404 and "location" not in slash.headers
+    assert "Referrer-Policy" in slash.headers and "Page not found" in slash.text
 
 
 def test_a_transient_versori_error_is_retried_inside_the_request(stage: Stage) -> None:
@@ -359,8 +389,9 @@ def test_callback_refusals_record_nothing(stage: Stage) -> None:
     assert stage.record("t1").status is Status.OPENED
     done = stage.callback(stage.consent(second))
     assert done.status_code == 200
+    # The same browser back with the same state (a reload): connected, Versori not called.
     replay = stage.callback(stage.consent(second))
-    assert replay.status_code == 409 and "already used" in replay.text
+    assert replay.status_code == 200 and "is connected" in replay.text
     record = stage.record("t1")
     connections = httpx.get(f"{stage.emulator.base_url}/_emulator/connections").json()
     assert [c["id"] for c in connections["connections"]].count(record.connection_id) == 1
@@ -411,21 +442,24 @@ def test_healthz(stage: Stage) -> None:
 
 
 def test_the_funnel_counts_each_stage(stage: Stage) -> None:
-    for tenant in ("t1", "t2", "t3"):
+    for tenant in ("t1", "t2", "t3", "t4"):
         stage.tenant(tenant)
     token = stage.token("t1")
     stage.callback(stage.consent(stage.press(token).headers["location"]))
-    stage.app.get(f"/c/{stage.token('t2')}")
+    stage.app.get(f"/c/{stage.token('t2')}")  # fetched only
+    stage.press(stage.token("t3"))  # started, not finished
     funnel = stage.ledger.funnel()[stage.profile.target_id]
     assert funnel.as_dict() == {
-        "linked": 3,
-        "delivered": 3,
+        "linked": 4,
+        "delivered": 4,
         "opened": 2,
+        "started": 2,
         "connected": 1,
         "declined": 0,
         "failed": 0,
+        "fetched": 1,
     }
-    assert round(funnel.share("connected"), 3) == 0.333
+    assert funnel.share("connected") == 0.25
 
 
 def test_no_api_key_nor_secret_in_the_services_log(
@@ -459,7 +493,12 @@ def test_replicas_racing_on_one_callback_or_one_tenant_stay_consistent(stage: St
     try:
         with ThreadPoolExecutor(8) as pool:
             claims = list(
-                pool.map(lambda i: others[i % 4].claim_callback("s-race", "t1", cid), range(16))
+                pool.map(
+                    lambda i: others[i % 4].claim_state(
+                        "s-race", tenant_id="t1", connector_id=cid, by=f"replica-{i}"
+                    ),
+                    range(16),
+                )
             )
             now = utcnow()
             list(
