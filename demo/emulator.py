@@ -38,6 +38,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from demo.emulator_config import (
+    CREATE_SCRIPT_ACTIONS,
     DEFAULT_API_KEY,
     DEMO_CONNECTOR,
     DEMO_SYSTEM,
@@ -61,6 +62,7 @@ from demo.versori_rules import (
 from onboarding.clock import utcnow
 
 __all__ = [
+    "CREATE_SCRIPT_ACTIONS",
     "DEFAULT_API_KEY",
     "DEMO_CONNECTOR",
     "DEMO_SYSTEM",
@@ -281,6 +283,8 @@ class _Runtime:
         self.last_request_at: float | None = None
         self.limiter = _limiter(config, clock, wall_clock)
         self.rng = random.Random(config.seed)
+        # What else `reset` forgets (the OAuth half's codes, end users and connections).
+        self.reset_hooks: list[Callable[[], None]] = []
 
     def record(self, status: int) -> None:
         """Every answer of the initialise endpoints (not of /healthz or /_emulator/*)."""
@@ -322,6 +326,8 @@ class _Runtime:
         if self.limiter is not None:
             self.limiter.refill()
         self.rng.seed(self.config.seed)
+        for hook in self.reset_hooks:
+            hook()
 
     def next_script_action(self, authorize_url: str, additional_params: str) -> str | None:
         """The action for this request, if a script entry covers it; advances that pair's cursor."""

@@ -4,6 +4,7 @@ stored under each), its API keys, and the faults, latency and rate limit it is t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -42,6 +43,16 @@ SCRIPT_ACTIONS = frozenset(
 RateLimitWindow = Literal["sliding", "fixed", "bucket"]
 RATE_LIMIT_WINDOWS: tuple[RateLimitWindow, ...] = get_args(RateLimitWindow)
 DEFAULT_STALL_SECONDS = 60.0
+
+# What a CreateConnection script entry may answer (`EmulatorConfig.create_script`, matched on a
+# substring of the request's externalId or connection name), in order: "ok" (the normal answer),
+# "409" (refused as if the connection existed; nothing made), "500" (failed; nothing made),
+# "500_after" (made, then a 500), "slow_after" (made, then `stall_seconds` before the answer),
+# "drop_after" (made, then the socket closed mid-answer). "*" repeats, as in SCRIPT_ACTIONS.
+CREATE_SCRIPT_ACTIONS = frozenset({"ok", "409", "500", "500_after", "slow_after", "drop_after"})
+# A `script` key (and so a --script file's) with this prefix is a CreateConnection entry:
+# `create:acme: [500_after, ok]` is `create_script={"acme": ["500_after", "ok"]}`.
+CREATE_SCRIPT_PREFIX = "create:"
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,7 @@ class EmulatorConfig:
     seed: int | None = None
     script: dict[str, list[str]] = field(default_factory=dict)
     stall_seconds: float = DEFAULT_STALL_SECONDS
+    create_script: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Callers (CLI flags, YAML) hand over lists and sets; coerce so the app can rely on types.
@@ -184,28 +196,53 @@ class EmulatorConfig:
 
         if not isinstance(self.script, dict):
             raise ValueError("script must map a substring to a list of actions")
-        script: dict[str, list[str]] = {}
-        for pattern, actions in self.script.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError("script keys must be non-empty strings")
-            if isinstance(actions, str):
-                raise ValueError(f"script[{pattern!r}] must be a list of actions, not a string")
-            actions = list(actions)
-            for action in actions:
-                if not isinstance(action, str) or action.removesuffix("*") not in SCRIPT_ACTIONS:
-                    raise ValueError(
-                        f"script[{pattern!r}] has unknown action {action!r}; expected one of "
-                        f"{', '.join(sorted(SCRIPT_ACTIONS))}, optionally ending in '*'"
-                    )
-            script[pattern] = actions
-        self.script = script
+        if not isinstance(self.create_script, dict):
+            raise ValueError("create_script must map a substring to a list of actions")
+        create_script = _checked_script(
+            "create_script", self.create_script.items(), CREATE_SCRIPT_ACTIONS
+        )
+        # `create:` entries of `script` (a --script file's) are CreateConnection's too.
+        prefixed = [(k, v) for k, v in self.script.items() if _is_create_key(k)]
+        for pattern, actions in _checked_script("script", prefixed, CREATE_SCRIPT_ACTIONS).items():
+            create_script[pattern.removeprefix(CREATE_SCRIPT_PREFIX)] = actions
+        if "" in create_script:
+            raise ValueError(f"script key {CREATE_SCRIPT_PREFIX!r} needs a substring after it")
+        initialise = [(k, v) for k, v in self.script.items() if not _is_create_key(k)]
+        self.script = _checked_script("script", initialise, SCRIPT_ACTIONS)
+        self.create_script = create_script
+
+
+def _is_create_key(key: object) -> bool:
+    return isinstance(key, str) and key.startswith(CREATE_SCRIPT_PREFIX)
+
+
+def _checked_script(
+    name: str, entries: Iterable[tuple[object, object]], known: frozenset[str]
+) -> dict[str, list[str]]:
+    """A script's entries as a dict of lists, each action checked against `known`."""
+    script: dict[str, list[str]] = {}
+    for pattern, given in entries:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{name} keys must be non-empty strings")
+        if isinstance(given, str) or not isinstance(given, Iterable):
+            raise ValueError(f"{name}[{pattern!r}] must be a list of actions, not a string")
+        actions = list(given)
+        for action in actions:
+            if not isinstance(action, str) or action.removesuffix("*") not in known:
+                raise ValueError(
+                    f"{name}[{pattern!r}] has unknown action {action!r}; expected one of "
+                    f"{', '.join(sorted(known))}, optionally ending in '*'"
+                )
+        script[pattern] = actions
+    return script
 
 
 def load_script(path: str | Path) -> dict[str, list[str]]:
     """A script from a YAML or JSON file: a mapping of a substring of authorizeUrl?additionalParams
-    to its list of actions. Bare numbers (`[404, ok]` in YAML) are taken as their text. The
-    actions are checked by EmulatorConfig; the file's shape here, with a ValueError that says
-    what is wrong."""
+    to its list of actions; a key `create:<substring>` scripts CreateConnection instead (a
+    substring of the externalId or connection name; CREATE_SCRIPT_ACTIONS). Bare numbers
+    (`[404, ok]` in YAML) are taken as their text. The actions are checked by EmulatorConfig;
+    the file's shape here, with a ValueError that says what is wrong."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""A synchronous client for Versori's InitialiseOAuth2Connection.
+"""A synchronous client for Versori's InitialiseOAuth2Connection, CreateConnection, and the
+lists that say which connection Versori holds for a tenant (`find_connection`).
 
 It makes exactly one HTTP attempt per call: retries belong to the caller (the Prefect task), so
 attempts never multiply. It turns every failure into one of the types in `onboarding.errors`
@@ -16,9 +17,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -37,7 +38,9 @@ from onboarding.errors import (
 )
 from onboarding.models import (
     Api,
+    ConnectionPage,
     ConnectionResponse,
+    EndUserPage,
     ErrorBody,
     InitialiseRequest,
     InitialiseResponse,
@@ -46,8 +49,13 @@ from onboarding.models import (
 from onboarding.settings import VersoriSettings, check_api_key, check_base_url
 
 log = logging.getLogger(__name__)
+_PageT = TypeVar("_PageT", EndUserPage, ConnectionPage)
 
 _MAX_BODY_BYTES = 1 << 20
+# find_connection's lists: items asked for per page (Versori's maximum), and how many pages it
+# follows before it calls the list broken.
+PAGE_SIZE = 100
+MAX_PAGES = 50
 __version__ = "0.1.0"
 
 
@@ -194,11 +202,18 @@ class VersoriClient:
         external_id: str,
         template_id: str | None = None,
         redirect_url: str | None = None,
+        deadline: float | None = None,
     ) -> ConnectionResponse:
         """Complete an OAuth2 connection with the code and state the provider sent back: the
         Platform API v2's CreateConnection (`template_id`: the connection template, required
         there) or the Connect API v1's CreateConnectorConnection. One attempt, the same error
-        types as `initialise`; the code and state are never in an error's message."""
+        types as `initialise`; the code and state are never in an error's message.
+        `deadline`: seconds for this call, if shorter than the client's call deadline.
+
+        A timeout, a connection error or a 5xx leaves the outcome unknown (the connection may
+        have been made), and a 409 (ConflictError) says one exists: `find_connection` says
+        which connection Versori holds."""
+        budget = self._budget(deadline)
         credential = oauth2_code_credential(organisation_id, name, code, state, redirect_url)
         org = quote(organisation_id, safe="")
         payload: dict[str, Any]
@@ -222,7 +237,7 @@ class VersoriClient:
                 "credentials": {"action": [credential]},
                 "variables": [],
             }
-        status, headers, body = self._post(path, payload)
+        status, headers, body = self._post(path, payload, budget)
         if 200 <= status < 300:
             try:
                 return ConnectionResponse.model_validate_json(body)
@@ -232,17 +247,146 @@ class VersoriClient:
                 ) from err
         raise self._error_for(status, headers, body)
 
-    def _post(self, path: str, payload: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
-        deadline = time.monotonic() + self._call_deadline
-        with self._slots:
-            return self._post_within(path, payload, deadline)
+    def find_connection(
+        self,
+        organisation_id: str,
+        connector_id: str,
+        *,
+        external_id: str,
+        name: str,
+        template_id: str | None = None,
+        deadline: float | None = None,
+    ) -> ConnectionResponse | None:
+        """The connection Versori holds for this tenant, or None: what to ask after a
+        CreateConnection whose outcome is unknown (a timeout, a 5xx, a dropped connection) or
+        refused with a 409.
 
-    def _post_within(
-        self, path: str, payload: dict[str, Any], deadline: float
+        Platform API v2: the end user whose externalId is exactly `external_id` (ListEndUsers'
+        search matches substrings, so the match is made here), then that end user's
+        connections in the system `connector_id` (by the end user's Versori id, never its
+        externalId), the one from `template_id` if given, else the first. Connect API v1: the
+        connector's connection named exactly `name`. Read-only; the whole lookup is bounded by
+        `deadline` seconds (or the client's call deadline, if shorter) and MAX_PAGES pages per
+        list; the same error types as `initialise`."""
+        if not (name if self.api == constants.CONNECT_V1 else external_id):
+            missing = "name" if self.api == constants.CONNECT_V1 else "external_id"
+            raise InputError(f"find_connection needs the connection's {missing}")
+        budget = self._budget(deadline)
+        ends_at = time.monotonic() + budget
+        org = quote(organisation_id, safe="")
+        if self.api == constants.CONNECT_V1:
+            path = f"/o/{org}/connectors/{quote(connector_id, safe='')}/connections"
+            for page in self._pages(path, {}, ConnectionPage, ends_at, budget):
+                for connection in page.items:
+                    if connection.name == name:
+                        return connection
+            return None
+        user_id = None
+        search = {"search": external_id}
+        for users in self._pages(f"/o/{org}/users", search, EndUserPage, ends_at, budget):
+            user_id = next((u.id for u in users.users if u.external_id == external_id), None)
+            if user_id is not None:
+                break
+        if user_id is None:
+            return None
+        params = {"end_user_id": user_id, "system_id": connector_id}
+        for page in self._pages(f"/o/{org}/connections", params, ConnectionPage, ends_at, budget):
+            for connection in page.items:
+                # Versori filters by system already; a connection that says otherwise is not
+                # this system's. ULIDs compare in any case.
+                if connection.system_id and not _same_id(connection.system_id, connector_id):
+                    continue
+                if not template_id or _same_id(
+                    connection.connection_template_id or "", template_id
+                ):
+                    return connection
+        return None
+
+    def _pages(
+        self,
+        path: str,
+        params: dict[str, str],
+        model: type[_PageT],
+        ends_at: float,
+        budget: float,
+    ) -> Iterator[_PageT]:
+        """Each page of a Versori list, following `next` for at most MAX_PAGES pages."""
+        after = ""
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            query = {**params, "first": str(PAGE_SIZE)}
+            if after:
+                query["after"] = after
+            status, headers, body = self._get(path, query, ends_at, budget)
+            if not 200 <= status < 300:
+                raise self._error_for(status, headers, body)
+            try:
+                page = model.model_validate_json(body)
+            except ValidationError as err:
+                raise APIError(
+                    status, "invalid_response", "Versori answered 2xx without a valid page"
+                ) from err
+            yield page
+            after = page.next or ""
+            if not after:
+                return
+            if after in seen:
+                raise APIError(status, "invalid_response", "Versori's pages go round in a loop")
+            seen.add(after)
+        raise APIError(200, "invalid_response", f"Versori's list goes on past {MAX_PAGES} pages")
+
+    def _budget(self, deadline: float | None) -> float:
+        """The seconds a call may take: `deadline` if given and shorter than the client's."""
+        if deadline is None:
+            return self._call_deadline
+        if not (isinstance(deadline, int | float) and 0 < deadline < math.inf):
+            raise InputError(f"deadline must be a positive number of seconds, not {deadline!r}")
+        return min(float(deadline), self._call_deadline)
+
+    def _post(
+        self, path: str, payload: dict[str, Any], budget: float | None = None
+    ) -> tuple[int, httpx.Headers, bytes]:
+        budget = self._call_deadline if budget is None else budget
+        return self._send("POST", path, time.monotonic() + budget, budget, json=payload)
+
+    def _get(
+        self, path: str, params: dict[str, str], deadline: float, budget: float
+    ) -> tuple[int, httpx.Headers, bytes]:
+        return self._send("GET", path, deadline, budget, params=params)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        budget: float,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request within one of the `max_connections` slots; waiting for a slot counts
+        against `deadline` (a monotonic time), as `budget` (its seconds) says in the error."""
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise APITimeoutError(
+                f"no free connection to Versori at {self.host} within {budget:g} s"
+            )
+        try:
+            return self._request_within(method, path, deadline, budget, json, params)
+        finally:
+            self._slots.release()
+
+    def _request_within(
+        self,
+        method: str,
+        path: str,
+        deadline: float,
+        budget: float,
+        payload: dict[str, Any] | None,
+        params: dict[str, str] | None,
     ) -> tuple[int, httpx.Headers, bytes]:
         try:
             with self._http.stream(
-                "POST", path, json=payload, timeout=self._timeout(deadline)
+                method, path, json=payload, params=params, timeout=self._timeout(deadline)
             ) as response:
                 body = bytearray()
                 try:
@@ -251,7 +395,7 @@ class VersoriClient:
                         if time.monotonic() > deadline:
                             raise APITimeoutError(
                                 f"Versori at {self.host} did not finish answering within "
-                                f"{self._call_deadline:g} s"
+                                f"{budget:g} s"
                             )
                         if len(body) > _MAX_BODY_BYTES:
                             raise APIError(
@@ -299,6 +443,11 @@ class VersoriClient:
                 retry_after=parse_retry_after(headers.get("retry-after")),
             )
         return cls(status, code, message, fields, details)
+
+
+def _same_id(a: str, b: str) -> bool:
+    """Versori's ids are ULIDs, which compare in any case."""
+    return a.upper() == b.upper()
 
 
 def _reason(status: int) -> str:

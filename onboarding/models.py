@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -144,7 +145,52 @@ def oauth2_code_credential(
 
 
 class ConnectionResponse(BaseModel):
-    """What both APIs answer a CreateConnection with (only what this project reads)."""
+    """What both APIs answer a CreateConnection with, and list (only what this project reads):
+    a Platform API v2 `Connection` or a Connect API v1 `ConnectionSummary`. `system_id` and
+    `connection_template_id` are the v2 connection's (None from v1, or when Versori omits
+    them)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
     id: str = Field(min_length=1)
     name: str = ""
+    system_id: str | None = None
+    connection_template_id: str | None = None
+
+
+def _none_is_empty(value: object) -> object:
+    # Versori's Go server writes an empty list as null.
+    return [] if value is None else value
+
+
+class EndUserResponse(BaseModel):
+    """A Platform API v2 `EndUser` (only what this project reads): `id` is Versori's own, the
+    one ListConnections' `end_user_id` takes; `external_id` is the caller's."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    id: str = Field(min_length=1)
+    external_id: str
+
+
+class _Page(BaseModel):
+    """Versori's PageInfo: `next` is the cursor of the next page, "" or absent on the last."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    next: str | None = None
+    total_count: int | None = None
+
+
+class EndUserPage(_Page):
+    """ListEndUsers' answer."""
+
+    users: Annotated[list[EndUserResponse], BeforeValidator(_none_is_empty)]
+
+
+class ConnectionPage(_Page):
+    """ListConnections' (v2) and ListConnectorConnections' (v1) answer."""
+
+    items: Annotated[list[ConnectionResponse], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list
+    )
