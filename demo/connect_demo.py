@@ -87,7 +87,7 @@ def connect_one(stage: DemoStage, roster: Path, emulator_url: str, tenant_id: st
             f"it: link page, button, provider consent (Allow), callback: {click.title!r}.",
             f"Ledger: {tenant.tenant_id} on {profile.name} is {status} (Versori connection "
             f"{connection}).",
-            "Funnel per connector (linked → delivered → opened → connected):",
+            "Funnel per connector (linked → delivered → opened → started → connected):",
         ]
         names = {r.connector_id: r.profile for r in ledger.iter_records()}
         for connector_id, funnel in ledger.funnel().items():

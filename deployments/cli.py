@@ -555,7 +555,7 @@ def status(
     stale = ledger.count_past_expiry(ids, utcnow())
     if stale:
         out.print(f"{stale} link(s) are past their expiry and not connected.")
-    out.print("Funnel (linked → delivered → opened → connected):", highlight=False)
+    out.print("Funnel (linked → delivered → opened → started → connected):", highlight=False)
     for cid, funnel in ledger.funnel(ids).items():
         out.print(
             f"  {labels.get(cid, cid)}: {funnel_lines(funnel)}", highlight=False, soft_wrap=True

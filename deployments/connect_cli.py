@@ -4,14 +4,19 @@ revocation, registered on the main `onboard` app by deployments/cli.py."""
 from __future__ import annotations
 
 from contextlib import closing
-from typing import Annotated
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
 
 from onboarding.errors import InputError
 
+if TYPE_CHECKING:
+    from onboarding.ledger import Ledger
+
 out = Console()
+err = Console(stderr=True)
 
 
 def connect_server(
@@ -25,13 +30,117 @@ def connect_server(
             "X-Forwarded-Proto/For are believed, and a non-loopback --host is allowed."
         ),
     ] = None,
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        typer.Option(help="The least severe log lines written (stderr)."),
+    ] = "info",
+    log_format: Annotated[
+        Literal["text", "json"],
+        typer.Option(
+            help="text: time, level, logger, [request id], message; json: one object a line "
+            "(time, level, logger, message, request_id)."
+        ),
+    ] = "text",
+    grace_seconds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=600,
+            help="On SIGTERM, how long requests in flight may take to finish (a callback "
+            "takes up to ~20 s) before they are cut off.",
+        ),
+    ] = 25,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            max=300,
+            help="Seconds a connection may take to send a request's headers; slower "
+            "ones are closed (slowloris).",
+        ),
+    ] = 10.0,
 ) -> None:
     """Serve the connect links (GET/POST /c/<token>), the OAuth callback (GET /callback) and
     GET /healthz, on the ledger at ONBOARD_DB_URL and Versori from VERSORI_*, as onboard run
     reads them. Stateless: run several, behind one TLS proxy, on a PostgreSQL ledger."""
-    from onboarding.connect.server import serve
+    from onboarding.connect.server import check_serving, serve
 
-    serve(host=host, port=port, workers=workers, forwarded_allow_ips=forwarded_allow_ips)
+    check_serving(host, forwarded_allow_ips)
+    check_link_profiles()
+    serve(
+        host=host,
+        port=port,
+        workers=workers,
+        forwarded_allow_ips=forwarded_allow_ips,
+        log_level=log_level,
+        log_format=log_format,
+        grace_seconds=grace_seconds,
+        header_timeout=header_timeout,
+    )
+
+
+def check_link_profiles() -> None:
+    """Refuse to serve (InputError: exit 2, naming each profile file, line and key) while a
+    live link (not revoked, not expired) in the ledger at ONBOARD_DB_URL names a profile whose
+    links could never finish through this service (ConnectorProfile.finish_problems, with
+    ONBOARD_CONNECT_BASE_URL's callback). A profile that cannot be read now is only warned of:
+    the service answers its links "try again later" until it can."""
+    from onboarding.clock import utcnow
+    from onboarding.connect.settings import ConnectSettings
+    from onboarding.ledger import Ledger
+    from onboarding.profile import FINISH_HINT, load_profile
+    from onboarding.settings import LedgerSettings
+
+    base_url = ConnectSettings().base_url
+    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+        live = live_profile_paths(ledger, utcnow())
+    problems, using = [], []
+    for path, n in live.items():
+        try:
+            profile = load_profile(path)
+        except InputError as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            err.print(
+                f"Warning: {n} live connect link(s) name the profile {path}, which cannot be "
+                f'read now ({first}); they answer "try again later" until it can.',
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+            continue
+        found = profile.finish_problems(base_url, through_service=True)
+        if found:
+            problems += found
+            using.append(f"{path}: {n} live link(s)")
+    if problems:
+        raise InputError(
+            problems,
+            hint=(
+                "onboard connect-server serves every live link in the ledger, each with the "
+                f"profile its run recorded ({'; '.join(using)}). Fix the profile (the service "
+                "reads it again when it changes), or revoke its links (onboard revoke "
+                "--tenant ...). " + FINISH_HINT
+            ),
+        )
+
+
+def live_profile_paths(ledger: Ledger, now: datetime) -> dict[str, int]:
+    """Each profile path the ledger's live connect links (not revoked, not expired at `now`)
+    name, with how many name it: a read of onboarding_connect_links, nothing written."""
+    from sqlalchemy import func, select
+
+    from onboarding.ledger.connect_links import connect_links
+    from onboarding.ledger.records import utc
+
+    table = connect_links.c
+    query = (
+        select(table.profile_path, func.count())
+        .where(table.revoked_at.is_(None), table.expires_at > utc(now))
+        .group_by(table.profile_path)
+        .order_by(table.profile_path)
+    )
+    with ledger.engine.connect() as conn:
+        return {str(path): int(n) for path, n in conn.execute(query)}
 
 
 def revoke(

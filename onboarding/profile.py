@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -106,6 +107,10 @@ class ConnectorProfile(BaseModel):
     connection_template_id: Ulid | None = None
     connection_name: str = Field("{name}", min_length=1, max_length=200)
     success_url: str | None = None
+    # Where the profile was read from (load_profile): the file as given and each key's line,
+    # for the checks made after it loads (check_finishable). A profile built in code has none.
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
 
     @field_validator("connection_name")
     @classmethod
@@ -239,6 +244,64 @@ class ConnectorProfile(BaseModel):
             object.__setattr__(self, "display_name", readable(self.name))
         return self
 
+    def check_finishable(
+        self, connect_base_url: str | None, *, through_service: bool | None = None
+    ) -> None:
+        """Refuse (InputError naming the file, line and key) a profile whose links could never
+        finish: see `finish_problems`."""
+        problems = self.finish_problems(connect_base_url, through_service=through_service)
+        if problems:
+            raise InputError(problems, hint=FINISH_HINT)
+
+    def finish_problems(
+        self, connect_base_url: str | None, *, through_service: bool | None = None
+    ) -> list[Problem]:
+        """Why this profile's links, sent through the connect service, could never finish; []
+        when they can. They go through the service when ONBOARD_CONNECT_BASE_URL
+        (`connect_base_url`) is set (`through_service` defaults to that); unset, emails carry
+        the raw authorize URL, which the service has no part in, and nothing is refused.
+
+        Only a platform-v2 profile is the service's to finish (a Connect API v1 profile
+        redirects to Versori's own redirect_uri): its callback calls CreateConnection, which
+        needs `connection_template_id`; and the provider must send the admin back to the
+        service's `<connect_base_url>/callback`, so a `redirect_url` set to anything else never
+        reaches it (an unset one is left to Versori, as today)."""
+        if through_service is None:
+            through_service = connect_base_url is not None
+        if not through_service or self.api != constants.PLATFORM_V2:
+            return []
+        problems = []
+        if self.connection_template_id is None:
+            problems.append(
+                self._problem(
+                    "connection_template_id",
+                    ("api",),
+                    "not set, and this api: platform-v2 profile's links go through the "
+                    "connect service (ONBOARD_CONNECT_BASE_URL is set), whose callback creates "
+                    "each connection from that template (CreateConnection): every admin who "
+                    "presses Allow would be told to try again later; set "
+                    "connection_template_id to the id of the system's connection template",
+                )
+            )
+        if connect_base_url is not None and self.redirect_url is not None:
+            callback = f"{connect_base_url.rstrip('/')}/callback"
+            if not same_endpoint(self.redirect_url, callback):
+                problems.append(
+                    self._problem(
+                        "redirect_url",
+                        ("redirect_url",),
+                        f"is not the connect service's callback ({callback}, from "
+                        "ONBOARD_CONNECT_BASE_URL): the provider would send each admin there, "
+                        "and the service would never see the code to finish the connection; "
+                        f"set redirect_url: {callback}",
+                    )
+                )
+        return problems
+
+    def _problem(self, key: str, at: tuple[str | int, ...], message: str) -> Problem:
+        source = self._source if self._source is not None else f"profile {self.name}"
+        return Problem(source, self._lines.get(at), key, message)
+
     @property
     def fields_used(self) -> list[str]:
         """Tenant fields the templates need, in first-use order."""
@@ -290,6 +353,30 @@ class ConnectorProfile(BaseModel):
             additional_params=additional,
             redirect_url=self.redirect_url,
         )
+
+
+FINISH_HINT = (
+    "With ONBOARD_CONNECT_BASE_URL set, emails carry links to onboard connect-server, which "
+    "finishes Platform API v2 connections itself (see the README's \"Connect links and the "
+    'callback"); unset, they carry the raw authorize URL.'
+)
+
+
+def same_endpoint(url: str, other: str) -> bool:
+    """Whether two absolute URLs reach the same endpoint: scheme, host (any case) and port
+    (the scheme's default when unnamed) and path alike; a query is not compared."""
+
+    def endpoint(value: str) -> tuple[str, str, int | None, str] | None:
+        parts = urlsplit(value)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        except ValueError:
+            return None
+        return scheme, (parts.hostname or "").rstrip("."), port, parts.path or "/"
+
+    mine = endpoint(url)
+    return mine is not None and mine == endpoint(other)
 
 
 def readable(name: str) -> str:
@@ -359,6 +446,8 @@ def _read_profile(path: Path, source: str, root: str | Path | None) -> Connector
         if not folder.is_dir():
             raise InputError([Problem(source, line, "email_templates", f"no folder {folder}")])
         profile = profile.model_copy(update={"email_templates": str(folder)})
+    profile._source = source
+    profile._lines = lines
     return profile
 
 

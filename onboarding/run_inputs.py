@@ -16,7 +16,7 @@ from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates, SmtpSettings
-from onboarding.profile import ConnectorProfile, load_profile
+from onboarding.profile import FINISH_HINT, ConnectorProfile, load_profile
 from onboarding.roster import (
     Roster,
     TenantRow,
@@ -89,6 +89,7 @@ def check_run(request: RunRequest) -> RunInputs:
     if not request.profiles:
         raise InputError("profile: give at least one connector profile")
     profiles = _load_profiles(request)
+    _check_finishable(request, profiles)
     if len(profiles) > 1 and request.chunked:
         raise InputError(
             "fan_out deployment: a campaign (several profiles) runs in one flow run; "
@@ -173,6 +174,21 @@ def _load_profiles(request: RunRequest) -> list[ConnectorProfile]:
             )
         seen[profile.target_id] = path
     return profiles
+
+
+def _check_finishable(request: RunRequest, profiles: list[ConnectorProfile]) -> None:
+    """A run that emails links (a reminder run always does; its dry run is checked as the run
+    itself) sends them through the connect service when ONBOARD_CONNECT_BASE_URL is set: every
+    profile, each of a campaign's, must be one whose links can finish there
+    (ConnectorProfile.finish_problems), or nothing is sent."""
+    if not (request.deliver.sends_email or request.reminders):
+        return
+    from onboarding.connect.settings import ConnectSettings
+
+    base_url = ConnectSettings().base_url
+    problems = [p for profile in profiles for p in profile.finish_problems(base_url)]
+    if problems:
+        raise InputError(problems, hint=FINISH_HINT)
 
 
 def _templates(profiles: list[ConnectorProfile]) -> MailTemplates:

@@ -138,7 +138,11 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
             for name, counts in summary["by_connector"].items()
         ]
     if summary.get("funnel"):
-        lines += ["", "Funnel in the ledger (linked → delivered → opened → connected):", ""]
+        lines += [
+            "",
+            "Funnel in the ledger (linked → delivered → opened → started → connected):",
+            "",
+        ]
         lines += [f"- {name}: {line}" for name, line in summary["funnel"].items()]
     if summary.get("coverage"):
         c = summary["coverage"]

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -18,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from onboarding.connect import pages
+from onboarding.connect.logs import log_requests
 from onboarding.connect.pages import Page, security_headers
 from onboarding.connect.service import BIND_COOKIE, RETRY_COOKIE, CallbackAnswer, ConnectService
 
@@ -134,7 +136,9 @@ def create_app(
     # that is not ours is a 404 page.
     app.router.redirect_slashes = False
     app.state.service = service
-    return app
+    # The request id and the access line around everything; a page, not uvicorn's plain 500,
+    # for a request cut off at shutdown (logs.py).
+    return log_requests(app, fallback=lambda: respond(pages.internal_error()))
 
 
 async def _small_form(request: Request) -> dict[str, str] | None:
@@ -207,6 +211,7 @@ def app_from_env() -> Starlette:
         secure_cookies=bool(settings.base_url and settings.base_url.startswith("https:")),
         create_deadline=settings.create_timeout_seconds,
         lookup_deadline=settings.lookup_timeout_seconds,
+        connecting_grace=timedelta(seconds=settings.connecting_grace_seconds),
     )
     own = pages.origin_of(settings.base_url) if settings.base_url else None
     return create_app(service, own_origin=own, sweep_seconds=settings.sweep_seconds)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from html import escape
 from urllib.parse import urlsplit
 
+from onboarding.connect.logs import current_request_id
+
 _STYLE = (
     "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;background:#f5f6f8;"
     "color:#1d2330;margin:0}"
@@ -103,6 +105,9 @@ class Page:
             )
         if self.beacon:
             body += f"<script>{_BEACON}</script>"
+        if self.status >= 400 and (request_id := current_request_id()):
+            # What a support email quotes to find this request's log lines (logs.py).
+            body += f'<p class="muted">Reference: {escape(request_id)}</p>'
         return (
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'

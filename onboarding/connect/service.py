@@ -139,6 +139,7 @@ class ConnectService:
         clock: Callable[[], datetime] = utcnow,
         create_deadline: float = CREATE_DEADLINE_SECONDS,
         lookup_deadline: float = LOOKUP_DEADLINE_SECONDS,
+        connecting_grace: timedelta = CONNECTING_GRACE,
     ) -> None:
         self.ledger = ledger
         self._client_for = client_for or _env_clients()
@@ -149,6 +150,7 @@ class ConnectService:
         self._clock = clock
         self.create_deadline = create_deadline
         self.lookup_deadline = lookup_deadline
+        self.connecting_grace = connecting_grace
         self._profiles: dict[str, tuple[float, ConnectorProfile]] = {}
         self._profiles_lock = threading.Lock()
         # Which process claimed a state: what an operator reads next to a `connecting` row.
@@ -193,14 +195,12 @@ class ConnectService:
         link, _ = self._live_link(token)
         if link is None or cross_site or not _same(csrf, link.csrf):
             return pages.no_content()
-        record = self.ledger.get(link.tenant_id, link.connector_id)
-        if record is None or record.status is Status.CONNECTED:
-            return pages.no_content()
+        # The status moves only from a waiting one (never from connected, declined, failed).
         if self.ledger.note_link_opened(link, self._clock()):
             profile = self._profile(link.profile_path, link.connector_id)
             if profile is not None:
-                self._event(record, profile, Status.OPENED)
-            log.info("tenant %s opened its link for %s", record.tenant_id, record.profile)
+                self._event(link, profile, Status.OPENED)
+            log.info("tenant %s opened its link", link.tenant_id)
         return pages.no_content()
 
     def press_button(
@@ -302,9 +302,10 @@ class ConnectService:
         record, refusal = self._current_state(answer.state)
         if record is None:
             return pages.callback_refused(refusal)
-        profile = self._profile_of_record(record, retry_token)
+        back = self._retry_link(retry_token, record)
+        profile = self._profile_of_record(record, back)
         name = profile.name if profile is not None else record.profile
-        can_retry = self._retry_link(retry_token, record) is not None
+        can_retry = back is not None
         if answer.error:
             return self._declined(answer, profile, name, can_retry)
         if profile is None:
@@ -369,14 +370,14 @@ class ConnectService:
         if record is None:
             return pages.callback_refused("unknown")
         if bound.connecting:
-            profile = self._profile_of_record(record, retry_token)
+            profile = self._profile_of_record(record, self._retry_link(retry_token, record))
             if profile is not None and not self._in_flight(bound):
                 self._resolve(bound, record, profile)
                 bound = self.ledger.find_state_by_hash(bound.state_hash) or bound
             if bound.connecting:
                 return pages.connecting_now()
         if bound.outcome == StateOutcome.CONNECTED.value:
-            profile = self._profile_of_record(record, retry_token)
+            profile = self._profile_of_record(record, self._retry_link(retry_token, record))
             return pages.connected(
                 record.tenant_name, profile.name if profile is not None else record.profile
             )
@@ -458,7 +459,10 @@ class ConnectService:
         """A claim whose CreateConnection may still be running (here or in another replica)."""
         if state.claimed_by and state.claimed_by.startswith(AWAITING_LOOKUP):
             return False
-        return state.claimed_at is not None and state.claimed_at > self._clock() - CONNECTING_GRACE
+        return (
+            state.claimed_at is not None
+            and state.claimed_at > self._clock() - self.connecting_grace
+        )
 
     def _lookup(self, record: Record, profile: ConnectorProfile) -> tuple[bool, str | None]:
         """Versori's connection for the tenant: (asked, its id or None). (False, None) when
@@ -609,10 +613,11 @@ class ConnectService:
             return pages.already_connected(record.tenant_name, profile.name)
         return profile, record
 
-    def _profile_of_record(self, record: Record, token: str | None) -> ConnectorProfile | None:
+    def _profile_of_record(
+        self, record: Record, link: ConnectLink | None
+    ) -> ConnectorProfile | None:
         """The profile of a callback's tenant: from the browser's link when it has one, else
         from any of the tenant's links (the one that minted the state)."""
-        link = self._retry_link(token, record)
         path = (
             link.profile_path
             if link is not None
@@ -658,7 +663,11 @@ class ConnectService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _event(
-        self, record: Record, profile: ConnectorProfile, status: Status, error_code: str = ""
+        self,
+        record: Record | ConnectLink,
+        profile: ConnectorProfile,
+        status: Status,
+        error_code: str = "",
     ) -> None:
         change = StatusChange(
             record.tenant_id, record.connector_id, profile.name, status.value, error_code

@@ -17,7 +17,9 @@ class ConnectSettings(EnvSettings):
     ONBOARD_CONNECT_MINTS_PER_HOUR: how many times one link's button may make a new state in
     an hour (each press calls Versori). ONBOARD_CONNECT_SWEEP_SECONDS: how often unfinished
     connections are resolved (default 300). ONBOARD_CONNECT_CREATE_TIMEOUT_SECONDS (10) and
-    ONBOARD_CONNECT_LOOKUP_TIMEOUT_SECONDS (8): what a callback waits on Versori."""
+    ONBOARD_CONNECT_LOOKUP_TIMEOUT_SECONDS (8): what a callback waits on Versori.
+    ONBOARD_CONNECT_CONNECTING_GRACE_SECONDS (60): how old an unfinished claim must be before
+    it is resolved by asking Versori (longer than any callback in flight)."""
 
     model_config = SettingsConfigDict(
         env_prefix="ONBOARD_CONNECT_", env_file=".env", extra="ignore"
@@ -32,6 +34,9 @@ class ConnectSettings(EnvSettings):
     # settles an answer that never came: the browser waits at most their sum.
     create_timeout_seconds: float = Field(10.0, ge=0.5, le=60.0)
     lookup_timeout_seconds: float = Field(8.0, ge=0.5, le=60.0)
+    # A claim younger than this may still have its CreateConnection in flight (in any replica,
+    # a SIGTERM's grace included): the sweep and the tenant's next request leave it alone.
+    connecting_grace_seconds: float = Field(60.0, ge=1.0, le=3600.0)
 
     @field_validator("base_url")
     @classmethod

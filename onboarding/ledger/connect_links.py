@@ -38,7 +38,6 @@ from sqlalchemy import (
 )
 
 from onboarding.clock import utcnow
-from onboarding.ledger.connect_states import connect_states
 from onboarding.ledger.engine import lock_tenants, reconnecting
 from onboarding.ledger.queries import count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
@@ -85,6 +84,29 @@ callback_states = Table(
     Column("tenant_id", String(128), nullable=False),
     Column("connector_id", String(26), nullable=False),
     Column("claimed_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# Each state the connect service handed a browser or claimed for a callback, and what became
+# of it (see connect_states.py, its reads and writes).
+connect_states = Table(
+    "onboarding_connect_states",
+    metadata,
+    Column("state_hash", String(64), primary_key=True),
+    Column("tenant_id", String(128), nullable=False),
+    Column("connector_id", String(26), nullable=False),
+    # The connect link whose button minted it (its token_hash); None for a batch's state.
+    Column("link_hash", String(64)),
+    # sha256 of the browser's binding cookie: only that browser's callback may use the state.
+    Column("browser_hash", String(64)),
+    Column("minted_at", DateTime(timezone=True), nullable=False),
+    # Set by the callback before CreateConnection: `connecting` until finished_at.
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("claimed_by", String(200)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("outcome", String(20)),
+    Column("connection_id", String(200)),
+    Index("ix_onboarding_connect_states_tenant", "tenant_id", "connector_id"),
 )
 
 

@@ -20,32 +20,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, String, Table, and_, exists, select
+from sqlalchemy import and_, exists, select
 
 from onboarding.clock import utcnow
-from onboarding.ledger.engine import lock_tenants, reconnecting
+from onboarding.ledger.connect_links import callback_states, connect_links, connect_states
+from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.records import Record, aware_values, utc
-from onboarding.ledger.schema import Status, metadata, records, state_digest, tenant_row
-
-connect_states = Table(
-    "onboarding_connect_states",
-    metadata,
-    Column("state_hash", String(64), primary_key=True),
-    Column("tenant_id", String(128), nullable=False),
-    Column("connector_id", String(26), nullable=False),
-    # The connect link whose button minted it (its token_hash); None for a batch's state.
-    Column("link_hash", String(64)),
-    # sha256 of the browser's binding cookie: only that browser's callback may use the state.
-    Column("browser_hash", String(64)),
-    Column("minted_at", DateTime(timezone=True), nullable=False),
-    # Set by the callback before CreateConnection: `connecting` until finished_at.
-    Column("claimed_at", DateTime(timezone=True)),
-    Column("claimed_by", String(200)),
-    Column("finished_at", DateTime(timezone=True)),
-    Column("outcome", String(20)),
-    Column("connection_id", String(200)),
-    Index("ix_onboarding_connect_states_tenant", "tenant_id", "connector_id"),
-)
+from onboarding.ledger.schema import Status, records, state_digest, tenant_row
 
 
 class StateOutcome(StrEnum):
@@ -87,8 +68,6 @@ class ConnectStates:
     _insert: Any
 
     def _state_query(self) -> Any:
-        from onboarding.ledger.connect_links import connect_links
-
         revoked = exists().where(
             connect_links.c.token_hash == connect_states.c.link_hash,
             connect_links.c.revoked_at.is_not(None),
@@ -150,8 +129,6 @@ class ConnectStates:
         is `connecting` from now. True for the first claim only (a replay, a double submit,
         another replica, or a revoke of its link in between: False). A batch's state, never
         bound, gets its row here."""
-        from onboarding.ledger.connect_links import callback_states, connect_links
-
         when = utc(at or utcnow())
         digest = state_digest(state)
         revoked = exists().where(
@@ -161,8 +138,6 @@ class ConnectStates:
         # A state claimed by a version before connect states existed.
         legacy = exists().where(callback_states.c.state_hash == digest)
         with self.engine.begin() as conn:
-            if conn.execute(select(legacy)).scalar():
-                return False
             done = conn.execute(
                 connect_states.update()
                 .where(
@@ -174,6 +149,8 @@ class ConnectStates:
             )
             if done.rowcount:
                 return True
+            if conn.execute(select(legacy)).scalar():
+                return False
             inserted = conn.execute(
                 self._insert(connect_states)
                 .values(
@@ -208,25 +185,24 @@ class ConnectStates:
         finished it, else None."""
         when = utc(at or utcnow())
         with self.engine.begin() as conn:
+            # RETURNING: the tenant of the row this call finished, in the one statement (a
+            # second resolver gets nothing back).
             row = conn.execute(
-                select(connect_states).where(connect_states.c.state_hash == state_hash)
-            ).first()
-            if row is None or row.finished_at is not None:
-                return None
-            key = tenant_row(row.tenant_id, row.connector_id)
-            lock_tenants(conn, [(row.tenant_id, row.connector_id)])
-            done = conn.execute(
                 connect_states.update()
                 .where(
                     connect_states.c.state_hash == state_hash,
                     connect_states.c.finished_at.is_(None),
                 )
                 .values(finished_at=when, outcome=outcome.value, connection_id=connection_id)
-            )
-            if not done.rowcount:
+                .returning(connect_states.c.tenant_id, connect_states.c.connector_id)
+            ).first()
+            if row is None:
                 return None
+            key = tenant_row(row.tenant_id, row.connector_id)
             if outcome is StateOutcome.CONNECTED:
-                conn.execute(
+                # One UPDATE: a button pressed at the same moment (record_minted_link) waits
+                # for its row lock, and finds the tenant connected.
+                update = (
                     records.update()
                     .where(
                         *key,
@@ -246,12 +222,14 @@ class ConnectStates:
                     )
                 )
             elif error is not None:
-                conn.execute(
+                update = (
                     records.update()
                     .where(*key, records.c.status != Status.CONNECTED.value)
                     .values(error_code=error[0][:100], error_message=error[1], updated_at=utcnow())
                 )
-            now_row = conn.execute(select(records).where(*key)).first()
+            else:
+                return None
+            now_row = conn.execute(update.returning(*records.c)).first()
         return Record.from_row(now_row) if now_row is not None else None
 
     @reconnecting

@@ -28,8 +28,8 @@ RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 1.75)
 
 def open_engine(url: str) -> Engine:
     """An engine on the ledger at `url`, its tables created or brought up to date. InputError
-    when the URL is unusable or nothing answers there; LedgerSchemaError when the tables
-    cannot be made."""
+    when the URL is unusable, nothing answers there, or a newer version of this tool wrote
+    the ledger; LedgerSchemaError when the tables cannot be made."""
     try:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
@@ -58,6 +58,9 @@ def open_engine(url: str) -> Engine:
         ) from None
     try:
         migrate_schema(engine)
+    except InputError:  # a ledger of a newer version of this tool: refused, nothing written
+        engine.dispose()
+        raise
     except DBAPIError as err:  # it answered: the schema is what failed, not the input
         engine.dispose()
         raise LedgerSchemaError(

@@ -55,6 +55,9 @@ class Record:
         return cls(**values)
 
 
+# The columns of `onboard export`, in order (onboarding/export.py). Each is a Record field but
+# opened_at: the first time a person opened one of the tenant's connect links, read from those.
+# Never a hash, a token or a connect link's CSRF value.
 EXPORT_KEYS = (
     "tenant_id",
     "connector_id",
@@ -66,6 +69,12 @@ EXPORT_KEYS = (
     "attempts",
     "error_code",
     "error_message",
+    "connection_id",
+    "connected_at",
+    "delivered_at",
+    "opened_at",
+    "last_sent_at",
+    "reminders",
 )
 
 

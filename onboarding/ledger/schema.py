@@ -1,5 +1,6 @@
-"""The ledger's tables, and their creation or update when a ledger is opened (under a lock, so
-that runs starting together on a new database all open it)."""
+"""The ledger's tables, and their creation or update when a ledger is opened: the revisions of
+onboarding/ledger/migrations/ up to SCHEMA_VERSION, run under a lock, so that runs starting
+together on a new or older database all open it; a ledger of a newer version is refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Column,
-    Connection,
     DateTime,
     Engine,
     Float,
@@ -23,14 +23,17 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
-    inspect,
-    select,
     text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.schema import CreateIndex, CreateTable
+
+from onboarding.db_url import redact
+from onboarding.errors import InputError
+
+# SCHEMA_VERSION: the revision this code writes. The package imports Alembic only when it runs
+# a migration: a ledger at SCHEMA_VERSION opens without it.
+from onboarding.ledger.migrations import SCHEMA_VERSION, known_revisions, read_versions, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -201,25 +204,34 @@ def create_private_sqlite_file(url: str) -> None:
     os.close(fd)
 
 
+def schema_version(engine: Engine) -> str | None:
+    """The schema revision the ledger records (SCHEMA_VERSION when this code wrote it); None
+    for a new ledger, or one written before the ledger was versioned."""
+    with engine.connect() as conn:
+        return ",".join(read_versions(conn)) or None
+
+
 def migrate_schema(engine: Engine) -> None:
-    """Create the tables, or bring a ledger made by an older version up to date, in one
-    transaction under a lock, so that any number of processes may open a new ledger at once
-    (chunk runs starting together): the first does the work, the others wait and find it done.
+    """Create the tables, or bring a ledger made by an older version up to SCHEMA_VERSION (the
+    revisions in onboarding/ledger/migrations/), in one transaction under a lock, so that any
+    number of processes may open a new or older ledger at once (chunk runs starting
+    together): the first does the work, the others wait and find it done.
 
     PostgreSQL: a transaction-scoped advisory lock; its DDL is transactional. SQLite: BEGIN
-    IMMEDIATE takes the database's write lock first; its DDL is transactional too. Every step
-    is also idempotent (IF NOT EXISTS, only missing columns added, only unhashed states
-    hashed), so a rerun finds nothing to do. The changes so far are all additive, which is why
-    this is not Alembic: a version table and migration scripts would add a tool and a step to
-    every deployment for what three idempotent statements do; the first change that is not
-    additive should bring Alembic in, under the same lock.
+    IMMEDIATE takes the database's write lock first; its DDL is transactional too. Each
+    revision stamps the version table in the same transaction, so a failed migration leaves
+    the ledger as it was.
 
-    A ledger that is already up to date is only read (the catalog), never locked: on
-    PostgreSQL, `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the index
-    exists, which deadlocked against a running batch's writes when chunk runs opened the
-    ledger while others wrote (seen in the scale-out test)."""
-    if _schema_is_current(engine):
+    A ledger at SCHEMA_VERSION is only read (its version table), never locked: on PostgreSQL,
+    DDL takes locks on its tables, which deadlocked against a running batch's writes when chunk
+    runs opened the ledger while others wrote (seen in the scale-out test). A ledger at a
+    revision this code does not know, written by a newer version of this tool, is refused with
+    InputError before anything is written."""
+    with engine.connect() as conn:
+        versions = read_versions(conn)
+    if versions == (SCHEMA_VERSION,):
         return
+    _refuse_newer(engine, versions)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(
@@ -228,71 +240,26 @@ def migrate_schema(engine: Engine) -> None:
             )
         elif conn.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-        for table in metadata.sorted_tables:
-            conn.execute(CreateTable(table, if_not_exists=True))
-        _add_missing_columns(conn)
-        for table in metadata.sorted_tables:
-            for index in table.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
-        _hash_old_states(conn)
+        versions = read_versions(conn)
+        if versions == (SCHEMA_VERSION,):
+            return  # another process did it while this one waited for the lock
+        _refuse_newer(engine, versions)
+        log.info("ledger: schema %s to %s", ",".join(versions) or "unversioned", SCHEMA_VERSION)
+        upgrade(conn)
 
 
-def _schema_is_current(engine: Engine) -> bool:
-    """Every table, column and index of the ledger is there (read from the catalog alone)."""
-    with engine.connect() as conn:
-        inspector = inspect(conn)
-        for table in metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                return False
-            columns = {c["name"] for c in inspector.get_columns(table.name)}
-            if any(column.name not in columns for column in table.columns):
-                return False
-            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
-            if any(index.name not in indexes for index in table.indexes):
-                return False
-    return True
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Add the columns an older ledger lacks. Only additive, nullable-or-defaulted columns are
-    ever added, so this is safe to run on every start."""
-    inspector = inspect(conn)
-    for table in (records, superseded_links):
-        existing = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
-            ddl += column.type.compile(dialect=conn.dialect)
-            if column.server_default is not None:
-                ddl += " NOT NULL DEFAULT 0"
-            conn.execute(text(ddl))
-            log.info("ledger: added column %s.%s", table.name, column.name)
-
-
-def _hash_old_states(conn: Connection) -> None:
-    """Fill in state_hash for the rows an older version wrote without it."""
-    for table in (records, superseded_links):
-        keys = list(table.primary_key.columns)
-        query = select(*keys, table.c.state).where(
-            table.c.state_hash.is_(None), table.c.state.is_not(None)
-        )
-        rows = [
-            {
-                **{f"k_{c.name}": row._mapping[c.name] for c in keys},
-                "digest": state_digest(row.state),
-            }
-            for row in conn.execute(query)
-        ]
-        if not rows:
-            continue
-        update = (
-            table.update()
-            .where(*[c == bindparam(f"k_{c.name}") for c in keys])
-            .values(state_hash=bindparam("digest"))
-        )
-        conn.execute(update, rows)
-        log.info("ledger: hashed %d state(s) of %s", len(rows), table.name)
+def _refuse_newer(engine: Engine, versions: tuple[str, ...]) -> None:
+    """InputError for a ledger at a revision this code does not know: a newer version of this
+    tool wrote it, and this one would corrupt it."""
+    if not versions:
+        return
+    if set(versions) <= known_revisions():
+        return
+    where = redact(engine.url.render_as_string(hide_password=False))
+    raise InputError(
+        f"the ledger at {where} was written by a newer version of this tool "
+        f"(schema {','.join(versions)}); upgrade this one"
+    )
 
 
 def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

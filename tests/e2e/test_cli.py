@@ -205,7 +205,14 @@ def test_run_against_emulator_in_another_process(
             "attempts",
             "error_code",
             "error_message",
+            "connection_id",
+            "connected_at",
+            "delivered_at",
+            "opened_at",
+            "last_sent_at",
+            "reminders",
         ]
+        assert all(r["delivered_at"] and not r["connection_id"] for r in rows)
         assert all(r["state"] and f"state={r['state']}" in r["url"] for r in rows)
         assert "e2e-key" not in first.stdout + first.stderr
         for r in rows:  # the console shows host and masked state, never the link itself

@@ -87,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
                 host=smtp.host, port=smtp.port, security="none", email_from="on@example.com"
             )
             client = VersoriClient(api="platform-v2", api_key=DEFAULT_API_KEY, base_url=emulator)
-            for n in (1, 2, 3):
+            for n in (1, 2, 3, 4):
                 tenant = Tenant(
                     tenant_id=f"t{n}", name=f"Tenant {n}", admin_email=f"admin{n}@example.com"
                 )
@@ -169,6 +169,8 @@ def test_from_the_email_to_connected(stack: Stack, browser: Any) -> None:
     assert opened.headers["referrer-policy"] == "no-referrer"
     expect(page.locator("h1")).to_have_text("Connect Tenant 1 to acme-crm")
     _shot(page, "link")
+    # The page's own script told the service a person has it open (a scanner's GET does not).
+    _wait_for(lambda: _status(stack, "t1") is Status.OPENED)
     page.click("button")
     expect(page).to_have_url(re.compile(re.escape(stack.emulator) + "/provider/authorize"))
     _shot(page, "consent")
@@ -185,10 +187,10 @@ def test_from_the_email_to_connected(stack: Stack, browser: Any) -> None:
     assert "onboarding.tenant.connected" in _events(stack, "t1", "onboarding.tenant.connected")
     assert "onboarding.tenant.opened" in _events(stack, "t1", "onboarding.tenant.opened")
 
-    # The same callback again (a reload, a replay): refused, nothing changes.
+    # The same callback again in this browser (a reload): connected, Versori not called again.
     replay = page.goto(callback)
-    assert replay is not None and replay.status == 409
-    expect(page.locator("h1")).to_have_text("This sign-in was already used")
+    assert replay is not None and replay.status == 200
+    expect(page.locator("h1")).to_have_text("Tenant 1 is connected to acme-crm")
     again = stack.ledger.get("t1", load_profile_id(stack))
     assert again is not None and again.connection_id == record.connection_id
     assert len(httpx.get(f"{stack.emulator}/_emulator/connections").json()["connections"]) == 1
@@ -240,6 +242,51 @@ def test_a_revoked_link(stack: Stack, browser: Any) -> None:
         [ONBOARD, "revoke", "--tenant", "t3"], env=stack.env, capture_output=True, timeout=60
     )
     assert again.returncode == 1
+
+
+def test_a_provider_url_handed_to_another_browser_connects_nothing(
+    stack: Stack, browser: Any
+) -> None:
+    """RFC 6749 10.12: the admin of tenant 4 presses its button, then hands the provider's
+    URL to a victim, whose own account would end up connected to tenant 4. The victim's
+    browser (another context: no cookie of the first) is sent back to a page that says to
+    start from the email; nothing is recorded and Versori is not called."""
+    from playwright.sync_api import expect
+
+    attacker = browser.new_context()
+    victim = browser.new_context()
+    try:
+        page = attacker.new_page()
+        page.goto(stack.links["t4"])
+        page.click("button")
+        expect(page).to_have_url(re.compile(re.escape(stack.emulator) + "/provider/authorize"))
+        handed = page.url
+        page.close()
+        tricked = victim.new_page()
+        tricked.goto(handed)
+        tricked.click("#allow")
+        expect(tricked).to_have_url(re.compile(re.escape(stack.base) + r"/callback\?"))
+        expect(tricked.locator("h1")).to_have_text("Please start again from your email")
+        _shot(tricked, "wrong-browser")
+        made = httpx.get(f"{stack.emulator}/_emulator/connections").json()["connections"]
+        assert [c for c in made if c["external_id"] == "t4"] == []
+        record = stack.ledger.get("t4", load_profile_id(stack))
+        assert record is not None and record.status is not Status.CONNECTED
+    finally:
+        attacker.close()
+        victim.close()
+
+
+def _status(stack: Stack, tenant: str) -> Status | None:
+    record = stack.ledger.get(tenant, load_profile_id(stack))
+    return record.status if record is not None else None
+
+
+def _wait_for(check: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def load_profile_id(stack: Stack) -> str:

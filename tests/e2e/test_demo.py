@@ -61,7 +61,10 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
 
     # Last, t001 connects through a durable link emailed to it, and the funnel is printed.
     assert "callback: 'Acme Corp is connected to acme-crm'" in done.stdout
-    assert "acme-crm: linked 1 → delivered 1 (100%) → opened 1 (100%) → connected 1" in done.stdout
+    assert (
+        "acme-crm: linked 1 → delivered 1 (100%) → opened 1 (100%) → started 1 (100%) → connected 1"
+        in done.stdout
+    )
     text = messages[48].get_body(preferencelist=("plain",))
     assert text is not None and "/c/" in str(text.get_content())
     record = ledger.get("t001", CRM)

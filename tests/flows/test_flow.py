@@ -74,7 +74,9 @@ def test_all_succeed_then_rerun_skips_everything(env: dict[str, Any], emulator: 
     assert summary["by_status"] == {"delivered": 12}
     # The summary shows the connector's funnel in the ledger.
     (funnel,) = summary["funnel"].values()
-    assert funnel.startswith("linked 12 → delivered 12 (100%) → opened 0 (0%) → connected 0")
+    assert funnel.startswith(
+        "linked 12 → delivered 12 (100%) → opened 0 (0%) → started 0 (0%) → connected 0"
+    )
     ledger = Ledger(env["db"])
     record = ledger.get("t001", summary["connector_id"])
     assert record is not None and record.status is Status.DELIVERED

@@ -227,9 +227,9 @@ def test_a_get_mints_nothing_and_counts_a_fetch_not_an_open(stage: Stage) -> Non
     assert stage.ledger.funnel()[stage.profile.target_id].fetched == 1
 
     page = stage.app.get(f"/c/{token}")
-    assert "<script>" in page.text and "script-src 'sha256-" in page.headers[
-        "Content-Security-Policy"
-    ]
+    assert (
+        "<script>" in page.text and "script-src 'sha256-" in page.headers["Content-Security-Policy"]
+    )
     csrf = _CSRF.search(page.text)
     assert csrf
     # What the page's script sends, once shown: a person.
@@ -268,14 +268,15 @@ def test_a_transient_versori_error_is_retried_inside_the_request(stage: Stage) -
 def test_unknown_and_revoked_tokens_get_the_same_404(stage: Stage) -> None:
     token = stage.tenant("t1")
     assert stage.ledger.revoke_connect_links("t1", stage.profile.target_id) == 1
-    revoked = stage.app.get(f"/c/{token}")
-    unknown = stage.app.get(f"/c/{'x' * 43}")
-    malformed = stage.app.get("/c/not*a*token")
+    same = {"X-Request-ID": "same-id-1234"}  # each page names its request: the same one here
+    revoked = stage.app.get(f"/c/{token}", headers=same)
+    unknown = stage.app.get(f"/c/{'x' * 43}", headers=same)
+    malformed = stage.app.get("/c/not*a*token", headers=same)
     assert revoked.status_code == unknown.status_code == malformed.status_code == 404
     assert revoked.text == unknown.text == malformed.text
     assert "This link is not valid" in revoked.text
     assert dict(revoked.headers) == dict(unknown.headers)
-    posted = stage.app.post(f"/c/{token}", data={"csrf": "x"})
+    posted = stage.app.post(f"/c/{token}", data={"csrf": "x"}, headers=same)
     assert posted.status_code == 404 and posted.text == unknown.text
     assert stage.record("t1").status is Status.DELIVERED, "a revoked link records nothing"
 

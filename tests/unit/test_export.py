@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from deployments.cli import app
 from onboarding.export import ExportFormat, private_file, write_records
 from onboarding.ledger import EXPORT_KEYS, Ledger
-from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, OTHER, fail, link
+from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, OTHER, fail, get, link
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,6 +35,12 @@ COLUMNS = [
     "attempts",
     "error_code",
     "error_message",
+    "connection_id",
+    "connected_at",
+    "delivered_at",
+    "opened_at",
+    "last_sent_at",
+    "reminders",
 ]
 
 
@@ -93,6 +99,12 @@ def test_csv_has_the_export_columns_and_one_row_per_tenant_and_connector(
         "attempts": "1",
         "error_code": "",
         "error_message": "",
+        "connection_id": "",
+        "connected_at": "",
+        "delivered_at": "",
+        "opened_at": "",
+        "last_sent_at": "",
+        "reminders": "0",
     }
 
 
@@ -119,7 +131,8 @@ def test_jsonl_is_one_object_a_line_with_typed_values_and_no_header(
     assert len(rows) == 5 and text.endswith("\n")
     assert all(list(r) == COLUMNS for r in rows)
     t1 = rows[0]
-    assert t1["attempts"] == 1, "a number, not text"
+    assert t1["attempts"] == 1 and t1["reminders"] == 0, "a number, not text"
+    assert t1["opened_at"] is None and t1["connection_id"] is None
     assert t1["status"] == "link_created"
     assert t1["created_at"] == NOW.isoformat()
     assert datetime.fromisoformat(str(t1["expires_at"])) == NOW + 72 * HOUR
@@ -153,6 +166,65 @@ def test_nothing_but_the_export_columns_leaves_the_ledger(two_connectors: Ledger
         text = exported(two_connectors, fmt)
         assert "admin@t1.example.com" not in text and "Tenant t1" not in text
         assert "zendesk-demo" not in text and "run-1" not in text
+
+
+@pytest.fixture
+def followed_up(ledger: Ledger) -> dict[str, str]:
+    """t1 delivered, reminded twice, its connect links opened (the second one first), then
+    connected; t2 delivered, its link issued but never opened. Every secret value written for
+    them that the export must not hold: the links' tokens, their hashes, their CSRF values, the
+    states' hashes."""
+    secrets: list[str] = []
+    for tenant_id in ("t1", "t2"):
+        link(ledger, tenant_id)
+        ledger.mark_delivered(tenant_id, CONNECTOR, channel="email", at=NOW + HOUR)
+        secrets.append(str(get(ledger, tenant_id).state_hash))
+    ledger.mark_reminded("t1", CONNECTOR, channel="email", at=NOW + 2 * HOUR)
+    ledger.mark_reminded("t1", CONNECTOR, channel="email", at=NOW + 3 * HOUR)
+    tokens = [
+        ledger.issue_connect_link(tenant_id, CONNECTOR, "profile.yaml", NOW + 99 * HOUR, now=NOW)
+        for tenant_id in ("t1", "t1", "t2")
+    ]
+    links = [ledger.find_connect_link(token) for token in tokens]
+    for connect_link, at in ((links[1], NOW + 4 * HOUR), (links[0], NOW + 5 * HOUR)):
+        assert connect_link is not None
+        ledger.note_link_opened(connect_link, at=at)
+        ledger.note_link_opened(connect_link, at=at + HOUR)
+    ledger.mark_connected("t1", CONNECTOR, connection_id="conn-t1", at=NOW + 6 * HOUR)
+    for token, connect_link in zip(tokens, links, strict=True):
+        assert connect_link is not None
+        secrets += [token, connect_link.token_hash, connect_link.csrf]
+    return {f"secret-{n}": value for n, value in enumerate(secrets)}
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+def test_a_connected_tenants_connection_and_its_follow_up_are_exported(
+    followed_up: dict[str, str], ledger: Ledger, fmt: ExportFormat
+) -> None:
+    text = exported(ledger, fmt)
+    rows = csv_rows(text) if fmt is ExportFormat.CSV else jsonl_rows(text)
+    t1, t2 = ({k: str(v) if v is not None else "" for k, v in row.items()} for row in rows)
+    assert {k: t1[k] for k in COLUMNS[-6:]} == {
+        "connection_id": "conn-t1",
+        "connected_at": (NOW + 6 * HOUR).isoformat(),
+        "delivered_at": (NOW + HOUR).isoformat(),
+        "opened_at": (NOW + 4 * HOUR).isoformat(),  # the first open of either link
+        "last_sent_at": (NOW + 3 * HOUR).isoformat(),
+        "reminders": "2",
+    }
+    assert t1["status"] == "connected"
+    assert {k: t2[k] for k in COLUMNS[-6:]} == {
+        "connection_id": "",
+        "connected_at": "",
+        "delivered_at": (NOW + HOUR).isoformat(),
+        "opened_at": "",  # its link was never opened
+        "last_sent_at": (NOW + HOUR).isoformat(),
+        "reminders": "0",
+    }
+    for name, secret in followed_up.items():
+        assert secret not in text, f"{name} ({len(secret)} characters) is in the export"
+    only_other = exported(ledger, fmt, OTHER)
+    assert only_other == ("" if fmt is ExportFormat.JSONL else ",".join(COLUMNS) + "\n")
 
 
 # --- the file ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import MetaData, create_engine, text
 
 from onboarding.ledger import Ledger, Status
 from tests.unit.test_ledger import NOW, get, link
@@ -141,15 +141,12 @@ def test_a_reissue_racing_a_callback_keeps_both(ledger_url: str) -> None:
 
 def test_six_ledgers_opened_at_once_on_an_empty_database_all_open(ledger_url: str) -> None:
     for trial in range(3):
-        if trial:  # back to an empty database
+        if trial:  # back to an empty database: every table, the schema version's too
             engine = create_engine(ledger_url)
             with engine.begin() as conn:
-                for table in (
-                    "onboarding_records",
-                    "onboarding_superseded_links",
-                    "onboarding_batch_chunks",
-                ):
-                    conn.execute(text(f"DROP TABLE {table}"))
+                tables = MetaData()
+                tables.reflect(conn)
+                tables.drop_all(conn)
             engine.dispose()
         start = threading.Barrier(6)
 
@@ -201,10 +198,11 @@ def test_opening_an_older_ledger_hashes_its_states(ledger_url: str) -> None:
     link(ledger, "t1", state="state-old-2", created_at=NOW + timedelta(hours=1))
     ledger.close()
     engine = create_engine(ledger_url)
-    with engine.begin() as conn:  # back to the older schema, rows kept
+    with engine.begin() as conn:  # back to the older, unversioned schema, rows kept
         for table in ("onboarding_records", "onboarding_superseded_links"):
             conn.execute(text(f"DROP INDEX IF EXISTS ix_{table}_state_hash"))
             conn.execute(text(f"ALTER TABLE {table} DROP COLUMN state_hash"))
+        conn.execute(text("DROP TABLE onboarding_schema_version"))  # from before versioning
     engine.dispose()
     reopened = Ledger(ledger_url)
     try:

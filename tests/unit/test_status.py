@@ -36,5 +36,8 @@ def test_status_prints_each_connectors_funnel(
     monkeypatch.setenv("ONBOARD_DB_URL", url)
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
-    assert "Funnel (linked → delivered → opened → connected):" in result.output
-    assert "crm: linked 4 → delivered 2 (50%) → opened 0 (0%) → connected 0" in result.output
+    assert "Funnel (linked → delivered → opened → started → connected):" in result.output
+    assert (
+        "crm: linked 4 → delivered 2 (50%) → opened 0 (0%) → started 0 (0%) → connected 0"
+        in result.output
+    )
