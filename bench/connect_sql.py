@@ -1,0 +1,153 @@
+"""How many SQL statements the connect service runs per click, request by request.
+
+    uv run python bench/connect_sql.py                     # this checkout, PostgreSQL
+    uv run python bench/connect_sql.py --clicks 50
+    cd ../other-checkout && uv run python /path/to/bench/connect_sql.py --project .
+
+In-process (the service's app under Starlette's TestClient, the emulator on a thread, a ledger
+in a fresh schema of the PostgreSQL at ONBOARD_BENCH_PG): each tenant's click is the link page
+(GET), the page's beacon when the page has one (POST /c/<token>/seen), the button (POST), the
+provider's consent, and the callback. A SQLAlchemy listener counts the statements each request
+sends to the ledger (BEGIN/COMMIT are not statements). `--project` measures another checkout
+of this project with this same script, so two versions are counted the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import uuid
+import warnings
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+PG = os.environ.get("ONBOARD_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--project", type=Path, default=Path(__file__).resolve().parent.parent)
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.project.resolve()))
+
+    import httpx
+    from sqlalchemy import create_engine, event, text
+    from sqlalchemy.engine import make_url
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from starlette.testclient import TestClient
+
+    from demo.connect_click import write_connect_profile
+    from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+    from onboarding.client import VersoriClient
+    from onboarding.clock import utcnow
+    from onboarding.connect.app import create_app
+    from onboarding.connect.service import ConnectService, issue_connect_link
+    from onboarding.ledger import Ledger
+    from onboarding.profile import load_profile
+
+    admin = create_engine(PG)
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(PG).update_query_dict({"options": f"-csearch_path={schema}"})
+    ledger = Ledger(url.render_as_string(hide_password=False))
+    counts: Counter[str] = Counter()
+    phase = ["setup"]
+
+    @event.listens_for(ledger.engine, "before_cursor_execute")
+    def count(*_: Any) -> None:
+        counts[phase[0]] += 1
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / schema
+    tmp.mkdir(parents=True)
+    try:
+        with EmulatorServer(EmulatorConfig()) as emulator:
+            path = write_connect_profile(
+                tmp / "p.yaml", emulator.base_url, "http://127.0.0.1:8800/callback"
+            )
+            profile = load_profile(path)
+
+            def client_for(api: str) -> VersoriClient:
+                return VersoriClient(
+                    api=api,  # type: ignore[arg-type]
+                    api_key=DEFAULT_API_KEY,
+                    base_url=emulator.base_url,
+                )
+
+            clients: dict[str, VersoriClient] = {}
+            service = ConnectService(
+                ledger,
+                client_for=lambda api: clients.setdefault(api, client_for(api)),
+                secure_cookies=False,
+            )
+            tokens = []
+            for n in range(args.clicks):
+                tenant = f"t{n}"
+                ledger.record_link(
+                    tenant_id=tenant,
+                    connector_id=profile.target_id,
+                    profile=profile.name,
+                    tenant_name=f"Tenant {n}",
+                    admin_email=f"{tenant}@example.com",
+                    url=f"https://batch.example/?state=batch-{tenant}",
+                    state=f"batch-{tenant}",
+                    created_at=utcnow(),
+                    expires_at=utcnow() + timedelta(hours=72),
+                    tenant_fields={},
+                )
+                ledger.mark_delivered(tenant, profile.target_id, channel="email")
+                tokens.append(issue_connect_link(ledger, tenant, profile, path))
+            for token in tokens:
+                app = TestClient(create_app(service), follow_redirects=False)
+                phase[0] = "link page (GET)"
+                page = app.get(f"/c/{token}")
+                csrf = _CSRF.search(page.text)
+                assert csrf, page.text
+                if "<script>" in page.text:
+                    phase[0] = "beacon (POST /seen)"
+                    app.post(f"/c/{token}/seen", data={"csrf": csrf.group(1)})
+                phase[0] = "button (POST)"
+                pressed = app.post(f"/c/{token}", data={"csrf": csrf.group(1)})
+                assert pressed.status_code == 303, pressed.text
+                authorize = httpx.URL(pressed.headers["location"])
+                phase[0] = "consent"
+                back = httpx.post(
+                    authorize.copy_with(query=None),
+                    data={
+                        "state": authorize.params["state"],
+                        "client_id": authorize.params["client_id"],
+                        "decision": "allow",
+                    },
+                )
+                phase[0] = "callback"
+                done = app.get(f"/callback?{httpx.URL(back.headers['location']).query.decode()}")
+                assert done.status_code in (200, 303), done.text
+            for client in clients.values():
+                client.close()
+    finally:
+        ledger.close()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    clicks = args.clicks
+    print(f"{args.project.resolve()}: {clicks} clicks, SQL statements per click")
+    total = 0.0
+    for name in ("link page (GET)", "beacon (POST /seen)", "button (POST)", "callback"):
+        if name in counts:
+            per = counts[name] / clicks
+            total += per
+            print(f"  {name:<22} {per:5.1f}")
+    print(f"  {'a click in all':<22} {total:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
