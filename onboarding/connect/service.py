@@ -87,6 +87,8 @@ LOOKUP_DEADLINE_SECONDS = 8.0
 # A claim younger than this may still have its CreateConnection in flight (in this process or
 # another replica, SIGTERM's grace included): it is left alone; an older one is resolved.
 CONNECTING_GRACE = timedelta(seconds=60)
+# A tenant in one of these is waiting for its admin: a press makes it `opened`.
+_WAITING = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
 # What `claimed_by` starts with once nothing is in flight for a claim any more.
 AWAITING_LOOKUP = "lookup:"
 
@@ -179,9 +181,6 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
-        settled = self._settle_tenant(record, profile)
-        if settled is not None:
-            return settled
         self.ledger.note_link_fetched(link, self._clock())
         authorize = profile.render(tenant_of(record).values).authorize_url
         return pages.link_page(
@@ -223,14 +222,7 @@ class ConnectService:
         if isinstance(found, Page):
             return found
         profile, record = found
-        settled = self._settle_tenant(record, profile)
-        if settled is not None:
-            return settled
-        if (record.status is not Status.OPENED or link.opened_count == 0) and (
-            self.ledger.note_link_opened(link, self._clock())
-        ):
-            # Pressing the button is a person (a browser that ran no script too).
-            self._event(record, profile, Status.OPENED)
+        # take_mint counts the press as an open too: a press is a person.
         if not self.ledger.take_mint(link, self.mints_per_hour, MINT_WINDOW, self._clock()):
             return pages.too_many_tries(_minutes_left(link, self._clock()))
         tenant = tenant_of(record)
@@ -246,8 +238,11 @@ class ConnectService:
                 url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host
             )
         except (OnboardingError, ValueError) as err:
+            if record.status in _WAITING:
+                self._event(record, profile, Status.OPENED)
             return self._mint_failed(record, err)
         created = self._clock()
+        bound = browser if browser and _plausible(browser) else secrets.token_urlsafe(32)
         self.ledger.record_minted_link(
             tenant_id=record.tenant_id,
             connector_id=record.connector_id,
@@ -255,16 +250,11 @@ class ConnectService:
             state=checked.state,
             created_at=created,
             expires_at=created + timedelta(hours=profile.link_ttl_hours),
-        )
-        bound = browser if browser and _plausible(browser) else secrets.token_urlsafe(32)
-        self.ledger.bind_state(
-            checked.state,
-            tenant_id=record.tenant_id,
-            connector_id=record.connector_id,
             link_hash=link.token_hash,
             browser_hash=_digest(bound),
-            at=created,
         )
+        if record.status is not Status.OPENED:
+            self._event(record, profile, Status.OPENED)
         log.info(
             "tenant %s: new state %s for %s", record.tenant_id, checked.masked_state, profile.name
         )
@@ -602,8 +592,10 @@ class ConnectService:
 
     def _context(self, link: ConnectLink) -> tuple[ConnectorProfile, Record] | Page:
         """The link's profile and its tenant's record; or the page that ends the request there
-        (no record, the profile unreadable, the tenant connected already)."""
-        record = self.ledger.get(link.tenant_id, link.connector_id)
+        (no record, the profile unreadable, the tenant connected already, a claim of its still
+        in flight). A claim a crash left is resolved first, so that a connection Versori made
+        is never made twice."""
+        record, unfinished = self.ledger.get_for_link(link.tenant_id, link.connector_id)
         if record is None:
             return pages.invalid_link()
         profile = self._profile(link.profile_path, link.connector_id)
@@ -611,6 +603,10 @@ class ConnectService:
             return pages.try_again_later()
         if record.status is Status.CONNECTED:
             return pages.already_connected(record.tenant_name, profile.name)
+        if unfinished:
+            settled = self._settle_tenant(record, profile)
+            if settled is not None:
+                return settled
         return profile, record
 
     def _profile_of_record(

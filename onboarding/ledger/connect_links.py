@@ -286,8 +286,9 @@ class ConnectLinks:
         self, link: ConnectLink, limit: int, window: timedelta, at: datetime | None = None
     ) -> bool:
         """Count one mint against the link's limit (`limit` in a fixed `window` that starts
-        with its first mint); False, and nothing counted, past it. One conditional UPDATE: two
-        replicas pressing the same link's button at once never mint past the limit."""
+        with its first mint), and the press as an open; False, and nothing counted, past it.
+        One conditional UPDATE: two replicas pressing the same link's button at once never
+        mint past the limit."""
         when = utc(at or utcnow())
         fresh = or_(
             connect_links.c.mint_window_at.is_(None),
@@ -305,6 +306,10 @@ class ConnectLinks:
                     mint_count=case((fresh, 1), else_=connect_links.c.mint_count + 1),
                     mint_window_at=case((fresh, when), else_=connect_links.c.mint_window_at),
                     minted_at=when,
+                    # A press is a person: it counts as an open (a browser that ran no script).
+                    opened_count=connect_links.c.opened_count + 1,
+                    opened_last_at=when,
+                    opened_first_at=func.coalesce(connect_links.c.opened_first_at, when),
                 )
             )
         return bool(done.rowcount)
@@ -319,10 +324,14 @@ class ConnectLinks:
         state: str,
         created_at: datetime,
         expires_at: datetime,
+        link_hash: str | None = None,
+        browser_hash: str | None = None,
     ) -> bool:
         """The state a connect link's button just made: it becomes the tenant's current one
         (status `opened`), and the state it replaces goes to the history, as a re-issue does.
         Unlike record_link, what the tenant was sent (delivered_at, channel, reminders) stays.
+        With `link_hash`, in the same transaction, the state is bound to the link that minted
+        it and the browser that pressed it (`browser_hash`, see connect_states.py).
         False, and the new state put straight in the history, when the tenant is connected."""
         supersede, _ = self._link_sql
         created, updated = utc(created_at), utcnow()
@@ -358,21 +367,47 @@ class ConnectLinks:
                     updated_at=updated,
                 )
             )
+            if link_hash is not None:
+                conn.execute(
+                    self._insert(connect_states)
+                    .values(
+                        state_hash=digest,
+                        tenant_id=tenant_id,
+                        connector_id=connector_id,
+                        link_hash=link_hash,
+                        browser_hash=browser_hash,
+                        minted_at=created,
+                    )
+                    .on_conflict_do_nothing()
+                )
         return bool(done.rowcount)
 
     @reconnecting
     def note_connect_error(
         self, tenant_id: str, connector_id: str, code: str, message: str
     ) -> None:
-        """A failure of the service for this tenant (a mint or CreateConnection that did not
-        go through): kept as the row's last error; its status stays (the link still works)."""
+        """The button pressed, but no new state could be made (Versori failing, a URL failing
+        the checks): kept as the row's last error; a tenant waiting for the admin becomes
+        `opened` (a person pressed it), any other status stays (the link still works)."""
+        waiting = [
+            s.value
+            for s in (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
+        ]
         with self.engine.begin() as conn:
             conn.execute(
                 records.update()
                 .where(
                     *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
                 )
-                .values(error_code=code[:100], error_message=message, updated_at=utcnow())
+                .values(
+                    status=case(
+                        (records.c.status.in_(waiting), Status.OPENED.value),
+                        else_=records.c.status,
+                    ),
+                    error_code=code[:100],
+                    error_message=message,
+                    updated_at=utcnow(),
+                )
             )
 
     @reconnecting
@@ -388,34 +423,6 @@ class ConnectLinks:
                 connect_links.update().where(*where).values(revoked_at=utc(at or utcnow()))
             )
         return int(done.rowcount or 0)
-
-    @reconnecting
-    def claim_callback(self, state: str, tenant_id: str, connector_id: str) -> bool:
-        """Claim a callback's state before CreateConnection is called with its code: True for
-        the first claim, False for any later one (a replay, a double submit, another replica)."""
-        stmt = (
-            self._insert(callback_states)
-            .values(
-                state_hash=state_digest(state),
-                tenant_id=tenant_id,
-                connector_id=connector_id,
-                claimed_at=utcnow(),
-            )
-            .on_conflict_do_nothing()
-            # RETURNING, not rowcount: psycopg's rowcount for an INSERT that did nothing on a
-            # conflict read 1 here (the race test saw 16 winners of one claim).
-            .returning(callback_states.c.state_hash)
-        )
-        with self.engine.begin() as conn:
-            return conn.execute(stmt).first() is not None
-
-    @reconnecting
-    def callback_claimed(self, state: str) -> bool:
-        query = select(callback_states.c.state_hash).where(
-            callback_states.c.state_hash == state_digest(state)
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(query).first() is not None
 
     @reconnecting
     def record_declined(

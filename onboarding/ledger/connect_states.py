@@ -2,10 +2,10 @@
 between the provider's answer and Versori's connection, where a failure must neither lose the
 connection nor make a second one.
 
-A state is written when the link's button mints it (`bind_state`: the link it came from, and
-the sha256 of the browser's binding cookie), claimed when its callback arrives (`claim_state`:
-the row is `connecting` from then, with the time and the process), and finished once Versori's
-answer is known (`finish_state`: connected with the connection's id, or not). A claimed row
+A state is written when the link's button mints it (`record_minted_link`, with the link it came
+from and the sha256 of the browser's binding cookie), claimed when its callback arrives
+(`claim_state`: the row is `connecting` from then, with the time and the process), and finished
+once Versori's answer is known (`finish_state`: connected with the connection's id, or not). A claimed row
 that was never finished (a crash, a SIGTERM past its grace, a ledger outage) is found by
 `unfinished_states` and resolved by asking Versori, not by guessing.
 
@@ -61,6 +61,13 @@ class ConnectState:
         return cls(**aware_values(row))
 
 
+class _Row:
+    """A row's values, as Record.from_row reads them."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
+
 class ConnectStates:
     """The ledger's reads and writes of connect states (mixed into Ledger)."""
 
@@ -75,31 +82,25 @@ class ConnectStates:
         return select(connect_states, revoked.label("link_revoked"))
 
     @reconnecting
-    def bind_state(
-        self,
-        state: str,
-        *,
-        tenant_id: str,
-        connector_id: str,
-        link_hash: str,
-        browser_hash: str,
-        at: datetime | None = None,
-    ) -> None:
-        """The state a link's button just minted, bound to the browser that pressed it."""
-        stmt = (
-            self._insert(connect_states)
-            .values(
-                state_hash=state_digest(state),
-                tenant_id=tenant_id,
-                connector_id=connector_id,
-                link_hash=link_hash,
-                browser_hash=browser_hash,
-                minted_at=utc(at or utcnow()),
-            )
-            .on_conflict_do_nothing()
+    def get_for_link(self, tenant_id: str, connector_id: str) -> tuple[Record | None, bool]:
+        """The tenant's record, and whether it has a claim not finished (a callback in
+        flight, or one a crash left): one statement, what every link page and button reads."""
+        unfinished = exists().where(
+            connect_states.c.tenant_id == tenant_id,
+            connect_states.c.connector_id == connector_id,
+            connect_states.c.claimed_at.is_not(None),
+            connect_states.c.finished_at.is_(None),
         )
-        with self.engine.begin() as conn:
-            conn.execute(stmt)
+        query = select(records, unfinished.label("unfinished")).where(
+            *tenant_row(tenant_id, connector_id)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None, False
+        values = dict(row._mapping)
+        flag = bool(values.pop("unfinished"))
+        return Record.from_row(_Row(values)), flag
 
     @reconnecting
     def find_state(self, state: str) -> ConnectState | None:
