@@ -18,9 +18,22 @@ from onboarding.errors import OnboardingError
 class _DropRoutineTaskRunLogs(logging.Filter):
     """Drops the one INFO line per successful task run; retries and failures still log, a
     failure of our own (an OnboardingError, its tenants already logged one line each with
-    their reason) without Prefect's traceback: a line, not thirty."""
+    their reason) without Prefect's traceback: a line, not thirty.
+
+    Only the task runs of the flow run that entered the block (`flow_run_id`, which Prefect's
+    task run logger puts on each record): the logger is the process's, and another flow run in
+    this process (a test's, a served deployment's) keeps its lines."""
+
+    def __init__(self, flow_run_id: str | None) -> None:
+        super().__init__()
+        self.flow_run_id = flow_run_id
 
     def filter(self, record: logging.LogRecord) -> bool:
+        ours = self.flow_run_id is None or str(getattr(record, "flow_run_id", "")) == (
+            self.flow_run_id
+        )
+        if not ours:
+            return True
         if record.levelno == logging.INFO and str(record.msg).startswith(
             "Finished in state Completed"
         ):
@@ -35,8 +48,12 @@ class _DropRoutineTaskRunLogs(logging.Filter):
 def quiet_routine_task_logs() -> Iterator[None]:
     """In a batch of thousands, that line costs CPU per tenant and buries the progress lines;
     the UI shows each task run's state without it."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context is not None else None
     logger = logging.getLogger("prefect.task_runs")
-    routine = _DropRoutineTaskRunLogs()
+    routine = _DropRoutineTaskRunLogs(str(flow_run.id) if flow_run is not None else None)
     logger.addFilter(routine)
     try:
         yield

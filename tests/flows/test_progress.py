@@ -268,3 +268,19 @@ def test_in_a_flow_run_our_own_failure_is_one_line_and_any_other_keeps_its_trace
     theirs_line = next(r for r in failed if "ValueError" in r.getMessage())
     assert ours_line.exc_info is None and "the connector said no" in ours_line.getMessage()
     assert theirs_line.exc_info is not None, "a bug of ours keeps its traceback"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_quiet_block_drops_only_its_own_flow_runs_lines(task_run_logs: Kept) -> None:
+    """The logger is the process's: a routine line of another flow run in this process (a
+    test's, a served deployment's) is kept while a batch is inside its quiet block."""
+    logger = logging.getLogger("prefect.task_runs")
+
+    @flow(name="test-quiet-scope", persist_result=False)
+    def batch() -> None:
+        with quiet_routine_task_logs():
+            logger.info("Finished in state Completed()", extra={"flow_run_id": "another"})
+
+    assert batch(return_state=True).is_completed()
+    kept = [r for r in task_run_logs.records if getattr(r, "flow_run_id", "") == "another"]
+    assert [r.getMessage() for r in kept] == ["Finished in state Completed()"]
