@@ -227,11 +227,17 @@ def _fetch(
         tmp, path = download(str(location), source, InputSettings())
         return source, path, tmp
     path = resolve_under(Path(location), root, source, "roster")
-    if not path.exists():
+    try:
+        exists, folder, regular = path.exists(), path.is_dir(), path.is_file()
+    except OSError as err:  # a name too long for the file system, a path it refuses
+        raise InputError(
+            f"{source}: cannot be read as a roster file ({err.strerror or type(err).__name__})"
+        ) from None
+    if not exists:
         raise InputError(f"{source}: roster file not found{where}")
-    if path.is_dir():
+    if folder:
         raise InputError(f"{source}: is a folder; give the roster file")
-    if not path.is_file():
+    if not regular:
         raise InputError(f"{source}: not a regular file; give the roster file")
     return source, path, None
 

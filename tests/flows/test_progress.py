@@ -178,9 +178,15 @@ def task_run_logs() -> Iterator[Kept]:
     logger = logging.getLogger("prefect.task_runs")
     kept = Kept()
     logger.addHandler(kept)
+    # `onboard run` sets this logger to WARNING for its console (deployments/cli.py); a test
+    # that ran the CLI in this process (CliRunner) left it so, and the INFO lines these tests
+    # count never reached the handler (a failure now and then under xdist, by test order).
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     try:
         yield kept
     finally:
+        logger.setLevel(level)
         logger.removeHandler(kept)
 
 

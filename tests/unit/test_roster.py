@@ -733,3 +733,10 @@ def test_runs_started_through_a_deployment_read_only_under_the_files_root(
     assert root == tmp_path / "rosters"
     with pytest.raises(InputError, match="outside the folder runs may read"):
         load_roster("/etc/passwd.csv", root=root)
+
+
+def test_a_roster_name_too_long_for_the_file_system_is_an_input_error(tmp_path: Path) -> None:
+    """Found by tests/unit/test_fuzz_inputs.py: `9` * 5000 + `://` reached os.stat and came out
+    as OSError (File name too long) instead of a clear input error."""
+    with pytest.raises(InputError, match="cannot be read as a roster file"):
+        load_roster(str(tmp_path / ("9" * 5000)))
