@@ -84,7 +84,7 @@ def demo_command(
             f"  counts     ONBOARD_DB_URL={stage.ledger_url} uv run onboard status\n"
             f"  links      ONBOARD_DB_URL={stage.ledger_url} uv run onboard export --format csv\n"
             "  your data  uv run onboard emulator and uv run onboard smtp-sink, then `onboard "
-            "run` in a third shell (README)",
+            "run` in a third shell (docs/your-roster.md)",
             highlight=False,
             soft_wrap=True,
         )

@@ -164,7 +164,18 @@ def deliver_connect_link(
         expires = now + timedelta(days=profile.connect_link_days)
         message = build_message(
             tenant=tenant,
-            links=[MailLink(profile.name, profile.target_id, link, checked.state, expires)],
+            links=[
+                MailLink(
+                    profile.name,
+                    profile.target_id,
+                    link,
+                    checked.state,
+                    expires,
+                    display_name=profile.display_name,
+                    access=tuple(profile.access),
+                    brand=profile.brand,
+                )
+            ],
             email_from=mailer.email_from,
             templates=templates,
         )

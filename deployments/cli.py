@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from contextlib import closing, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -71,9 +73,48 @@ def _prefect_defaults() -> None:
 
 
 def _quiet_task_logs(verbose: bool) -> None:
-    # One INFO line per task run drowns the progress lines in a batch of thousands.
-    if not verbose:
-        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    """One INFO line per task run drowns the progress lines in a batch of thousands; and each
+    tenant's failure, which the command prints at its end grouped by error, is left out of
+    the console (not of the run's logs on the Prefect server). --verbose shows them all."""
+    if verbose:
+        return
+    import prefect  # noqa: F401  # its logging set up, console handler included
+
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(_SaidAtTheEnd())
+
+
+class _SaidAtTheEnd(logging.Filter):
+    """Leaves out of the console the lines `onboard run` says again at its end, once: each
+    tenant's failure (the slice task's warning; Prefect's "Task run failed with" and
+    "Finished in state Failed" lines for an error of ours) and the batch's stop. A failure
+    that is not one of ours (a bug, a crash) stays, traceback and all."""
+
+    _FAILED = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+):")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "onboarding_stop", False):
+            return False
+        if not record.name.startswith("prefect.task_runs") or record.levelno < logging.WARNING:
+            return True
+        if record.msg == "%s %s failed%s: %s: %s":  # tasks/slice_tasks.py, one per tenant
+            return False
+        from onboarding.errors import OnboardingError
+
+        if record.exc_info and isinstance(record.exc_info[1], OnboardingError):
+            return False
+        failed = self._FAILED.match(record.getMessage())
+        return not (failed and failed.group(1) in _names_of(OnboardingError))
+
+
+def _names_of(cls: type[Exception]) -> set[str]:
+    """The names of `cls` and every subclass of it loaded so far."""
+    names = {cls.__name__}
+    for sub in cls.__subclasses__():
+        names |= _names_of(sub)
+    return names
 
 
 def _check_run_inputs(
@@ -184,23 +225,15 @@ def _interrupted_counts(seen: Counter[str | None], total: int) -> str:
 
 
 def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
-    rows = sorted(summary["outcomes"], key=lambda r: r["tenant_id"])
-    if not everything:
-        rows = [r for r in rows if r["status"] == "failed"]
+    """A run's outcome: every tenant in a table (`everything`: a dry run, reminders, the
+    demo), else its failures grouped by error, one line a group; then the counts."""
+    names: dict[str, str] = summary.get("connector_names", {})
     campaign = bool(summary.get("by_connector"))
-    if rows:
-        table = Table(title="Tenants" if everything else "Failed tenants")
-        columns = ["tenant", "connector", "status", "link host", "state", "error"]
-        for column in columns if campaign else [c for c in columns if c != "connector"]:
-            # Only the error wraps: ids and hosts are copied, so each stays whole on one line.
-            table.add_column(column, no_wrap=column != "error")
-        for r in rows:
-            style = "red" if r["status"] == "failed" else ""
-            error = r["error_message"] or r["error_code"]
-            cells = [r["tenant_id"], r.get("connector", ""), r["status"], r["link_host"]]
-            cells = cells if campaign else [cells[0], *cells[2:]]
-            table.add_row(*cells, r["masked_state"], error, style=style)
-        out.print(table)
+    if everything:
+        _print_table(sorted(summary["outcomes"], key=lambda r: r["tenant_id"]), campaign, names)
+    else:
+        for line in _failure_lines(summary):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
     if summary.get("outcomes_left_out"):
         out.print(
             f"…and {summary['outcomes_left_out']} more tenant(s) not listed here: "
@@ -208,14 +241,15 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
         )
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
     out.print(
-        f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: {counts}",
+        f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: "
+        f"{counts or 'nothing to do'}",
         highlight=False,
     )
     for why, n in summary.get("skipped_why", {}).items():
         out.print(f"  {n} skipped: {why}", highlight=False)
     for name, by_status in summary.get("by_connector", {}).items():
         counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
-        out.print(f"  {name}: {counts}", highlight=False)
+        out.print(f"  {_named(name, names)}: {counts}", highlight=False)
     if summary.get("coverage"):
         c = summary["coverage"]
         out.print(
@@ -223,6 +257,101 @@ def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
             f"{c['partly']} to some, {c['none']} to none.",
             highlight=False,
         )
+
+
+def _print_table(rows: list[dict[str, str]], campaign: bool, names: dict[str, str]) -> None:
+    if not rows:
+        return
+    table = Table(title="Tenants")
+    columns = ["tenant", "connector", "status", "link host", "state", "error"]
+    for column in columns if campaign else [c for c in columns if c != "connector"]:
+        # Only the error wraps: ids and hosts are copied, so each stays whole on one line.
+        table.add_column(column, no_wrap=column != "error")
+    for r in rows:
+        style = "red" if r["status"] == "failed" else ""
+        error = r["error_message"] or r["error_code"]
+        connector = _named(r.get("connector", ""), names)
+        cells = [r["tenant_id"], connector, r["status"], r["link_host"]]
+        cells = cells if campaign else [cells[0], *cells[2:]]
+        table.add_row(*cells, r["masked_state"], error, style=style)
+    out.print(table)
+
+
+# Tenant ids a failure line shows, at most.
+SHOWN_IDS = 5
+
+
+def _failure_lines(summary: dict[str, Any]) -> list[str]:
+    """The failed tenants grouped by error, one line a group (its connector named in a
+    campaign), largest first. A connector that stopped the batch is one line: the tenants
+    that got the error that stopped it, and those not called after it."""
+    names: dict[str, str] = summary.get("connector_names", {})
+    stops: dict[str, dict[str, str]] = summary.get("stopped", {})
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    answered: dict[str, tuple[str, list[str]]] = {}  # a stopped connector's: message, ids
+    not_called: dict[str, list[str]] = {}
+    for r in summary["outcomes"]:
+        if r["status"] != "failed":
+            continue
+        connector = r.get("connector", "")
+        # A run of one connector names none in its rows: its stop is the only one.
+        stop = stops.get(connector) or (next(iter(stops.values()), None) if not connector else None)
+        said = r["error_message"] or r["error_code"]
+        if stop is not None and r["error_code"] == "not_attempted":
+            not_called.setdefault(connector, []).append(r["tenant_id"])
+        elif stop is not None and r["error_code"] == stop["error_code"]:
+            answered.setdefault(connector, (said, []))[1].append(r["tenant_id"])
+        else:
+            groups.setdefault((connector, r["error_code"], said), []).append(r["tenant_id"])
+    lines = []
+    for connector in dict.fromkeys([*answered, *not_called]):
+        stop = stops.get(connector) or next(iter(stops.values()))
+        message, ids = answered.get(connector, ("", []))
+        untried = not_called.get(connector, [])
+        parts = [f"{len(ids)} answered {message} ({_ids(ids)})"] if ids else []
+        parts += [f"{len(untried)} not called after that"] if untried else []
+        where = f"{_named(connector, names)}: " if connector else ""
+        total = _tenants(len(ids) + len(untried))
+        lines.append(f"{where}{total} failed because {stop['cause']}: " + ", ".join(parts))
+    for (connector, code, message), ids in sorted(groups.items(), key=lambda g: -len(g[1])):
+        where = f"{_named(connector, names)}: " if connector else ""
+        said = message if code in message else f"{code}: {message}"
+        lines.append(f"{where}{_tenants(len(ids))} failed: {said} ({_ids(ids)})")
+    return lines
+
+
+def _ids(ids: list[str]) -> str:
+    more = f", +{len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
+    return ", ".join(ids[:SHOWN_IDS]) + more
+
+
+def _tenants(n: int) -> str:
+    return f"{n} tenant" if n == 1 else f"{n} tenants"
+
+
+def _what_next(summary: dict[str, Any]) -> str:
+    """The closing line of a run with failures: what stopped it and what to fix, or whether
+    the next run can be expected to do better by itself."""
+    failed = summary["failed"]
+    stops = summary.get("stopped", {})
+    if stops:
+        names = summary.get("connector_names", {})
+        campaign = len(names) > 1
+        reasons = "; ".join(
+            (f"{_named(name, names)}: " if campaign else "") + stop["reason"]
+            for name, stop in stops.items()
+        )
+        return (
+            f"The batch stopped: {reasons}. Fix that, then run the same command again to retry "
+            f"the {failed} failed tenant(s); until it is fixed, a run fails them the same way."
+        )
+    lasting = summary.get("failed_not_transient", 0)
+    if lasting:
+        return (
+            f"The next `onboard run` tries the failed tenants again, but {lasting} of them "
+            "failed for a reason a retry alone does not change: fix what their error says first."
+        )
+    return "The next `onboard run` retries the failed tenants."
 
 
 # Long for its options: each is declared with its help, as typer shows it in `onboard run --help`.
@@ -306,7 +435,7 @@ def run(
         raise typer.Exit(EXIT_SOME_FAILED)
     _print_outcomes(summary, everything=dry_run)
     if summary["failed"]:
-        out.print("The next `onboard run` retries the failed tenants.")
+        out.print(_what_next(summary), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
@@ -330,10 +459,13 @@ def remind(
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every task run.")] = False,
 ) -> None:
     """Re-send links to admins who have not connected, re-issuing links past their time.
-    Exit 0: all reminders sent; 1: some failed; 2: bad input."""
+    Exit 0: all reminders sent, or none due; 1: some failed; 2: bad input, or no ledger."""
+    deliver = Delivery.STORE if dry_run else Delivery.EMAIL
+    if _nothing_to_remind(profile, deliver, dry_run, after_hours, max_reminders):
+        return
     from flows.remind_tenants import remind_tenants
 
-    _check_run_inputs(None, profile, None, dry_run, Delivery.STORE if dry_run else Delivery.EMAIL)
+    _check_run_inputs(None, profile, None, dry_run, deliver)
     _quiet_task_logs(verbose)
     summary = _summary_of_run(
         remind_tenants,
@@ -348,8 +480,101 @@ def remind(
     _print_outcomes(summary, everything=True)
     if summary.get("expired"):
         out.print(f"{summary['expired']} link(s) past their time were marked expired.")
+    if summary.get("stopped"):  # a refused key: what to fix, once
+        out.print(_what_next(summary), highlight=False, markup=False, soft_wrap=True)
     if summary["failed"]:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _nothing_to_remind(
+    profiles: list[str], deliver: Delivery, dry_run: bool, after_hours: float, max_reminders: int
+) -> bool:
+    """True, having said so and naming the ledger, when no tenant of these profiles is due a
+    reminder and no link is past its time (which a reminder run would mark expired): asked of
+    the ledger before Prefect is imported or its temporary server started. The inputs are
+    checked first, as the run checks them (bad input exits 2)."""
+    from onboarding.db_url import redact
+    from onboarding.ledger import Ledger
+    from onboarding.run_inputs import RunRequest, check_run
+
+    url = _ledger_url_to_read()
+    request = RunRequest(tuple(profiles), deliver=deliver, dry_run=dry_run, reminders=True)
+    connectors = check_run(request).profiles
+    ids = [p.target_id for p in connectors]
+    now = utcnow()
+    sent_before = now - timedelta(hours=after_hours)
+    with closing(Ledger(url)) as ledger:
+        due = sum(
+            ledger.count_due_for_reminder(i, sent_before=sent_before, max_reminders=max_reminders)
+            for i in ids
+        )
+        if due or ledger.count_past_expiry(ids, now):
+            return False
+        held = sum(ledger.counts_by_status(ids).values())
+        anything = held or bool(ledger.connector_profiles())
+    where = f"the ledger {redact(url)}"
+    label = " + ".join(_connector_label(p.name, p.display_name) for p in connectors)
+    if not anything:
+        said = f"Nothing to remind: {where} holds no records yet (`onboard run` makes them)."
+    elif not held:
+        said = f"Nothing to remind: {where} holds no records of {label}."
+    else:
+        said = (
+            f"Nothing to remind in {where}: of its {held} record(s) of {label}, none was "
+            f"emailed more than {after_hours:g} h ago without connecting (with fewer than "
+            f"{max_reminders} reminders), and no link is past its time."
+        )
+    out.print(said, highlight=False, markup=False, soft_wrap=True)
+    return True
+
+
+def _named(name: str, names: dict[str, str]) -> str:
+    """A connector of a run's summary (by its profile's name) as people read it, with its
+    display name from the summary's `connector_names`."""
+    return _connector_label(name, names.get(name, ""))
+
+
+def _connector_label(name: str, display_name: str) -> str:
+    """'acme-crm (Acme CRM)': the name the ledger and files use, and the one people read."""
+    return name if not display_name or display_name == name else f"{name} ({display_name})"
+
+
+def _ledger_url_to_read() -> str:
+    """ONBOARD_DB_URL, when a ledger is there. A SQLite file that does not exist is not
+    created: the command says where it looked and exits 2 (a wrong folder, or a wrong or
+    unset ONBOARD_DB_URL, is what a run that reads an empty ledger would hide)."""
+    from onboarding.settings import LedgerSettings
+
+    url = LedgerSettings().db_url
+    missing = _missing_sqlite_file(url)
+    if missing is not None:
+        err.print(
+            f"No ledger at {missing}: run `onboard run` first (or set ONBOARD_DB_URL).",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return url
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file `url` names when there is no such file; None for
+    any other URL (an unusable one is named by the ledger's own error)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    path = os.path.abspath(database)
+    return None if os.path.exists(path) else path
 
 
 @app.command("mark-connected")
@@ -373,11 +598,10 @@ def mark_connected(
     from onboarding.connection import record_connection
     from onboarding.errors import OnboardingError
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
 
     if state == "-":
         state = sys.stdin.readline()
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(_ledger_url_to_read())) as ledger:
         try:
             record = record_connection(ledger, state.strip(), connection_id)
         except InputError:
@@ -433,8 +657,9 @@ else:
 
 @app.command()
 def serve() -> None:
-    """Serve every deployment of prefect.yaml from this process (schedules included) against
-    the Prefect API in PREFECT_API_URL. Stop with Ctrl-C."""
+    """Serve every deployment of prefect.yaml from this process against the Prefect API in
+    PREFECT_API_URL, with their schedules as prefect.yaml declares them (every one shipped
+    off; it lists them and says how to turn one on). Stop with Ctrl-C."""
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -527,14 +752,16 @@ def status(
     several, also how many tenants are connected to all of them, to some, to none."""
     from onboarding.db_url import redact
     from onboarding.ledger import Ledger, funnel_lines
-    from onboarding.settings import LedgerSettings
 
     names: dict[str, str] = {}
     if profile:  # imported only then: profiles need pydantic's models and YAML
         from onboarding.profile import load_profile
 
-        names = {p.target_id: p.display_name for p in map(load_profile, profile)}
-    ledger = Ledger(LedgerSettings().db_url)
+        names = {
+            p.target_id: _connector_label(p.name, p.display_name)
+            for p in map(load_profile, profile)
+        }
+    ledger = Ledger(_ledger_url_to_read())
     # Redacted: the URL may hold a password, in its user part or its query.
     where = f"Ledger {redact(ledger.url)}"
     recorded = ledger.connector_profiles()
@@ -542,6 +769,8 @@ def status(
     if not ids:
         out.print(f"{where} holds no records yet.", highlight=False, soft_wrap=True)
         return
+    # Each connector by the name people read (the profile's display_name with --profile,
+    # else the profile's name the ledger keeps), its id beside it.
     labels = {i: names.get(i) or recorded.get(i) or i for i in ids}
     out.print(f"{where}:", highlight=False, soft_wrap=True)
     out.print(_status_table(ledger, labels))
@@ -568,8 +797,8 @@ def _status_table(ledger: Ledger, labels: dict[str, str]) -> Table:
     statuses = sorted({s for counts in per_connector for s in counts})
     table = Table()
     table.add_column("status")
-    for label in labels.values():
-        table.add_column(label if len(labels) > 1 else "tenants", justify="right")
+    for cid, label in labels.items():
+        table.add_column(label if label == cid else f"{label}\n{cid}", justify="right")
     for name in statuses:
         table.add_row(name, *(str(counts.get(name, 0)) for counts in per_connector))
     table.add_row("[bold]total[/]", *(f"[bold]{sum(c.values())}[/]" for c in per_connector))
@@ -588,9 +817,8 @@ def export(
     output as a secret."""
     from onboarding.export import private_file, write_records
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
 
-    ledger = Ledger(LedgerSettings().db_url)
+    ledger = Ledger(_ledger_url_to_read())
     with private_file(output) if output else nullcontext(sys.stdout) as stream:
         n = write_records(ledger, stream, format, connector)
     if output:

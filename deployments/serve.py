@@ -75,6 +75,33 @@ def deployments_from_yaml(config: dict[str, Any]) -> list[RunnerDeployment]:
     ]
 
 
+def schedule_lines(deployments: list[RunnerDeployment]) -> list[str]:
+    """What `onboard serve` says of the schedules it applies: each deployment that has one,
+    whether it is on, what a scheduled run works on, and, when one is off, how to turn it on
+    (prefect.yaml ships every one off)."""
+    lines, off = [], False
+    for d in deployments:
+        for s in d.schedules or []:
+            cron, zone = (
+                getattr(s.schedule, "cron", s.schedule),
+                getattr(s.schedule, "timezone", ""),
+            )
+            off = off or not s.active
+            params = (d.parameters or {}).items()
+            about = ", ".join(f"{k} {v}" for k, v in params if k in ("profile", "roster"))
+            lines.append(
+                f"  {d.flow_name}/{d.name}: {cron}{f' {zone}' if zone else ''}, "
+                f"{'ON' if s.active else 'off'}" + (f" ({about})" if about else "")
+            )
+    if not lines:
+        return ["No deployment has a schedule."]
+    how = (
+        "To turn one on: point its parameters (profile, roster) at your own in prefect.yaml, set "
+        "`active: true` under its schedule, and start `onboard serve` again."
+    )
+    return ["Schedules (from prefect.yaml):", *lines, *([how] if off else [])]
+
+
 def serve_all() -> None:
     """Blocks until asked to stop (SIGTERM or Ctrl-C; see `BoundedStopRunner`). Runs from the
     project folder, where the relative paths in the deployments' parameters point, as a
@@ -97,7 +124,8 @@ def serve_all() -> None:
         f"Serving {len(deployments)} deployment(s) and polling for their runs: {names}.\n"
         "Start one with `prefect deployment run NAME`"
         + (f" or from the Prefect UI ({ui}/deployments)" if ui else "")
-        + "; stop with Ctrl-C or SIGTERM.",
+        + "; stop with Ctrl-C or SIGTERM.\n"
+        + "\n".join(schedule_lines(deployments)),
         flush=True,
     )
     # Ctrl-C stops as SIGTERM does (asyncio keeps a handler that is not Python's default).

@@ -13,25 +13,19 @@ from pydantic import Field
 from flows.batching.fan_out import ChunkPlan
 from flows.batching.runs import onboard_tenants_batch
 from flows.inputs.options import FanOut, TenantEvents
-from flows.inputs.parameters import profile_paths, run_files_root, run_inputs, run_request
+from flows.inputs.parameters import connectors_of, run_inputs, run_request
 from onboarding import constants
 from onboarding.delivery import Delivery
-from onboarding.profile import load_profile
 from onboarding.roster import TenantRow, display_source
 
 MAX_INLINE_TENANTS = 100
 
 
 def run_name() -> str:
-    """'<profile> from <roster file>', or '<profile> for t1, t2' when tenants came inline."""
+    """'acme-crm (Acme CRM) from <roster file>', or '… for t1, t2' when tenants came inline:
+    the connectors by name and display name (see connectors_of)."""
     params = flow_run.parameters
-    try:
-        paths = profile_paths(params["profile"])
-        name = " + ".join(load_profile(p, root=run_files_root()).name for p in paths)
-    except Exception:  # the flow itself reports a bad profile; the name must not fail first
-        profile = params.get("profile")
-        paths = [profile] if isinstance(profile, str) else list(profile or [])
-        name = " + ".join(Path(str(p)).stem for p in paths)
+    name = connectors_of(params.get("profile"))
     if params.get("roster"):
         return f"{name} from {Path(display_source(str(params['roster']))).name}"
     ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow
@@ -12,14 +11,14 @@ from pydantic import Field
 
 from flows.batching.runs import remind_tenants_batch
 from flows.inputs.options import TenantEvents
-from flows.inputs.parameters import run_inputs, run_request
+from flows.inputs.parameters import connectors_of, run_inputs, run_request
 from onboarding.delivery import Delivery
 
 
 def run_name() -> str:
-    profile = flow_run.parameters["profile"]
-    paths = [profile] if isinstance(profile, str) else list(profile or [])
-    return "remind " + " + ".join(Path(str(p)).stem for p in paths)
+    """'remind acme-crm (Acme CRM)': the connectors by name and display name (their files' names
+    only when a profile does not load)."""
+    return "remind " + connectors_of(flow_run.parameters["profile"])
 
 
 @flow(name="remind-tenants", flow_run_name=run_name, log_prints=False)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from onboarding.connector_run import ConnectorRun
 from onboarding.delivery import Delivery
-from onboarding.errors import OnboardingError
+from onboarding.errors import BatchStoppedError, OnboardingError
 from onboarding.ledger import SENDING_CHANNELS, Record, Status
 from onboarding.links import Link
 from onboarding.outcomes import TenantOutcome, combined, failed_outcome, succeeded
@@ -214,6 +214,8 @@ def _issue(
         if issued is None:
             called = True
             issued = connector.initialise_link(tenant)
+    except BatchStoppedError:  # stopped while it waited at the gate: nothing was called
+        return connector.not_attempted(tenant)
     except Exception as exc:
         connector.record_failure(tenant, exc, count_attempt=called)
         if decide(exc, tenant.tenant_id, tries, campaign.rule, connector.stop) is Verdict.RETRY:
@@ -307,6 +309,8 @@ def _message(
                 display_name=h.run.profile.display_name,
                 opened_at=opened.first_at if opened else None,
                 declined=h.declined,
+                access=tuple(h.run.profile.access),
+                brand=h.run.profile.brand,
             )
         )
     return build_message(

@@ -114,6 +114,10 @@ class VersoriClient:
             env_key = configured.api_key.get_secret_value() if configured.api_key else None
             api_key = api_key or env_key
             base_url = base_url or configured.base_url_if_set
+        # How an error names where it called: the base URL, and the setting that chose it.
+        self.base_url_source = (
+            "VERSORI_BASE_URL" if base_url else f"the {api} default; VERSORI_BASE_URL sets another"
+        )
         if not api_key:
             raise InputError(
                 "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
@@ -130,6 +134,9 @@ class VersoriClient:
         parts = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.host = parts.hostname
+        # As errors show it: with its port, never with a user or password it may carry.
+        netloc = parts.netloc.rpartition("@")[2]
+        self.shown_url = f"{parts.scheme}://{netloc}{parts.path}".rstrip("/")
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._call_deadline = call_deadline
@@ -408,11 +415,13 @@ class VersoriClient:
                 return response.status_code, response.headers, bytes(body)
         except httpx.TimeoutException as err:
             raise APITimeoutError(
-                f"Versori at {self.host} timed out ({type(err).__name__})"
+                f"Versori at {self.shown_url} ({self.base_url_source}) timed out "
+                f"({type(err).__name__})"
             ) from err
         except httpx.TransportError as err:
             raise APIConnectionError(
-                f"could not reach Versori at {self.host}: {type(err).__name__}: {err}"
+                f"could not reach Versori at {self.shown_url} ({self.base_url_source}): "
+                f"{type(err).__name__}: {err}"
             ) from err
 
     def _timeout(self, deadline: float) -> httpx.Timeout:

@@ -83,7 +83,9 @@ class ConnectorRun:
         After an interrupt nothing is written: the tenant's row stays as it was."""
         if self.stop.interrupted:
             return TenantOutcome(tenant.tenant_id, NOT_STARTED)
-        message = f"not attempted: the batch stopped early because {self.stop.reason}"
+        # The cause alone: what to fix is said once, where the run ends (a tenant's row
+        # repeated it once per tenant).
+        message = f"not attempted: the batch stopped early because {self.stop.cause}"
         self.ledger.record_failure(
             **self._identity(tenant),
             error_code="not_attempted",
@@ -123,12 +125,15 @@ class ConnectorRun:
             raise OnboardingError("no Versori client configured for this run")
         profile = self.profile
         request = profile.render(tenant.values)
-        self.pacer.wait_before_call()
-        try:
-            url = self.client.initialise(profile.organisation_id, profile.target_id, request)
-        except RateLimitedError as err:
-            self.pacer.hold_off(err.retry_after if err.retry_after is not None else 1.0)
-            raise
+        # Through the batch stop's gate: one call at a time until the key proved itself, and
+        # none once the batch stopped (BatchStoppedError: nothing called).
+        with self.stop.call(tenant.tenant_id):
+            self.pacer.wait_before_call()
+            try:
+                url = self.client.initialise(profile.organisation_id, profile.target_id, request)
+            except RateLimitedError as err:
+                self.pacer.hold_off(err.retry_after if err.retry_after is not None else 1.0)
+                raise
         link = check_link(
             url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host
         )

@@ -9,6 +9,7 @@
     ├── StateUsedError             a state already accepted: the tenant is connected
     ├── LedgerSchemaError          the ledger's tables could not be created or brought up to date
     ├── LedgerUnavailableError     the ledger's connection was lost and not restored: transient
+    ├── BatchStoppedError          the batch stopped (a refused key...): this call was not made
     ├── MailError                  sending an email failed (smtp_code: the server's reply code)
     │   ├── TransientMailError         4xx, a dropped connection, a timeout: worth retrying
     │   ├── PermanentMailError         5xx: retrying will not help
@@ -139,6 +140,14 @@ class LedgerUnavailableError(OnboardingError):
 
     code = "ledger_unavailable"
     transient = True
+
+
+class BatchStoppedError(OnboardingError):
+    """The batch stopped (retry_policy.BatchStop: a refused key, a connector Versori does not
+    know, Ctrl-C) before this tenant's call was made: nothing was sent to Versori. The message
+    is what stopped it."""
+
+    code = "not_attempted"
 
 
 class MailError(OnboardingError):

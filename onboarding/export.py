@@ -29,9 +29,10 @@ def write_records(
     connector_id: str | Sequence[str] | None = None,
 ) -> int:
     """Every record of the ledger (of `connector_id` only, if given) to `stream`, one a line,
-    with the columns EXPORT_KEYS; returns how many. opened_at, the first open of any of the
-    tenant's connect links for that connector (empty when none was opened), is read for every
-    tenant in one query before the records are streamed."""
+    with the columns EXPORT_KEYS; returns how many. connector_name is the name of the profile
+    that wrote the record (the ledger keeps that, not the profile's display_name). opened_at,
+    the first open of any of the tenant's connect links for that connector (empty when none
+    was opened), is read for every tenant in one query before the records are streamed."""
     from onboarding.ledger import EXPORT_KEYS
 
     opened = first_opens(ledger, connector_id)
@@ -40,9 +41,12 @@ def write_records(
         writer.writeheader()
     n = 0
     for record in ledger.iter_records(connector_id):
-        opened_at = opened.get((record.tenant_id, record.connector_id))
+        derived = {
+            "opened_at": opened.get((record.tenant_id, record.connector_id)),
+            "connector_name": record.profile,
+        }
         row = {
-            key: _plain(opened_at if key == "opened_at" else getattr(record, key))
+            key: _plain(derived[key] if key in derived else getattr(record, key))
             for key in EXPORT_KEYS
         }
         if format is ExportFormat.CSV:

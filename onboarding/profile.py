@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from onboarding import constants
+from onboarding.brand import BrandValues
 from onboarding.errors import InputError, Problem
 from onboarding.input_files import load_yaml_with_lines, problems_from_validation, resolve_under
 from onboarding.models import (
@@ -69,6 +70,12 @@ class ConnectorProfile(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     # What people read (emails, `onboard status`); default: `readable(name)`.
     display_name: str = Field("", max_length=200)
+    # What access is asked, in plain words for the admin ("read your tickets and users");
+    # unset, emails and the link page list `scopes`.
+    access_summary: str = Field("", max_length=500)
+    # This connector's branding over ONBOARD_BRAND_* (onboarding/brand.py): the same keys,
+    # each optional.
+    brand: BrandValues | None = None
     # Which API the initialise call goes to. Declared before the ids: their checks read it.
     api: Api = "connect-v1"
     organisation_id: Ulid
@@ -236,6 +243,16 @@ class ConnectorProfile(BaseModel):
             raise ValueError("must be one line: email subjects show it")
         return value.strip()
 
+    @field_validator("access_summary")
+    @classmethod
+    def _plain_words(cls, value: str) -> str:
+        return " ".join(value.split())
+
+    @property
+    def access(self) -> list[str]:
+        """What access is asked, as shown to the admin: the summary, else the scopes."""
+        return [self.access_summary] if self.access_summary else list(self.scopes)
+
     @model_validator(mode="after")
     def _defaults(self) -> ConnectorProfile:
         if self.credential_organisation_id is None:
@@ -357,8 +374,8 @@ class ConnectorProfile(BaseModel):
 
 FINISH_HINT = (
     "With ONBOARD_CONNECT_BASE_URL set, emails carry links to onboard connect-server, which "
-    "finishes Platform API v2 connections itself (see the README's \"Connect links and the "
-    'callback"); unset, they carry the raw authorize URL.'
+    "finishes Platform API v2 connections itself (see docs/connect-service.md); unset, they "
+    "carry the raw authorize URL."
 )
 
 

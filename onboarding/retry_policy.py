@@ -4,6 +4,9 @@ is decided, for every step (onboard, remind, mail; each connector of a campaign)
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -11,6 +14,7 @@ from onboarding import constants
 from onboarding.errors import (
     APITimeoutError,
     AuthenticationError,
+    BatchStoppedError,
     NotFoundError,
     PermissionDeniedError,
     is_transient,
@@ -22,52 +26,163 @@ from onboarding.errors import (
 BATCH_WIDE = (AuthenticationError, PermissionDeniedError, NotFoundError)
 
 
+# How long a call waiting at a closed gate sleeps between looks at the stop (it is also woken
+# as soon as the gate's call answers).
+GATE_POLL_SECONDS = 0.5
+
+
 class BatchStop:
     """Decides when a batch stops: after the same batch-wide class of error (401, 403, 404)
-    has failed `after` distinct tenants in a row, with no success between them.
+    has failed `after` distinct tenants in a row, with no success between them; and gates the
+    calls so that, with a wrong key, no more than `after` tenants call Versori in all, whatever
+    the concurrency.
+
+    The gate. Calls go one at a time until an answer that is not a 401, 403 or 404 came back
+    (the first call of a batch goes alone; the rest start once it answered otherwise); a
+    401, 403 or 404 closes the gate again, so that the calls after it wait for the next one's
+    answer, and each checks the stop first. Only a 401, 403 or 404 is evidence against the key
+    or the connector: any other outcome (a success, another error, a 5xx, a timeout) opens
+    the gate, since holding calls back on a 503 or a hanging server would only multiply the
+    wait by the batch's size. A call already in flight when the gate closes finishes.
 
     401 gets no shortcut though the key is organisation-wide: a 401 can also come from a proxy
-    or a gateway mid-deploy, and waiting for `after` tenants costs at most `after - 1` calls
-    more (plus those in flight). Thread-safe; `reason` is set once, when it stops."""
+    or a gateway mid-deploy, and waiting for `after` tenants, one at a time, costs `after - 1`
+    calls more. Thread-safe; `reason` is set once, when it stops: `cause` (what happened)
+    and what to fix, with `detail` (which tenants, which answer).
 
-    def __init__(self, after: int = constants.STOP_AFTER) -> None:
+    `key_setting` names where the API key came from (VERSORI_API_KEY, or the block
+    VERSORI_API_KEY_BLOCK names), `target` what a 403 or 404 was about (a connector of an
+    organisation), `ids` where its ids are set (the profile's keys)."""
+
+    def __init__(
+        self,
+        after: int = constants.STOP_AFTER,
+        *,
+        key_setting: str = "VERSORI_API_KEY",
+        target: str = "the connector",
+        ids: str = "the profile's organisation_id and connector_id (system_id for platform-v2)",
+    ) -> None:
         self.after = max(1, after)
+        self.key_setting = key_setting
+        self.target = target
+        self.ids = ids
         self.reason = ""
+        self.cause = ""
+        self.detail = ""
+        self.error_code = ""  # the code of the errors that stopped it (Versori's)
         self.interrupted = False
         self._lock = threading.Lock()
+        self._gate = threading.Condition(self._lock)
+        self._open = False  # an answer other than 401/403/404 came back since the last one
+        self._probing = False  # a call goes alone while the gate is closed
         self._kind: type[BaseException] | None = None
         self._tenants: list[str] = []
+        # Errors the gate counted as they came back: `decide` passes them on again later.
+        self._counted: weakref.WeakSet[BaseException] = weakref.WeakSet()
 
     def interrupt(self) -> None:
         """Stop now because the operator asked (Ctrl-C): tenants not yet tried are left as
         they are in the ledger, for the next run (see ConnectorRun.not_attempted)."""
         with self._lock:
             self.reason = self.reason or "the run was interrupted"
+            self.cause = self.cause or self.reason
             self.interrupted = True
+            self._gate.notify_all()
 
     def halt(self, reason: str) -> None:
         """Stop now, for a reason of the caller's (the batch's parent ended)."""
         with self._lock:
             self.reason = self.reason or reason
+            self.cause = self.cause or self.reason
+            self._gate.notify_all()
 
     def succeeded(self) -> None:
         with self._lock:
             self._kind, self._tenants = None, []
 
     def failed(self, tenant_id: str, exc: BaseException) -> None:
-        kind = next((k for k in BATCH_WIDE if isinstance(exc, k)), None)
+        kind = _batch_wide(exc)
         if kind is None:
             return  # a transient or tenant-specific failure neither adds to a run nor ends one
         with self._lock:
-            if self.reason:
-                return
-            if kind is not self._kind:
-                self._kind, self._tenants = kind, []
-            if tenant_id not in self._tenants:
-                self._tenants.append(tenant_id)
-            if len(self._tenants) >= self.after:
-                shown = ", ".join(self._tenants)
-                self.reason = f"{len(self._tenants)} tenants in a row ({shown}) failed with {exc}"
+            self._count(kind, tenant_id, exc)
+
+    @contextmanager
+    def call(self, tenant_id: str) -> Iterator[None]:
+        """Around one call to Versori for `tenant_id`: waits while the gate is closed and
+        another call goes alone; raises BatchStoppedError, calling nothing, once the batch
+        has stopped. A 401, 403 or 404 the call raises is counted here (before the next call
+        is let through), and closes the gate; anything else opens it."""
+        alone = self._admit()
+        try:
+            yield
+        except BaseException as exc:
+            self._answered(alone, tenant_id, exc)
+            raise
+        self._answered(alone, tenant_id, None)
+
+    def _admit(self) -> bool:
+        """True when this call goes alone (the gate is closed), False when it is open."""
+        if self._open and not self.reason:  # the common case, without the lock
+            return False
+        with self._gate:
+            while True:
+                if self.reason:
+                    raise BatchStoppedError(self.cause)
+                if self._open:
+                    return False
+                if not self._probing:
+                    self._probing = True
+                    return True
+                self._gate.wait(GATE_POLL_SECONDS)
+
+    def _answered(self, alone: bool, tenant_id: str, exc: BaseException | None) -> None:
+        kind = _batch_wide(exc) if exc is not None else None
+        if not alone and kind is None and self._open:
+            return  # nothing changes: the common case, without the lock
+        with self._gate:
+            if alone:
+                self._probing = False
+            self._open = kind is None
+            if kind is not None and exc is not None:
+                self._count(kind, tenant_id, exc)
+            self._gate.notify_all()
+
+    def _count(self, kind: type[BaseException], tenant_id: str, exc: BaseException) -> None:
+        """One more tenant failed with `kind` (the lock held); each error counts once."""
+        if self.reason or exc in self._counted:
+            return
+        self._counted.add(exc)
+        if kind is not self._kind:
+            self._kind, self._tenants = kind, []
+        if tenant_id not in self._tenants:
+            self._tenants.append(tenant_id)
+        if len(self._tenants) >= self.after:
+            shown = ", ".join(self._tenants)
+            self.detail = f"{len(self._tenants)} tenants in a row ({shown}) failed with {exc}"
+            self.error_code = str(getattr(exc, "code", ""))
+            self.cause, fix = self._explain(kind, exc)
+            self.reason = f"{self.cause}: {fix}"
+            self._gate.notify_all()
+
+    def _explain(self, kind: type[BaseException], exc: BaseException) -> tuple[str, str]:
+        """What happened, and what to fix, for a stop on `kind` (`exc` the last such error)."""
+        status = getattr(exc, "status", "")
+        if kind is AuthenticationError:
+            return f"Versori refused the API key ({status})", f"check {self.key_setting}"
+        if kind is PermissionDeniedError:
+            return (
+                f"Versori refused the API key for {self.target} ({status} permission denied)",
+                f"check that {self.key_setting} belongs to that organisation and may use it",
+            )
+        return (
+            f"Versori does not know {self.target} ({status} not found)",
+            f"check {self.ids}, and VERSORI_BASE_URL",
+        )
+
+
+def _batch_wide(exc: BaseException) -> type[BaseException] | None:
+    return next((k for k in BATCH_WIDE if isinstance(exc, k)), None)
 
 
 class RetryLater(Exception):

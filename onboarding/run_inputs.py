@@ -213,7 +213,7 @@ def _templates(profiles: list[ConnectorProfile]) -> MailTemplates:
     if missing:
         raise InputError(
             f"email delivery needs {' and '.join(missing)} (or ONBOARD_SMTP_BLOCK, the name of "
-            "a prefect-email EmailServerCredentials block); see the README's Configuration"
+            "a prefect-email EmailServerCredentials block); see docs/configuration.md"
         )
     return templates
 

@@ -17,6 +17,7 @@ from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
 from onboarding.connect.settings import ConnectSettings
 from onboarding.connector_run import ConnectorRun
+from onboarding.constants import PLATFORM_V2
 from onboarding.ledger import Ledger
 from onboarding.models import Api
 from onboarding.pacing import PACE_SHARE, Pacer, Spacing
@@ -59,6 +60,7 @@ def open_campaign(
     claimant = str(flow_run.id or uuid.uuid4())
     stack.enter_context(ledger.run_lease(claimant, LedgerSettings().run_lease_seconds))
     settings = RetrySettings()
+    key_setting = api_key_setting(VersoriSettings())
     on_status = stack.enter_context(TenantEventSender(events))
     connectors = [
         ConnectorRun(
@@ -69,7 +71,7 @@ def open_campaign(
             run_id=flow_run.id,
             pacer=make_pacer(profile, ledger),
             on_status=on_status,
-            stop=BatchStop(settings.stop_after),
+            stop=batch_stop(profile, settings.stop_after, key_setting),
             claimant=claimant,
             profile_path=path,
         )
@@ -91,6 +93,28 @@ def open_campaign(
         remind_before=remind_before,
         max_reminders=max_reminders,
         connect_base_url=ConnectSettings().base_url if deliver.sends_email else None,
+    )
+
+
+def api_key_setting(versori: VersoriSettings) -> str:
+    """Where a run's API key comes from, as a refused key's message names it: VERSORI_API_KEY,
+    which wins when set, else the Secret block VERSORI_API_KEY_BLOCK names."""
+    if versori.api_key is None and versori.api_key_block:
+        return (
+            f"the key in the Secret block {versori.api_key_block!r} (VERSORI_API_KEY_BLOCK; "
+            "VERSORI_API_KEY, when set, wins over it)"
+        )
+    return "VERSORI_API_KEY"
+
+
+def batch_stop(profile: ConnectorProfile, after: int, key_setting: str) -> BatchStop:
+    """The profile's batch stop, its messages naming the profile's connector (or system)."""
+    kind = "system" if profile.api == PLATFORM_V2 else "connector"
+    return BatchStop(
+        after,
+        key_setting=key_setting,
+        target=f"{kind} {profile.target_id} of organisation {profile.organisation_id}",
+        ids=f"organisation_id and {kind}_id in the profile {profile.name!r}",
     )
 
 

@@ -18,6 +18,7 @@ from flows.batching.fan_out import ChunkPlan, run_chunks
 from flows.batching.resources import effective_concurrency, open_campaign, tag_run
 from flows.batching.slices import run_batch
 from flows.inputs.options import TenantEvents
+from flows.inputs.parameters import connector_label
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
 from onboarding.campaign import Campaign
 from onboarding.clock import utcnow
@@ -43,12 +44,11 @@ def onboard_tenants_batch(
     chunks on a work pool when `chunks` says so and the roster is larger than a chunk."""
     profiles, request = inputs.profiles, inputs.request
     assert inputs.roster is not None
-    label = _label(profiles)
     get_run_logger().info(
         "Onboarding %d tenant(s) of %s to %s (concurrency %d, deliver %s%s)",
         len(inputs.roster),
         inputs.source,
-        label,
+        connector_label(profiles),
         concurrency,
         request.deliver.value,
         ", dry run" if request.dry_run else "",
@@ -110,7 +110,7 @@ def remind_tenants_batch(
     connector it was emailed and has not connected; links past their time and not re-issued
     are then marked expired."""
     logger = get_run_logger()
-    profiles, label = inputs.profiles, _label(inputs.profiles)
+    profiles, label = inputs.profiles, connector_label(inputs.profiles)
     tag_run(profiles)
     with closing(Ledger(LedgerSettings().db_url)) as ledger:
         now = utcnow()
@@ -188,13 +188,14 @@ def _end(
         time.monotonic() - started,
         profile=label,
         connector_id=",".join(ids),
+        connector_names={p.name: p.display_name for p in profiles},
         dry_run=inputs.request.dry_run,
         **about,
         funnel=funnel,
         **coverage,
     )
     kind, title, source = artifact
-    publish(_key(kind, profiles), f"{title} {label}", source, summary)
+    publish(_key(kind, profiles), f"{title} {connector_label(profiles)}", source, summary)
     return final_state(summary, done)
 
 

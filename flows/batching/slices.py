@@ -7,12 +7,14 @@ import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from typing import Any
 
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.inputs.parameters import connector_label
 from flows.reporting.progress import Progress, quiet_routine_task_logs
 from flows.reporting.summary import OutcomeCounts
 from flows.running.in_process import INTERRUPTED
@@ -93,16 +95,13 @@ def run_batch(
     slices_at_once = concurrency if size == 1 else max(2, math.ceil(2 * concurrency / size))
     threads = tenant_threads(campaign, concurrency)
     in_flight: dict[PrefectFuture[list[TenantOutcome]], TenantSlice] = {}
-    announced = False
+    announced: set[str] = set()
 
     def add(outcomes: list[TenantOutcome]) -> None:
-        nonlocal announced
         for outcome in outcomes:
             tally.add(outcome)
         progress.advance(failed=sum(not o.ok for o in outcomes), count=len(outcomes))
-        if campaign.stop_reason and not announced:
-            announced = True
-            logger.error("Stopping the batch: %s", campaign.stop_reason)
+        announce_stops(campaign, announced, logger)
 
     def collect_one() -> None:
         """Wait for the first task run in flight to finish, and count its tenants."""
@@ -138,8 +137,42 @@ def run_batch(
                 in_flight[future] = item
         while in_flight:
             collect_one()
+    announce_stops(campaign, announced, logger)
     progress.finish()
+    tally.stopped.update(stops_of(campaign))
     return tally
+
+
+# The extra a stop's log record carries: `onboard run` says the stop itself when the run ends
+# (deployments/cli.py), and leaves this record out of its console.
+STOP_RECORD = {"onboarding_stop": True}
+
+
+def announce_stops(campaign: Campaign, announced: set[str], logger: Any) -> None:
+    """Log each connector's stop once, when first seen: why, and what to fix."""
+    for connector in campaign.connectors:
+        stop = connector.stop
+        if stop.reason and not stop.interrupted and connector.connector_id not in announced:
+            announced.add(connector.connector_id)
+            several = len(campaign.connectors) > 1
+            name = f" for {connector_label([connector.profile])}" if several else ""
+            detail = f" ({stop.detail})" if stop.detail else ""
+            logger.error("Stopping the batch%s: %s%s", name, stop.reason, detail, extra=STOP_RECORD)
+
+
+def stops_of(campaign: Campaign) -> dict[str, dict[str, str]]:
+    """Each stopped connector's stop, by profile name (as by_connector counts them), for the
+    summary (not an interrupt)."""
+    return {
+        c.profile.name: {
+            "reason": c.stop.reason,
+            "cause": c.stop.cause,
+            "detail": c.stop.detail,
+            "error_code": c.stop.error_code,
+        }
+        for c in campaign.connectors
+        if c.stop.reason and not c.stop.interrupted
+    }
 
 
 def outcomes_of(tenant_slice: TenantSlice, result: object) -> list[TenantOutcome]:

@@ -14,6 +14,7 @@ from prefect.runtime import deployment
 from flows.running.server import on_temporary_server
 from onboarding.delivery import Delivery
 from onboarding.errors import InputError
+from onboarding.profile import ConnectorProfile, load_profile
 from onboarding.roster import TenantRow
 from onboarding.run_inputs import RosterPart, RunInputs, RunRequest, check_run, take_handed
 from onboarding.settings import files_root
@@ -27,6 +28,26 @@ def profile_paths(profile: str | Sequence[str]) -> list[str]:
     if not paths:
         raise InputError("profile: give at least one connector profile")
     return paths
+
+
+def connector_label(profiles: Sequence[ConnectorProfile]) -> str:
+    """The connectors as people read them and as the ledger and files name them: 'acme-crm
+    (Acme CRM)', each profile's name with its display name (when it differs), for run names,
+    artifacts and logs."""
+    return " + ".join(
+        p.name if p.display_name == p.name else f"{p.name} ({p.display_name})" for p in profiles
+    )
+
+
+def connectors_of(profile: str | Sequence[str] | None) -> str:
+    """A run's connectors named by connector_label, for its run name; a profile that does not
+    load is named by its file (the flow itself reports a bad profile: the name must not fail
+    first)."""
+    paths = [profile] if isinstance(profile, str) else list(profile or [])
+    try:
+        return connector_label([load_profile(p, root=run_files_root()) for p in paths])
+    except Exception:
+        return " + ".join(Path(str(p)).stem for p in paths)
 
 
 def run_files_root() -> Path | None:

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from onboarding.errors import is_transient
 from onboarding.outcomes import TenantOutcome
 
 TABLE_ROWS_MAX = 1000
@@ -30,6 +31,12 @@ class OutcomeCounts:
         # A campaign's counts for each connector (by name), from its tenants' parts.
         self.by_connector: dict[str, Counter[str]] = {}
         self.rows_seen = 0  # table rows offered: one per tenant, or per (tenant, connector)
+        # Failures (per tenant and connector) whose error a retry alone does not change (a
+        # 4xx, a refused link): the next run tries them again, but fails them the same way.
+        self.failed_not_transient = 0
+        # Each connector that stopped the batch (by profile name): its reason, what caused
+        # it, which tenants, and the error code (flows/batching/slices.stops_of).
+        self.stopped: dict[str, dict[str, str]] = {}
         self._failed: list[dict[str, str]] = []
         self._others: list[dict[str, str]] = []
 
@@ -43,6 +50,10 @@ class OutcomeCounts:
             self.skipped_why[outcome.error_message] += 1
         for part in outcome.parts:
             self.by_connector.setdefault(part.connector, Counter())[part.status] += 1
+        for part in outcome.parts or (outcome,):
+            cause = part.cause
+            if part.status == "failed" and cause is not None and not is_transient(cause):
+                self.failed_not_transient += 1
         for row in outcome.rows():
             if row["error_code"]:
                 self.errors[row["error_code"]] += 1
@@ -58,6 +69,8 @@ class OutcomeCounts:
         for row in summary["outcomes"]:
             self._keep(row)
         self.rows_seen += summary.get("outcomes_left_out", 0)
+        self.failed_not_transient += summary.get("failed_not_transient", 0)
+        self.stopped.update(summary.get("stopped", {}))
 
     def _keep(self, row: dict[str, str]) -> None:
         self.rows_seen += 1
@@ -96,16 +109,26 @@ def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, A
         "seconds": round(seconds, 2),
         "outcomes": rows,
         "outcomes_left_out": max(0, tally.rows_seen - len(rows)),
+        # Only when there is something to say: most runs have neither.
+        **(
+            {"failed_not_transient": tally.failed_not_transient}
+            if tally.failed_not_transient
+            else {}
+        ),
+        **({"stopped": dict(tally.stopped)} if tally.stopped else {}),
     }
 
 
 def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
-    """The table and summary artifacts, under keys stable per profile so the UI keeps history."""
+    """The table and summary artifacts, under keys stable per profile so the UI keeps history.
+    Connectors are named as people read them: by display name (`connector_names`, from each
+    profile's name), and a stopped batch says why and what to fix."""
     campaign = bool(summary.get("by_connector"))
+    names: dict[str, str] = summary.get("connector_names", {})
     rows = [
         {
             "tenant": o["tenant_id"],
-            **({"connector": o.get("connector", "")} if campaign else {}),
+            **({"connector": _named(o.get("connector", ""), names)} if campaign else {}),
             "status": o["status"],
             "link host": o["link_host"],
             "state": o["masked_state"],
@@ -130,11 +153,15 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
         *(f"\n{n} skipped: {why}." for why, n in summary.get("skipped_why", {}).items()),
     ]
+    for name, stop in summary.get("stopped", {}).items():
+        lines += ["", f"**The batch stopped** ({_named(name, names)}): {stop['reason']}."]
+        if stop["detail"]:
+            lines.append(f"{stop['detail']}; no tenant after them was called.")
     if campaign:
         statuses = sorted({s for counts in summary["by_connector"].values() for s in counts})
         lines += ["", f"| connector | {' | '.join(statuses)} |", "|---" * (len(statuses) + 1) + "|"]
         lines += [
-            f"| {name} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
+            f"| {_named(name, names)} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
             for name, counts in summary["by_connector"].items()
         ]
     if summary.get("funnel"):
@@ -160,6 +187,15 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
 
 def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:
     """Completed when no tenant failed; Failed, after every tenant was tried, when any did."""
+    if summary.get("stopped"):
+        # The cause alone: what to fix is in the log and the summary artifact (a CLI run
+        # prints it once, at its end, and Prefect prints this message too).
+        causes = "; ".join(dict.fromkeys(s["cause"] for s in summary["stopped"].values()))
+        return Failed(
+            message=f"{summary['failed']} of {summary['total']} tenant(s) failed: the batch "
+            f"stopped because {causes}",
+            data=summary,
+        )
     if summary["failed"]:
         return Failed(
             message=f"{summary['failed']} of {summary['total']} tenant(s) failed; "
@@ -169,3 +205,8 @@ def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:
     why = "; ".join(f"{n} skipped: {w}" for w, n in summary.get("skipped_why", {}).items())
     message = f"{summary['total']} tenant(s) {done}" + (f" ({why})" if why else "")
     return Completed(message=message, data=summary)
+
+
+def _named(connector: str, names: dict[str, str]) -> str:
+    """A connector as people read it: its profile's display name, where the summary has it."""
+    return names.get(connector, connector)

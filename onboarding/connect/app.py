@@ -30,7 +30,7 @@ MAX_FORM_BYTES = 4096
 
 
 def respond(page: Page) -> Response:
-    headers = security_headers(page.form_targets, beacon=page.beacon)
+    headers = security_headers(page.form_targets, beacon=page.beacon, brand=page.brand)
     if page.location:
         headers["Location"] = page.location
         response: Response = Response(status_code=page.status, headers=headers)

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from onboarding import constants
+from onboarding.brand import Brand, brand_from_env
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
 from onboarding.connect import pages
@@ -61,10 +62,11 @@ from onboarding.ledger import (
 )
 from onboarding.links import check_link, mask_state
 from onboarding.outcomes import StatusChange
-from onboarding.profile import ConnectorProfile, load_profile
+from onboarding.profile import ConnectorProfile, load_profile, readable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # The cookie that lets a declined (or failed) callback page offer the way back to its link.
 RETRY_COOKIE = "onboard_connect"
@@ -117,6 +119,23 @@ def issue_connect_link(
     )
 
 
+def _branded(
+    method: Callable[Concatenate[ConnectService, P], Page],
+) -> Callable[Concatenate[ConnectService, P], Page]:
+    """The request's pages say who is asking: the service's brand, or the profile's own once
+    the request's profile is known (ConnectService._profile)."""
+
+    def answer(self: ConnectService, /, *args: P.args, **kwargs: P.kwargs) -> Page:
+        token = pages.use_brand(self.brand)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            pages.forget_brand(token)
+
+    answer.__name__, answer.__doc__ = method.__name__, method.__doc__
+    return answer
+
+
 @dataclass(frozen=True)
 class CallbackAnswer:
     """What the provider sent the browser back with."""
@@ -142,8 +161,11 @@ class ConnectService:
         create_deadline: float = CREATE_DEADLINE_SECONDS,
         lookup_deadline: float = LOOKUP_DEADLINE_SECONDS,
         connecting_grace: timedelta = CONNECTING_GRACE,
+        brand: Brand | None = None,
     ) -> None:
         self.ledger = ledger
+        # Who the pages say is asking (ONBOARD_BRAND_*, read once); a profile's own wins.
+        self.brand = brand or brand_from_env()
         self._client_for = client_for or _env_clients()
         self.events = events or EventSender()
         self.mints_per_hour = mints_per_hour
@@ -170,6 +192,7 @@ class ConnectService:
             return None, pages.expired_link()
         return link, None
 
+    @_branded
     def show_link(self, token: str) -> Page:
         """GET (or HEAD) /c/<token>: the page with its button. Counts a fetch, not an open:
         mail scanners fetch every link of a message. The page's own script reports a person
@@ -184,7 +207,11 @@ class ConnectService:
         self.ledger.note_link_fetched(link, self._clock())
         authorize = profile.render(tenant_of(record).values).authorize_url
         return pages.link_page(
-            record.tenant_name, profile.name, link.csrf, pages.origin_of(authorize)
+            record.tenant_name,
+            profile.display_name,
+            link.csrf,
+            pages.origin_of(authorize),
+            access=profile.access,
         )
 
     def note_seen(self, token: str, csrf: str, *, cross_site: bool) -> Page:
@@ -202,6 +229,7 @@ class ConnectService:
             log.info("tenant %s opened its link", link.tenant_id)
         return pages.no_content()
 
+    @_branded
     def press_button(
         self,
         token: str,
@@ -277,6 +305,7 @@ class ConnectService:
 
     # --- the callback ------------------------------------------------------------------------
 
+    @_branded
     def callback(
         self, answer: CallbackAnswer, retry_token: str | None, browser: str | None = None
     ) -> Page:
@@ -369,7 +398,8 @@ class ConnectService:
         if bound.outcome == StateOutcome.CONNECTED.value:
             profile = self._profile_of_record(record, self._retry_link(retry_token, record))
             return pages.connected(
-                record.tenant_name, profile.name if profile is not None else record.profile
+                record.tenant_name,
+                profile.display_name if profile is not None else readable(record.profile),
             )
         return pages.callback_refused("used")
 
@@ -441,7 +471,7 @@ class ConnectService:
             self._event(updated, profile, Status.CONNECTED)
         if profile.success_url:
             return pages.redirect(profile.success_url, kind="to_success_url")
-        return pages.connected(record.tenant_name, profile.name)
+        return pages.connected(record.tenant_name, profile.display_name)
 
     # --- what an unfinished claim came to ------------------------------------------------------
 
@@ -515,7 +545,7 @@ class ConnectService:
         if waiting:
             now = self.ledger.get(record.tenant_id, record.connector_id)
             if now is not None and now.status is Status.CONNECTED:
-                return pages.already_connected(record.tenant_name, profile.name)
+                return pages.already_connected(record.tenant_name, profile.display_name)
         return None
 
     def sweep(self) -> int:
@@ -551,7 +581,8 @@ class ConnectService:
         if profile is not None:
             self._event(declined, profile, Status.DECLINED, declined.error_code or "")
         log.info("tenant %s declined %s (%s)", declined.tenant_id, name, declined.error_code)
-        return pages.declined(name, can_retry)
+        shown = profile.display_name if profile is not None else readable(name)
+        return pages.declined(shown, can_retry)
 
     def _current_state(self, state: str) -> tuple[Record | None, str]:
         """The tenant holding `state` now, unexpired and not connected; else why not."""
@@ -566,6 +597,7 @@ class ConnectService:
             return None, "expired"
         return record, ""
 
+    @_branded
     def retry(self, retry_token: str | None) -> Page:
         """GET /retry: back to the link this browser came from (its cookie), else refused."""
         if retry_token and _plausible(retry_token):
@@ -602,7 +634,7 @@ class ConnectService:
         if profile is None:
             return pages.try_again_later()
         if record.status is Status.CONNECTED:
-            return pages.already_connected(record.tenant_name, profile.name)
+            return pages.already_connected(record.tenant_name, profile.display_name)
         if unfinished:
             settled = self._settle_tenant(record, profile)
             if settled is not None:
@@ -629,7 +661,7 @@ class ConnectService:
             with self._profiles_lock:
                 cached = self._profiles.get(path)
             if cached is not None and cached[0] == mtime:
-                return cached[1]
+                return self._branding(cached[1])
             profile = load_profile(path)
         except (OSError, OnboardingError) as err:
             log.error("cannot load the profile %s: %s", path, type(err).__name__)
@@ -639,6 +671,11 @@ class ConnectService:
             return None
         with self._profiles_lock:
             self._profiles[path] = (mtime, profile)
+        return self._branding(profile)
+
+    def _branding(self, profile: ConnectorProfile) -> ConnectorProfile:
+        """The request's pages from here on show the profile's brand over the service's."""
+        pages.use_brand(self.brand.with_override(profile.brand))
         return profile
 
     def _call(self, call: Callable[[VersoriClient], T], profile: ConnectorProfile) -> T:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from onboarding.brand import check_brand_settings
 from onboarding.net import is_loopback
 from onboarding.settings import EnvSettings
 
@@ -19,7 +21,11 @@ class ConnectSettings(EnvSettings):
     connections are resolved (default 300). ONBOARD_CONNECT_CREATE_TIMEOUT_SECONDS (10) and
     ONBOARD_CONNECT_LOOKUP_TIMEOUT_SECONDS (8): what a callback waits on Versori.
     ONBOARD_CONNECT_CONNECTING_GRACE_SECONDS (60): how old an unfinished claim must be before
-    it is resolved by asking Versori (longer than any callback in flight)."""
+    it is resolved by asking Versori (longer than any callback in flight).
+
+    The pages' brand (ONBOARD_BRAND_*, onboarding/brand.py) is checked with these: whoever
+    reads them (`onboard connect-server` before its workers start, a run that emails links)
+    stops on a bad brand setting as on a bad one of these (exit 2)."""
 
     model_config = SettingsConfigDict(
         env_prefix="ONBOARD_CONNECT_", env_file=".env", extra="ignore"
@@ -55,3 +61,6 @@ class ConnectSettings(EnvSettings):
                 "token in clear; use https (http only to 127.0.0.1, ::1 or localhost)"
             )
         return value
+
+    def model_post_init(self, context: Any, /) -> None:
+        check_brand_settings()

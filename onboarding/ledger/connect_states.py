@@ -5,9 +5,9 @@ connection nor make a second one.
 A state is written when the link's button mints it (`record_minted_link`, with the link it came
 from and the sha256 of the browser's binding cookie), claimed when its callback arrives
 (`claim_state`: the row is `connecting` from then, with the time and the process), and finished
-once Versori's answer is known (`finish_state`: connected with the connection's id, or not). A claimed row
-that was never finished (a crash, a SIGTERM past its grace, a ledger outage) is found by
-`unfinished_states` and resolved by asking Versori, not by guessing.
+once Versori's answer is known (`finish_state`: connected with the connection's id, or not).
+A claimed row that was never finished (a crash, a SIGTERM past its grace, a ledger outage) is
+found by `unfinished_states` and resolved by asking Versori, not by guessing.
 
 A state minted by a batch (an email that carries the raw authorize URL) has no row until its
 callback claims it: it was never bound to a browser.

@@ -50,22 +50,22 @@ class LedgerQueries:
         """Tenants sent a link by email, not connected, last sent before `sent_before`, and
         reminded fewer than `max_reminders` times, oldest first (with `only_ids`, only those
         of these ids)."""
+        due = _due_for_reminder(connector_id, sent_before, max_reminders)
         last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
-        query = (
-            select(records)
-            .where(
-                records.c.connector_id == connector_id,
-                records.c.status.in_([s.value for s in REMINDABLE_STATUSES]),
-                records.c.delivery_channel.in_(SENDING_CHANNELS),
-                records.c.reminders < max_reminders,
-                last_sent <= utc(sent_before),
-            )
-            .order_by(last_sent, records.c.tenant_id)
-        )
+        query = select(records).where(*due).order_by(last_sent, records.c.tenant_id)
         with self.engine.connect() as conn:
             return [
                 Record.from_row(row) for q in _of_ids(query, only_ids) for row in conn.execute(q)
             ]
+
+    @reconnecting
+    def count_due_for_reminder(
+        self, connector_id: str, *, sent_before: datetime, max_reminders: int
+    ) -> int:
+        """How many tenants due_for_reminder would return, counted by the database."""
+        due = _due_for_reminder(connector_id, sent_before, max_reminders)
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).where(*due)).scalar_one())
 
     @reconnecting
     def find_superseded(self, state: str) -> SupersededLink | None:
@@ -168,6 +168,21 @@ class LedgerQueries:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result:
                 yield Record.from_row(row)
+
+
+def _due_for_reminder(
+    connector_id: str, sent_before: datetime, max_reminders: int
+) -> tuple[Any, ...]:
+    """Sent a link by email, not connected, last sent before `sent_before`, reminded fewer
+    than `max_reminders` times (see LedgerQueries.due_for_reminder)."""
+    last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
+    return (
+        records.c.connector_id == connector_id,
+        records.c.status.in_([s.value for s in REMINDABLE_STATUSES]),
+        records.c.delivery_channel.in_(SENDING_CHANNELS),
+        records.c.reminders < max_reminders,
+        last_sent <= utc(sent_before),
+    )
 
 
 def past_expiry(now: datetime) -> tuple[Any, Any]:

@@ -56,11 +56,14 @@ class Record:
 
 
 # The columns of `onboard export`, in order (onboarding/export.py). Each is a Record field but
-# opened_at: the first time a person opened one of the tenant's connect links, read from those.
-# Never a hash, a token or a connect link's CSRF value.
+# opened_at: the first time a person opened one of the tenant's connect links, read from those;
+# and connector_name: the name of the profile that wrote the record (Record.profile; the
+# ledger keeps the profile's `name`, not its display_name). Never a hash, a token or a connect
+# link's CSRF value.
 EXPORT_KEYS = (
     "tenant_id",
     "connector_id",
+    "connector_name",
     "status",
     "url",
     "state",

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.policy import EmailPolicy
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 
+from onboarding.brand import BrandValues
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
 from onboarding.roster import Tenant
@@ -33,6 +35,44 @@ _LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00")
 
 def has_line_break(value: str) -> bool:
     return any(c in _LINE_BREAKS for c in value)
+
+
+class _Policy(EmailPolicy):
+    """email.policy.SMTP, but a long header is folded between its words. CPython moves a
+    value that fits a line of its own whole onto the next line ("Subject:" CRLF " Acme…"),
+    which its own parser (anything reading the .eml with Python) reads back with a leading
+    space: a subject would no longer start with "Reminder"."""
+
+    def fold(self, name: str, value: str) -> str:
+        return self._rewrap(name, super().fold(name, value))
+
+    def fold_binary(self, name: str, value: str) -> bytes:
+        folded = super().fold_binary(name, value)
+        try:
+            text = folded.decode("ascii")
+        except UnicodeDecodeError:
+            return folded
+        return self._rewrap(name, text).encode("ascii")
+
+    def _rewrap(self, name: str, folded: str) -> str:
+        head, sep = f"{name}:", self.linesep
+        if not folded.startswith(head + sep + " "):
+            return folded
+        rest = head + folded[len(head) :].replace(sep, "")  # unfolded: "Subject: Acme…"
+        limit = self.max_line_length or len(rest)
+        lines: list[str] = []
+        start = len(head) + 2  # never cut right after the colon
+        while len(rest) > limit:
+            cut = rest.rfind(" ", start, limit + 1)
+            if cut == -1:
+                break
+            lines.append(rest[:cut])
+            rest, start = rest[cut:], 1
+        lines.append(rest)
+        return sep.join(lines) + sep
+
+
+_POLICY = _Policy(linesep="\r\n")  # as email.policy.SMTP
 
 
 def parse_from(email_from: str) -> tuple[str, str]:
@@ -72,6 +112,10 @@ class MailLink:
     # did not finish), and whether they declined at the provider.
     opened_at: datetime | None = None
     declined: bool = False
+    # What access the link asks, in plain words (the profile's access_summary, else its
+    # scopes), and the profile's own branding over ONBOARD_BRAND_* (the first link's wins).
+    access: tuple[str, ...] = ()
+    brand: BrandValues | None = None
 
     def __repr__(self) -> str:  # the URL and state are secrets
         return f"MailLink(connector_id={self.connector_id!r}, url=..., state=...)"
@@ -116,7 +160,13 @@ class Renders(Protocol):
     (named by shape, so that the templates may import this module and not the reverse)."""
 
     def render(
-        self, *, tenant: Tenant, links: Sequence[MailLink], now: datetime, reminder: int = 0
+        self,
+        *,
+        tenant: Tenant,
+        links: Sequence[MailLink],
+        now: datetime,
+        reminder: int = 0,
+        email_from: str = "",
     ) -> Rendered: ...
 
 
@@ -162,7 +212,9 @@ def build_message(
     from_name, from_addr = parse_from(email_from)
 
     now = now or utcnow()
-    rendered = templates.render(tenant=tenant, links=links, now=now, reminder=reminder)
+    rendered = templates.render(
+        tenant=tenant, links=links, now=now, reminder=reminder, email_from=email_from
+    )
     first, others = links[0], [(link.connector_id, link.state) for link in links[1:]]
 
     def message_id(reminder: int) -> str:
@@ -181,7 +233,7 @@ def build_message(
     if reminder:
         # Threads a reminder under the first email in the admin's mail client.
         headers.append(("References", message_id(0)))
-    message = EmailMessage(policy=email.policy.SMTP)
+    message = EmailMessage(policy=_POLICY)
     for name, value in headers:
         if has_line_break(value):
             raise UnsafeMessageError(name)

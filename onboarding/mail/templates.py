@@ -26,6 +26,7 @@ from jinja2 import (
 )
 from jinja2.sandbox import SandboxedEnvironment
 
+from onboarding.brand import Brand, BrandValues, load_brand_values
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
 from onboarding.mail.message import MailLink, has_line_break
@@ -69,9 +70,30 @@ _SAMPLE_LINK_2 = f"https://{_SAMPLE_HOST}/oauth2/authorize?state={_SAMPLE_STATE}
 _VARIABLES = (
     "Email template variables: tenant (.name, .tenant_id, .admin_email, .fields.<column>), "
     "links (a list, one per connector: .display_name, .connector_name, .connector_id, .link, "
-    ".expires_at, .expires_in_hours, .opened_at, .declined), reminder; and the first link's "
-    "display_name, connector_name, link, expires_at, expires_in_hours, opened_at, declined."
+    ".expires_at, .expires_on, .expires_in_hours, .opened_at, .declined, .access), reminder, "
+    "brand (.name, .logo_url, .logo_width, .logo_height, .color, .support, .support_href, "
+    ".support_is_email, .privacy_url, .terms_url, .reason); and the first link's "
+    "display_name, connector_name, link, expires_at, expires_on, expires_in_hours, opened_at, "
+    "declined, access."
 )
+# Render-time checks use a brand with every key set and one with none.
+_SAMPLE_BRANDS = (
+    Brand(
+        name="Sample Brand",
+        logo_url="https://brand.example.com/logo.png",
+        support="support@brand.example.com",
+        privacy_url="https://brand.example.com/privacy",
+        terms_url="https://brand.example.com/terms",
+        reason="so that your data syncs",
+    ),
+    Brand(name="brand.example.com", named=False),
+)
+
+
+def date_words(when: datetime) -> str:
+    """A date as people write it: 5 January 2027 (its UTC date)."""
+    day = when.astimezone(UTC)
+    return f"{day.day} {day:%B %Y}"
 
 
 def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
@@ -83,9 +105,11 @@ def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
         "connector_id": link.connector_id,
         "link": link.url,
         "expires_at": expires,
+        "expires_on": date_words(expires),
         "expires_in_hours": max(0, round((expires - now).total_seconds() / 3600)),
         "opened_at": link.opened_at.astimezone(UTC) if link.opened_at else None,
         "declined": link.declined,
+        "access": list(link.access),
     }
 
 
@@ -97,14 +121,22 @@ class MailTemplates:
     (the profile's, else its name), connector_name, connector_id, link, expires_at (aware
     datetime, UTC) and expires_in_hours (int), opened_at (when the admin first opened its
     connect link without finishing, else None) and declined (they said no at the provider);
-    the first link's at the top level too; reminder (0 on first send). HTML is autoescaped;
+    the first link's at the top level too; reminder (0 on first send); brand (onboarding.brand.
+    Brand: name, logo_url, logo_width, logo_height, color, support, support_href,
+    support_is_email, privacy_url, terms_url, reason), each link's expires_on (its date in
+    words) and access (what it asks, in plain words or as scopes). HTML is autoescaped;
     text is not. An undefined variable is an error, and every template is rendered once with
     sample values here, so a typo fails before anything is sent; `check_campaign` also asks
     that an email with two links shows both.
     """
 
-    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike[str] | None = None, *, brand: BrandValues | None = None
+    ) -> None:
         self.folder = Path(folder) if folder is not None else None
+        # ONBOARD_BRAND_* (and ONBOARD_BRAND_FILE), read once, checked here with the rest:
+        # a bad value stops the run before anything is sent.
+        self.brand_values = brand if brand is not None else load_brand_values()
         loaders: list[FileSystemLoader] = []
         if self.folder is not None:
             if not self.folder.is_dir():
@@ -146,14 +178,26 @@ class MailTemplates:
         links: Sequence[MailLink],
         now: datetime,
         reminder: int = 0,
+        email_from: str = "",
     ) -> RenderedMail:
-        """Render all three; a template error is an InputError naming the file (never a link)."""
-        context = _context(tenant, [link_context(link, now) for link in links], reminder)
+        """Render all three; a template error is an InputError naming the file (never a link).
+        `email_from` names the sender until a brand name is set (brand.default_name)."""
+        context = _context(
+            tenant,
+            [link_context(link, now) for link in links],
+            reminder,
+            self.brand_for(email_from, links),
+        )
         secrets = [link.url for link in links]
         out = {name: self._render(name, context, secrets=secrets) for name in TEMPLATE_NAMES}
         return RenderedMail(
             subject=out["subject.txt"].strip(), text=out["body.txt"], html=out["body.html"]
         )
+
+    def brand_for(self, email_from: str, links: Sequence[MailLink] = ()) -> Brand:
+        """The brand an email shows: ONBOARD_BRAND_*, under the first link's profile's own."""
+        brand = Brand.of(self.brand_values, email_from=email_from or None)
+        return brand.with_override(links[0].brand if links else None)
 
     def _render(self, name: str, context: Mapping[str, Any], secrets: Iterable[str] = ()) -> str:
         template = self._templates[name]
@@ -179,8 +223,9 @@ class MailTemplates:
             fields=_AnyFields(),
         )
         now = utcnow().replace(microsecond=0)
-        for reminder in (0, 1, 2):
-            # A reminder to an admin who opened the link, then to one who declined.
+        # The first email with a full brand and with none; a reminder to an admin who opened
+        # the link, then to one who declined.
+        for reminder, brand in zip((0, 0, 1, 2), _SAMPLE_BRANDS * 2, strict=True):
             links = [
                 MailLink(
                     f"Sample Connector {i}",
@@ -190,10 +235,11 @@ class MailTemplates:
                     now + timedelta(hours=72),
                     opened_at=now - timedelta(days=1) if reminder else None,
                     declined=reminder == 2,
+                    access=("Read your sample data",) if i % 2 else ("read", "write"),
                 )
                 for i, url in enumerate(samples, 1)
             ]
-            context = _context(tenant, [link_context(link, now) for link in links], reminder)
+            context = _context(tenant, [link_context(link, now) for link in links], reminder, brand)
             out = {name: self._render(name, context) for name in TEMPLATE_NAMES}
             subject = out["subject.txt"].strip()
             problems = []
@@ -254,8 +300,10 @@ class MailTemplates:
         return list(dict.fromkeys(found))
 
 
-def _context(tenant: Tenant, links: list[dict[str, Any]], reminder: int) -> dict[str, Any]:
-    return {"tenant": tenant, **links[0], "links": links, "reminder": reminder}
+def _context(
+    tenant: Tenant, links: list[dict[str, Any]], reminder: int, brand: Brand
+) -> dict[str, Any]:
+    return {"tenant": tenant, **links[0], "links": links, "reminder": reminder, "brand": brand}
 
 
 def _template_line(err: BaseException, template: Template) -> int | None:

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from demo.processes import PROJECT, base_env, child, free_port, wait_for_http
 from deployments.cli import app
+from onboarding.ledger import Ledger
 
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
 ROSTER = str(PROJECT / "examples" / "tenants.csv")
@@ -197,6 +198,7 @@ def test_run_against_emulator_in_another_process(
         assert list(rows[0]) == [
             "tenant_id",
             "connector_id",
+            "connector_name",
             "status",
             "url",
             "state",
@@ -419,7 +421,9 @@ def test_commands_import_only_what_they_use(
 ) -> None:
     """Each of these starts in well under a second because it leaves out the packages that
     take seconds to import (Prefect above all): checked on the real command's imports."""
-    env = {**base_env(tmp_path), "ONBOARD_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(url).close()  # a ledger to read: without one, these commands stop at once (exit 2)
+    env = {**base_env(tmp_path), "ONBOARD_DB_URL": url}
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "deployments.cli", *args],
         env=env,

@@ -29,6 +29,7 @@ from demo.connect_click import deliver_connect_link, write_connect_profile
 from demo.emulator import DEFAULT_API_KEY
 from demo.processes import base_env, child, free_port, wait_for_http
 from demo.smtp import LocalSmtpServer
+from onboarding.brand import BrandValues
 from onboarding.client import VersoriClient
 from onboarding.ledger import Ledger, Status
 from onboarding.mail import MailSender, MailTemplates
@@ -39,8 +40,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 CHROMIUM = os.environ.get("ONBOARD_TEST_CHROMIUM") or shutil.which("chromium")
 ONBOARD = str(Path(sys.executable).parent / "onboard")
-# Set to a folder to keep the three pages' screenshots (the README's come from here).
+# Set to a folder to keep the three pages' screenshots (docs/'s come from demo/screenshots.py).
 SCREENSHOTS = os.environ.get("ONBOARD_CONNECT_SCREENSHOTS")
+# Who asks, in the emails and on the service's pages (ONBOARD_BRAND_NAME).
+BRAND = "Acme Analytics"
 
 
 @dataclass
@@ -71,6 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         ONBOARD_DB_URL=ledger_url,
         ONBOARD_CONNECT_BASE_URL=base,
         PREFECT_API_URL=prefect_api,
+        ONBOARD_BRAND_NAME=BRAND,
     )
     emulator_cmd = [ONBOARD, "emulator", "--port", str(emulator_port)]
     server_cmd = [ONBOARD, "connect-server", "--port", str(connect_port)]
@@ -93,7 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
                 )
                 deliver_connect_link(
                     ledger, profile, profile_path, tenant, client, base,
-                    mailer=mailer, templates=MailTemplates(None),
+                    mailer=mailer, templates=MailTemplates(None, brand=BrandValues(name=BRAND)),
                 )  # fmt: skip
             mailer.close()
             client.close()
@@ -167,7 +171,8 @@ def test_from_the_email_to_connected(stack: Stack, browser: Any) -> None:
     opened = page.goto(stack.links["t1"])
     assert opened is not None and opened.status == 200
     assert opened.headers["referrer-policy"] == "no-referrer"
-    expect(page.locator("h1")).to_have_text("Connect Tenant 1 to acme-crm")
+    expect(page.locator("h1")).to_have_text(f"{BRAND} would like to connect to your Acme Crm")
+    expect(page.locator("main")).to_contain_text("This connection is for Tenant 1.")
     _shot(page, "link")
     # The page's own script told the service a person has it open (a scanner's GET does not).
     _wait_for(lambda: _status(stack, "t1") is Status.OPENED)
@@ -176,7 +181,7 @@ def test_from_the_email_to_connected(stack: Stack, browser: Any) -> None:
     _shot(page, "consent")
     page.click("#allow")
     expect(page).to_have_url(re.compile(re.escape(stack.base) + r"/callback\?"))
-    expect(page.locator("h1")).to_have_text("Tenant 1 is connected to acme-crm")
+    expect(page.locator("h1")).to_have_text("Tenant 1 is connected to Acme Crm")
     _shot(page, "connected")
     callback = page.url
 
@@ -190,13 +195,13 @@ def test_from_the_email_to_connected(stack: Stack, browser: Any) -> None:
     # The same callback again in this browser (a reload): connected, Versori not called again.
     replay = page.goto(callback)
     assert replay is not None and replay.status == 200
-    expect(page.locator("h1")).to_have_text("Tenant 1 is connected to acme-crm")
+    expect(page.locator("h1")).to_have_text("Tenant 1 is connected to Acme Crm")
     again = stack.ledger.get("t1", load_profile_id(stack))
     assert again is not None and again.connection_id == record.connection_id
     assert len(httpx.get(f"{stack.emulator}/_emulator/connections").json()["connections"]) == 1
     # The link itself now says the tenant is connected.
     page.goto(stack.links["t1"])
-    expect(page.locator("h1")).to_have_text("Tenant 1 is already connected to acme-crm")
+    expect(page.locator("h1")).to_have_text("Tenant 1 is already connected to Acme Crm")
     page.close()
 
 
@@ -207,7 +212,7 @@ def test_deny_then_try_again(stack: Stack, browser: Any) -> None:
     page.goto(stack.links["t2"])
     page.click("button")
     page.click("#deny")
-    expect(page.locator("h1")).to_have_text("The connection to acme-crm was not made")
+    expect(page.locator("h1")).to_have_text("The connection to Acme Crm was not made")
     _shot(page, "declined")
     record = stack.ledger.get("t2", load_profile_id(stack))
     assert record is not None
@@ -215,7 +220,7 @@ def test_deny_then_try_again(stack: Stack, browser: Any) -> None:
     assert "onboarding.tenant.declined" in _events(stack, "t2", "onboarding.tenant.declined")
     page.click("button")  # Try again: back to the link page, through /retry
     expect(page).to_have_url(stack.links["t2"])
-    expect(page.locator("h1")).to_have_text("Connect Tenant 2 to acme-crm")
+    expect(page.locator("h1")).to_have_text(f"{BRAND} would like to connect to your Acme Crm")
     page.close()
 
 
@@ -236,6 +241,7 @@ def test_a_revoked_link(stack: Stack, browser: Any) -> None:
     answer = page.goto(stack.links["t3"])
     assert answer is not None and answer.status == 404
     expect(page.locator("h1")).to_have_text("This link is not valid")
+    expect(page.locator("main")).to_contain_text(f"ask {BRAND} for a new one")
     assert page.locator("button").count() == 0
     page.close()
     again = subprocess.run(

@@ -53,14 +53,17 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
     assert len(messages) == 49
     campaign = messages[23:48]
     assert len({str(m["To"]) for m in campaign}) == 25  # one email per tenant
-    subjects = Counter(str(m["Subject"]).split(" to ", 1)[1] for m in campaign)
+    # "<who asks> would like to connect to your <connectors> for <tenant>"
+    subjects = Counter(
+        str(m["Subject"]).split(" to your ", 1)[1].rsplit(" for ", 1)[0] for m in campaign
+    )
     # t024 lacked both links: one email with the two; the others lacked Slack's only (t023's
     # Zendesk link failed again, and its email went with Slack's).
     # Each connector by its display_name (the profile's name made readable).
     assert subjects == {"Slack Demo": 24, "Zendesk Demo and Slack Demo": 1}
 
     # Last, t001 connects through a durable link emailed to it, and the funnel is printed.
-    assert "callback: 'Acme Corp is connected to acme-crm'" in done.stdout
+    assert "callback: 'Acme Corp is connected to Acme Crm'" in done.stdout
     assert (
         "acme-crm: linked 1 → delivered 1 (100%) → opened 1 (100%) → started 1 (100%) → connected 1"
         in done.stdout

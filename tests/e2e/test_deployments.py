@@ -102,7 +102,7 @@ def test_a_backend_starts_a_run_through_the_rest_api(stack: dict[str, Any]) -> N
 
     run = wait_terminal(api, first.json()["id"])
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert run["name"] == "zendesk-demo for cust-101, cust-102"
+    assert run["name"] == "zendesk-demo (Zendesk Demo) for cust-101, cust-102"
     assert "profile:zendesk-demo" in run["tags"]
 
     deadline = time.monotonic() + 30

@@ -71,7 +71,7 @@ def test_a_run_and_a_campaign_end_quietly_with_every_task_run_recorded(
             env, tmp_path, "run", "--roster", ROSTER, "--profile", PROFILE, "--profile", SLACK
         )
         assert_quiet(campaign)
-        assert "slack-demo: 25 delivered" in campaign.stdout
+        assert "slack-demo (Slack Demo): 25 delivered" in campaign.stdout
         assert task_runs_by_state(prefect_db) == {"COMPLETED": 50}
 
 

@@ -153,7 +153,7 @@ def test_one_email_per_tenant_with_its_links_and_a_rerun_sends_only_the_missing_
         (body,) = again[f"admin{i}@t{i}.example.com"]
         assert link_of(ledger, f"t{i}", SLACK_ID) in body
         assert link_of(ledger, f"t{i}", ZENDESK_ID) not in body  # delivered before
-        assert "ready to be connected to Slack." in body
+        assert "would like to connect to your Slack for " in body
     assert ledger.counts_by_status([ZENDESK_ID, SLACK_ID]) == {"delivered": 20}
     assert emulator.stats()["requests"] == 21 + 2
 

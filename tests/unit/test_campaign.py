@@ -22,6 +22,7 @@ import pytest
 
 from demo.emulator_config import EmulatedConnector
 from demo.versori_rules import build_url
+from onboarding.brand import BrandValues
 from onboarding.campaign import Campaign, onboard_tenant, remind_tenant
 from onboarding.clock import utcnow
 from onboarding.connector_run import ConnectorRun
@@ -128,7 +129,7 @@ class Setup:
             runs,
             Delivery.EMAIL,
             mailer=self.mailer,  # type: ignore[arg-type]
-            templates=MailTemplates(),
+            templates=MailTemplates(brand=BrandValues()),
             **options,  # type: ignore[arg-type]
         )
 
@@ -441,7 +442,9 @@ def test_each_reminder_is_a_new_message_threaded_under_the_first(setup: Setup) -
         assert remind_tenant(reminding(setup), TENANT, NOT_LAST).status == "reminded"
     first, *reminders = setup.mailer.sent
     names = f"{ZENDESK.display_name} and {SLACK.display_name}"
-    assert [m["Subject"] for m in reminders] == [f"Reminder: Connect Acme to {names}"] * 2
+    # No brand set: the From line's display name asks.
+    subject = f"Reminder: Onboarding would like to connect to your {names} for Acme"
+    assert [m["Subject"] for m in reminders] == [subject] * 2
     ids = [m["Message-ID"] for m in setup.mailer.sent]
     assert len(set(ids)) == 3, "the second reminder is not the first one again"
     assert {m["References"] for m in reminders} == {first["Message-ID"]}

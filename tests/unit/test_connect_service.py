@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 
 from demo.connect_click import write_connect_profile
 from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
+from onboarding.brand import Brand
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
 from onboarding.connect.app import create_app
@@ -157,11 +158,45 @@ def _events(stage: Stage) -> list[tuple[str, str]]:
 # --- the path a person takes -------------------------------------------------------------------
 
 
+def test_a_profiles_brand_wins_for_its_connector(stage: Stage) -> None:
+    """The service's brand (ONBOARD_BRAND_*) where no connector is known; the profile's own
+    `brand:` and access_summary on its connector's pages, its logo's origin the CSP's only
+    img-src."""
+    stage.service.brand = Brand(
+        name="Acme Analytics",
+        logo_url="https://cdn.acme.example/logo.png",
+        support="help@acme.example",
+    )
+    with stage.path.open("a", encoding="utf-8") as profile:
+        profile.write(
+            "access_summary: Read your CRM contacts\n"
+            "brand:\n  name: Acme for CRM\n  logo_url: https://crm-cdn.acme.example/l.png\n"
+        )
+    token = stage.tenant("t1")
+    page = stage.app.get(f"/c/{token}")
+    assert "<h1>Acme for CRM would like to connect to your Acme Crm</h1>" in page.text
+    assert '<img src="https://crm-cdn.acme.example/l.png" alt="Acme for CRM"' in page.text
+    assert "<li>Read your CRM contacts</li>" in page.text and "help@acme.example" in page.text
+    images = re.findall(r"img-src [^;]*;", page.headers["Content-Security-Policy"])
+    assert images == ["img-src https://crm-cdn.acme.example;"]
+    unknown = stage.app.get("/c/" + "x" * 43)
+    assert unknown.status_code == 404 and "ask Acme Analytics for a new one" in unknown.text
+    images = re.findall(r"img-src [^;]*;", unknown.headers["Content-Security-Policy"])
+    assert images == ["img-src https://cdn.acme.example;"]
+    csrf = _CSRF.search(page.text)
+    assert csrf is not None and page.text.count(csrf.group(1)) == 1  # the form's, only
+    for body in (page.text, unknown.text):
+        assert token not in body and "batch-t1" not in body
+
+
 def test_link_button_consent_callback_connects_the_tenant(stage: Stage) -> None:
     token = stage.tenant("t1")
     page = stage.app.get(f"/c/{token}")
     assert page.status_code == 200
-    assert "Connect Tenant t1 to acme-crm" in page.text
+    # Who asks (no ONBOARD_BRAND_NAME here: a default, see onboarding/brand.py), the connector
+    # by its display name (never its slug), the tenant.
+    assert "would like to connect to your Acme Crm</h1>" in page.text
+    assert "This connection is for Tenant t1." in page.text and "acme-crm" not in page.text
     for name in HEADERS:
         assert name in page.headers
     assert page.headers["Referrer-Policy"] == "no-referrer"
@@ -183,7 +218,7 @@ def test_link_button_consent_callback_connects_the_tenant(stage: Stage) -> None:
 
     done = stage.callback(stage.consent(authorize))
     assert done.status_code == 200, done.text
-    assert "Tenant t1 is connected to acme-crm" in done.text
+    assert "Tenant t1 is connected to Acme Crm" in done.text
     record = stage.record("t1")
     made = httpx.get(f"{stage.emulator.base_url}/_emulator/connections").json()["connections"]
     assert record.status is Status.CONNECTED and record.connection_id == made[-1]["id"]

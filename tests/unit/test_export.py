@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 COLUMNS = [
     "tenant_id",
     "connector_id",
+    "connector_name",
     "status",
     "url",
     "state",
@@ -91,6 +92,7 @@ def test_csv_has_the_export_columns_and_one_row_per_tenant_and_connector(
     assert first == {
         "tenant_id": "t1",
         "connector_id": CONNECTOR,
+        "connector_name": "zendesk-demo",  # the profile's name, as the ledger keeps it
         "status": "link_created",
         "url": "https://login.example.com/authorize?state=state-t1",
         "state": "state-t1",
@@ -165,7 +167,11 @@ def test_nothing_but_the_export_columns_leaves_the_ledger(two_connectors: Ledger
     for fmt in ExportFormat:
         text = exported(two_connectors, fmt)
         assert "admin@t1.example.com" not in text and "Tenant t1" not in text
-        assert "zendesk-demo" not in text and "run-1" not in text
+        assert "run-1" not in text
+        # The profile's name is a column now (connector_name), and nowhere else.
+        rows = csv_rows(text) if fmt is ExportFormat.CSV else jsonl_rows(text)
+        assert text.count("zendesk-demo") == len(rows)
+        assert {r["connector_name"] for r in rows} == {"zendesk-demo"}
 
 
 @pytest.fixture

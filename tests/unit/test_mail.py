@@ -22,6 +22,7 @@ import pytest
 import trustme
 
 from demo.smtp import LocalSmtpServer
+from onboarding.brand import BrandValues
 from onboarding.errors import InputError, is_transient
 from onboarding.mail import (
     MailAuthError,
@@ -54,6 +55,8 @@ LINK = (
     f"&prompt=login&state={STATE}"
 )
 FROM = "Acme Onboarding <onboard@acme.example.com>"
+# No ONBOARD_BRAND_* set: emails name the From line's display name.
+SUBJECT = "Acme Onboarding would like to connect to your HubSpot for Globex Corp"
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 EXPIRES = NOW + timedelta(hours=72)
 
@@ -71,7 +74,7 @@ def tenant(**changes: Any) -> Tenant:
 
 @pytest.fixture(scope="module")
 def templates() -> MailTemplates:
-    return MailTemplates()
+    return MailTemplates(brand=BrandValues())  # whatever ONBOARD_BRAND_* this shell has
 
 
 def message(
@@ -148,13 +151,14 @@ def test_message_carries_the_link_exactly_in_both_parts(templates: MailTemplates
     msg = parsed(message(templates).as_bytes())
     assert msg["To"] == "admin@globex.example.com"
     assert msg["From"] == FROM
-    assert msg["Subject"] == "Connect Globex Corp to HubSpot"
+    assert msg["Subject"] == SUBJECT
     assert msg["X-Onboarding-Tenant"] == "t-001"
     assert msg["Date"].datetime == NOW
     text, html = bodies(msg)
     assert LINK in text.splitlines()  # on a line of its own, unbroken
     assert hrefs(html) == [LINK]
-    assert "2026-03-04 at 09:30 UTC" in text and "72 hours" in text
+    assert "This link works until 4 March 2026" in text
+    assert "This link works until <strong>4 March 2026</strong>" in html
     assert "do not forward" in text and "do not forward" in html
     # The link is in the body only.
     header_text = "\n".join(f"{k}: {v}" for k, v in msg.items())
@@ -174,7 +178,7 @@ def test_a_link_longer_than_a_mail_line_survives(templates: MailTemplates) -> No
 def test_reminder_subject_and_ids(templates: MailTemplates) -> None:
     first = message(templates)
     reminder = message(templates, reminder=1)
-    assert reminder["Subject"] == "Reminder: Connect Globex Corp to HubSpot"
+    assert reminder["Subject"] == f"Reminder: {SUBJECT}"
     assert "is not connected to HubSpot yet" in bodies(parsed(reminder.as_bytes()))[0]
     # A reminder is its own message, threaded under the first.
     assert reminder["Message-ID"] != first["Message-ID"]
@@ -200,7 +204,7 @@ def test_tenant_name_is_escaped_in_html(templates: MailTemplates) -> None:
     assert "<script>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<script>alert(1)</script>" in text  # plain text is not HTML
-    assert msg["Subject"] == "Connect <script>alert(1)</script> to HubSpot"
+    assert msg["Subject"] == SUBJECT.replace("Globex Corp", "<script>alert(1)</script>")
 
 
 @pytest.mark.parametrize(
@@ -330,7 +334,7 @@ def test_send_plain(server: SmtpTestServer, sender: MailSender, templates: MailT
     msg = got.message()
     text, html = bodies(msg)
     assert LINK in text.splitlines() and hrefs(html) == [LINK]
-    assert msg["Subject"] == "Connect Globex Corp to HubSpot"
+    assert msg["Subject"] == SUBJECT
 
 
 def test_starttls_and_auth(templates: MailTemplates, caplog: pytest.LogCaptureFixture) -> None:
@@ -686,16 +690,19 @@ def test_one_email_carries_every_link_with_its_connector_and_expiry() -> None:
         tenant=CAMPAIGN_TENANT,
         links=[HUBSPOT, SLACK],
         email_from=FROM,
-        templates=MailTemplates(),
+        templates=MailTemplates(brand=BrandValues()),
         now=NOW,
     )
     parsed = message_from_bytes(message.as_bytes(), policy=email.policy.default)
-    assert parsed["Subject"] == "Connect Acme to HubSpot and Slack"
+    assert (
+        parsed["Subject"]
+        == "Acme Onboarding would like to connect to your HubSpot and Slack for Acme"
+    )
     text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = parsed.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "1. HubSpot:" in text and "2. Slack:" in text
     assert text.index(HUBSPOT.url) < text.index("2. Slack:") < text.index(SLACK.url)
-    assert "in about 72 hours" in text and "in about 24 hours" in text
+    assert "works until 4 March 2026" in text and "works until 2 March 2026" in text
     for link in (HUBSPOT, SLACK):
         assert link.url in text and link.url.replace("&", "&amp;") in html
         assert link.state not in parsed["Subject"] and link.state not in parsed["Message-ID"]

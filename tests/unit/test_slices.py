@@ -189,7 +189,9 @@ def test_three_404s_in_a_row_from_distinct_tenants_stop_the_batch(job: Campaign)
         run_slice(
             calling(job, step), batch, onboard_tenant, None, last_attempt=False
         )  # in order, one at a time
-    assert "3 tenants in a row (t1, t2, t3)" in job.stop_reason
+    stop = job.connectors[0].stop
+    assert "3 tenants in a row (t1, t2, t3)" in stop.detail
+    assert job.stop_reason == stop.reason and stop.reason.startswith("Versori does not know")
     assert step.calls == {"t1": 1, "t2": 1, "t3": 1}
     codes = [o.error_code for o in failed.value.outcomes]
     assert codes == ["not_found"] * 3 + ["not_attempted"] * 3
@@ -218,7 +220,8 @@ def test_the_same_tenant_twice_is_no_evidence() -> None:
     stop.failed("t4", ServerError(503, "unavailable", "down"))  # transient: neither
     stop.failed("t5", PermissionDeniedError(403, "forbidden", "no"))
     stop.failed("t6", PermissionDeniedError(403, "forbidden", "no"))
-    assert "3 tenants in a row (t3, t5, t6)" in stop.reason
+    assert "3 tenants in a row (t3, t5, t6)" in stop.detail
+    assert stop.reason.startswith("Versori refused the API key for the connector (403")
 
 
 def test_a_stopped_batch_keeps_the_real_error_of_a_tenant_it_tried(job: Campaign) -> None:
