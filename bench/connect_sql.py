@@ -44,12 +44,13 @@ def main() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         from starlette.testclient import TestClient
 
+    from connect_service.app import create_app
+    from connect_service.service import ConnectService
     from demo.connect_click import write_connect_profile
     from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
     from onboarding.client import VersoriClient
     from onboarding.clock import utcnow
-    from onboarding.connect.app import create_app
-    from onboarding.connect.service import ConnectService, issue_connect_link
+    from onboarding.durable_links import issue_connect_link
     from onboarding.ledger import Ledger
     from onboarding.profile import load_profile
 

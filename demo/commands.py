@@ -19,6 +19,7 @@ from onboarding.net import is_loopback
 
 if TYPE_CHECKING:
     from demo.emulator import EmulatorConfig
+    from onboarding.run_summary import RunSummary
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 out = Console()
@@ -26,8 +27,8 @@ err = Console(stderr=True)
 
 
 def demo_command(
-    run_flow: Callable[..., dict[str, Any] | None],
-    print_outcomes: Callable[[dict[str, Any], bool], None],
+    run_flow: Callable[..., RunSummary | None],
+    print_outcomes: Callable[[RunSummary, bool], None],
 ) -> Callable[..., None]:
     """`onboard demo`, which runs its flows and prints their outcomes as `onboard run` does,
     with the CLI's own `run_flow` and `print_outcomes` (demo/ imports nothing of deployments/)."""

@@ -134,7 +134,7 @@ def deliver_connect_link(
     from datetime import timedelta
 
     from onboarding.clock import utcnow
-    from onboarding.connect import connect_url, issue_connect_link
+    from onboarding.durable_links import connect_url, issue_connect_link
     from onboarding.links import check_link
 
     request = profile.render(tenant.values)

@@ -13,12 +13,12 @@ from typing import Any
 
 import uvicorn
 
+from connect_service.app import create_app
+from connect_service.service import ConnectService
 from demo.connect_click import click_through, deliver_connect_link, write_connect_profile
 from demo.local import DemoStage
 from demo.processes import free_port
 from onboarding.client import VersoriClient
-from onboarding.connect.app import create_app
-from onboarding.connect.service import ConnectService
 from onboarding.ledger import Ledger, funnel_lines
 from onboarding.mail import MailSender, MailTemplates
 from onboarding.profile import load_profile

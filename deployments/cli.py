@@ -5,22 +5,28 @@ take seconds to import, which `onboard --help` should not pay for, nor `status` 
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
-from collections import Counter
 from contextlib import closing, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from deployments import connect_cli
+from deployments.cli_output import (
+    connector_label,
+    err,
+    out,
+    print_outcomes,
+    print_status,
+    quiet_task_logs,
+    report_interrupted_run,
+    send_connected_event,
+    what_next,
+)
 from flows.inputs.options import FanOut, TenantEvents
 from onboarding import constants
 from onboarding.clock import utcnow
@@ -29,13 +35,10 @@ from onboarding.errors import InputError
 from onboarding.export import ExportFormat
 
 if TYPE_CHECKING:
-    from onboarding.ledger import Ledger, Record
     from onboarding.run_inputs import RunInputs
+    from onboarding.run_summary import RunSummary
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-out = Console()
-err = Console(stderr=True)
 
 
 class _Commands(TyperGroup):
@@ -70,51 +73,6 @@ def _prefect_defaults() -> None:
     Either, set in the environment, wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-
-
-def _quiet_task_logs(verbose: bool) -> None:
-    """One INFO line per task run drowns the progress lines in a batch of thousands; and each
-    tenant's failure, which the command prints at its end grouped by error, is left out of
-    the console (not of the run's logs on the Prefect server). --verbose shows them all."""
-    if verbose:
-        return
-    import prefect  # noqa: F401  # its logging set up, console handler included
-
-    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler":
-            handler.addFilter(_SaidAtTheEnd())
-
-
-class _SaidAtTheEnd(logging.Filter):
-    """Leaves out of the console the lines `onboard run` says again at its end, once: each
-    tenant's failure (the slice task's warning; Prefect's "Task run failed with" and
-    "Finished in state Failed" lines for an error of ours) and the batch's stop. A failure
-    that is not one of ours (a bug, a crash) stays, traceback and all."""
-
-    _FAILED = re.compile(r"Finished in state Failed\('Task run encountered an exception (\w+):")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "onboarding_stop", False):
-            return False
-        if not record.name.startswith("prefect.task_runs") or record.levelno < logging.WARNING:
-            return True
-        if record.msg == "%s %s failed%s: %s: %s":  # tasks/slice_tasks.py, one per tenant
-            return False
-        from onboarding.errors import OnboardingError
-
-        if record.exc_info and isinstance(record.exc_info[1], OnboardingError):
-            return False
-        failed = self._FAILED.match(record.getMessage())
-        return not (failed and failed.group(1) in _names_of(OnboardingError))
-
-
-def _names_of(cls: type[Exception]) -> set[str]:
-    """The names of `cls` and every subclass of it loaded so far."""
-    names = {cls.__name__}
-    for sub in cls.__subclasses__():
-        names |= _names_of(sub)
-    return names
 
 
 def _check_run_inputs(
@@ -156,7 +114,7 @@ def _run_flow(
     dry_run: bool,
     only: list[str] | None,
     **options: Any,
-) -> dict[str, Any] | None:
+) -> RunSummary | None:
     from flows.onboard_tenants import onboard_tenants
 
     return _summary_of_run(
@@ -171,7 +129,7 @@ def _run_flow(
     )
 
 
-def _summary_of_run(flow: Any, **parameters: Any) -> dict[str, Any] | None:
+def _summary_of_run(flow: Any, **parameters: Any) -> RunSummary | None:
     """Run `flow` in this process; its summary once finished (Completed or Failed alike), or
     None after saying why the run did not get that far (bad input inside the flow, a crash)."""
     from flows.running.in_process import run_here
@@ -179,179 +137,11 @@ def _summary_of_run(flow: Any, **parameters: Any) -> dict[str, Any] | None:
     state = run_here(flow, **parameters)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
-        return result
+        from onboarding.run_summary import RunSummary
+
+        return RunSummary.from_json(result)
     err.print(f"[bold red]The run did not finish:[/] {state.message}", highlight=False)
     return None
-
-
-# Ledger statuses as an interrupted run's report counts them: done, failed, or begun.
-_KIND = (
-    dict.fromkeys(("delivered", "reminded", "connected"), "done")
-    | dict.fromkeys(("pending", "link_created", "sending", "opened", "declined"), "begun")
-    | {"failed": "failed"}
-)
-
-
-def _report_interrupted_run(inputs: RunInputs) -> None:
-    """What `onboard run` prints when interrupted: how far the roster got, per connector, read
-    from the ledger (the truth, whatever the flow managed to say). Counts only: no link, state
-    or address."""
-    from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
-
-    assert inputs.roster is not None
-    ids = {t.tenant_id for t in inputs.roster}
-    lines = []
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
-        for connector in inputs.profiles:
-            records = ledger.iter_records(connector.target_id)
-            seen = Counter(_KIND.get(str(r.status)) for r in records if r.tenant_id in ids)
-            lines.append(_interrupted_counts(seen, len(ids)))
-    again = "run the same command again to finish (it skips what is done)"
-    if len(inputs.profiles) == 1:
-        out.print(f"Interrupted: {lines[0]}; {again}.", highlight=False, soft_wrap=True)
-        return
-    out.print(f"Interrupted; {again}. How far each connector got:", highlight=False)
-    for connector, line in zip(inputs.profiles, lines, strict=True):
-        out.print(f"  {connector.name}: {line}", highlight=False, soft_wrap=True)
-
-
-def _interrupted_counts(seen: Counter[str | None], total: int) -> str:
-    begun = f", {seen['begun']} in progress when stopped" if seen["begun"] else ""
-    rest = total - seen["done"] - seen["failed"] - seen["begun"]
-    not_started = f", the rest ({rest}) not started" if rest else ""
-    done = f"{seen['done']} of {total} tenant(s) delivered, {seen['failed']} failed"
-    return f"{done}{begun}{not_started}"
-
-
-def _print_outcomes(summary: dict[str, Any], everything: bool) -> None:
-    """A run's outcome: every tenant in a table (`everything`: a dry run, reminders, the
-    demo), else its failures grouped by error, one line a group; then the counts."""
-    names: dict[str, str] = summary.get("connector_names", {})
-    campaign = bool(summary.get("by_connector"))
-    if everything:
-        _print_table(sorted(summary["outcomes"], key=lambda r: r["tenant_id"]), campaign, names)
-    else:
-        for line in _failure_lines(summary):
-            out.print(line, highlight=False, markup=False, soft_wrap=True)
-    if summary.get("outcomes_left_out"):
-        out.print(
-            f"…and {summary['outcomes_left_out']} more tenant(s) not listed here: "
-            "`onboard status` and `onboard export` show the ledger."
-        )
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
-    out.print(
-        f"[bold]{summary['total']}[/] tenant(s) in {summary['seconds']} s: "
-        f"{counts or 'nothing to do'}",
-        highlight=False,
-    )
-    for why, n in summary.get("skipped_why", {}).items():
-        out.print(f"  {n} skipped: {why}", highlight=False)
-    for name, by_status in summary.get("by_connector", {}).items():
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
-        out.print(f"  {_named(name, names)}: {counts}", highlight=False)
-    if summary.get("coverage"):
-        c = summary["coverage"]
-        out.print(
-            f"Ledger: {c['fully']} tenant(s) connected to every one of these connectors, "
-            f"{c['partly']} to some, {c['none']} to none.",
-            highlight=False,
-        )
-
-
-def _print_table(rows: list[dict[str, str]], campaign: bool, names: dict[str, str]) -> None:
-    if not rows:
-        return
-    table = Table(title="Tenants")
-    columns = ["tenant", "connector", "status", "link host", "state", "error"]
-    for column in columns if campaign else [c for c in columns if c != "connector"]:
-        # Only the error wraps: ids and hosts are copied, so each stays whole on one line.
-        table.add_column(column, no_wrap=column != "error")
-    for r in rows:
-        style = "red" if r["status"] == "failed" else ""
-        error = r["error_message"] or r["error_code"]
-        connector = _named(r.get("connector", ""), names)
-        cells = [r["tenant_id"], connector, r["status"], r["link_host"]]
-        cells = cells if campaign else [cells[0], *cells[2:]]
-        table.add_row(*cells, r["masked_state"], error, style=style)
-    out.print(table)
-
-
-# Tenant ids a failure line shows, at most.
-SHOWN_IDS = 5
-
-
-def _failure_lines(summary: dict[str, Any]) -> list[str]:
-    """The failed tenants grouped by error, one line a group (its connector named in a
-    campaign), largest first. A connector that stopped the batch is one line: the tenants
-    that got the error that stopped it, and those not called after it."""
-    names: dict[str, str] = summary.get("connector_names", {})
-    stops: dict[str, dict[str, str]] = summary.get("stopped", {})
-    groups: dict[tuple[str, str, str], list[str]] = {}
-    answered: dict[str, tuple[str, list[str]]] = {}  # a stopped connector's: message, ids
-    not_called: dict[str, list[str]] = {}
-    for r in summary["outcomes"]:
-        if r["status"] != "failed":
-            continue
-        connector = r.get("connector", "")
-        # A run of one connector names none in its rows: its stop is the only one.
-        stop = stops.get(connector) or (next(iter(stops.values()), None) if not connector else None)
-        said = r["error_message"] or r["error_code"]
-        if stop is not None and r["error_code"] == "not_attempted":
-            not_called.setdefault(connector, []).append(r["tenant_id"])
-        elif stop is not None and r["error_code"] == stop["error_code"]:
-            answered.setdefault(connector, (said, []))[1].append(r["tenant_id"])
-        else:
-            groups.setdefault((connector, r["error_code"], said), []).append(r["tenant_id"])
-    lines = []
-    for connector in dict.fromkeys([*answered, *not_called]):
-        stop = stops.get(connector) or next(iter(stops.values()))
-        message, ids = answered.get(connector, ("", []))
-        untried = not_called.get(connector, [])
-        parts = [f"{len(ids)} answered {message} ({_ids(ids)})"] if ids else []
-        parts += [f"{len(untried)} not called after that"] if untried else []
-        where = f"{_named(connector, names)}: " if connector else ""
-        total = _tenants(len(ids) + len(untried))
-        lines.append(f"{where}{total} failed because {stop['cause']}: " + ", ".join(parts))
-    for (connector, code, message), ids in sorted(groups.items(), key=lambda g: -len(g[1])):
-        where = f"{_named(connector, names)}: " if connector else ""
-        said = message if code in message else f"{code}: {message}"
-        lines.append(f"{where}{_tenants(len(ids))} failed: {said} ({_ids(ids)})")
-    return lines
-
-
-def _ids(ids: list[str]) -> str:
-    more = f", +{len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else ""
-    return ", ".join(ids[:SHOWN_IDS]) + more
-
-
-def _tenants(n: int) -> str:
-    return f"{n} tenant" if n == 1 else f"{n} tenants"
-
-
-def _what_next(summary: dict[str, Any]) -> str:
-    """The closing line of a run with failures: what stopped it and what to fix, or whether
-    the next run can be expected to do better by itself."""
-    failed = summary["failed"]
-    stops = summary.get("stopped", {})
-    if stops:
-        names = summary.get("connector_names", {})
-        campaign = len(names) > 1
-        reasons = "; ".join(
-            (f"{_named(name, names)}: " if campaign else "") + stop["reason"]
-            for name, stop in stops.items()
-        )
-        return (
-            f"The batch stopped: {reasons}. Fix that, then run the same command again to retry "
-            f"the {failed} failed tenant(s); until it is fixed, a run fails them the same way."
-        )
-    lasting = summary.get("failed_not_transient", 0)
-    if lasting:
-        return (
-            f"The next `onboard run` tries the failed tenants again, but {lasting} of them "
-            "failed for a reason a retry alone does not change: fix what their error says first."
-        )
-    return "The next `onboard run` retries the failed tenants."
 
 
 # Long for its options: each is declared with its help, as typer shows it in `onboard run --help`.
@@ -409,9 +199,9 @@ def run(
     from flows.running.in_process import EXIT_INTERRUPTED, stop_on_interrupt
 
     inputs = _check_run_inputs(roster, profile, only, dry_run, deliver, fan_out)
-    _quiet_task_logs(verbose)
+    quiet_task_logs(verbose)
     try:
-        with stop_on_interrupt(lambda: _report_interrupted_run(inputs)) as interrupt:
+        with stop_on_interrupt(lambda: report_interrupted_run(inputs)) as interrupt:
             summary = _run_flow(
                 roster,
                 profile[0] if len(profile) == 1 else profile,
@@ -433,9 +223,9 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
-    _print_outcomes(summary, everything=dry_run)
-    if summary["failed"]:
-        out.print(_what_next(summary), highlight=False, markup=False, soft_wrap=True)
+    print_outcomes(summary, everything=dry_run)
+    if summary.failed:
+        out.print(what_next(summary), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
@@ -466,7 +256,7 @@ def remind(
     from flows.remind_tenants import remind_tenants
 
     _check_run_inputs(None, profile, None, dry_run, deliver)
-    _quiet_task_logs(verbose)
+    quiet_task_logs(verbose)
     summary = _summary_of_run(
         remind_tenants,
         profile=profile[0] if len(profile) == 1 else profile,
@@ -477,12 +267,12 @@ def remind(
     )
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
-    _print_outcomes(summary, everything=True)
-    if summary.get("expired"):
-        out.print(f"{summary['expired']} link(s) past their time were marked expired.")
-    if summary.get("stopped"):  # a refused key: what to fix, once
-        out.print(_what_next(summary), highlight=False, markup=False, soft_wrap=True)
-    if summary["failed"]:
+    print_outcomes(summary, everything=True)
+    if summary.expired:
+        out.print(f"{summary.expired} link(s) past their time were marked expired.")
+    if summary.stopped:  # a refused key: what to fix, once
+        out.print(what_next(summary), highlight=False, markup=False, soft_wrap=True)
+    if summary.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
@@ -513,7 +303,7 @@ def _nothing_to_remind(
         held = sum(ledger.counts_by_status(ids).values())
         anything = held or bool(ledger.connector_profiles())
     where = f"the ledger {redact(url)}"
-    label = " + ".join(_connector_label(p.name, p.display_name) for p in connectors)
+    label = " + ".join(connector_label(p.name, p.display_name) for p in connectors)
     if not anything:
         said = f"Nothing to remind: {where} holds no records yet (`onboard run` makes them)."
     elif not held:
@@ -526,17 +316,6 @@ def _nothing_to_remind(
         )
     out.print(said, highlight=False, markup=False, soft_wrap=True)
     return True
-
-
-def _named(name: str, names: dict[str, str]) -> str:
-    """A connector of a run's summary (by its profile's name) as people read it, with its
-    display name from the summary's `connector_names`."""
-    return _connector_label(name, names.get(name, ""))
-
-
-def _connector_label(name: str, display_name: str) -> str:
-    """'acme-crm (Acme CRM)': the name the ledger and files use, and the one people read."""
-    return name if not display_name or display_name == name else f"{name} ({display_name})"
 
 
 def _ledger_url_to_read() -> str:
@@ -610,37 +389,7 @@ def mark_connected(
             err.print(f"[bold red]Not recorded:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(EXIT_SOME_FAILED) from None
     out.print(f"Tenant {record.tenant_id} is connected to {record.profile}.", highlight=False)
-    _send_connected_event(record)
-
-
-def _send_connected_event(record: Record) -> None:
-    """The event the record-connection flow sends, built as it builds it (with no flow run to
-    relate it to), posted to the Prefect API's /events with httpx: importing Prefect's client
-    alone takes longer (1.3 to 2.7 s) than this whole command should."""
-    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
-    if not api:
-        out.print("No event sent: no Prefect server is configured (PREFECT_API_URL is not set).")
-        return
-    import httpx
-
-    from onboarding.events import api_headers, tenant_event
-    from onboarding.outcomes import StatusChange
-
-    change = StatusChange(record.tenant_id, record.connector_id, record.profile, "connected")
-    event, headers = tenant_event(change), api_headers()
-    try:
-        response = httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10)
-        reason = "" if response.is_success else f"HTTP {response.status_code}"
-    except httpx.HTTPError as error:
-        reason = type(error).__name__
-    if reason:
-        err.print(
-            f"The event was not sent to {api} ({reason}); the ledger has the connection.",
-            highlight=False,
-            soft_wrap=True,
-        )
-    else:
-        out.print(f"Event {event['event']} sent to {api}.", highlight=False, soft_wrap=True)
+    send_connected_event(record)
 
 
 # The demo and its stand-ins come with demo/ (and its packages), which the wheel leaves out.
@@ -650,7 +399,7 @@ except ModuleNotFoundError as missing:  # pragma: no cover - an install without 
     if missing.name != "demo":
         raise
 else:
-    app.command("demo")(demo_command(_run_flow, _print_outcomes))
+    app.command("demo")(demo_command(_run_flow, print_outcomes))
     app.command()(emulator)
     app.command("smtp-sink")(smtp_sink)
 
@@ -750,59 +499,17 @@ def status(
 ) -> None:
     """Count tenants by status in the ledger (ONBOARD_DB_URL), for each connector; with
     several, also how many tenants are connected to all of them, to some, to none."""
-    from onboarding.db_url import redact
-    from onboarding.ledger import Ledger, funnel_lines
+    from onboarding.ledger import Ledger
 
     names: dict[str, str] = {}
     if profile:  # imported only then: profiles need pydantic's models and YAML
         from onboarding.profile import load_profile
 
         names = {
-            p.target_id: _connector_label(p.name, p.display_name)
-            for p in map(load_profile, profile)
+            p.target_id: connector_label(p.name, p.display_name) for p in map(load_profile, profile)
         }
-    ledger = Ledger(_ledger_url_to_read())
-    # Redacted: the URL may hold a password, in its user part or its query.
-    where = f"Ledger {redact(ledger.url)}"
-    recorded = ledger.connector_profiles()
-    ids = list(dict.fromkeys([*(connector or []), *names])) or list(recorded)
-    if not ids:
-        out.print(f"{where} holds no records yet.", highlight=False, soft_wrap=True)
-        return
-    # Each connector by the name people read (the profile's display_name with --profile,
-    # else the profile's name the ledger keeps), its id beside it.
-    labels = {i: names.get(i) or recorded.get(i) or i for i in ids}
-    out.print(f"{where}:", highlight=False, soft_wrap=True)
-    out.print(_status_table(ledger, labels))
-    if len(ids) > 1:
-        c = ledger.connection_coverage(ids)
-        out.print(
-            f"Tenants connected to all {len(ids)} connectors: {c['fully']}; to some: "
-            f"{c['partly']}; to none: {c['none']}.",
-            highlight=False,
-        )
-    stale = ledger.count_past_expiry(ids, utcnow())
-    if stale:
-        out.print(f"{stale} link(s) are past their expiry and not connected.")
-    out.print("Funnel (linked → delivered → opened → started → connected):", highlight=False)
-    for cid, funnel in ledger.funnel(ids).items():
-        out.print(
-            f"  {labels.get(cid, cid)}: {funnel_lines(funnel)}", highlight=False, soft_wrap=True
-        )
-
-
-def _status_table(ledger: Ledger, labels: dict[str, str]) -> Table:
-    """Counts by status, a column per connector, headed by its label."""
-    per_connector = [ledger.counts_by_status(cid) for cid in labels]
-    statuses = sorted({s for counts in per_connector for s in counts})
-    table = Table()
-    table.add_column("status")
-    for cid, label in labels.items():
-        table.add_column(label if label == cid else f"{label}\n{cid}", justify="right")
-    for name in statuses:
-        table.add_row(name, *(str(counts.get(name, 0)) for counts in per_connector))
-    table.add_row("[bold]total[/]", *(f"[bold]{sum(c.values())}[/]" for c in per_connector))
-    return table
+    with Ledger(_ledger_url_to_read()) as ledger:
+        print_status(ledger, connector or [], names)
 
 
 @app.command()
@@ -818,8 +525,10 @@ def export(
     from onboarding.export import private_file, write_records
     from onboarding.ledger import Ledger
 
-    ledger = Ledger(_ledger_url_to_read())
-    with private_file(output) if output else nullcontext(sys.stdout) as stream:
+    with (
+        Ledger(_ledger_url_to_read()) as ledger,
+        private_file(output) if output else nullcontext(sys.stdout) as stream,
+    ):
         n = write_records(ledger, stream, format, connector)
     if output:
         err.print(f"{n} record(s) written to {output}", highlight=False)

@@ -63,7 +63,7 @@ def connect_server(
     """Serve the connect links (GET/POST /c/<token>), the OAuth callback (GET /callback) and
     GET /healthz, on the ledger at ONBOARD_DB_URL and Versori from VERSORI_*, as onboard run
     reads them. Stateless: run several, behind one TLS proxy, on a PostgreSQL ledger."""
-    from onboarding.connect.server import check_serving, serve
+    from connect_service.http_server import check_serving, serve
 
     check_serving(host, forwarded_allow_ips)
     check_link_profiles()
@@ -86,7 +86,7 @@ def check_link_profiles() -> None:
     ONBOARD_CONNECT_BASE_URL's callback). A profile that cannot be read now is only warned of:
     the service answers its links "try again later" until it can."""
     from onboarding.clock import utcnow
-    from onboarding.connect.settings import ConnectSettings
+    from onboarding.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
     from onboarding.profile import FINISH_HINT, load_profile
     from onboarding.settings import LedgerSettings

@@ -28,6 +28,7 @@ from onboarding.campaign import Campaign
 from onboarding.delivery import Delivery
 from onboarding.ledger import Ledger
 from onboarding.run_inputs import RosterPart
+from onboarding.run_summary import RunSummary
 from onboarding.settings import LedgerSettings
 
 PARENT_CHECK_SECONDS = 10.0
@@ -80,7 +81,7 @@ def onboard_chunk(
     with closing(Ledger(LedgerSettings().db_url)) as ledger:
         done = ledger.chunk_summary(batch_id, chunk)
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
-            return final_state(done, "onboarded or skipped (earlier)")
+            return final_state(RunSummary.from_json(done), "onboarded or skipped (earlier)")
         inputs = run_inputs(request)
         tag_run(inputs.profiles)
         started = time.monotonic()
@@ -93,7 +94,7 @@ def onboard_chunk(
             watch=lambda campaign: stop_when_parent_ends(campaign, batch_id),
         )
         summary = summarise(tally, time.monotonic() - started, chunk=chunk, first=first, stop=stop)
-        ledger.record_chunk(batch_id, chunk, str(flow_run.id), summary)
+        ledger.record_chunk(batch_id, chunk, str(flow_run.id), summary.to_json())
         return final_state(summary, "onboarded or skipped")
 
 

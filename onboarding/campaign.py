@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from onboarding.connector_run import ConnectorRun
 from onboarding.delivery import Delivery
+from onboarding.durable_links import connect_url, issue_connect_link
 from onboarding.errors import BatchStoppedError, OnboardingError
 from onboarding.ledger import SENDING_CHANNELS, Record, Status
 from onboarding.links import Link
@@ -330,8 +331,6 @@ def _mailed(campaign: Campaign, tenant: Tenant, issued: Issued) -> tuple[str, da
         if campaign.connect_base_url is None:
             issued.mailed = (issued.link.url, issued.expires_at)
         else:
-            from onboarding.connect.service import connect_url, issue_connect_link
-
             run = issued.run
             token = issue_connect_link(run.ledger, tenant.tenant_id, run.profile, run.profile_path)
             days = timedelta(days=run.profile.connect_link_days)

@@ -106,7 +106,7 @@ class ConnectorProfile(BaseModel):
     # platform-v2 only: sent as the request's redirectUrl, and then the returned URL's
     # redirect_uri must be exactly this (as with redirect_uri).
     redirect_url: str | None = None
-    # onboard connect-server (onboarding/connect/): the durable link's lifetime; and, for
+    # onboard connect-server (connect_service/): the durable link's lifetime; and, for
     # platform-v2 profiles whose redirect_url is the service's /callback, what CreateConnection
     # is called with (the connection's template, its name: a {field} template over the tenant,
     # default its name) and where a connected admin is sent (a fixed URL, never the request's).

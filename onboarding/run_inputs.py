@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from onboarding import constants
+from onboarding.connect_settings import ConnectSettings
 from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.ledger import Ledger
@@ -137,8 +138,6 @@ def check_environment() -> None:
     """Every VERSORI_* and ONBOARD_* setting a run reads (mail's apart, checked with the
     templates) passes its check: one InputError names every variable that does not."""
     problems = []
-    from onboarding.connect.settings import ConnectSettings
-
     for settings in (
         VersoriSettings,
         LedgerSettings,
@@ -183,8 +182,6 @@ def _check_finishable(request: RunRequest, profiles: list[ConnectorProfile]) -> 
     (ConnectorProfile.finish_problems), or nothing is sent."""
     if not (request.deliver.sends_email or request.reminders):
         return
-    from onboarding.connect.settings import ConnectSettings
-
     base_url = ConnectSettings().base_url
     problems = [p for profile in profiles for p in profile.finish_problems(base_url)]
     if problems:

@@ -24,8 +24,10 @@ from flows.inputs.options import TenantEvents
 from flows.reporting.progress import Progress
 from flows.reporting.summary import OutcomeCounts
 from onboarding.clock import utcnow
-from onboarding.ledger import Ledger
+from onboarding.ledger import Ledger, Status
+from onboarding.outcomes import TenantOutcome
 from onboarding.run_inputs import RunInputs
+from onboarding.run_summary import RunSummary
 
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0
@@ -80,9 +82,9 @@ def run_chunks(inputs: RunInputs, ledger: Ledger, plan: ChunkPlan) -> OutcomeCou
     progress = Progress(len(batch), profile.name)
     tally = OutcomeCounts()
 
-    def add_chunk_summary(chunk: Chunk, summary: dict[str, Any]) -> None:
+    def add_chunk_summary(chunk: Chunk, summary: RunSummary) -> None:
         tally.merge(summary)
-        progress.advance(failed=summary["failed"], count=chunk.stop - chunk.first)
+        progress.advance(failed=summary.failed, count=chunk.stop - chunk.first)
 
     def parameters(chunk: Chunk) -> dict[str, Any]:
         return {
@@ -112,7 +114,7 @@ def run_chunks(inputs: RunInputs, ledger: Ledger, plan: ChunkPlan) -> OutcomeCou
     for chunk in chunks:
         done = ledger.chunk_summary(batch_id, chunk.index)
         if done is not None:
-            add_chunk_summary(chunk, done)
+            add_chunk_summary(chunk, RunSummary.from_json(done))
         else:
             todo.append(chunk)
     if len(todo) < len(chunks):
@@ -123,9 +125,10 @@ def run_chunks(inputs: RunInputs, ledger: Ledger, plan: ChunkPlan) -> OutcomeCou
     started = _start_chunk_runs(todo, parameters, plan.deployment, batch_id)
     deadline = time.monotonic() + plan.deadline_minutes * 60
     for chunk, run_state in _wait_for_runs(started, logger, deadline):
+        done = ledger.chunk_summary(batch_id, chunk.index)
         add_chunk_summary(
             chunk,
-            ledger.chunk_summary(batch_id, chunk.index) or _lost_chunk_summary(chunk, run_state),
+            RunSummary.from_json(done) if done else _lost_chunk_summary(chunk, run_state),
         )
     progress.finish()
     ledger.forget_batch(batch_id)
@@ -227,7 +230,7 @@ def _wait_for_runs(started: dict[UUID, Chunk], logger: Any, deadline: float) -> 
                 last_waiting_log = time.monotonic()
 
 
-def _lost_chunk_summary(chunk: Chunk, state: Any) -> dict[str, Any]:
+def _lost_chunk_summary(chunk: Chunk, state: Any) -> RunSummary:
     """A chunk run that ended without writing its summary (it crashed, was cancelled, or failed
     before its first tenant): its tenants count as failed, and the next run picks up every one
     of them that the ledger does not show as done."""
@@ -237,18 +240,16 @@ def _lost_chunk_summary(chunk: Chunk, state: Any) -> dict[str, Any]:
         f" ({why})" if why else ""
     )
     count = chunk.stop - chunk.first
-    return {
-        "by_status": {"failed": count},
-        "errors": {"chunk_lost": count},
-        "failed": count,
-        "outcomes": [
-            {
-                "tenant_id": chunk.label,
-                "status": "failed",
-                "link_host": "",
-                "masked_state": "",
-                "error_code": "chunk_lost",
-                "error_message": message + "; see `onboard status`; the next run retries",
-            }
-        ],
-    }
+    lost = TenantOutcome(
+        chunk.label,
+        Status.FAILED.value,
+        error_code="chunk_lost",
+        error_message=message + "; see `onboard status`; the next run retries",
+    )
+    return RunSummary(
+        total=count,
+        failed=count,
+        by_status={Status.FAILED.value: count},
+        errors={"chunk_lost": count},
+        outcomes=lost.rows(),
+    )

@@ -15,7 +15,7 @@ from flows.reporting.events import TenantEventSender
 from flows.running.in_process import on_interrupt
 from onboarding.campaign import Campaign
 from onboarding.client import VersoriClient
-from onboarding.connect.settings import ConnectSettings
+from onboarding.connect_settings import ConnectSettings
 from onboarding.connector_run import ConnectorRun
 from onboarding.constants import PLATFORM_V2
 from onboarding.ledger import Ledger

@@ -13,6 +13,7 @@ from prefect.states import Completed, Failed
 
 from onboarding.errors import is_transient
 from onboarding.outcomes import TenantOutcome
+from onboarding.run_summary import RunSummary
 
 TABLE_ROWS_MAX = 1000
 
@@ -59,18 +60,18 @@ class OutcomeCounts:
                 self.errors[row["error_code"]] += 1
             self._keep(row)
 
-    def merge(self, summary: dict[str, Any]) -> None:
+    def merge(self, summary: RunSummary) -> None:
         """Fold in another batch's summary (a chunk's), sample included."""
-        self.by_status.update(summary["by_status"])
-        self.errors.update(summary["errors"])
-        self.skipped_why.update(summary.get("skipped_why", {}))
-        for name, counts in summary.get("by_connector", {}).items():
+        self.by_status.update(summary.by_status)
+        self.errors.update(summary.errors)
+        self.skipped_why.update(summary.skipped_why)
+        for name, counts in summary.by_connector.items():
             self.by_connector.setdefault(name, Counter()).update(counts)
-        for row in summary["outcomes"]:
+        for row in summary.outcomes:
             self._keep(row)
-        self.rows_seen += summary.get("outcomes_left_out", 0)
-        self.failed_not_transient += summary.get("failed_not_transient", 0)
-        self.stopped.update(summary.get("stopped", {}))
+        self.rows_seen += summary.outcomes_left_out
+        self.failed_not_transient += summary.failed_not_transient
+        self.stopped.update(summary.stopped)
 
     def _keep(self, row: dict[str, str]) -> None:
         self.rows_seen += 1
@@ -94,37 +95,33 @@ class OutcomeCounts:
         return tally
 
 
-def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> dict[str, Any]:
-    """A run's result: counts, and `outcomes`, the table's sample (every tenant up to 1,000)."""
+def summarise(tally: OutcomeCounts, seconds: float, **about: Any) -> RunSummary:
+    """A run's result: counts, and `outcomes`, the table's sample (every tenant up to 1,000);
+    `about`: RunSummary's fields saying what the run was about (profile, dry_run, ...)."""
     rows = tally.rows()
-    return {
+    return RunSummary(
         **about,
-        "total": tally.total,
-        "failed": tally.by_status.get("failed", 0),
-        "skipped": tally.by_status.get("skipped", 0),
-        "by_status": dict(tally.by_status),
-        "by_connector": {name: dict(counts) for name, counts in tally.by_connector.items()},
-        "errors": dict(tally.errors),
-        "skipped_why": dict(tally.skipped_why),
-        "seconds": round(seconds, 2),
-        "outcomes": rows,
-        "outcomes_left_out": max(0, tally.rows_seen - len(rows)),
-        # Only when there is something to say: most runs have neither.
-        **(
-            {"failed_not_transient": tally.failed_not_transient}
-            if tally.failed_not_transient
-            else {}
-        ),
-        **({"stopped": dict(tally.stopped)} if tally.stopped else {}),
-    }
+        total=tally.total,
+        failed=tally.by_status.get("failed", 0),
+        skipped=tally.by_status.get("skipped", 0),
+        by_status=dict(tally.by_status),
+        by_connector={name: dict(counts) for name, counts in tally.by_connector.items()},
+        errors=dict(tally.errors),
+        skipped_why=dict(tally.skipped_why),
+        seconds=round(seconds, 2),
+        outcomes=rows,
+        outcomes_left_out=max(0, tally.rows_seen - len(rows)),
+        failed_not_transient=tally.failed_not_transient,
+        stopped=dict(tally.stopped),
+    )
 
 
-def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
+def publish(key: str, title: str, source: str, summary: RunSummary) -> None:
     """The table and summary artifacts, under keys stable per profile so the UI keeps history.
     Connectors are named as people read them: by display name (`connector_names`, from each
     profile's name), and a stopped batch says why and what to fix."""
-    campaign = bool(summary.get("by_connector"))
-    names: dict[str, str] = summary.get("connector_names", {})
+    campaign = bool(summary.by_connector)
+    names = summary.connector_names
     rows = [
         {
             "tenant": o["tenant_id"],
@@ -134,9 +131,9 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
             "state": o["masked_state"],
             "error": f"{o['error_code']}: {o['error_message']}" if o["error_code"] else "",
         }
-        for o in summary["outcomes"]
+        for o in summary.outcomes
     ]
-    cut = summary["outcomes_left_out"]
+    cut = summary.outcomes_left_out
     create_table_artifact(
         key=key,
         table=rows,
@@ -144,67 +141,70 @@ def publish(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
         + (f" (first {len(rows)}, failures first; `onboard export` has all)" if cut else ""),
     )
     lines = [
-        f"# {title}{' (dry run)' if summary.get('dry_run') else ''}",
+        f"# {title}{' (dry run)' if summary.dry_run else ''}",
         "",
-        f"{source}: {summary['total']} tenant(s) in {summary['seconds']} s.",
+        f"{source}: {summary.total} tenant(s) in {summary.seconds} s.",
         "",
         "| status | tenants |",
         "| --- | --- |",
-        *(f"| {status} | {n} |" for status, n in sorted(summary["by_status"].items())),
-        *(f"\n{n} skipped: {why}." for why, n in summary.get("skipped_why", {}).items()),
+        *(f"| {status} | {n} |" for status, n in sorted(summary.by_status.items())),
+        *(f"\n{n} skipped: {why}." for why, n in summary.skipped_why.items()),
     ]
-    for name, stop in summary.get("stopped", {}).items():
+    for name, stop in summary.stopped.items():
         lines += ["", f"**The batch stopped** ({_named(name, names)}): {stop['reason']}."]
         if stop["detail"]:
             lines.append(f"{stop['detail']}; no tenant after them was called.")
     if campaign:
-        statuses = sorted({s for counts in summary["by_connector"].values() for s in counts})
+        statuses = sorted({s for counts in summary.by_connector.values() for s in counts})
         lines += ["", f"| connector | {' | '.join(statuses)} |", "|---" * (len(statuses) + 1) + "|"]
         lines += [
             f"| {_named(name, names)} | {' | '.join(str(counts.get(s, 0)) for s in statuses)} |"
-            for name, counts in summary["by_connector"].items()
+            for name, counts in summary.by_connector.items()
         ]
-    if summary.get("funnel"):
+    if summary.funnel:
         lines += [
             "",
             "Funnel in the ledger (linked → delivered → opened → started → connected):",
             "",
         ]
-        lines += [f"- {name}: {line}" for name, line in summary["funnel"].items()]
-    if summary.get("coverage"):
-        c = summary["coverage"]
+        lines += [f"- {name}: {line}" for name, line in summary.funnel.items()]
+    if summary.coverage:
+        c = summary.coverage
         lines += [
             "",
-            f"Ledger, over these {len(summary['by_connector']) or 1} connector(s): "
+            f"Ledger, over these {len(summary.by_connector) or 1} connector(s): "
             f"{c['fully']} tenant(s) fully connected, {c['partly']} partly, "
             f"{c['none']} not at all.",
         ]
-    if summary["errors"]:
+    if summary.errors:
         lines += ["", "| error | tenants |", "| --- | --- |"]
-        lines += [f"| {code} | {n} |" for code, n in Counter(summary["errors"]).most_common()]
+        lines += [f"| {code} | {n} |" for code, n in Counter(summary.errors).most_common()]
     create_markdown_artifact(key=key.replace("-", "-summary-", 1), markdown="\n".join(lines))
 
 
-def final_state(summary: dict[str, Any], done: str) -> State[dict[str, Any]]:
-    """Completed when no tenant failed; Failed, after every tenant was tried, when any did."""
-    if summary.get("stopped"):
+def final_state(summary: RunSummary, done: str) -> State[dict[str, Any]]:
+    """Completed when no tenant failed; Failed, after every tenant was tried, when any did.
+    Its data, the flow's result, is the summary's wire format (RunSummary.to_json): a run's
+    result is read by other processes (the CLI, a deployment's caller)."""
+    data = summary.to_json()
+    if summary.stopped:
         # The cause alone: what to fix is in the log and the summary artifact (a CLI run
         # prints it once, at its end, and Prefect prints this message too).
-        causes = "; ".join(dict.fromkeys(s["cause"] for s in summary["stopped"].values()))
+        causes = "; ".join(dict.fromkeys(s["cause"] for s in summary.stopped.values()))
         return Failed(
-            message=f"{summary['failed']} of {summary['total']} tenant(s) failed: the batch "
+            message=f"{summary.failed} of {summary.total} tenant(s) failed: the batch "
             f"stopped because {causes}",
-            data=summary,
+            data=data,
         )
-    if summary["failed"]:
+    if summary.failed:
         return Failed(
-            message=f"{summary['failed']} of {summary['total']} tenant(s) failed; "
+            message=f"{summary.failed} of {summary.total} tenant(s) failed; "
             "the next run retries them",
-            data=summary,
+            data=data,
         )
-    why = "; ".join(f"{n} skipped: {w}" for w, n in summary.get("skipped_why", {}).items())
-    message = f"{summary['total']} tenant(s) {done}" + (f" ({why})" if why else "")
-    return Completed(message=message, data=summary)
+    why = "; ".join(f"{n} skipped: {w}" for w, n in summary.skipped_why.items())
+    message = f"{summary.total} tenant(s) {done}" + (f" ({why})" if why else "")
+    return Completed(message=message, data=data)
 
 
 def _named(connector: str, names: dict[str, str]) -> str:

@@ -2,14 +2,8 @@
 
 It makes every run idempotent (a re-run skips tenants with a live link and retries the rest)
 and answers "which tenant owns this state?" for the app's OAuth callback. Every write is one
-statement in its own transaction, so a crash never leaves a half-written row.
-
-Read in this order: `schema` (the tables and statuses), `records` (what a read hands back),
-`engine` (opening the database), `queries` (the reads), `store` (`Ledger`: the writes;
-`link_sql`, the statements of its most frequent one),
-`group_commit` (concurrent link writes committed together); `connect_links` (durable connect
-links and the OAuth callback's writes, for onboard connect-server); `connect_states` (each
-state the service minted or claimed, bound to its browser, and what became of it).
+statement in its own transaction, so a crash never leaves a half-written row. Its modules,
+in reading order, are mapped in docs/architecture.md.
 """
 
 from onboarding.ledger.connect_links import ConnectLink, Funnel, LinkOpens, funnel_lines
@@ -25,9 +19,11 @@ from onboarding.ledger.schema import (
     DONE_STATUSES,
     LIVE_STATUSES,
     SENDING_CHANNELS,
+    RunProgress,
     Status,
     batch_chunks,
     records,
+    run_progress,
     state_digest,
     superseded_links,
 )
@@ -46,12 +42,14 @@ __all__ = [
     "Ledger",
     "LinkOpens",
     "Record",
+    "RunProgress",
     "StateOutcome",
     "Status",
     "SupersededLink",
     "batch_chunks",
     "funnel_lines",
     "records",
+    "run_progress",
     "state_digest",
     "superseded_links",
 ]

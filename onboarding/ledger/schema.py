@@ -67,6 +67,30 @@ LIVE_STATUSES = (
 # that was created but not yet delivered (link_created, sending) is delivered by the next run.
 # Opened and declined tenants were delivered: reminders chase them, runs leave them be.
 DONE_STATUSES = (Status.DELIVERED, Status.REMINDED, Status.OPENED, Status.DECLINED)
+
+
+class RunProgress(StrEnum):
+    """How far a run got with a tenant, as an interrupted run's report counts it."""
+
+    DONE = "done"
+    FAILED = "failed"
+    BEGUN = "begun"
+    NOT_STARTED = "not_started"
+
+
+def run_progress(status: str) -> RunProgress:
+    """A ledger status as a run's progress, derived from the lists above so that the two
+    cannot drift: done (DONE_STATUSES, or connected), failed, begun (pending, or a live link
+    not yet delivered), else not started (expired: the next run gives it a new link)."""
+    if status == Status.CONNECTED or status in DONE_STATUSES:
+        return RunProgress.DONE
+    if status == Status.FAILED:
+        return RunProgress.FAILED
+    if status == Status.PENDING or status in LIVE_STATUSES:
+        return RunProgress.BEGUN
+    return RunProgress.NOT_STARTED
+
+
 # Channels that send the link to the admin, which reminders send again.
 SENDING_CHANNELS = ("email", "both")
 

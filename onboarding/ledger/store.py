@@ -70,6 +70,12 @@ class Ledger(ConnectLinks, ConnectStates, LedgerQueries):
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     @reconnecting
     def _upsert(
         self,

@@ -1,12 +1,6 @@
-"""Email delivery of authorize links, one module per concern.
-
-    settings   SmtpSettings (ONBOARD_SMTP_*, ONBOARD_EMAIL_FROM) and every check they pass
-    sender     MailSender: SMTP with one reused connection per worker thread
-    templates  MailTemplates: subject.txt, body.txt, body.html, checked when loaded
-    message    build_message, MailLink, message_id_for, parse_from
-
-The errors (MailError and its subclasses) are in `onboarding.errors`, re-exported here. The
-demo's SMTP server is `demo.smtp`, outside the product (it needs aiosmtpd).
+"""Email delivery of authorize links, one module per concern (docs/architecture.md maps
+them). The errors (MailError and its subclasses) are in `onboarding.errors`, re-exported here.
+The demo's SMTP server is `demo.smtp`, outside the product (it needs aiosmtpd).
 """
 
 from onboarding.errors import (

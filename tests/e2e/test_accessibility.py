@@ -2,7 +2,7 @@
 driven by Playwright, as tests/e2e/test_connect_browser.py does): WCAG 2.0/2.1 A and AA and
 axe's best practices (one main landmark, one h1, all content in landmarks), no violation.
 
-The pages are served with the headers the service sends (onboarding.connect.app.respond), so
+The pages are served with the headers the service sends (connect_service.app.respond), so
 the real CSP applies: the logo, served by a second local server, must load under it, and an
 image from any other origin must not. The emails must not scroll sideways on a 360 px phone.
 
@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from connect_service import pages
+from connect_service.app import respond
 from demo.processes import free_port
 from onboarding.brand import Brand, BrandValues
-from onboarding.connect import pages
-from onboarding.connect.app import respond
 from onboarding.mail import MailLink, MailTemplates
 from onboarding.roster import Tenant
 

@@ -199,7 +199,7 @@ def test_lines_request_ids_and_a_masked_access_log(site: Site, server: Running) 
     assert HEX_ID.fullmatch(health.headers["x-request-id"])
 
     # The access lines: masked, each with its request's id.
-    line = server.wait_for_line("[case-0001]", "onboarding.connect.access")
+    line = server.wait_for_line("[case-0001]", "connect_service.access")
     assert f'"GET /c/{unknown[:4]}…?x" 404 ' in line and line.endswith(" ms")
     line = server.wait_for_line(f"[{page.headers['x-request-id']}]", "access")
     assert f'"GET /c/{token[:4]}…?x" 200 ' in line
@@ -211,7 +211,7 @@ def test_lines_request_ids_and_a_masked_access_log(site: Site, server: Running) 
     # A line the service logs on its worker thread carries the request's id too.
     pressed = _press(server.url, token, "case-0002")
     assert pressed.status_code == 303 and pressed.headers["x-request-id"] == "case-0002"
-    server.wait_for_line("[case-0002]", "onboarding.connect.service", "new state")
+    server.wait_for_line("[case-0002]", "connect_service.service", "new state")
     server.wait_for_line("[case-0002]", f'"POST /c/{token[:4]}…" 303 ')
 
     log = server.text()
@@ -290,7 +290,7 @@ def test_json_lines_from_every_worker(site: Site) -> None:
         assert {"time", "level", "logger", "message", "request_id"} <= set(record), record
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
     access = [r for r in records if r["request_id"] == "case-json"]
-    assert [r["logger"] for r in access] == ["onboarding.connect.access"]
+    assert [r["logger"] for r in access] == ["connect_service.access"]
     assert access[0]["level"] == "INFO" and access[0]["status"] == 404
     assert access[0]["path"] == f"/c/{unknown[:4]}…?x" and access[0]["method"] == "GET"
     assert sum(r["message"] == "Shutting down" for r in records) == 2  # each worker

@@ -19,6 +19,7 @@ import flows.reporting.summary as summary_module
 import onboarding.outcomes as outcomes_module
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
 from onboarding.outcomes import TenantOutcome
+from onboarding.run_summary import RunSummary
 
 ALREADY = "already delivered or connected, no task run needed"
 
@@ -149,7 +150,13 @@ def test_a_tally_merges_chunk_summaries_into_one_table() -> None:
     second.add(outcome(8))
     batch = OutcomeCounts(keep=4)
     for part in (first, second):
-        batch.merge({"by_status": part.by_status, "errors": part.errors, "outcomes": part.rows()})
+        # As the unversioned format stored it in batch_chunks, which ledgers still hold.
+        old = {
+            "by_status": dict(part.by_status),
+            "errors": dict(part.errors),
+            "outcomes": part.rows(),
+        }
+        batch.merge(RunSummary.from_json(old))
     assert batch.total == 5 and batch.by_status["failed"] == 1
     assert [r["tenant_id"] for r in batch.rows()] == ["t00007", "t00000", "t00001", "t00002"]
 
@@ -169,13 +176,13 @@ def test_merging_chunk_summaries_counts_as_one_tally_of_every_tenant_would() -> 
         merged.merge(summarise(chunk, 0.5))
     combined = summarise(merged, 1.0)
     for key in ("total", "failed", "skipped", "by_status", "errors", "skipped_why"):
-        assert combined[key] == whole[key], key
-    assert combined["by_connector"] == whole["by_connector"]
-    assert len(combined["outcomes"]) == 6
-    rows_in_all = len(whole["outcomes"]) + whole["outcomes_left_out"]
+        assert getattr(combined, key) == getattr(whole, key), key
+    assert combined.by_connector == whole.by_connector
+    assert len(combined.outcomes) == 6
+    rows_in_all = len(whole.outcomes) + whole.outcomes_left_out
     assert rows_in_all == 30 + 6 + 2 * 8, "a campaign tenant has a row per connector"
-    assert combined["outcomes_left_out"] == rows_in_all - 6
-    assert all(r["status"] == "failed" for r in combined["outcomes"]), "failures first"
+    assert combined.outcomes_left_out == rows_in_all - 6
+    assert all(r["status"] == "failed" for r in combined.outcomes), "failures first"
 
 
 # --- summarise and final_state -----------------------------------------------------------------
@@ -186,7 +193,8 @@ def test_summarise_says_counts_sample_and_how_many_rows_were_left_out() -> None:
     for o in [outcome(1), outcome(2, failed=True), skipped(3), outcome(4)]:
         tally.add(o)
     summary = summarise(tally, 3.14159, profile="zendesk-demo", dry_run=False)
-    assert summary == {
+    assert summary.to_json() == {
+        "version": 1,
         "profile": "zendesk-demo",
         "dry_run": False,
         "total": 4,
@@ -200,7 +208,8 @@ def test_summarise_says_counts_sample_and_how_many_rows_were_left_out() -> None:
         "outcomes": tally.rows(),
         "outcomes_left_out": 2,
     }
-    assert [r["tenant_id"] for r in summary["outcomes"]] == ["t00002", "t00001"]
+    assert [r["tenant_id"] for r in summary.outcomes] == ["t00002", "t00001"]
+    assert RunSummary.from_json(summary.to_json()) == summary
 
 
 def test_a_run_with_no_failure_completes_saying_how_many_and_why_some_were_skipped() -> None:
@@ -213,7 +222,7 @@ def test_a_run_with_no_failure_completes_saying_how_many_and_why_some_were_skipp
     assert state.message == (
         f"4 tenant(s) onboarded or skipped (2 skipped: {ALREADY}; 1 skipped: another run holds it)"
     )
-    assert state.result() == summary
+    assert state.result() == summary.to_json()
 
 
 def test_a_run_with_nothing_skipped_says_only_how_many() -> None:
@@ -228,7 +237,7 @@ def test_a_run_with_failures_fails_saying_how_many_and_that_the_next_run_retries
     state = final_state(summary, "onboarded or skipped")
     assert state.is_failed()
     assert state.message == "2 of 4 tenant(s) failed; the next run retries them"
-    assert state.result(raise_on_failure=False) == summary
+    assert state.result(raise_on_failure=False) == summary.to_json()
 
 
 # --- publish, on the session's Prefect server --------------------------------------------------
@@ -237,7 +246,7 @@ def test_a_run_with_failures_fails_saying_how_many_and_that_the_next_run_retries
 @flow(name="test-publish", persist_result=False)
 def publishing(key: str, title: str, source: str, summary: dict[str, Any]) -> None:
     """`publish` where the product calls it: in a flow run."""
-    publish(key, title, source, summary)
+    publish(key, title, source, RunSummary.from_json(summary))
 
 
 def artifacts(*keys: str) -> dict[str, Any]:
@@ -264,7 +273,7 @@ def test_publish_writes_a_table_without_states_and_a_markdown_summary() -> None:
         TenantOutcome("t00005", "failed", error_code="validation_failed", error_message="bad")
     )
     summary = summarise(tally, 2.5, dry_run=True, coverage={"fully": 1, "partly": 0, "none": 4})
-    publishing(key, "Onboarding zendesk-demo", "Roster `r.csv`", summary)
+    publishing(key, "Onboarding zendesk-demo", "Roster `r.csv`", summary.to_json())
     summary_key = key.replace("-", "-summary-", 1)
     found = artifacts(key, summary_key)
     assert set(found) == {key, summary_key}
@@ -303,7 +312,7 @@ def test_publish_writes_a_table_without_states_and_a_markdown_summary() -> None:
 def test_publish_for_a_campaign_names_the_connector_of_each_row_and_counts_each() -> None:
     key = f"onboarding-test-{uuid.uuid4().hex[:12]}"
     tally = OutcomeCounts.of([campaign_outcome(1), campaign_outcome(2, slack="failed")])
-    publishing(key, "Onboarding a + b", "tenants parameter", summarise(tally, 1.0))
+    publishing(key, "Onboarding a + b", "tenants parameter", summarise(tally, 1.0).to_json())
     found = artifacts(key, key.replace("-", "-summary-", 1))
     rows = table_of(found[key])
     assert [(r["tenant"], r["connector"], r["status"]) for r in rows] == [
@@ -316,3 +325,14 @@ def test_publish_for_a_campaign_names_the_connector_of_each_row_and_counts_each(
     text = str(found[key.replace("-", "-summary-", 1)].data)
     assert "| connector | delivered | failed |" in text
     assert "| zendesk-demo | 2 | 0 |" in text and "| slack-demo | 1 | 1 |" in text
+
+
+def test_a_summary_of_a_newer_version_is_refused_and_an_unversioned_one_read() -> None:
+    from onboarding.errors import InputError
+
+    old = {"by_status": {"delivered": 2, "failed": 1}, "errors": {}, "outcomes": []}
+    read = RunSummary.from_json(old)
+    assert (read.total, read.failed, read.stopped) == (3, 1, {})
+    assert RunSummary.from_json(read.to_json()) == read
+    with pytest.raises(InputError, match="version 2 was written by a newer version"):
+        RunSummary.from_json({**read.to_json(), "version": 2})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from connect_service import pages
 from onboarding.brand import (
     UNNAMED,
     Brand,
@@ -23,8 +24,7 @@ from onboarding.brand import (
     contrast_with_white,
     default_name,
 )
-from onboarding.connect import pages
-from onboarding.connect.settings import ConnectSettings
+from onboarding.connect_settings import ConnectSettings
 from onboarding.errors import InputError
 from onboarding.mail import MailLink, MailTemplates, build_message
 from onboarding.profile import load_profile

@@ -20,10 +20,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from starlette.testclient import TestClient
 
+from connect_service.app import create_app
 from demo.emulator import EmulatorConfig, EmulatorServer
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
-from onboarding.connect.app import create_app
 from onboarding.errors import LedgerUnavailableError
 from onboarding.ledger import Ledger, Status, state_digest
 from tests.unit.test_connect_service import Stage, _stage
@@ -202,7 +202,7 @@ def test_the_ledger_down_after_versori_made_it_logs_the_id_and_the_sweep_records
         raise LedgerUnavailableError("the ledger's database connection was lost")
 
     monkeypatch.setattr(stage.ledger, "finish_state", outage)
-    with caplog.at_level(logging.INFO, logger="onboarding.connect"):
+    with caplog.at_level(logging.INFO, logger="connect_service"):
         page = stage.callback(back)
     assert page.status_code == 200 and "is connected" in page.text, "Versori's word stands"
     made = _connections(stage, "t1")

@@ -1,4 +1,4 @@
-"""The connect service's log lines (onboarding/connect/logs.py): the access line's masking, the
+"""The connect service's log lines (connect_service/logs.py): the access line's masking, the
 request id (taken or made, in the header, on error pages, in lines logged on a worker thread),
 the text and JSON formats, and the page a request cut off at shutdown gets instead of
 uvicorn's plain-text 500. The real process: tests/e2e/test_connect_server_process.py."""
@@ -28,8 +28,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from onboarding.connect import pages
-from onboarding.connect.logs import (
+from connect_service import pages
+from connect_service.logs import (
     ACCESS_LOGGER,
     JsonFormatter,
     RequestIdFilter,

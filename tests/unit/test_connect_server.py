@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from onboarding.connect.server import check_serving
-from onboarding.connect.settings import ConnectSettings
+from connect_service.http_server import check_serving
+from onboarding.connect_settings import ConnectSettings
 from onboarding.errors import InputError
 
 ONBOARD = str(Path(sys.executable).parent / "onboard")
@@ -72,9 +72,9 @@ def test_the_workers_shared_listener_is_tcp_so_answers_are_not_held_back() -> No
     import asyncio
     import socket
 
-    from onboarding.connect.listener import TcpConfig
+    from connect_service.listener import TcpConfig
 
-    config = TcpConfig("onboarding.connect.app:app_from_env", host="127.0.0.1", port=0)
+    config = TcpConfig("connect_service.app:app_from_env", host="127.0.0.1", port=0)
     listener = config.bind_socket()
     assert listener.proto == socket.IPPROTO_TCP
     listener.listen()

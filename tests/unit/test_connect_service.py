@@ -22,14 +22,15 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from starlette.testclient import TestClient
 
+from connect_service.app import create_app
+from connect_service.event_sender import EventSender
+from connect_service.service import ConnectService
 from demo.connect_click import write_connect_profile
 from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from onboarding.brand import Brand
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
-from onboarding.connect.app import create_app
-from onboarding.connect.events import EventSender
-from onboarding.connect.service import ConnectService, issue_connect_link
+from onboarding.durable_links import issue_connect_link
 from onboarding.ledger import Ledger, Status
 from onboarding.profile import ConnectorProfile, load_profile
 

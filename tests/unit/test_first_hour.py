@@ -19,7 +19,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from deployments import cli
+from deployments import cli, cli_output
 from deployments.cli import app
 from onboarding.campaign import onboard_tenant
 from onboarding.client import VersoriClient
@@ -35,6 +35,7 @@ from onboarding.ledger import Ledger
 from onboarding.profile import load_profile
 from onboarding.retry_policy import BatchStop
 from onboarding.roster import Tenant
+from onboarding.run_summary import RunSummary
 from onboarding.slices import SliceFailed, TenantSlice, run_slice
 from tests.support import campaign_of
 
@@ -244,12 +245,12 @@ def stopped_summary() -> dict[str, Any]:
 
 def test_a_stopped_batch_is_one_line_and_its_closing_line_says_what_to_fix() -> None:
     summary = stopped_summary()
-    assert cli._failure_lines(summary) == [
+    assert cli_output.failure_lines(RunSummary.from_json(summary)) == [
         "25 tenants failed because Versori refused the API key (401): 3 answered HTTP 401 "
         "unauthenticated: the Bearer API key is not valid (t001, t002, t003), 22 not called "
         "after that"
     ]
-    closing = cli._what_next(summary)
+    closing = cli_output.what_next(RunSummary.from_json(summary))
     assert "check VERSORI_API_KEY" in closing
     assert "retries the failed tenants" not in closing, "no promise a rerun fixes a key"
 
@@ -272,12 +273,12 @@ def test_a_campaign_says_which_connector_stopped_and_groups_the_others_errors() 
             }
         },
     }
-    assert cli._failure_lines(summary) == [
+    assert cli_output.failure_lines(RunSummary.from_json(summary)) == [
         "slack-demo (Slack Demo): 4 tenants failed because Versori does not know system X "
         f"(404 not found): 3 answered {gone} (t001, t002, t003), 1 not called after that",
         "zendesk-demo (Zendesk Demo): 1 tenant failed: HTTP 503 unavailable: down (t005)",
     ]
-    assert cli._what_next(summary).startswith(
+    assert cli_output.what_next(RunSummary.from_json(summary)).startswith(
         "The batch stopped: slack-demo (Slack Demo): Versori does not know system X"
     )
 
@@ -287,25 +288,30 @@ def test_repeated_errors_are_grouped_largest_first_with_a_few_ids() -> None:
     rows = [failed_row(f"t{i:03d}", "connection_error", down) for i in range(1, 9)]
     rows.append(failed_row("t020", "link_check_failed", "returned authorize URL failed checks"))
     summary = {"failed": 9, "outcomes": rows, "failed_not_transient": 1}
-    assert cli._failure_lines(summary) == [
+    assert cli_output.failure_lines(RunSummary.from_json(summary)) == [
         f"8 tenants failed: connection_error: {down} (t001, t002, t003, t004, t005, +3 more)",
         "1 tenant failed: link_check_failed: returned authorize URL failed checks (t020)",
     ]
-    assert "1 of them failed for a reason a retry alone does not change" in cli._what_next(summary)
+    assert "1 of them failed for a reason a retry alone does not change" in cli_output.what_next(
+        RunSummary.from_json(summary)
+    )
     transient_only = {"failed": 8, "outcomes": rows[:8]}
-    assert cli._what_next(transient_only) == "The next `onboard run` retries the failed tenants."
+    assert (
+        cli_output.what_next(RunSummary.from_json(transient_only))
+        == "The next `onboard run` retries the failed tenants."
+    )
 
 
 def test_a_run_with_nothing_to_do_says_so_after_its_colon(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     summary = {"total": 0, "failed": 0, "seconds": 0.08, "by_status": {}, "outcomes": []}
-    cli._print_outcomes(summary, everything=True)
+    cli_output.print_outcomes(RunSummary.from_json(summary), everything=True)
     assert "0 tenant(s) in 0.08 s: nothing to do" in capsys.readouterr().out
 
 
 def test_the_console_leaves_out_what_the_run_says_at_its_end() -> None:
-    keep = cli._SaidAtTheEnd()
+    keep = cli_output.SaidAtTheEnd()
 
     def record(name: str, level: int, msg: str, *args: Any, **extra: Any) -> logging.LogRecord:
         r = logging.LogRecord(name, level, __file__, 1, msg, args, None)
@@ -346,7 +352,7 @@ def test_the_console_leaves_out_what_the_run_says_at_its_end() -> None:
 def test_a_stopped_runs_state_names_the_cause_without_promising_a_retry() -> None:
     from flows.reporting.summary import final_state
 
-    state = final_state(stopped_summary() | {"skipped_why": {}}, "onboarded or skipped")
+    state = final_state(RunSummary.from_json(stopped_summary()), "onboarded or skipped")
     assert state.is_failed()
     assert state.message == (
         "25 of 25 tenant(s) failed: the batch stopped because Versori refused the API key (401)"

@@ -1,6 +1,7 @@
 """The project's import graph, drawn from the source (every import, those inside functions
 and under TYPE_CHECKING too): no cycle, and every arrow points down a layer
-(deployments -> flows -> tasks -> the core; demo and bench beside them, the core importing
+(deployments -> flows -> tasks -> the core; the connect service, connect_service/, an entry
+point on the core that no lower layer imports; demo and bench beside them, the core importing
 neither; entry points in flows/ never import each other)."""
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from pathlib import Path
 
 from demo.processes import PROJECT
 
-PACKAGES = ("onboarding", "flows", "tasks", "deployments", "demo", "bench")
+PACKAGES = ("onboarding", "connect_service", "flows", "tasks", "deployments", "demo", "bench")
 # What each top-level package may import of the others.
 MAY_IMPORT = {
     "onboarding": set(),
+    # The connect service (`onboard connect-server`): an entry point, like flows/; the batch
+    # (onboarding, tasks, flows) never imports it.
+    "connect_service": {"onboarding"},
     "tasks": {"onboarding"},
     "flows": {"onboarding", "tasks"},
-    "deployments": {"onboarding", "tasks", "flows", "demo"},
-    "demo": {"onboarding"},
-    "bench": {"onboarding", "tasks", "flows", "deployments", "demo"},
+    "deployments": {"onboarding", "connect_service", "tasks", "flows", "demo"},
+    # The demo's last act serves the connect app in process (demo/connect_demo.py).
+    "demo": {"onboarding", "connect_service"},
+    "bench": {"onboarding", "connect_service", "tasks", "flows", "deployments", "demo"},
 }
 
 
@@ -121,4 +126,6 @@ def test_the_graph_is_really_drawn() -> None:
     edges = graph()
     assert "onboarding.campaign" in edges["onboarding.slices"]
     assert "onboarding.run_inputs" in edges["flows.inputs.parameters"]
+    assert "onboarding.durable_links" in edges["onboarding.campaign"]
+    assert "connect_service.service" in edges["connect_service.app"]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]

@@ -302,7 +302,7 @@ def test_onboard_remind_exits_2_naming_the_file_line_and_key_and_sends_nothing(
 def served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Each time connect-server got as far as serving (it does not: this records it)."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr("onboarding.connect.server.serve", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("connect_service.http_server.serve", lambda **kw: calls.append(kw))
     return calls
 
 

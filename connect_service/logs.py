@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Request-ID"
-ACCESS_LOGGER = "onboarding.connect.access"
+ACCESS_LOGGER = "connect_service.access"
 # A proxy's id (nginx's $request_id, a UUID, a trace id): 8 to 64 letters, digits, '.', '_',
 # '-'. Anything else (longer, spaces, quotes, markup) is replaced, not repeated in a log line.
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{7,63}")
@@ -84,7 +84,7 @@ def _utc_time(record: logging.LogRecord) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """`2025-01-02T03:04:05.678Z INFO onboarding.connect.access [<request id>] message`."""
+    """`2025-01-02T03:04:05.678Z INFO connect_service.access [<request id>] message`."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
+from connect_service import pages
+from connect_service.event_sender import EventSender
+from connect_service.pages import Page
 from onboarding import constants
 from onboarding.brand import Brand, brand_from_env
 from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
-from onboarding.connect import pages
-from onboarding.connect.events import EventSender
-from onboarding.connect.pages import Page
 from onboarding.connection import tenant_of
 from onboarding.errors import (
     APIConnectionError,
@@ -93,30 +93,6 @@ CONNECTING_GRACE = timedelta(seconds=60)
 _WAITING = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
 # What `claimed_by` starts with once nothing is in flight for a claim any more.
 AWAITING_LOOKUP = "lookup:"
-
-
-def connect_url(base_url: str, token: str) -> str:
-    """The durable link an email carries: `<base>/c/<token>`."""
-    return f"{base_url.rstrip('/')}/c/{token}"
-
-
-def issue_connect_link(
-    ledger: Ledger,
-    tenant_id: str,
-    profile: ConnectorProfile,
-    profile_path: str | Path,
-    now: datetime | None = None,
-) -> str:
-    """A new durable link's token for (tenant, the profile's connector), valid for the
-    profile's connect_link_days; the plain token is returned this once."""
-    when = now or utcnow()
-    return ledger.issue_connect_link(
-        tenant_id,
-        profile.target_id,
-        str(Path(profile_path).resolve()),
-        when + timedelta(days=profile.connect_link_days),
-        now=when,
-    )
 
 
 def _branded(

@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from onboarding.connect import pages
-from onboarding.connect.logs import log_requests
-from onboarding.connect.pages import Page, security_headers
-from onboarding.connect.service import BIND_COOKIE, RETRY_COOKIE, CallbackAnswer, ConnectService
+from connect_service import pages
+from connect_service.logs import log_requests
+from connect_service.pages import Page, security_headers
+from connect_service.service import BIND_COOKIE, RETRY_COOKIE, CallbackAnswer, ConnectService
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _ledger_answers(service: ConnectService) -> bool:
 def app_from_env() -> Starlette:
     """The app as `onboard connect-server` runs it in each uvicorn worker: the ledger at
     ONBOARD_DB_URL, Versori from VERSORI_*, events to PREFECT_API_URL when set."""
-    from onboarding.connect.settings import ConnectSettings
+    from onboarding.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
     from onboarding.settings import LedgerSettings
 

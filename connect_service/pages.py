@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from html import escape
 from urllib.parse import urlsplit
 
+from connect_service.logs import current_request_id
 from onboarding.brand import UNNAMED, Brand, process_brand
-from onboarding.connect.logs import current_request_id
 
 # The brand of the request being answered (ConnectService sets it; run_in_threadpool gives
 # each request a copy of the context, so one request's never reaches another's).

@@ -9,13 +9,13 @@ import logging.config
 import signal
 from types import FrameType
 
-from onboarding.connect.logs import LogFormat, LogLevel, log_config
+from connect_service.logs import LogFormat, LogLevel, log_config
 from onboarding.errors import InputError
 from onboarding.net import is_loopback
 
 log = logging.getLogger(__name__)
 
-APP_FACTORY = "onboarding.connect.app:app_from_env"
+APP_FACTORY = "connect_service.app:app_from_env"
 # How long SIGTERM waits for requests in flight (--grace-seconds).
 GRACE_SECONDS = 25
 # How long a connection may take to send a request's headers (--header-timeout).
@@ -39,7 +39,7 @@ def check_serving(host: str, forwarded_allow_ips: str | None) -> None:
 def check_settings() -> None:
     """Every setting the workers read, checked once in the parent so that bad input exits 2
     before any worker starts (a worker would only log it and die)."""
-    from onboarding.connect.settings import ConnectSettings
+    from onboarding.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
     from onboarding.settings import LedgerSettings, VersoriSettings
 
@@ -72,7 +72,7 @@ def serve(
     logging.config.dictConfig(logging_config)
     check_serving(host, forwarded_allow_ips)
     check_settings()
-    from onboarding.connect.listener import HeaderTimeoutH11Protocol, TcpConfig
+    from connect_service.listener import HeaderTimeoutH11Protocol, TcpConfig
 
     config = TcpConfig(
         APP_FACTORY,

@@ -1,4 +1,6 @@
-"""ONBOARD_CONNECT_*: where the service's links point, and how often a link may mint."""
+"""ONBOARD_CONNECT_*: the connect service's (connect_service/) settings: where its links point, how
+often a link may mint, its sweep and timeouts. In the core: a run that emails links reads them
+too."""
 
 from __future__ import annotations
 
