@@ -49,9 +49,9 @@ from demo.connect_click import CSRF_PATTERN, write_connect_profile  # noqa: E402
 from demo.emulator_config import DEFAULT_API_KEY  # noqa: E402
 from demo.processes import child, free_port, wait_for_http  # noqa: E402
 from onboarding.clock import utcnow  # noqa: E402
-from onboarding.durable_links import connect_url, issue_connect_link  # noqa: E402
+from onboarding.connections.durable_links import connect_url, issue_connect_link  # noqa: E402
+from onboarding.inputs.profile import ConnectorProfile, load_profile  # noqa: E402
 from onboarding.ledger import Ledger, Status  # noqa: E402
-from onboarding.profile import ConnectorProfile, load_profile  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PG = os.environ.get("ONBOARD_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

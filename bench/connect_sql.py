@@ -48,11 +48,11 @@ def main() -> None:
     from connect_service.service import ConnectService
     from demo.connect_click import write_connect_profile
     from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-    from onboarding.client import VersoriClient
     from onboarding.clock import utcnow
-    from onboarding.durable_links import issue_connect_link
+    from onboarding.connections.durable_links import issue_connect_link
+    from onboarding.inputs.profile import load_profile
     from onboarding.ledger import Ledger
-    from onboarding.profile import load_profile
+    from onboarding.versori.client import VersoriClient
 
     admin = create_engine(PG)
     schema = f"bench_{uuid.uuid4().hex[:12]}"

@@ -113,7 +113,7 @@ def paced_profile(work: Path, rate: float, max_concurrency: int) -> Path:
 
 
 def connector_of(profile: Path) -> str:
-    from onboarding.profile import load_profile
+    from onboarding.inputs.profile import load_profile
 
     return str(load_profile(profile).connector_id)
 

@@ -47,7 +47,7 @@ from bench.services import (  # noqa: E402
 )
 from demo.emulator import DEFAULT_API_KEY, RATE_LIMIT_WINDOWS  # noqa: E402
 from demo.processes import free_port, prefect_server, wait_for_http  # noqa: E402
-from onboarding.profile import load_profile  # noqa: E402
+from onboarding.inputs.profile import load_profile  # noqa: E402
 
 PROFILE = PROJECT / "examples" / "profile.yaml"
 

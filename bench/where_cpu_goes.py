@@ -6,7 +6,7 @@ Runs the flow phase of bench/run.py under py-spy (fetched with `uvx`; it needs p
 a locked-down container may refuse) and sorts every CPU sample of the flow process by what its
 stack passes through:
 
-- `core`: onboarding.campaign.onboard_tenant and below: render, HTTP call, link check, ledger.
+- `core`: onboarding.batch.campaign.onboard_tenant and below: render, HTTP call, link check, ledger.
 - `prefect-task`: a task run's engine outside our function: states, run context, events.
 - `prefect-other`: the rest of Prefect in that process: the flow engine, API and event clients.
 - `other`: anything else (thread pools, logging, start-up).
@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-CORE = "onboard_tenant (onboarding/campaign.py"
+CORE = "onboard_tenant (onboarding/batch/campaign.py"
 
 
 def category(stack: str) -> str:

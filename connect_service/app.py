@@ -200,7 +200,7 @@ def _ledger_answers(service: ConnectService) -> bool:
 def app_from_env() -> Starlette:
     """The app as `onboard connect-server` runs it in each uvicorn worker: the ledger at
     ONBOARD_DB_URL, Versori from VERSORI_*, events to PREFECT_API_URL when set."""
-    from onboarding.connect_settings import ConnectSettings
+    from onboarding.connections.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
     from onboarding.settings import LedgerSettings
 

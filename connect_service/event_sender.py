@@ -1,8 +1,8 @@
 """Tenant events from the service (`onboarding.tenant.opened`, `.declined`, `.connected`), in
-the shape of a batch's (onboarding/events.py), POSTed to `{PREFECT_API_URL}/events` with httpx:
-no Prefect import in the core. Sent from a background thread, off the request path: a slow or
-absent Prefect API never slows or fails a page. Nothing secret in an event: ids, the status,
-a provider's error code."""
+the shape of a batch's (onboarding/batch/tenant_events.py), POSTed to
+`{PREFECT_API_URL}/events` with httpx: no Prefect import in the core. Sent from a background
+thread, off the request path: a slow or absent Prefect API never slows or fails a page.
+Nothing secret in an event: ids, the status, a provider's error code."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
+from onboarding.batch.tenant_events import api_headers
 from onboarding.clock import utcnow
-from onboarding.events import api_headers
 
 log = logging.getLogger(__name__)
 

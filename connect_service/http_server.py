@@ -39,7 +39,7 @@ def check_serving(host: str, forwarded_allow_ips: str | None) -> None:
 def check_settings() -> None:
     """Every setting the workers read, checked once in the parent so that bad input exits 2
     before any worker starts (a worker would only log it and die)."""
-    from onboarding.connect_settings import ConnectSettings
+    from onboarding.connections.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
     from onboarding.settings import LedgerSettings, VersoriSettings
 

@@ -30,7 +30,7 @@ from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
-from onboarding.links import mask_state
+from onboarding.versori.authorize_url import mask_state
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

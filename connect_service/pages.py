@@ -6,7 +6,7 @@ URL (`action=""`), and the way back after a declined consent goes through /retry
 redirects to the link from a cookie. Only a redirect (the provider's authorize URL, the
 link itself) carries a secret.
 
-Every page says who is asking (onboarding/brand.py): the product's logo or name, its support
+Every page says who is asking (onboarding/inputs/brand.py): the product's logo or name, its support
 contact, its privacy and terms links. The brand is the one given, else the one the service
 set for the request being answered (`use_brand`: ONBOARD_BRAND_*, then the link's profile's
 own), else the process's. Its accent colour is in the page's one style block, allowed by its
@@ -25,7 +25,7 @@ from html import escape
 from urllib.parse import urlsplit
 
 from connect_service.logs import current_request_id
-from onboarding.brand import UNNAMED, Brand, process_brand
+from onboarding.inputs.brand import UNNAMED, Brand, process_brand
 
 # The brand of the request being answered (ConnectService sets it; run_in_threadpool gives
 # each request a copy of the context, so one request's never reaches another's).

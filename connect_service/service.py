@@ -36,10 +36,10 @@ from connect_service import pages
 from connect_service.event_sender import EventSender
 from connect_service.pages import Page
 from onboarding import constants
-from onboarding.brand import Brand, brand_from_env
-from onboarding.client import VersoriClient
+from onboarding.batch.outcomes import StatusChange
+from onboarding.batch.tenant_events import tenant_event
 from onboarding.clock import utcnow
-from onboarding.connection import tenant_of
+from onboarding.connections.record_connection import tenant_of
 from onboarding.errors import (
     APIConnectionError,
     APIError,
@@ -51,7 +51,8 @@ from onboarding.errors import (
     ServerError,
     is_transient,
 )
-from onboarding.events import tenant_event
+from onboarding.inputs.brand import Brand, brand_from_env
+from onboarding.inputs.profile import ConnectorProfile, load_profile, readable
 from onboarding.ledger import (
     ConnectLink,
     ConnectState,
@@ -60,9 +61,8 @@ from onboarding.ledger import (
     StateOutcome,
     Status,
 )
-from onboarding.links import check_link, mask_state
-from onboarding.outcomes import StatusChange
-from onboarding.profile import ConnectorProfile, load_profile, readable
+from onboarding.versori.authorize_url import check_link, mask_state
+from onboarding.versori.client import VersoriClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

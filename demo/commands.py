@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.net import is_loopback
 
 if TYPE_CHECKING:
     from demo.emulator import EmulatorConfig
-    from onboarding.run_summary import RunSummary
+    from onboarding.batch.run_summary import RunSummary
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 out = Console()

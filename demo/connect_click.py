@@ -20,11 +20,11 @@ from demo.emulator_config import DEMO_CRM
 from demo.emulator_oauth import CONSENT_PATH
 
 if TYPE_CHECKING:
-    from onboarding.client import VersoriClient
+    from onboarding.inputs.profile import ConnectorProfile
+    from onboarding.inputs.roster import Tenant
     from onboarding.ledger import Ledger
     from onboarding.mail import MailSender, MailTemplates
-    from onboarding.profile import ConnectorProfile
-    from onboarding.roster import Tenant
+    from onboarding.versori.client import VersoriClient
 
 # Any ULID stands for the connection template: the emulator checks only its form.
 DEMO_TEMPLATE_ID = "01M8F12B95S4BX0QFB3TPDWZ0V"
@@ -134,8 +134,8 @@ def deliver_connect_link(
     from datetime import timedelta
 
     from onboarding.clock import utcnow
-    from onboarding.durable_links import connect_url, issue_connect_link
-    from onboarding.links import check_link
+    from onboarding.connections.durable_links import connect_url, issue_connect_link
+    from onboarding.versori.authorize_url import check_link
 
     request = profile.render(tenant.values)
     url = client.initialise(profile.organisation_id, profile.target_id, request)

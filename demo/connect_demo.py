@@ -18,11 +18,11 @@ from connect_service.service import ConnectService
 from demo.connect_click import click_through, deliver_connect_link, write_connect_profile
 from demo.local import DemoStage
 from demo.processes import free_port
-from onboarding.client import VersoriClient
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import load_roster
 from onboarding.ledger import Ledger, funnel_lines
 from onboarding.mail import MailSender, MailTemplates
-from onboarding.profile import load_profile
-from onboarding.roster import load_roster
+from onboarding.versori.client import VersoriClient
 
 
 class ThreadedServer:

@@ -29,14 +29,14 @@ from deployments.cli_output import (
 )
 from flows.inputs.options import FanOut, TenantEvents
 from onboarding import constants
+from onboarding.batch.delivery import Delivery
 from onboarding.clock import utcnow
-from onboarding.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.export import ExportFormat
 
 if TYPE_CHECKING:
-    from onboarding.run_inputs import RunInputs
-    from onboarding.run_summary import RunSummary
+    from onboarding.batch.run_summary import RunSummary
+    from onboarding.inputs.run_request import RunInputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -87,7 +87,7 @@ def _check_run_inputs(
     the run this process starts takes these inputs as they are (run_inputs.hand_over)."""
     from flows.inputs.blocks import resolve_api_key
     from flows.inputs.parameters import run_request
-    from onboarding.run_inputs import check_run, hand_over
+    from onboarding.inputs.run_request import check_run, hand_over
     from onboarding.settings import VersoriSettings
 
     request = run_request(
@@ -137,7 +137,7 @@ def _summary_of_run(flow: Any, **parameters: Any) -> RunSummary | None:
     state = run_here(flow, **parameters)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
-        from onboarding.run_summary import RunSummary
+        from onboarding.batch.run_summary import RunSummary
 
         return RunSummary.from_json(result)
     err.print(f"[bold red]The run did not finish:[/] {state.message}", highlight=False)
@@ -284,8 +284,8 @@ def _nothing_to_remind(
     the ledger before Prefect is imported or its temporary server started. The inputs are
     checked first, as the run checks them (bad input exits 2)."""
     from onboarding.db_url import redact
+    from onboarding.inputs.run_request import RunRequest, check_run
     from onboarding.ledger import Ledger
-    from onboarding.run_inputs import RunRequest, check_run
 
     url = _ledger_url_to_read()
     request = RunRequest(tuple(profiles), deliver=deliver, dry_run=dry_run, reminders=True)
@@ -374,7 +374,7 @@ def mark_connected(
     used state (nothing recorded); 2: bad input."""
     from rich.markup import escape
 
-    from onboarding.connection import record_connection
+    from onboarding.connections.record_connection import record_connection
     from onboarding.errors import OnboardingError
     from onboarding.ledger import Ledger
 
@@ -503,7 +503,7 @@ def status(
 
     names: dict[str, str] = {}
     if profile:  # imported only then: profiles need pydantic's models and YAML
-        from onboarding.profile import load_profile
+        from onboarding.inputs.profile import load_profile
 
         names = {
             p.target_id: connector_label(p.name, p.display_name) for p in map(load_profile, profile)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from onboarding.run_summary import Row, RunSummary
+from onboarding.batch.run_summary import Row, RunSummary
 
 if TYPE_CHECKING:
+    from onboarding.inputs.run_request import RunInputs
     from onboarding.ledger import Ledger, Record, RunProgress
-    from onboarding.run_inputs import RunInputs
 
 out = Console()
 err = Console(stderr=True)
@@ -255,8 +255,8 @@ def send_connected_event(record: Record) -> None:
         return
     import httpx
 
-    from onboarding.events import api_headers, tenant_event
-    from onboarding.outcomes import StatusChange
+    from onboarding.batch.outcomes import StatusChange
+    from onboarding.batch.tenant_events import api_headers, tenant_event
 
     change = StatusChange(record.tenant_id, record.connector_id, record.profile, "connected")
     event, headers = tenant_event(change), api_headers()

@@ -86,9 +86,9 @@ def check_link_profiles() -> None:
     ONBOARD_CONNECT_BASE_URL's callback). A profile that cannot be read now is only warned of:
     the service answers its links "try again later" until it can."""
     from onboarding.clock import utcnow
-    from onboarding.connect_settings import ConnectSettings
+    from onboarding.connections.connect_settings import ConnectSettings
+    from onboarding.inputs.profile import FINISH_HINT, load_profile
     from onboarding.ledger import Ledger
-    from onboarding.profile import FINISH_HINT, load_profile
     from onboarding.settings import LedgerSettings
 
     base_url = ConnectSettings().base_url

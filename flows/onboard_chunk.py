@@ -24,11 +24,11 @@ from flows.batching.runs import onboard_tenants_of
 from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import run_inputs, run_request
 from flows.reporting.summary import final_state, summarise
-from onboarding.campaign import Campaign
-from onboarding.delivery import Delivery
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.run_summary import RunSummary
+from onboarding.inputs.run_request import RosterPart
 from onboarding.ledger import Ledger
-from onboarding.run_inputs import RosterPart
-from onboarding.run_summary import RunSummary
 from onboarding.settings import LedgerSettings
 
 PARENT_CHECK_SECONDS = 10.0

@@ -15,8 +15,8 @@ from flows.batching.runs import onboard_tenants_batch
 from flows.inputs.options import FanOut, TenantEvents
 from flows.inputs.parameters import connectors_of, run_inputs, run_request
 from onboarding import constants
-from onboarding.delivery import Delivery
-from onboarding.roster import TenantRow, display_source
+from onboarding.batch.delivery import Delivery
+from onboarding.inputs.roster import TenantRow, display_source
 
 MAX_INLINE_TENANTS = 100
 

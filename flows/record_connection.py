@@ -12,7 +12,8 @@ from pydantic import SecretStr
 
 from flows.inputs.options import TenantEvents
 from flows.reporting.events import TenantEventSender
-from onboarding.connection import record_connection
+from onboarding.batch.outcomes import StatusChange
+from onboarding.connections.record_connection import record_connection
 from onboarding.errors import (
     ExpiredStateError,
     StateUsedError,
@@ -20,9 +21,8 @@ from onboarding.errors import (
     UnknownStateError,
 )
 from onboarding.ledger import Ledger
-from onboarding.links import mask_state
-from onboarding.outcomes import StatusChange
 from onboarding.settings import LedgerSettings
+from onboarding.versori.authorize_url import mask_state
 
 
 @flow(name="record-connection", flow_run_name="record-connection", log_prints=False)

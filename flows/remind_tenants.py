@@ -12,7 +12,7 @@ from pydantic import Field
 from flows.batching.runs import remind_tenants_batch
 from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import connectors_of, run_inputs, run_request
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
 
 
 def run_name() -> str:

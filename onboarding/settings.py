@@ -170,7 +170,7 @@ class RetrySettings(EnvSettings):
 
     retry_backoff_seconds: float = Field(constants.TASK_RETRY_BACKOFF_SECONDS, ge=0, le=600)
     # ONBOARD_TENANT_DEADLINE_SECONDS: no new try of a tenant starts this long after its first
-    # (onboarding.retry_policy.RetryRule). ONBOARD_STOP_AFTER: distinct tenants in a row that
+    # (onboarding.batch.retry_policy.RetryRule). ONBOARD_STOP_AFTER: distinct tenants in a row that
     # must fail with the same 401, 403 or 404 before the batch stops (BatchStop).
     tenant_deadline_seconds: float = Field(constants.TENANT_DEADLINE_SECONDS, gt=0)
     stop_after: int = Field(constants.STOP_AFTER, ge=1, le=1000)

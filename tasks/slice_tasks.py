@@ -2,7 +2,7 @@
 
 A task run holds one tenant for small batches and up to a hundred for large ones (see
 flows/batching/slices.py). Retries are Prefect task retries; a retried slice calls again only
-its tenants that failed transiently (onboarding/slices.py)."""
+its tenants that failed transiently (onboarding/batch/tenant_slices.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from prefect.runtime import task_run as current_task_run
 from prefect.tasks import exponential_backoff
 
 from onboarding import constants
-from onboarding.campaign import Campaign, onboard_tenant, remind_tenant
+from onboarding.batch.campaign import Campaign, onboard_tenant, remind_tenant
+from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.tenant_slices import SliceFailed, Step, TenantSlice, run_slice
 from onboarding.errors import is_transient
-from onboarding.outcomes import TenantOutcome
 from onboarding.settings import RetrySettings
-from onboarding.slices import SliceFailed, Step, TenantSlice, run_slice
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry a slice that has tenants to try again (onboarding.retry_policy.decide said so),
+    """Retry a slice that has tenants to try again (onboarding.batch.retry_policy.decide said so),
     or a one-tenant slice whose own error is transient. A Retry-After is waited out before
     the next call by the connector's pacer, not here. Prefect asks only while retries are left."""
     exc = state.result(raise_on_failure=False)

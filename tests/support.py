@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from onboarding.campaign import Campaign, onboard_tenant
-from onboarding.client import VersoriClient
-from onboarding.connector_run import ConnectorRun
-from onboarding.delivery import Delivery
+from onboarding.batch.campaign import Campaign, onboard_tenant
+from onboarding.batch.connector_run import ConnectorRun
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.outcomes import StatusChange, TenantOutcome
+from onboarding.batch.retry_policy import BatchStop, Tries
+from onboarding.inputs.profile import ConnectorProfile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger
-from onboarding.outcomes import StatusChange, TenantOutcome
-from onboarding.profile import ConnectorProfile
-from onboarding.retry_policy import BatchStop, Tries
-from onboarding.roster import Tenant
+from onboarding.versori.client import VersoriClient
 
 
 def campaign_of(

@@ -23,11 +23,11 @@ from prefect.runtime import flow_run
 from flows.inputs.options import TenantEvents
 from flows.reporting.progress import Progress
 from flows.reporting.summary import OutcomeCounts
+from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.run_summary import RunSummary
 from onboarding.clock import utcnow
+from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger, Status
-from onboarding.outcomes import TenantOutcome
-from onboarding.run_inputs import RunInputs
-from onboarding.run_summary import RunSummary
 
 POLL_SECONDS = 2.0
 WAITING_LOG_SECONDS = 60.0

@@ -13,18 +13,18 @@ from flows.inputs.blocks import open_mailer, resolve_api_key
 from flows.inputs.options import TenantEvents
 from flows.reporting.events import TenantEventSender
 from flows.running.in_process import on_interrupt
-from onboarding.campaign import Campaign
-from onboarding.client import VersoriClient
-from onboarding.connect_settings import ConnectSettings
-from onboarding.connector_run import ConnectorRun
+from onboarding.batch.call_pacing import PACE_SHARE, Pacer, Spacing
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.connector_run import ConnectorRun
+from onboarding.batch.retry_policy import BatchStop, RetryRule
+from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.constants import PLATFORM_V2
+from onboarding.inputs.profile import ConnectorProfile
+from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger
-from onboarding.models import Api
-from onboarding.pacing import PACE_SHARE, Pacer, Spacing
-from onboarding.profile import ConnectorProfile
-from onboarding.retry_policy import BatchStop, RetryRule
-from onboarding.run_inputs import RunInputs
 from onboarding.settings import LedgerSettings, RetrySettings, VersoriSettings
+from onboarding.versori.client import VersoriClient
+from onboarding.versori.wire import Api
 
 
 def tag_run(profiles: list[ConnectorProfile]) -> None:
@@ -125,7 +125,7 @@ def rate_limit_name(profile: ConnectorProfile) -> str:
 def make_pacer(profile: ConnectorProfile, ledger: Ledger) -> Pacer:
     """A pacer at a little under the profile's `rate_limit_per_second`, if it sets one,
     shared through the ledger by every run of the profile on it (chunks, workers, two CLI
-    runs at once); else one that only holds off after a 429 (onboarding/pacing.py)."""
+    runs at once); else one that only holds off after a 429 (onboarding/batch/call_pacing.py)."""
     rate = profile.rate_limit_per_second
     if rate is None:
         return Pacer()

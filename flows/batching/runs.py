@@ -20,14 +20,14 @@ from flows.batching.slices import run_batch
 from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import connector_label
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
-from onboarding.campaign import Campaign
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.outcomes import TenantOutcome, combined
 from onboarding.clock import utcnow
-from onboarding.connection import tenant_of
+from onboarding.connections.record_connection import tenant_of
+from onboarding.inputs.profile import ConnectorProfile
+from onboarding.inputs.roster import Tenant
+from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger, Record, Status, funnel_lines
-from onboarding.outcomes import TenantOutcome, combined
-from onboarding.profile import ConnectorProfile
-from onboarding.roster import Tenant
-from onboarding.run_inputs import RunInputs
 from onboarding.settings import LedgerSettings
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task
 

@@ -18,10 +18,10 @@ from flows.inputs.parameters import connector_label
 from flows.reporting.progress import Progress, quiet_routine_task_logs
 from flows.reporting.summary import OutcomeCounts
 from flows.running.in_process import INTERRUPTED
-from onboarding.campaign import Campaign
-from onboarding.outcomes import TenantOutcome, failed_outcome
-from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, TenantSlice
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.outcomes import TenantOutcome, failed_outcome
+from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
+from onboarding.inputs.roster import Tenant
 from tasks.slice_tasks import with_retry_backoff
 
 # Up to this many tenants, one task run per tenant: the UI shows each by name. Above it, one

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from prefect_email import EmailServerCredentials
 
     from onboarding.mail import MailSender, SmtpSettings
-    from onboarding.mail.settings import Security
+    from onboarding.mail.smtp_settings import Security
 
 
 def resolve_api_key(settings: VersoriSettings) -> str | None:

@@ -1,4 +1,4 @@
-"""The choices a run's parameters offer beyond the core's (`onboarding.delivery.Delivery`):
+"""The choices a run's parameters offer beyond the core's (`onboarding.batch.delivery.Delivery`):
 Prefect's ideas, so they live here. Plain enums: the CLI imports them without Prefect."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A run's parameters, as a flow receives them, turned into the core's checked run inputs
-(onboarding.run_inputs): what only the flow layer knows is settled here first (a roster kept
+(onboarding.inputs.run_request): what only the flow layer knows is settled here first (a roster kept
 in a Secret block, the folder a deployment's run may read, whether a server keeps the run's
 parameters)."""
 
@@ -12,11 +12,11 @@ from prefect.context import FlowRunContext
 from prefect.runtime import deployment
 
 from flows.running.server import on_temporary_server
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
 from onboarding.errors import InputError
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import TenantRow
-from onboarding.run_inputs import RosterPart, RunInputs, RunRequest, check_run, take_handed
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import TenantRow
+from onboarding.inputs.run_request import RosterPart, RunInputs, RunRequest, check_run, take_handed
 from onboarding.settings import files_root
 
 SECRET_ROSTER = "secret:"

@@ -18,8 +18,8 @@ from typing import Any
 
 from flows.inputs.options import TenantEvents
 from flows.running.server import on_temporary_server
-from onboarding.events import tenant_event
-from onboarding.outcomes import StatusChange
+from onboarding.batch.outcomes import StatusChange
+from onboarding.batch.tenant_events import tenant_event
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.run_summary import RunSummary
 from onboarding.errors import is_transient
-from onboarding.outcomes import TenantOutcome
-from onboarding.run_summary import RunSummary
 
 TABLE_ROWS_MAX = 1000
 

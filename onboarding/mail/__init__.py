@@ -13,7 +13,7 @@ from onboarding.errors import (
 )
 from onboarding.mail.message import MailLink, build_message, message_id_for, parse_from
 from onboarding.mail.sender import IDLE_CHECK_SECONDS, MailSender
-from onboarding.mail.settings import DEFAULT_PORTS, Security, SmtpServerSettings, SmtpSettings
+from onboarding.mail.smtp_settings import DEFAULT_PORTS, Security, SmtpServerSettings, SmtpSettings
 from onboarding.mail.templates import (
     DEFAULT_TEMPLATES,
     TEMPLATE_NAMES,

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 
-from onboarding.brand import BrandValues
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
-from onboarding.roster import Tenant
+from onboarding.inputs.brand import BrandValues
+from onboarding.inputs.roster import Tenant
 
 # Where a problem with ONBOARD_EMAIL_FROM or another SMTP setting is reported.
 SETTINGS_SOURCE = "SMTP settings"

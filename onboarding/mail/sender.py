@@ -46,7 +46,7 @@ from onboarding.errors import (
     UnsafeMessageError,
 )
 from onboarding.mail.message import SETTINGS_SOURCE, has_line_break
-from onboarding.mail.settings import (
+from onboarding.mail.smtp_settings import (
     Security,
     SendSettings,
     SmtpServerSettings,
@@ -112,7 +112,7 @@ class MailSender:
         idle_check_seconds: float = IDLE_CHECK_SECONDS,
     ) -> None:
         """Settings given in code (a Prefect block's values, a test's); `from_settings` takes the
-        environment's. Both are checked in `onboarding.mail.settings`, and only there."""
+        environment's. Both are checked in `onboarding.mail.smtp_settings`, and only there."""
         settings = SmtpServerSettings.of(
             host=host,
             port=port or None,  # 0 or None: the security mode's usual port

@@ -26,11 +26,11 @@ from jinja2 import (
 )
 from jinja2.sandbox import SandboxedEnvironment
 
-from onboarding.brand import Brand, BrandValues, load_brand_values
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
+from onboarding.inputs.brand import Brand, BrandValues, load_brand_values
+from onboarding.inputs.roster import Tenant
 from onboarding.mail.message import MailLink, has_line_break
-from onboarding.roster import Tenant
 
 TEMPLATE_NAMES = ("subject.txt", "body.txt", "body.html")
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -121,10 +121,10 @@ class MailTemplates:
     (the profile's, else its name), connector_name, connector_id, link, expires_at (aware
     datetime, UTC) and expires_in_hours (int), opened_at (when the admin first opened its
     connect link without finishing, else None) and declined (they said no at the provider);
-    the first link's at the top level too; reminder (0 on first send); brand (onboarding.brand.
-    Brand: name, logo_url, logo_width, logo_height, color, support, support_href,
-    support_is_email, privacy_url, terms_url, reason), each link's expires_on (its date in
-    words) and access (what it asks, in plain words or as scopes). HTML is autoescaped;
+    the first link's at the top level too; reminder (0 on first send); brand
+    (onboarding.inputs.brand.Brand: name, logo_url, logo_width, logo_height, color, support,
+    support_href, support_is_email, privacy_url, terms_url, reason), each link's expires_on
+    (its date in words) and access (what it asks, in plain words or as scopes). HTML is autoescaped;
     text is not. An undefined variable is an error, and every template is rendered once with
     sample values here, so a typo fails before anything is sent; `check_campaign` also asks
     that an email with two links shows both.

@@ -35,9 +35,9 @@ from demo.connect_click import write_connect_profile
 from demo.emulator import DEFAULT_API_KEY
 from demo.processes import PROJECT, base_env, child, free_port, wait_for_http
 from onboarding.clock import utcnow
-from onboarding.durable_links import issue_connect_link
+from onboarding.connections.durable_links import issue_connect_link
+from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.ledger import Ledger, Status
-from onboarding.profile import ConnectorProfile, load_profile
 from tests.conftest import PG_URL
 from tests.e2e.tcp_proxy import TcpProxy
 

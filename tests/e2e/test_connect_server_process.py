@@ -35,10 +35,10 @@ import pytest
 from demo.connect_click import CSRF_PATTERN, deliver_connect_link, write_connect_profile
 from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
 from demo.processes import base_env, child, free_port, wait_for_http
-from onboarding.client import VersoriClient
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger
-from onboarding.profile import load_profile
-from onboarding.roster import Tenant
+from onboarding.versori.client import VersoriClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -21,8 +21,8 @@ import pytest
 
 from demo.processes import PROJECT, base_env, free_port
 from onboarding.clock import utcnow
+from onboarding.inputs.profile import load_profile
 from onboarding.ledger import Ledger
-from onboarding.profile import load_profile
 from tests.e2e.test_cli import ONBOARD, emulator_process
 
 pytestmark = pytest.mark.e2e
@@ -198,7 +198,7 @@ def test_the_runs_artifacts_name_connectors_by_display_name_and_say_why_it_stopp
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.reporting.summary import OutcomeCounts, publish, summarise
-    from onboarding.outcomes import TenantOutcome
+    from onboarding.batch.outcomes import TenantOutcome
 
     def tenant(n: int, slack: str, code: str = "") -> TenantOutcome:
         parts = (

@@ -27,12 +27,12 @@ from flows.batching.slices import (
 )
 from flows.reporting.summary import OutcomeCounts
 from flows.running.in_process import INTERRUPTED
-from onboarding.campaign import Campaign
-from onboarding.delivery import Delivery
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
 from onboarding.errors import ServerError
-from onboarding.outcomes import TenantOutcome
-from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, TenantSlice
+from onboarding.inputs.roster import Tenant
 
 pytestmark = pytest.mark.timeout(180)
 

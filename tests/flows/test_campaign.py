@@ -19,11 +19,11 @@ from sqlalchemy import update
 from demo.emulator import EmulatorConfig, EmulatorServer
 from flows.onboard_tenants import onboard_tenants
 from flows.remind_tenants import remind_tenants
+from onboarding.batch.delivery import Delivery
 from onboarding.clock import utcnow
-from onboarding.delivery import Delivery
 from onboarding.errors import InputError
+from onboarding.inputs.roster import TenantRow
 from onboarding.ledger import Ledger, Status, records
-from onboarding.roster import TenantRow
 from tests.flows.helpers import summary_of
 from tests.smtp_server import DROP, SmtpTestServer
 

@@ -20,8 +20,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, tempor
 import flows.reporting.events as events_module
 from flows.inputs.options import TenantEvents
 from flows.reporting.events import BATCH_MAX, TenantEventSender
-from onboarding.events import event_name
-from onboarding.outcomes import StatusChange
+from onboarding.batch.outcomes import StatusChange
+from onboarding.batch.tenant_events import event_name
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,12 +23,12 @@ from prefect.client.schemas.filters import (
 
 import flows.batching.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
-import onboarding.run_inputs as run_inputs_module
+import onboarding.inputs.run_request as run_inputs_module
 from demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from flows.batching.fan_out import split
 from flows.onboard_tenants import onboard_tenants
+from onboarding.inputs.roster import load_roster, open_roster_slice
 from onboarding.ledger import Ledger, Status
-from onboarding.roster import load_roster, open_roster_slice
 from tests.flows.helpers import summary_of
 
 PROFILE = str(Path(__file__).resolve().parents[2] / "examples" / "profile.yaml")

@@ -16,10 +16,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 import flows.reporting.summary as summary_module
-import onboarding.outcomes as outcomes_module
+import onboarding.batch.outcomes as outcomes_module
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
-from onboarding.outcomes import TenantOutcome
-from onboarding.run_summary import RunSummary
+from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.run_summary import RunSummary
 
 ALREADY = "already delivered or connected, no task run needed"
 

@@ -72,8 +72,8 @@ def test_a_completed_state_is_not_retried(slept: list[float]) -> None:
 
 
 def test_a_slice_is_retried_when_some_of_its_tenants_may_be_retried(slept: list[float]) -> None:
-    from onboarding.outcomes import TenantOutcome
-    from onboarding.slices import SliceFailed
+    from onboarding.batch.outcomes import TenantOutcome
+    from onboarding.batch.tenant_slices import SliceFailed
 
     failed = TenantOutcome("t2", "failed", error_code="rate_limited")
     ok = TenantOutcome("t1", "delivered")

@@ -1,4 +1,4 @@
-"""Who is asking (onboarding/brand.py): the settings and their errors, and what the emails
+"""Who is asking (onboarding/inputs/brand.py): the settings and their errors, and what the emails
 and the connect pages show of them."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from connect_service import pages
-from onboarding.brand import (
+from onboarding.connections.connect_settings import ConnectSettings
+from onboarding.errors import InputError
+from onboarding.inputs.brand import (
     UNNAMED,
     Brand,
     BrandValues,
@@ -24,11 +26,9 @@ from onboarding.brand import (
     contrast_with_white,
     default_name,
 )
-from onboarding.connect_settings import ConnectSettings
-from onboarding.errors import InputError
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.mail import MailLink, MailTemplates, build_message
-from onboarding.profile import load_profile
-from onboarding.roster import Tenant
 from tests.unit.test_profile import BASE
 
 NOW = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""onboarding/campaign.py: one tenant's step over a campaign of two connectors (Zendesk on the
+"""onboarding/batch/campaign.py: one tenant's step over a campaign of two connectors (Zendesk on the
 Connect API v1, Slack on the Platform API v2), without Prefect: `onboard_tenant` issues every
 link the tenant needs and sends one email with all of them; `remind_tenant` sends one reminder
 for what it has not connected. Versori and the SMTP sender are fakes; the ledger is a real
@@ -22,19 +22,19 @@ import pytest
 
 from demo.emulator_config import EmulatedConnector
 from demo.versori_rules import build_url
-from onboarding.brand import BrandValues
-from onboarding.campaign import Campaign, onboard_tenant, remind_tenant
+from onboarding.batch.campaign import Campaign, onboard_tenant, remind_tenant
+from onboarding.batch.connector_run import ConnectorRun
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.outcomes import StatusChange, TenantOutcome
+from onboarding.batch.retry_policy import RetryLater, Tries
 from onboarding.clock import utcnow
-from onboarding.connector_run import ConnectorRun
-from onboarding.delivery import Delivery
 from onboarding.errors import BadRequestError, ServerError, TransientMailError
+from onboarding.inputs.brand import BrandValues
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.mail import MailTemplates
-from onboarding.models import InitialiseRequest, parse_additional_params
-from onboarding.outcomes import StatusChange, TenantOutcome
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.retry_policy import RetryLater, Tries
-from onboarding.roster import Tenant
+from onboarding.versori.wire import InitialiseRequest, parse_additional_params
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,5 @@
-"""Unit tests for onboarding.client: one attempt, every failure typed, no secret in any error.
+"""Unit tests for onboarding.versori.client: one attempt, every failure typed, no secret in any
+error.
 
 Everything goes through httpx.MockTransport except one test, which needs a real socket to show
 that the call deadline interrupts a server that trickles its body.
@@ -19,9 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from onboarding import client as client_module
 from onboarding import constants
-from onboarding.client import VersoriClient, parse_retry_after
 from onboarding.errors import (
     APIConnectionError,
     APIError,
@@ -40,7 +39,9 @@ from onboarding.errors import (
     VersoriError,
     is_transient,
 )
-from onboarding.models import InitialiseRequest
+from onboarding.versori import client as client_module
+from onboarding.versori.client import VersoriClient, parse_retry_after
+from onboarding.versori.wire import InitialiseRequest
 
 API_KEY = "vk_live_Sup3rSecretKey0123456789abcdef"
 BASE_URL = "https://x.example/api/connect/v1"
@@ -572,7 +573,7 @@ def test_parse_retry_after_clamps_a_hostile_value_to_the_cap(value: str) -> None
 @pytest.mark.parametrize("value", HOSTILE_RETRY_AFTER)
 def test_a_hostile_retry_after_brakes_the_batch_for_the_cap_at_most(value: str) -> None:
     """The 429 brake gets the clamped value: no day-long stall, no OverflowError in sleep."""
-    from onboarding.pacing import Pacer
+    from onboarding.batch.call_pacing import Pacer
 
     exc = fail(
         answer(429, {"code": "rate_limited", "message": "m"}, headers={"Retry-After": value})

@@ -11,8 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from onboarding import client as client_module
-from onboarding.client import MAX_PAGES, VersoriClient
 from onboarding.errors import (
     APIConnectionError,
     APIError,
@@ -22,6 +20,8 @@ from onboarding.errors import (
     NotFoundError,
     ServerError,
 )
+from onboarding.versori import client as client_module
+from onboarding.versori.client import MAX_PAGES, VersoriClient
 
 API_KEY = "vk_live_Sup3rSecretKey0123456789abcdef"
 BASE_URL = "https://x.example/api/v2"

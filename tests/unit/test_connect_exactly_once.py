@@ -22,10 +22,10 @@ with warnings.catch_warnings():
 
 from connect_service.app import create_app
 from demo.emulator import EmulatorConfig, EmulatorServer
-from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
 from onboarding.errors import LedgerUnavailableError
 from onboarding.ledger import Ledger, Status, state_digest
+from onboarding.versori.client import VersoriClient
 from tests.unit.test_connect_service import Stage, _stage
 
 pytestmark = pytest.mark.timeout(120)

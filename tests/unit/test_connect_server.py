@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from connect_service.http_server import check_serving
-from onboarding.connect_settings import ConnectSettings
+from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.errors import InputError
 
 ONBOARD = str(Path(sys.executable).parent / "onboard")

@@ -27,12 +27,12 @@ from connect_service.event_sender import EventSender
 from connect_service.service import ConnectService
 from demo.connect_click import write_connect_profile
 from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-from onboarding.brand import Brand
-from onboarding.client import VersoriClient
 from onboarding.clock import utcnow
-from onboarding.durable_links import issue_connect_link
+from onboarding.connections.durable_links import issue_connect_link
+from onboarding.inputs.brand import Brand
+from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.ledger import Ledger, Status
-from onboarding.profile import ConnectorProfile, load_profile
+from onboarding.versori.client import VersoriClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,8 +194,8 @@ def test_link_button_consent_callback_connects_the_tenant(stage: Stage) -> None:
     token = stage.tenant("t1")
     page = stage.app.get(f"/c/{token}")
     assert page.status_code == 200
-    # Who asks (no ONBOARD_BRAND_NAME here: a default, see onboarding/brand.py), the connector
-    # by its display name (never its slug), the tenant.
+    # Who asks (no ONBOARD_BRAND_NAME here: a default, see onboarding/inputs/brand.py), the
+    # connector by its display name (never its slug), the tenant.
     assert "would like to connect to your Acme Crm</h1>" in page.text
     assert "This connection is for Tenant t1." in page.text and "acme-crm" not in page.text
     for name in HEADERS:

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from demo.emulator import DEFAULT_API_KEY, DEMO_CONNECTOR, EmulatorConfig, EmulatorServer
 from demo.emulator_config import DEMO_CRM, EmulatedConnector, load_script
 from demo.emulator_oauth import CONSENT_PATH
-from onboarding.client import VersoriClient
 from onboarding.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -27,7 +26,8 @@ from onboarding.errors import (
     InputError,
     ServerError,
 )
-from onboarding.models import ConnectionResponse
+from onboarding.versori.client import VersoriClient
+from onboarding.versori.wire import ConnectionResponse
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,8 +21,10 @@ from typer.testing import CliRunner
 
 from deployments import cli, cli_output
 from deployments.cli import app
-from onboarding.campaign import onboard_tenant
-from onboarding.client import VersoriClient
+from onboarding.batch.campaign import onboard_tenant
+from onboarding.batch.retry_policy import BatchStop
+from onboarding.batch.run_summary import RunSummary
+from onboarding.batch.tenant_slices import SliceFailed, TenantSlice, run_slice
 from onboarding.clock import utcnow
 from onboarding.errors import (
     APIConnectionError,
@@ -31,12 +33,10 @@ from onboarding.errors import (
     NotFoundError,
     ServerError,
 )
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger
-from onboarding.profile import load_profile
-from onboarding.retry_policy import BatchStop
-from onboarding.roster import Tenant
-from onboarding.run_summary import RunSummary
-from onboarding.slices import SliceFailed, TenantSlice, run_slice
+from onboarding.versori.client import VersoriClient
 from tests.support import campaign_of
 
 pytestmark = pytest.mark.timeout(120)

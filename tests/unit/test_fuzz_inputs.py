@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onboarding.errors import InputError
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import display_source, load_roster
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import display_source, load_roster
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNS: Counter[str] = Counter()  # examples run, by property test

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onboarding import constants
-from onboarding.client import parse_retry_after
 from onboarding.errors import InputError, LinkCheckError
-from onboarding.links import RESPONSE_ALTERING_KEYS, Link, check_link
-from onboarding.models import InitialiseRequest
+from onboarding.versori.authorize_url import RESPONSE_ALTERING_KEYS, Link, check_link
+from onboarding.versori.client import parse_retry_after
+from onboarding.versori.wire import InitialiseRequest
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 FUZZ = settings(

@@ -124,8 +124,8 @@ def test_entry_points_never_import_each_other() -> None:
 def test_the_graph_is_really_drawn() -> None:
     """A check that reads nothing would pass: the known arrows are found."""
     edges = graph()
-    assert "onboarding.campaign" in edges["onboarding.slices"]
-    assert "onboarding.run_inputs" in edges["flows.inputs.parameters"]
-    assert "onboarding.durable_links" in edges["onboarding.campaign"]
+    assert "onboarding.batch.campaign" in edges["onboarding.batch.tenant_slices"]
+    assert "onboarding.inputs.run_request" in edges["flows.inputs.parameters"]
+    assert "onboarding.connections.durable_links" in edges["onboarding.batch.campaign"]
     assert "connect_service.service" in edges["connect_service.app"]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]

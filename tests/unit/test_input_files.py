@@ -1,4 +1,4 @@
-"""onboarding/input_files.py: an operator's files read safely. `resolve_under` (the folder
+"""onboarding/inputs/files.py: an operator's files read safely. `resolve_under` (the folder
 rule), `read_bounded_text` (regular files, a size cap, UTF-8), `load_yaml_with_lines` (bounded
 YAML with a line for every key path; aliases, deep nesting and too many values refused),
 `problems_from_validation` (FILE:LINE: field: message) and `without_quotes`. Through the
@@ -16,7 +16,7 @@ import pytest
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.input_files import (
+from onboarding.inputs.files import (
     MAX_YAML_DEPTH,
     load_yaml_with_lines,
     problems_from_validation,

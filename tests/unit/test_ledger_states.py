@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from onboarding.connection import record_connection
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
+from onboarding.connections.record_connection import record_connection
 from onboarding.errors import SupersededStateError
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Status, records
-from onboarding.profile import load_profile
-from onboarding.roster import Tenant
 from tests.support import campaign_of, onboard
 from tests.unit.test_ledger import CONNECTOR, HOUR, NOW, fail, get, link
 

@@ -1,4 +1,5 @@
-"""Unit tests for onboarding.links.check_link: every defect reported, no secret in any message."""
+"""Unit tests for onboarding.versori.authorize_url.check_link: every defect reported, no secret
+in any message."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from onboarding.errors import LinkCheckError
-from onboarding.links import Link, check_link, mask_state
-from onboarding.models import InitialiseRequest
+from onboarding.versori.authorize_url import Link, check_link, mask_state
+from onboarding.versori.wire import InitialiseRequest
 
 STATE = "St4te-SECRET-0123456789abcdefXYZ"
 ENDPOINT = "https://auth.example.com/oauth2/authorize"
@@ -391,7 +392,7 @@ def _profile(**pins: str | list[str]) -> dict[str, Any]:
 
 
 def test_the_profile_may_pin_the_redirect_uri_or_its_host() -> None:
-    from onboarding.profile import ConnectorProfile
+    from onboarding.inputs.profile import ConnectorProfile
 
     profile = ConnectorProfile.model_validate(
         _profile(redirect_uri=REDIRECT, redirect_host="App.Versori.com")
@@ -415,7 +416,7 @@ def test_the_profile_may_pin_the_redirect_uri_or_its_host() -> None:
 def test_bad_redirect_pins_are_refused(pins: dict[str, str], expected: str) -> None:
     from pydantic import ValidationError
 
-    from onboarding.profile import ConnectorProfile
+    from onboarding.inputs.profile import ConnectorProfile
 
     with pytest.raises(ValidationError, match=expected):
         ConnectorProfile.model_validate(_profile(**pins))
@@ -425,10 +426,10 @@ def test_onboarding_checks_the_returned_link_against_the_profile_pins(tmp_path: 
     """The pins reach the check: a link to an attacker's redirect_uri is never stored."""
     import httpx
 
-    from onboarding.client import VersoriClient
+    from onboarding.inputs.profile import ConnectorProfile
+    from onboarding.inputs.roster import Tenant
     from onboarding.ledger import Ledger
-    from onboarding.profile import ConnectorProfile
-    from onboarding.roster import Tenant
+    from onboarding.versori.client import VersoriClient
     from tests.support import campaign_of, onboard
 
     hostile = build(edit(redirect_uri=ATTACKER))

@@ -22,8 +22,9 @@ import pytest
 import trustme
 
 from demo.smtp import LocalSmtpServer
-from onboarding.brand import BrandValues
 from onboarding.errors import InputError, is_transient
+from onboarding.inputs.brand import BrandValues
+from onboarding.inputs.roster import Tenant
 from onboarding.mail import (
     MailAuthError,
     MailLink,
@@ -37,7 +38,6 @@ from onboarding.mail import (
     build_message,
     message_id_for,
 )
-from onboarding.roster import Tenant
 from tests.smtp_server import (
     DROP,
     PASSWORD,
@@ -670,7 +670,7 @@ def test_the_mail_package_does_not_import_the_demo_smtp_server() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-# --- one email for a campaign's links (onboarding/campaign.py sends it) --------------------------
+# --- one email for a campaign's links (onboarding/batch/campaign.py sends it) --------------------
 
 CAMPAIGN_TENANT = Tenant(tenant_id="t1", name="Acme", admin_email="admin@acme.example.com")
 HUBSPOT = MailLink(

@@ -103,7 +103,7 @@ def test_posts_the_event_the_flow_would_send(
 ) -> None:
     from flows.inputs.options import TenantEvents
     from flows.reporting.events import TenantEventSender
-    from onboarding.outcomes import StatusChange
+    from onboarding.batch.outcomes import StatusChange
 
     api, received = events_api
     monkeypatch.setenv("PREFECT_API_URL", api + "/")

@@ -1,4 +1,5 @@
-"""Unit tests for onboarding.models (wire models, ULIDs, additional params) and the error tree."""
+"""Unit tests for onboarding.versori.wire (wire models, ULIDs, additional params) and the error
+tree."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from onboarding.errors import (
     error_class_for,
     is_transient,
 )
-from onboarding.models import (
+from onboarding.versori.wire import (
     CredentialRef,
     ErrorBody,
     InitialiseRequest,

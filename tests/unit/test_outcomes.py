@@ -1,14 +1,20 @@
-"""onboarding/outcomes.py: what became of a tenant in a run (its row, or rows, in the run's
+"""onboarding/batch/outcomes.py: what became of a tenant in a run (its row, or rows, in the run's
 table) and how a campaign's parts make one outcome; nothing secret in either."""
 
 from __future__ import annotations
 
 import pytest
 
+from onboarding.batch.outcomes import (
+    NOT_STARTED,
+    TenantOutcome,
+    combined,
+    failed_outcome,
+    succeeded,
+)
 from onboarding.errors import BadRequestError, ServerError
 from onboarding.ledger import Status
-from onboarding.links import Link
-from onboarding.outcomes import NOT_STARTED, TenantOutcome, combined, failed_outcome, succeeded
+from onboarding.versori.authorize_url import Link
 
 LINK = Link(
     url="https://acme.zendesk.com/oauth/authorizations/new?state=Zk3v9Q-secret-state",

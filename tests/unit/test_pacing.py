@@ -1,5 +1,5 @@
-"""Pacing (onboarding/pacing.py): calls evenly spaced a little under the rate, never a burst
-(after a stall, an idle spell or a 429), across the threads of a process and across the
+"""Pacing (onboarding/batch/call_pacing.py): calls evenly spaced a little under the rate, never a
+burst (after a stall, an idle spell or a 429), across the threads of a process and across the
 processes that share a ledger; the brake a 429 applies to them all."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onboarding.batch.call_pacing import GUARD_WINDOW, PACE_SHARE, Pacer, Spacing
 from onboarding.ledger import Ledger
-from onboarding.pacing import GUARD_WINDOW, PACE_SHARE, Pacer, Spacing
 
 
 class FakeTime:

@@ -23,7 +23,6 @@ from demo.emulator import (
     EmulatorServer,
 )
 from onboarding import constants
-from onboarding.client import VersoriClient
 from onboarding.errors import (
     InputError,
     LinkCheckError,
@@ -31,11 +30,12 @@ from onboarding.errors import (
     RateLimitedError,
     ServerError,
 )
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Status
-from onboarding.links import check_link
-from onboarding.models import InitialiseRequest
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import Tenant
+from onboarding.versori.authorize_url import check_link
+from onboarding.versori.client import VersoriClient
+from onboarding.versori.wire import InitialiseRequest
 from tests.support import campaign_of, onboard
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,12 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from deployments.cli import app
+from onboarding.batch.delivery import Delivery
 from onboarding.clock import utcnow
-from onboarding.delivery import Delivery
 from onboarding.errors import InputError
+from onboarding.inputs.profile import ConnectorProfile, load_profile, same_endpoint
+from onboarding.inputs.run_request import RunRequest, check_run
 from onboarding.ledger import Ledger, Status
-from onboarding.profile import ConnectorProfile, load_profile, same_endpoint
-from onboarding.run_inputs import RunRequest, check_run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 V1_PROFILE = str(EXAMPLES / "profile.yaml")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from onboarding.errors import InputError, Problem
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import (
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import (
     MAX_PROBLEMS,
     Tenant,
     load_roster,

@@ -1,4 +1,4 @@
-"""onboarding/roster_download.py: a roster read from a URL under the operator's rules
+"""onboarding/inputs/roster_download.py: a roster read from a URL under the operator's rules
 (InputSettings): https, or plain http to loopback only; only hosts ONBOARD_ROSTER_ALLOWED_HOSTS
 names (`*.example.com` for subdomains), IP literals included; every redirect checked by the same
 rules before it is followed; a byte cap and a deadline for the whole download; errors that
@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from onboarding.errors import InputError
-from onboarding.profile import ConnectorProfile, load_profile
-from onboarding.roster import display_source, load_roster
-from onboarding.roster_download import MAX_REDIRECTS, download
+from onboarding.inputs.profile import ConnectorProfile, load_profile
+from onboarding.inputs.roster import display_source, load_roster
+from onboarding.inputs.roster_download import MAX_REDIRECTS, download
 from onboarding.settings import InputSettings
 from tests.unit.test_roster import EXAMPLES, HEADER, csv_text, ids, problems_of, tenant_json
 

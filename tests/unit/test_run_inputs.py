@@ -1,5 +1,5 @@
-"""A run's inputs, checked once (onboarding.run_inputs): what each bad input says, that the CLI's
-checked inputs reach the run it starts (and no other), and that a profile is read once."""
+"""A run's inputs, checked once (onboarding.inputs.run_request): what each bad input says, that
+the CLI's checked inputs reach the run it starts (and no other), and that a profile is read once."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
 from onboarding.errors import InputError
-from onboarding.profile import load_profile
-from onboarding.run_inputs import RunRequest, check_environment, check_run, hand_over, take_handed
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.run_request import (
+    RunRequest,
+    check_environment,
+    check_run,
+    hand_over,
+    take_handed,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")

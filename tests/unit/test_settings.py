@@ -9,8 +9,8 @@ import pytest
 
 from onboarding import constants
 from onboarding.errors import InputError
+from onboarding.inputs.run_request import check_environment
 from onboarding.mail import SmtpSettings
-from onboarding.run_inputs import check_environment
 from onboarding.settings import RetrySettings, VersoriSettings
 from tasks.slice_tasks import onboard_slice_task, with_retry_backoff
 

@@ -14,7 +14,10 @@ import pytest
 
 from demo.emulator_config import EmulatedConnector
 from demo.versori_rules import build_url
-from onboarding.campaign import Campaign, onboard_tenant
+from onboarding.batch.campaign import Campaign, onboard_tenant
+from onboarding.batch.outcomes import StatusChange, TenantOutcome
+from onboarding.batch.retry_policy import BatchStop, RetryRule, Tries
+from onboarding.batch.tenant_slices import SliceFailed, TenantSlice, run_slice
 from onboarding.errors import (
     APITimeoutError,
     BadRequestError,
@@ -23,13 +26,10 @@ from onboarding.errors import (
     RateLimitedError,
     ServerError,
 )
+from onboarding.inputs.profile import load_profile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger
-from onboarding.models import InitialiseRequest, parse_additional_params
-from onboarding.outcomes import StatusChange, TenantOutcome
-from onboarding.profile import load_profile
-from onboarding.retry_policy import BatchStop, RetryRule, Tries
-from onboarding.roster import Tenant
-from onboarding.slices import SliceFailed, TenantSlice, run_slice
+from onboarding.versori.wire import InitialiseRequest, parse_additional_params
 from tests.support import campaign_of
 
 PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
@@ -304,7 +304,7 @@ def test_a_tenant_another_run_holds_is_waited_for_then_skipped_if_done(
             record_delivered(job, "t1")
             job.connectors[0].ledger.release(other, [("t1", cid)])
 
-        monkeypatch.setattr("onboarding.slices.time.sleep", let_go_after_a_poll)
+        monkeypatch.setattr("onboarding.batch.tenant_slices.time.sleep", let_go_after_a_poll)
         step = Script({})
         outcomes = run_slice(
             calling(job, step), TenantSlice(tenants(3)), onboard_tenant, None, last_attempt=False
@@ -326,7 +326,7 @@ def test_a_tenant_held_by_a_live_run_past_the_wait_is_skipped_not_called(
     job: Campaign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cid = job.connectors[0].profile.target_id
-    monkeypatch.setattr("onboarding.slices.CLAIM_WAIT_SECONDS", 0.0)
+    monkeypatch.setattr("onboarding.batch.tenant_slices.CLAIM_WAIT_SECONDS", 0.0)
     with job.connectors[0].ledger.run_lease("other-run"):
         job.connectors[0].ledger.claim("other-run", [("t1", cid)])
         step = Script({})

@@ -18,15 +18,15 @@ from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
-from onboarding.connector_run import ConnectorRun
-from onboarding.delivery import Delivery
-from onboarding.durable_links import connect_url, issue_connect_link
+from onboarding.batch.connector_run import ConnectorRun
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.outcomes import TenantOutcome, combined, failed_outcome, succeeded
+from onboarding.batch.retry_policy import RetryLater, RetryRule, Tries, Verdict, decide
+from onboarding.connections.durable_links import connect_url, issue_connect_link
 from onboarding.errors import BatchStoppedError, OnboardingError
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import SENDING_CHANNELS, Record, Status
-from onboarding.links import Link
-from onboarding.outcomes import TenantOutcome, combined, failed_outcome, succeeded
-from onboarding.retry_policy import RetryLater, RetryRule, Tries, Verdict, decide
-from onboarding.roster import Tenant
+from onboarding.versori.authorize_url import Link
 
 if TYPE_CHECKING:
     from onboarding.mail import MailSender, MailTemplates

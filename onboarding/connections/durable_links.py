@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from onboarding.clock import utcnow
+from onboarding.inputs.profile import ConnectorProfile
 from onboarding.ledger import Ledger
-from onboarding.profile import ConnectorProfile
 
 
 def connect_url(base_url: str, token: str) -> str:

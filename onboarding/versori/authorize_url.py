@@ -13,8 +13,8 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from onboarding.constants import RESERVED_QUERY_KEYS
 from onboarding.errors import LinkCheckError
-from onboarding.models import InitialiseRequest, parse_additional_params
 from onboarding.net import is_loopback
+from onboarding.versori.wire import InitialiseRequest, parse_additional_params
 
 
 @dataclass(frozen=True)

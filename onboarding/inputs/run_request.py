@@ -12,13 +12,11 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from onboarding import constants
-from onboarding.connect_settings import ConnectSettings
-from onboarding.delivery import Delivery
+from onboarding.batch.delivery import Delivery
+from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.errors import InputError
-from onboarding.ledger import Ledger
-from onboarding.mail import MailTemplates, SmtpSettings
-from onboarding.profile import FINISH_HINT, ConnectorProfile, load_profile
-from onboarding.roster import (
+from onboarding.inputs.profile import FINISH_HINT, ConnectorProfile, load_profile
+from onboarding.inputs.roster import (
     Roster,
     TenantRow,
     display_source,
@@ -26,6 +24,8 @@ from onboarding.roster import (
     load_roster,
     open_roster_slice,
 )
+from onboarding.ledger import Ledger
+from onboarding.mail import MailTemplates, SmtpSettings
 from onboarding.settings import (
     ENV_HINT,
     InputSettings,

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from onboarding.brand import check_brand_settings
+from onboarding.inputs.brand import check_brand_settings
 from onboarding.net import is_loopback
 from onboarding.settings import EnvSettings
 
@@ -25,7 +25,7 @@ class ConnectSettings(EnvSettings):
     ONBOARD_CONNECT_CONNECTING_GRACE_SECONDS (60): how old an unfinished claim must be before
     it is resolved by asking Versori (longer than any callback in flight).
 
-    The pages' brand (ONBOARD_BRAND_*, onboarding/brand.py) is checked with these: whoever
+    The pages' brand (ONBOARD_BRAND_*, onboarding/inputs/brand.py) is checked with these: whoever
     reads them (`onboard connect-server` before its workers start, a run that emails links)
     stops on a bad brand setting as on a bad one of these (exit 2)."""
 

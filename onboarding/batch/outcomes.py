@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from onboarding.errors import OnboardingError
 from onboarding.ledger import Status
-from onboarding.links import Link, mask_state
+from onboarding.versori.authorize_url import Link, mask_state
 
 # The outcome of a tenant an interrupted run never started.
 NOT_STARTED = "not_started"

@@ -10,17 +10,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from onboarding.client import VersoriClient
+from onboarding.batch.call_pacing import Pacer
+from onboarding.batch.delivery import Delivery
+from onboarding.batch.outcomes import NOT_STARTED, StatusChange, TenantOutcome
+from onboarding.batch.retry_policy import BatchStop
 from onboarding.clock import utcnow
-from onboarding.delivery import Delivery
 from onboarding.errors import LedgerUnavailableError, OnboardingError, RateLimitedError
+from onboarding.inputs.profile import ConnectorProfile
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Record, Status
-from onboarding.links import Link, check_link
-from onboarding.outcomes import NOT_STARTED, StatusChange, TenantOutcome
-from onboarding.pacing import Pacer
-from onboarding.profile import ConnectorProfile
-from onboarding.retry_policy import BatchStop
-from onboarding.roster import Tenant
+from onboarding.versori.authorize_url import Link, check_link
+from onboarding.versori.client import VersoriClient
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ConnectorRun:
     clock: Callable[[], datetime] = field(default=utcnow)
     # Told of every ledger status change (the flow layer turns them into Prefect events).
     on_status: Callable[[StatusChange], None] = field(default=_ignore)
-    # Stops this connector's part of the batch on evidence (onboarding.retry_policy).
+    # Stops this connector's part of the batch on evidence (onboarding.batch.retry_policy).
     stop: BatchStop = field(default_factory=BatchStop)
     # Who holds the run's claims in the ledger (the flow run's id; see Ledger.claim).
     claimant: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import SettingsConfigDict
 
 from onboarding.errors import InputError, Problem
-from onboarding.input_files import load_yaml_with_lines, problems_from_validation
+from onboarding.inputs.files import load_yaml_with_lines, problems_from_validation
 from onboarding.net import is_loopback
 from onboarding.settings import EnvSettings
 

@@ -11,8 +11,8 @@ import os
 import uuid
 from typing import Any
 
+from onboarding.batch.outcomes import StatusChange
 from onboarding.clock import utcnow
-from onboarding.outcomes import StatusChange
 
 # Ledger statuses whose event name reads better short.
 EVENT_NAMES = {"link_created": "linked"}

@@ -12,9 +12,9 @@ from onboarding.errors import (
     SupersededStateError,
     UnknownStateError,
 )
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import ConnectOutcome, Ledger, Record
-from onboarding.links import mask_state
-from onboarding.roster import Tenant
+from onboarding.versori.authorize_url import mask_state
 
 
 def record_connection(

@@ -36,7 +36,8 @@ from onboarding.errors import (
     RateLimitedError,
     error_class_for,
 )
-from onboarding.models import (
+from onboarding.settings import VersoriSettings, check_api_key, check_base_url
+from onboarding.versori.wire import (
     Api,
     ConnectionPage,
     ConnectionResponse,
@@ -46,7 +47,6 @@ from onboarding.models import (
     InitialiseResponse,
     oauth2_code_credential,
 )
-from onboarding.settings import VersoriSettings, check_api_key, check_base_url
 
 log = logging.getLogger(__name__)
 _PageT = TypeVar("_PageT", EndUserPage, ConnectionPage)
@@ -170,7 +170,8 @@ class VersoriClient:
     def initialise(
         self, organisation_id: str, connector_id: str, request: InitialiseRequest
     ) -> str:
-        """Ask Versori for an authorize URL; return it unchecked (see `onboarding.links`).
+        """Ask Versori for an authorize URL; return it unchecked (see
+        `onboarding.versori.authorize_url`).
 
         `connector_id` is the connector's id for the Connect API v1, the system's id for the
         Platform API v2 (the path's `systems/{system_id}`)."""

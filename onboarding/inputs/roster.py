@@ -22,10 +22,10 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.input_files import resolve_under, without_quotes
-from onboarding.profile import ConnectorProfile, template_fields
-from onboarding.roster_download import HOSTNAME, download
-from onboarding.roster_formats import csv_header, raw_records
+from onboarding.inputs.files import resolve_under, without_quotes
+from onboarding.inputs.profile import ConnectorProfile, template_fields
+from onboarding.inputs.roster_download import HOSTNAME, download
+from onboarding.inputs.roster_formats import csv_header, raw_records
 from onboarding.settings import InputSettings
 
 REQUIRED_COLUMNS = ("tenant_id", "name", "admin_email")

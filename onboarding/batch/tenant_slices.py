@@ -17,12 +17,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from onboarding.campaign import Campaign
+from onboarding.batch.campaign import Campaign
+from onboarding.batch.outcomes import TenantOutcome, failed_outcome
+from onboarding.batch.retry_policy import RetryLater, Tries, Verdict, decide
 from onboarding.errors import APITimeoutError, OnboardingError, is_transient
+from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Status
-from onboarding.outcomes import TenantOutcome, failed_outcome
-from onboarding.retry_policy import RetryLater, Tries, Verdict, decide
-from onboarding.roster import Tenant
 
 # Claimed tenants another run holds are looked at again this often, for at most this long: a
 # live run lets go of a slice when it is decided, a dead one's lease lapses within
@@ -30,7 +30,7 @@ from onboarding.roster import Tenant
 CLAIM_POLL_SECONDS = 0.5
 CLAIM_WAIT_SECONDS = 30.0
 
-# A tenant's step: onboarding.campaign.onboard_tenant or remind_tenant.
+# A tenant's step: onboarding.batch.campaign.onboard_tenant or remind_tenant.
 Step = Callable[[Campaign, Tenant, Tries], TenantOutcome]
 
 

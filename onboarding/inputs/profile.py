@@ -18,10 +18,11 @@ from pydantic import (
 )
 
 from onboarding import constants
-from onboarding.brand import BrandValues
 from onboarding.errors import InputError, Problem
-from onboarding.input_files import load_yaml_with_lines, problems_from_validation, resolve_under
-from onboarding.models import (
+from onboarding.inputs.brand import BrandValues
+from onboarding.inputs.files import load_yaml_with_lines, problems_from_validation, resolve_under
+from onboarding.net import is_loopback
+from onboarding.versori.wire import (
     Api,
     CredentialRef,
     InitialiseRequest,
@@ -29,7 +30,6 @@ from onboarding.models import (
     check_absolute_url,
     parse_additional_params,
 )
-from onboarding.net import is_loopback
 
 _FORMATTER = string.Formatter()
 DEFAULT_CONNECT_LINK_DAYS = 30.0
@@ -73,7 +73,7 @@ class ConnectorProfile(BaseModel):
     # What access is asked, in plain words for the admin ("read your tickets and users");
     # unset, emails and the link page list `scopes`.
     access_summary: str = Field("", max_length=500)
-    # This connector's branding over ONBOARD_BRAND_* (onboarding/brand.py): the same keys,
+    # This connector's branding over ONBOARD_BRAND_* (onboarding/inputs/brand.py): the same keys,
     # each optional.
     brand: BrandValues | None = None
     # Which API the initialise call goes to. Declared before the ids: their checks read it.

@@ -1,0 +1,1 @@
+"""One run's work: its tenants' slices, each tenant's campaign, retries, pacing and outcomes."""

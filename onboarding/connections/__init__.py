@@ -1,0 +1,1 @@
+"""A tenant's connection: durable connect links, their settings and the recorded connection."""

@@ -1,0 +1,1 @@
+"""What a run reads: its files, profiles, roster, brand and checked run request."""
