@@ -54,6 +54,7 @@ from onboarding.errors import (
 from onboarding.inputs.brand import Brand, brand_from_env
 from onboarding.inputs.profile import ConnectorProfile, load_profile, readable
 from onboarding.ledger import (
+    WAITING_STATUSES,
     ConnectLink,
     ConnectState,
     Ledger,
@@ -89,8 +90,6 @@ LOOKUP_DEADLINE_SECONDS = 8.0
 # A claim younger than this may still have its CreateConnection in flight (in this process or
 # another replica, SIGTERM's grace included): it is left alone; an older one is resolved.
 CONNECTING_GRACE = timedelta(seconds=60)
-# A tenant in one of these is waiting for its admin: a press makes it `opened`.
-_WAITING = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
 # What `claimed_by` starts with once nothing is in flight for a claim any more.
 AWAITING_LOOKUP = "lookup:"
 
@@ -242,7 +241,7 @@ class ConnectService:
                 url, request, redirect_uri=profile.redirect_uri, redirect_host=profile.redirect_host
             )
         except (OnboardingError, ValueError) as err:
-            if record.status in _WAITING:
+            if record.status in WAITING_STATUSES:
                 self._event(record, profile, Status.OPENED)
             return self._mint_failed(record, err)
         created = self._clock()

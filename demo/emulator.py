@@ -47,6 +47,7 @@ from demo.emulator_config import (
     EmulatedConnector,
     EmulatorConfig,
     load_script,
+    step_script,
 )
 from demo.emulator_oauth import mount_oauth
 from demo.versori_rules import (
@@ -335,15 +336,7 @@ class _Runtime:
         for pattern, actions in self.config.script.items():
             if pattern not in probe:
                 continue
-            key = (authorize_url, additional_params)
-            index = self.script_progress.get(key, 0)
-            if index >= len(actions):
-                return None
-            action = actions[index]
-            if action.endswith("*"):
-                return action[:-1]
-            self.script_progress[key] = index + 1
-            return action
+            return step_script(actions, self.script_progress, (authorize_url, additional_params))
         return None
 
 

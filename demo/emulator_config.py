@@ -237,6 +237,21 @@ def _checked_script(
     return script
 
 
+def step_script(
+    actions: list[str], progress: dict[tuple[str, str], int], key: tuple[str, str]
+) -> str | None:
+    """The next of a script entry's `actions` for `key` (a request's identity), advancing its
+    cursor in `progress`; an action ending in "*" repeats for ever; None past the last."""
+    index = progress.get(key, 0)
+    if index >= len(actions):
+        return None
+    action = actions[index]
+    if action.endswith("*"):
+        return action[:-1]
+    progress[key] = index + 1
+    return action
+
+
 def load_script(path: str | Path) -> dict[str, list[str]]:
     """A script from a YAML or JSON file: a mapping of a substring of authorizeUrl?additionalParams
     to its list of actions; a key `create:<substring>` scripts CreateConnection instead (a

@@ -63,6 +63,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from ulid import ULID
 
+from demo.emulator_config import step_script
 from demo.versori_rules import (
     error_response,
     field_error,
@@ -130,15 +131,7 @@ class OAuthRuntime:
         for pattern, actions in script.items():
             if pattern not in external_id and pattern not in name:
                 continue
-            key = (external_id, name)
-            index = self.script_progress.get(key, 0)
-            if index >= len(actions):
-                return None
-            action = actions[index]
-            if action.endswith("*"):
-                return action[:-1]
-            self.script_progress[key] = index + 1
-            return action
+            return step_script(actions, self.script_progress, (external_id, name))
         return None
 
     def conflict(

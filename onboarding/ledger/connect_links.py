@@ -41,7 +41,14 @@ from onboarding.clock import utcnow
 from onboarding.ledger.engine import lock_tenants, reconnecting
 from onboarding.ledger.queries import count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
-from onboarding.ledger.schema import Status, metadata, records, state_digest, tenant_row
+from onboarding.ledger.schema import (
+    WAITING_STATUSES,
+    Status,
+    metadata,
+    records,
+    state_digest,
+    tenant_row,
+)
 
 # Bytes of randomness in a link's token: 256 bits, URL-safe base64 (43 characters).
 TOKEN_BYTES = 32
@@ -258,10 +265,7 @@ class ConnectLinks:
         waiting for the admin (link made, sent, delivered, reminded). True when that status
         changed (an `opened` event is due)."""
         when = utc(at or utcnow())
-        waiting = [
-            s.value
-            for s in (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
-        ]
+        waiting = [s.value for s in WAITING_STATUSES]
         with self.engine.begin() as conn:
             conn.execute(
                 connect_links.update()
@@ -389,10 +393,7 @@ class ConnectLinks:
         """The button pressed, but no new state could be made (Versori failing, a URL failing
         the checks): kept as the row's last error; a tenant waiting for the admin becomes
         `opened` (a person pressed it), any other status stays (the link still works)."""
-        waiting = [
-            s.value
-            for s in (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
-        ]
+        waiting = [s.value for s in WAITING_STATUSES]
         with self.engine.begin() as conn:
             conn.execute(
                 records.update()

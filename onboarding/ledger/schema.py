@@ -63,6 +63,9 @@ LIVE_STATUSES = (
     Status.OPENED,
     Status.DECLINED,
 )
+# A link out with the tenant whose admin has done nothing yet: a person's open or press makes
+# it `opened` (the connect service).
+WAITING_STATUSES = (Status.LINK_CREATED, Status.SENDING, Status.DELIVERED, Status.REMINDED)
 # A tenant in one of these, with an unexpired link, needs nothing from the next run. A link
 # that was created but not yet delivered (link_created, sending) is delivered by the next run.
 # Opened and declined tenants were delivered: reminders chase them, runs leave them be.
