@@ -37,6 +37,7 @@ from connect_service.event_sender import EventSender
 from connect_service.pages import Page
 from onboarding import constants
 from onboarding.batch.outcomes import StatusChange
+from onboarding.batch.retry_policy import BROWSER_RETRY
 from onboarding.batch.tenant_events import tenant_event
 from onboarding.clock import utcnow
 from onboarding.connections.record_connection import tenant_of
@@ -47,9 +48,7 @@ from onboarding.errors import (
     ConflictError,
     LinkCheckError,
     OnboardingError,
-    RateLimitedError,
     ServerError,
-    is_transient,
 )
 from onboarding.inputs.brand import Brand, brand_from_env
 from onboarding.inputs.profile import ConnectorProfile, load_profile, readable
@@ -78,10 +77,8 @@ MINT_WINDOW = timedelta(hours=1)
 BIND_COOKIE = "onboard_browser"
 BIND_COOKIE_SECONDS = 7 * 24 * 3600
 # Versori calls inside one request: the browser is waiting, so a few quick tries only
-# (InitialiseOAuth2Connection: a new state each time, safe to try again).
-CALL_TRIES = 3
-CALL_WAITS = (0.25, 0.75)
-MAX_WAIT_IN_REQUEST = 2.0
+# (InitialiseOAuth2Connection: a new state each time, safe to try again), as BROWSER_RETRY
+# (onboarding/batch/retry_policy.py) sets. Never CreateConnection: it is tried once.
 CALL_DEADLINE_SECONDS = 15.0
 # CreateConnection is tried once, within this; then the lookup, within its own: the browser
 # waits at most their sum (and the ledger's writes).
@@ -654,19 +651,16 @@ class ConnectService:
         return profile
 
     def _call(self, call: Callable[[VersoriClient], T], profile: ConnectorProfile) -> T:
-        """A Versori call, tried again briefly on a transient failure (the browser waits)."""
+        """A Versori call, tried again briefly on a transient failure (the browser waits), as
+        BROWSER_RETRY says. Only for InitialiseOAuth2Connection: never CreateConnection."""
         client = self._client_for(profile.api)
-        for attempt in range(CALL_TRIES):
+        for n in range(1, BROWSER_RETRY.tries + 1):
             try:
                 return call(client)
             except OnboardingError as err:
-                if not is_transient(err) or attempt == CALL_TRIES - 1:
+                wait = BROWSER_RETRY.wait_after(err, n + 1)
+                if wait is None:
                     raise
-                wait = CALL_WAITS[min(attempt, len(CALL_WAITS) - 1)]
-                if isinstance(err, RateLimitedError) and err.retry_after is not None:
-                    if err.retry_after > MAX_WAIT_IN_REQUEST:
-                        raise
-                    wait = max(wait, err.retry_after)
                 self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 

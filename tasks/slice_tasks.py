@@ -13,14 +13,12 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import task_run as current_task_run
-from prefect.tasks import exponential_backoff
 
-from onboarding import constants
 from onboarding.batch.campaign import Campaign, onboard_tenant, remind_tenant
 from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.retry_policy import BATCH_RETRY, batch_retry
 from onboarding.batch.tenant_slices import SliceFailed, Step, TenantSlice, run_slice
 from onboarding.errors import is_transient
-from onboarding.settings import RetrySettings
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -36,13 +34,14 @@ def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# The policy both tasks share. No timeout_seconds: Prefect cannot interrupt a sync task in a
-# worker thread (it only warns and waits); the client's own call deadline bounds each call.
-# Side-effecting tasks never cache, and their results stay in memory.
+# The policy both tasks share, its retry numbers BATCH_RETRY's. No timeout_seconds: Prefect
+# cannot interrupt a sync task in a worker thread (it only warns and waits); the client's own
+# call deadline bounds each call. Side-effecting tasks never cache, and their results stay in
+# memory.
 RETRY_POLICY: dict[str, Any] = {
-    "retries": constants.TASK_RETRIES,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=constants.TASK_RETRY_BACKOFF_SECONDS),
-    "retry_jitter_factor": constants.TASK_RETRY_JITTER_FACTOR,
+    "retries": BATCH_RETRY.retries,
+    "retry_delay_seconds": BATCH_RETRY.waits(),
+    "retry_jitter_factor": BATCH_RETRY.jitter,
     "retry_condition_fn": retry_transient,
     "cache_policy": NO_CACHE,
     "persist_result": False,
@@ -50,14 +49,13 @@ RETRY_POLICY: dict[str, Any] = {
 
 
 def with_retry_backoff(task: Task[P, R]) -> Task[P, R]:
-    """`task` with the backoff ONBOARD_RETRY_BACKOFF_SECONDS sets (RetrySettings), when it is
-    set; else `task` as declared. Read when a batch starts, not when this module is imported,
-    so a bad value fails the run (naming the variable) rather than the import."""
-    settings = RetrySettings()
-    if not settings.is_set:
+    """`task` with the backoff ONBOARD_RETRY_BACKOFF_SECONDS sets (retry_policy.batch_retry),
+    when it is set; else `task` as declared. Read when a batch starts, not when this module is
+    imported, so a bad value fails the run (naming the variable) rather than the import."""
+    policy = batch_retry()
+    if policy is BATCH_RETRY:
         return task
-    backoff = exponential_backoff(backoff_factor=settings.retry_backoff_seconds)
-    return task.with_options(retry_delay_seconds=backoff(constants.TASK_RETRIES))
+    return task.with_options(retry_delay_seconds=policy.waits())
 
 
 def _run(

@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows.inputs.options import TenantEvents
 from flows.reporting.progress import Progress
 from flows.reporting.summary import OutcomeCounts
-from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome
 from onboarding.batch.run_summary import RunSummary
 from onboarding.clock import utcnow
 from onboarding.inputs.run_request import RunInputs
@@ -242,7 +242,7 @@ def _lost_chunk_summary(chunk: Chunk, state: Any) -> RunSummary:
     count = chunk.stop - chunk.first
     lost = TenantOutcome(
         chunk.label,
-        Status.FAILED.value,
+        OutcomeStatus.FAILED,
         error_code="chunk_lost",
         error_message=message + "; see `onboard status`; the next run retries",
     )

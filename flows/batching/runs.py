@@ -21,7 +21,7 @@ from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import connector_label
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
 from onboarding.batch.campaign import Campaign
-from onboarding.batch.outcomes import TenantOutcome, combined
+from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome, combined
 from onboarding.clock import utcnow
 from onboarding.connections.record_connection import tenant_of
 from onboarding.inputs.profile import ConnectorProfile
@@ -205,7 +205,9 @@ def _to_do(roster: Iterable[Tenant], campaign: Campaign) -> Iterator[Tenant | Te
     done = set.intersection(*campaign.needing_nothing.values())
     for tenant in roster:
         if tenant.tenant_id in done:
-            skipped = TenantOutcome(tenant.tenant_id, "skipped", error_message=ALREADY_DONE)
+            skipped = TenantOutcome(
+                tenant.tenant_id, OutcomeStatus.SKIPPED, error_message=ALREADY_DONE
+            )
             yield campaign.outcome(
                 tenant.tenant_id, dict.fromkeys(campaign.needing_nothing, skipped)
             )
@@ -226,7 +228,9 @@ def _dry_run(
         parts = [
             TenantOutcome(
                 tid,
-                "skipped" if tid in needing_nothing[p.target_id] else "would_initialise",
+                OutcomeStatus.SKIPPED
+                if tid in needing_nothing[p.target_id]
+                else OutcomeStatus.WOULD_INITIALISE,
                 connector=p.name,
             )
             for p in profiles
@@ -249,7 +253,9 @@ def _due(
 
 def _would_remind(record: Record, now: datetime) -> TenantOutcome:
     stale = record.expires_at is not None and record.expires_at <= now
-    return TenantOutcome(record.tenant_id, "would_reissue" if stale else "would_remind")
+    return TenantOutcome(
+        record.tenant_id, OutcomeStatus.WOULD_REISSUE if stale else OutcomeStatus.WOULD_REMIND
+    )
 
 
 def _expire(campaign: Campaign) -> int:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from onboarding.batch.outcomes import TenantOutcome
+from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome
 from onboarding.batch.run_summary import RunSummary
 from onboarding.errors import is_transient
 
@@ -46,14 +46,18 @@ class OutcomeCounts:
         return sum(self.by_status.values())
 
     def add(self, outcome: TenantOutcome) -> None:
-        self.by_status[outcome.status] += 1
-        if outcome.status == "skipped" and outcome.error_message:
+        self.by_status[outcome.status.value] += 1
+        if outcome.status is OutcomeStatus.SKIPPED and outcome.error_message:
             self.skipped_why[outcome.error_message] += 1
         for part in outcome.parts:
-            self.by_connector.setdefault(part.connector, Counter())[part.status] += 1
+            self.by_connector.setdefault(part.connector, Counter())[part.status.value] += 1
         for part in outcome.parts or (outcome,):
             cause = part.cause
-            if part.status == "failed" and cause is not None and not is_transient(cause):
+            if (
+                part.status is OutcomeStatus.FAILED
+                and cause is not None
+                and not is_transient(cause)
+            ):
                 self.failed_not_transient += 1
         for row in outcome.rows():
             if row["error_code"]:

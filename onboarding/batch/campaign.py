@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 
 from onboarding.batch.connector_run import ConnectorRun
 from onboarding.batch.delivery import Delivery
-from onboarding.batch.outcomes import TenantOutcome, combined, failed_outcome, succeeded
+from onboarding.batch.outcomes import (
+    OutcomeStatus,
+    TenantOutcome,
+    combined,
+    failed_outcome,
+    succeeded,
+)
 from onboarding.batch.retry_policy import RetryLater, RetryRule, Tries, Verdict, decide
 from onboarding.connections.durable_links import connect_url, issue_connect_link
 from onboarding.errors import BatchStoppedError, OnboardingError
@@ -146,7 +152,7 @@ def onboard_tenant(campaign: Campaign, tenant: Tenant, tries: Tries) -> TenantOu
 
     def wanted(connector: ConnectorRun) -> TenantOutcome | Wanted:
         if tenant.tenant_id in campaign.needing_nothing.get(connector.connector_id, ()):
-            return TenantOutcome(tenant.tenant_id, "skipped")
+            return TenantOutcome(tenant.tenant_id, OutcomeStatus.SKIPPED)
         return Wanted(record=None, reuse=campaign.deliver.sends_email)
 
     _issue_links(campaign, tenant, wanted, tries)
@@ -160,12 +166,12 @@ def remind_tenant(campaign: Campaign, tenant: Tenant, tries: Tries) -> TenantOut
     def wanted(connector: ConnectorRun) -> TenantOutcome | Wanted:
         record = connector.ledger.get(tenant.tenant_id, connector.connector_id)
         if record is not None and record.status is Status.CONNECTED:
-            return TenantOutcome(tenant.tenant_id, Status.CONNECTED.value)
+            return TenantOutcome(tenant.tenant_id, OutcomeStatus.CONNECTED)
         not_due = campaign.needing_nothing.get(connector.connector_id, ())
         if record is None or tenant.tenant_id in not_due:
-            return TenantOutcome(tenant.tenant_id, "skipped")
+            return TenantOutcome(tenant.tenant_id, OutcomeStatus.SKIPPED)
         if not _remindable(record, campaign.max_reminders):
-            return TenantOutcome(tenant.tenant_id, "skipped")
+            return TenantOutcome(tenant.tenant_id, OutcomeStatus.SKIPPED)
         return Wanted(record=record, reuse=True)
 
     _issue_links(campaign, tenant, wanted, tries)

@@ -12,7 +12,7 @@ from typing import Any
 
 from onboarding.batch.call_pacing import Pacer
 from onboarding.batch.delivery import Delivery
-from onboarding.batch.outcomes import NOT_STARTED, StatusChange, TenantOutcome
+from onboarding.batch.outcomes import NOT_STARTED, OutcomeStatus, StatusChange, TenantOutcome
 from onboarding.batch.retry_policy import BatchStop
 from onboarding.clock import utcnow
 from onboarding.errors import LedgerUnavailableError, OnboardingError, RateLimitedError
@@ -94,7 +94,10 @@ class ConnectorRun:
         )
         self.report(tenant.tenant_id, Status.FAILED, "not_attempted")
         return TenantOutcome(
-            tenant.tenant_id, Status.FAILED.value, error_code="not_attempted", error_message=message
+            tenant.tenant_id,
+            OutcomeStatus.FAILED,
+            error_code="not_attempted",
+            error_message=message,
         )
 
     def report(self, tenant_id: str, status: Status | str, error_code: str = "") -> None:
@@ -178,8 +181,8 @@ class ConnectorRun:
         a newer link for it (that run delivers it)."""
         record = self.ledger.get(tenant_id, self.connector_id)
         if record is not None and record.status is Status.CONNECTED:
-            return TenantOutcome(tenant_id, Status.CONNECTED.value)
-        return TenantOutcome(tenant_id, "skipped")
+            return TenantOutcome(tenant_id, OutcomeStatus.CONNECTED)
+        return TenantOutcome(tenant_id, OutcomeStatus.SKIPPED)
 
     def _identity(self, tenant: Tenant) -> dict[str, Any]:
         return {

@@ -4,15 +4,50 @@ secret in either (no link, state or email address)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from onboarding.errors import OnboardingError
 from onboarding.ledger import Status
 from onboarding.versori.authorize_url import Link, mask_state
 
+
+class OutcomeStatus(StrEnum):
+    """A tenant's status in a run's table: every ledger `Status` (the same values: a test
+    keeps them in step), and what only a run says of a tenant. A StrEnum, so it compares,
+    formats and serializes (json) as its plain string."""
+
+    # The ledger's Status, value for value.
+    PENDING = "pending"
+    LINK_CREATED = "link_created"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REMINDED = "reminded"
+    CONNECTED = "connected"
+    OPENED = "opened"
+    DECLINED = "declined"
+    # A run's only: nothing to do for the tenant (already delivered or connected, another
+    # run holds it, no reminder due).
+    SKIPPED = "skipped"
+    # A dry run's: what a real run would do.
+    WOULD_INITIALISE = "would_initialise"
+    WOULD_REMIND = "would_remind"
+    WOULD_REISSUE = "would_reissue"
+    # A tenant an interrupted run never started.
+    NOT_STARTED = "not_started"
+
+
 # The outcome of a tenant an interrupted run never started.
-NOT_STARTED = "not_started"
+NOT_STARTED = OutcomeStatus.NOT_STARTED
 # A campaign tenant's status over its connectors: the first of these any connector reached.
-_PRECEDENCE = ["reminded", "delivered", "would_initialise", "connected", "skipped"]
+_PRECEDENCE = [
+    OutcomeStatus.REMINDED,
+    OutcomeStatus.DELIVERED,
+    OutcomeStatus.WOULD_INITIALISE,
+    OutcomeStatus.CONNECTED,
+    OutcomeStatus.SKIPPED,
+]
 
 
 @dataclass(frozen=True)
@@ -26,14 +61,16 @@ class StatusChange:
     error_code: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TenantOutcome:
     """One tenant's row in a run's table. In a campaign of several connectors, `parts` holds
     its outcome for each (`connector` names it), in the campaign's order. `cause`, in this
-    process only, is the error a failed outcome came from (a one-tenant task run raises it)."""
+    process only, is the error a failed outcome came from (a one-tenant task run raises it).
+    `status` may be given as its string ("delivered"): it is made an OutcomeStatus, and an
+    unknown one refused (ValueError)."""
 
     tenant_id: str
-    status: str
+    status: OutcomeStatus
     link_host: str = ""
     masked_state: str = ""
     error_code: str = ""
@@ -42,9 +79,35 @@ class TenantOutcome:
     parts: tuple[TenantOutcome, ...] = ()
     cause: BaseException | None = field(default=None, compare=False, repr=False)
 
+    def __init__(
+        self,
+        tenant_id: str,
+        status: OutcomeStatus | str,
+        link_host: str = "",
+        masked_state: str = "",
+        error_code: str = "",
+        error_message: str = "",
+        connector: str = "",
+        parts: tuple[TenantOutcome, ...] = (),
+        cause: BaseException | None = None,
+    ) -> None:
+        # Written out (not the dataclass's own) so that a status may be given as a string.
+        for name, value in (
+            ("tenant_id", tenant_id),
+            ("status", OutcomeStatus(status)),
+            ("link_host", link_host),
+            ("masked_state", masked_state),
+            ("error_code", error_code),
+            ("error_message", error_message),
+            ("connector", connector),
+            ("parts", parts),
+            ("cause", cause),
+        ):
+            object.__setattr__(self, name, value)
+
     @property
     def ok(self) -> bool:
-        return self.status not in (Status.FAILED, Status.PENDING)
+        return self.status not in (OutcomeStatus.FAILED, OutcomeStatus.PENDING)
 
     def rows(self) -> list[dict[str, str]]:
         """The table's rows: one per connector in a campaign, else one."""
@@ -52,7 +115,7 @@ class TenantOutcome:
             {
                 "tenant_id": o.tenant_id,
                 "connector": o.connector,
-                "status": o.status,
+                "status": o.status.value,
                 "link_host": o.link_host,
                 "masked_state": o.masked_state,
                 "error_code": o.error_code,
@@ -66,7 +129,7 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
     known = isinstance(exc, OnboardingError)
     return TenantOutcome(
         tenant_id=tenant_id,
-        status=Status.FAILED.value,
+        status=OutcomeStatus.FAILED,
         error_code=exc.code if isinstance(exc, OnboardingError) else "internal_error",
         error_message=str(exc) if known else type(exc).__name__,
         cause=exc,
@@ -76,7 +139,7 @@ def failed_outcome(tenant_id: str, exc: BaseException) -> TenantOutcome:
 def succeeded(tenant_id: str, status: Status, link: Link) -> TenantOutcome:
     return TenantOutcome(
         tenant_id=tenant_id,
-        status=status.value,
+        status=OutcomeStatus(status),
         link_host=link.host,
         masked_state=mask_state(link.state),
     )
@@ -87,12 +150,12 @@ def combined(tenant_id: str, parts: list[TenantOutcome]) -> TenantOutcome:
     any part failed (the next run retries that connector), else the most that happened."""
     if len(parts) == 1:
         return replace(parts[0], connector="")
-    failed = [p for p in parts if p.status == Status.FAILED]
+    failed = [p for p in parts if p.status is OutcomeStatus.FAILED]
     if failed:
         first = failed[0]
         return TenantOutcome(
             tenant_id,
-            Status.FAILED.value,
+            OutcomeStatus.FAILED,
             error_code=first.error_code,
             error_message=f"{first.connector}: {first.error_message}",
             parts=tuple(parts),

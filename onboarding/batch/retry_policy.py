@@ -1,5 +1,8 @@
-"""When a failed tenant is tried again, and when a batch stops: `decide`, the one place either
-is decided, for every step (onboard, remind, mail; each connector of a campaign)."""
+"""When a failed call or tenant is tried again, and when a batch stops: `RetryPolicy`, the one
+set of retry numbers (how many tries, the wait before each, how long a Retry-After is waited),
+in two instances, `BATCH_RETRY` (the slice tasks) and `BROWSER_RETRY` (the connect service);
+and `decide`, the one place a tenant's retry, final failure or batch stop is decided, for every
+step (onboard, remind, mail; each connector of a campaign)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from onboarding import constants
@@ -17,8 +20,10 @@ from onboarding.errors import (
     BatchStoppedError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     is_transient,
 )
+from onboarding.settings import RetrySettings
 
 # Errors that, repeated, would fail every remaining tenant the same way (a revoked key, a
 # connector or credential that is gone). One alone proves nothing: a proxy's stray 404, a
@@ -183,6 +188,80 @@ class BatchStop:
 
 def _batch_wide(exc: BaseException) -> type[BaseException] | None:
     return next((k for k in BATCH_WIDE if isinstance(exc, k)), None)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failure is tried again: `tries` in all (the first included), waiting `first_wait`
+    before the second, each next wait `factor` times the last, at most `max_wait` (None: no
+    cap). `jitter`: up to this fraction of a wait added at random (by Prefect, for the tasks).
+    `honour_retry_after_up_to`: a 429's Retry-After up to this many seconds is waited (when
+    longer than the backoff), a longer one ends the tries; None: not this policy's wait (the
+    batch's is waited out by the connector's pacer, clamped once in the Versori client)."""
+
+    tries: int
+    first_wait: float
+    factor: float = 2.0
+    jitter: float = 0.0
+    max_wait: float | None = None
+    honour_retry_after_up_to: float | None = None
+
+    @property
+    def retries(self) -> int:
+        """The tries after the first."""
+        return self.tries - 1
+
+    def wait_before(self, n: int) -> float:
+        """The wait before try `n` (2 to `tries`; try 1 waits nothing), jitter left out."""
+        if not 2 <= n <= self.tries:
+            raise ValueError(f"try {n} is not a retry of {self.tries} tries")
+        wait = self.first_wait * self.factor ** (n - 2)
+        return wait if self.max_wait is None else min(wait, self.max_wait)
+
+    def waits(self) -> list[float]:
+        """The wait before each retry, in order (Prefect's `retry_delay_seconds`)."""
+        return [self.wait_before(n) for n in range(2, self.tries + 1)]
+
+    def wait_after(self, exc: BaseException, n: int) -> float | None:
+        """The wait before try `n`, try `n - 1` having failed with `exc`; None when there is no
+        try `n`: `exc` is not transient, the tries are used up, or its Retry-After is longer
+        than this policy waits."""
+        if n > self.tries or not is_transient(exc):
+            return None
+        wait = self.wait_before(n)
+        cap = self.honour_retry_after_up_to
+        if cap is not None and isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            if exc.retry_after > cap:
+                return None
+            wait = max(wait, exc.retry_after)
+        return wait
+
+
+# A batch: each slice task's Prefect retries (tasks/slice_tasks.py), 1 s, 2 s, 4 s, plus up to
+# half as much again at random. A Retry-After is waited out by the connector's pacer instead.
+BATCH_RETRY = RetryPolicy(
+    tries=constants.TASK_RETRIES + 1,
+    first_wait=constants.TASK_RETRY_BACKOFF_SECONDS,
+    factor=2.0,
+    jitter=constants.TASK_RETRY_JITTER_FACTOR,
+)
+
+# A browser waiting: the connect service's Versori calls inside one request, a few quick tries
+# only: 0.25 s, then 0.75 s; a Retry-After of at most 2 s waited, a longer one not. Used only
+# for InitialiseOAuth2Connection (a new state each time, safe to try again); never for
+# CreateConnection, which is tried ONCE on purpose: a one-time OAuth code is never sent twice.
+BROWSER_RETRY = RetryPolicy(
+    tries=3, first_wait=0.25, factor=3.0, max_wait=2.0, honour_retry_after_up_to=2.0
+)
+
+
+def batch_retry(settings: RetrySettings | None = None) -> RetryPolicy:
+    """The batch's policy as the environment sets it: BATCH_RETRY itself, unless
+    ONBOARD_RETRY_BACKOFF_SECONDS sets the first wait (a bad value raises, naming it)."""
+    settings = settings or RetrySettings()
+    if not settings.is_set:
+        return BATCH_RETRY
+    return replace(BATCH_RETRY, first_wait=settings.retry_backoff_seconds)
 
 
 class RetryLater(Exception):

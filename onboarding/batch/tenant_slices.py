@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from onboarding.batch.campaign import Campaign
-from onboarding.batch.outcomes import TenantOutcome, failed_outcome
+from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome, failed_outcome
 from onboarding.batch.retry_policy import RetryLater, Tries, Verdict, decide
 from onboarding.errors import APITimeoutError, OnboardingError, is_transient
 from onboarding.inputs.roster import Tenant
@@ -200,11 +200,11 @@ def _claim(campaign: Campaign, tenant_slice: TenantSlice) -> None:
         if tid not in held:
             tenant_slice.done[tid] = TenantOutcome(
                 tid,
-                "skipped",
+                OutcomeStatus.SKIPPED,
                 error_message="another run is working on this tenant; the next run picks it "
                 "up if that run does not finish it",
             )
         elif tid in settled:
-            tenant_slice.done[tid] = TenantOutcome(tid, "skipped")
+            tenant_slice.done[tid] = TenantOutcome(tid, OutcomeStatus.SKIPPED)
     if settled:
         campaign.release(list(settled))

@@ -3,10 +3,13 @@ table) and how a campaign's parts make one outcome; nothing secret in either."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from onboarding.batch.outcomes import (
     NOT_STARTED,
+    OutcomeStatus,
     TenantOutcome,
     combined,
     failed_outcome,
@@ -122,3 +125,28 @@ def test_the_cause_is_no_part_of_an_outcomes_identity() -> None:
     one = failed_outcome("t1", ServerError(503, "unavailable", "down"))
     other = failed_outcome("t1", ServerError(503, "unavailable", "down"))
     assert one == other and "cause" not in repr(one)
+
+
+def test_every_ledger_status_is_an_outcome_status_of_the_same_name_and_value() -> None:
+    for status in Status:
+        assert OutcomeStatus(status.value) == status.value
+        assert OutcomeStatus[status.name].value == status.value
+    assert OutcomeStatus("delivered") == Status.DELIVERED.value
+    plain: str = "delivered"
+    assert plain == OutcomeStatus.DELIVERED
+
+
+def test_a_status_given_as_a_string_becomes_an_outcome_status_an_unknown_one_is_refused() -> None:
+    assert TenantOutcome("t1", "would_remind").status is OutcomeStatus.WOULD_REMIND
+    assert TenantOutcome("t1", Status.CONNECTED).status is OutcomeStatus.CONNECTED
+    with pytest.raises(ValueError, match="sent"):
+        TenantOutcome("t1", "sent")
+
+
+def test_an_outcomes_status_shows_and_serializes_as_its_plain_string() -> None:
+    outcome = TenantOutcome("t1", "skipped", error_message="already delivered")
+    assert f"{outcome.status}" == str(outcome.status) == "skipped"
+    assert json.dumps(outcome.status) == '"skipped"'
+    assert json.dumps({outcome.status: 1}) == '{"skipped": 1}'
+    (row,) = outcome.rows()
+    assert type(row["status"]) is str and json.loads(json.dumps(row))["status"] == "skipped"
