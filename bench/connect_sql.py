@@ -21,7 +21,6 @@ import sys
 import uuid
 import warnings
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,11 @@ def main() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         from starlette.testclient import TestClient
 
+    from bench.connect import seed
     from connect_service.app import create_app
     from connect_service.service import ConnectService
     from demo.connect_click import write_connect_profile
     from demo.emulator import DEFAULT_API_KEY, EmulatorConfig, EmulatorServer
-    from onboarding.clock import utcnow
-    from onboarding.connections.durable_links import issue_connect_link
     from onboarding.inputs.profile import load_profile
     from onboarding.ledger import Ledger
     from onboarding.versori.client import VersoriClient
@@ -89,23 +87,9 @@ def main() -> None:
                 client_for=lambda api: clients.setdefault(api, client_for(api)),
                 secure_cookies=False,
             )
-            tokens = []
-            for n in range(args.clicks):
-                tenant = f"t{n}"
-                ledger.record_link(
-                    tenant_id=tenant,
-                    connector_id=profile.target_id,
-                    profile=profile.name,
-                    tenant_name=f"Tenant {n}",
-                    admin_email=f"{tenant}@example.com",
-                    url=f"https://batch.example/?state=batch-{tenant}",
-                    state=f"batch-{tenant}",
-                    created_at=utcnow(),
-                    expires_at=utcnow() + timedelta(hours=72),
-                    tenant_fields={},
-                )
-                ledger.mark_delivered(tenant, profile.target_id, channel="email")
-                tokens.append(issue_connect_link(ledger, tenant, profile, path))
+            # bench/connect.py's tenants (a delivered batch link, then a durable one each).
+            links = seed(ledger, profile, path, "http://127.0.0.1:8800", args.clicks)
+            tokens = [link.rsplit("/", 1)[1] for link in links]
             for token in tokens:
                 app = TestClient(create_app(service), follow_redirects=False)
                 phase[0] = "link page (GET)"

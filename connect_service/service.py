@@ -60,6 +60,7 @@ from onboarding.ledger import (
     Record,
     StateOutcome,
     Status,
+    state_digest,
 )
 from onboarding.versori.authorize_url import check_link, mask_state
 from onboarding.versori.client import VersoriClient
@@ -312,7 +313,7 @@ class ConnectService:
             if again is not None and again.link_revoked:
                 return pages.link_withdrawn()
             return pages.callback_refused("used")
-        digest = _state_hash(answer.state)
+        digest = state_digest(answer.state)
         log.info(
             "tenant %s: connecting to %s (state %s)",
             record.tenant_id,
@@ -360,15 +361,15 @@ class ConnectService:
         record = self.ledger.get(bound.tenant_id, bound.connector_id)
         if record is None:
             return pages.callback_refused("unknown")
+        profile = self._profile_of_record(record, self._retry_link(retry_token, record))
+        outcome: str | None = bound.outcome
         if bound.connecting:
-            profile = self._profile_of_record(record, self._retry_link(retry_token, record))
+            outcome = None
             if profile is not None and not self._in_flight(bound):
-                self._resolve(bound, record, profile)
-                bound = self.ledger.find_state_by_hash(bound.state_hash) or bound
-            if bound.connecting:
+                outcome = self._resolve(bound, record, profile)
+            if outcome is None:
                 return pages.connecting_now()
-        if bound.outcome == StateOutcome.CONNECTED.value:
-            profile = self._profile_of_record(record, self._retry_link(retry_token, record))
+        if outcome == StateOutcome.CONNECTED:
             return pages.connected(
                 record.tenant_name,
                 profile.display_name if profile is not None else readable(record.profile),
@@ -478,11 +479,14 @@ class ConnectService:
             return False, None
         return True, found.id if found is not None else None
 
-    def _resolve(self, state: ConnectState, record: Record, profile: ConnectorProfile) -> bool:
-        """Settle an unfinished claim from Versori's word: True when it is finished now."""
+    def _resolve(
+        self, state: ConnectState, record: Record, profile: ConnectorProfile
+    ) -> StateOutcome | None:
+        """Settle an unfinished claim from Versori's word: what it came to, or None when
+        Versori could not be asked (still unfinished)."""
         looked, found = self._lookup(record, profile)
         if not looked:
-            return False
+            return None
         if found is not None:
             log.info(
                 "tenant %s: an unfinished connection resolved: connection %s",
@@ -494,17 +498,16 @@ class ConnectService:
             )
             if updated is not None:
                 self._event(updated, profile, Status.CONNECTED)
-        else:
-            log.info(
-                "tenant %s: an unfinished connection resolved: Versori holds none",
-                record.tenant_id,
-            )
-            self.ledger.finish_state(
-                state.state_hash,
-                StateOutcome.NOT_FOUND,
-                error=("connect_lost", "the connection was not completed; open the link again"),
-            )
-        return True
+            return StateOutcome.CONNECTED
+        log.info(
+            "tenant %s: an unfinished connection resolved: Versori holds none", record.tenant_id
+        )
+        self.ledger.finish_state(
+            state.state_hash,
+            StateOutcome.NOT_FOUND,
+            error=("connect_lost", "the connection was not completed; open the link again"),
+        )
+        return StateOutcome.NOT_FOUND
 
     def _settle_tenant(self, record: Record, profile: ConnectorProfile) -> Page | None:
         """Before a tenant's link page or button: its unfinished claims resolved first, so a
@@ -512,7 +515,7 @@ class ConnectService:
         now, or one still in flight), or None."""
         waiting = self.ledger.connecting_of(record.tenant_id, record.connector_id)
         for state in waiting:
-            if self._in_flight(state) or not self._resolve(state, record, profile):
+            if self._in_flight(state) or self._resolve(state, record, profile) is None:
                 return pages.connecting_now()
         if waiting:
             now = self.ledger.get(record.tenant_id, record.connector_id)
@@ -534,7 +537,7 @@ class ConnectService:
             if record is None or profile is None:
                 continue
             try:
-                done += self._resolve(state, record, profile)
+                done += self._resolve(state, record, profile) is not None
             except Exception as err:  # one tenant's trouble never stops the sweep
                 log.warning("sweep: tenant %s: %s", state.tenant_id, type(err).__name__)
         if done:
@@ -713,12 +716,6 @@ def _cookie(name: str, value: str, seconds: int, secure: bool) -> str:
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
-
-
-def _state_hash(state: str) -> str:
-    from onboarding.ledger import state_digest
-
-    return state_digest(state)
 
 
 def _unknown(err: OnboardingError) -> bool:

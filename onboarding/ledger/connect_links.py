@@ -251,11 +251,7 @@ class ConnectLinks:
             conn.execute(
                 connect_links.update()
                 .where(connect_links.c.token_hash == link.token_hash)
-                .values(
-                    fetched_count=connect_links.c.fetched_count + 1,
-                    fetched_last_at=when,
-                    fetched_first_at=func.coalesce(connect_links.c.fetched_first_at, when),
-                )
+                .values(**_counted("fetched", when))
             )
 
     @reconnecting
@@ -270,11 +266,7 @@ class ConnectLinks:
             conn.execute(
                 connect_links.update()
                 .where(connect_links.c.token_hash == link.token_hash)
-                .values(
-                    opened_count=connect_links.c.opened_count + 1,
-                    opened_last_at=when,
-                    opened_first_at=func.coalesce(connect_links.c.opened_first_at, when),
-                )
+                .values(**_counted("opened", when))
             )
             done = conn.execute(
                 records.update()
@@ -311,9 +303,7 @@ class ConnectLinks:
                     mint_window_at=case((fresh, when), else_=connect_links.c.mint_window_at),
                     minted_at=when,
                     # A press is a person: it counts as an open (a browser that ran no script).
-                    opened_count=connect_links.c.opened_count + 1,
-                    opened_last_at=when,
-                    opened_first_at=func.coalesce(connect_links.c.opened_first_at, when),
+                    **_counted("opened", when),
                 )
             )
         return bool(done.rowcount)
@@ -538,6 +528,17 @@ class ConnectLinks:
                 cid: Funnel(*(int(n) for n in numbers))
                 for cid, *numbers in conn.execute(query.order_by(records.c.connector_id))
             }
+
+
+def _counted(what: str, when: datetime) -> dict[str, Any]:
+    """A link's `<what>_count` one more, `<what>_last_at` now, `<what>_first_at` kept (or now):
+    the values of an open or a fetch."""
+    columns = connect_links.c
+    return {
+        f"{what}_count": columns[f"{what}_count"] + 1,
+        f"{what}_last_at": when,
+        f"{what}_first_at": func.coalesce(columns[f"{what}_first_at"], when),
+    }
 
 
 def funnel_lines(funnel: Funnel) -> str:

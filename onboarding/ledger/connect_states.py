@@ -110,13 +110,6 @@ class ConnectStates:
         return ConnectState.from_row(row) if row is not None else None
 
     @reconnecting
-    def find_state_by_hash(self, state_hash: str) -> ConnectState | None:
-        query = self._state_query().where(connect_states.c.state_hash == state_hash)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return ConnectState.from_row(row) if row is not None else None
-
-    @reconnecting
     def claim_state(
         self,
         state: str,

@@ -24,7 +24,7 @@ from connect_service.app import create_app
 from demo.emulator import EmulatorConfig, EmulatorServer
 from onboarding.clock import utcnow
 from onboarding.errors import LedgerUnavailableError
-from onboarding.ledger import Ledger, Status, state_digest
+from onboarding.ledger import Ledger, Status
 from onboarding.versori.client import VersoriClient
 from tests.unit.test_connect_service import Stage, _stage
 
@@ -227,7 +227,7 @@ def test_a_claim_left_by_a_crash_is_resolved_on_the_tenants_next_request(stage: 
         "crashed-state", tenant_id="t1", connector_id=stage.profile.target_id, by="h:1", at=stale
     )
     assert stage.press(token).status_code == 303
-    crashed = stage.ledger.find_state_by_hash(state_digest("crashed-state"))
+    crashed = stage.ledger.find_state("crashed-state")
     assert crashed is not None and crashed.outcome == "not_found"
     # Versori made it (the answer was lost), and a crash left the claim: the page says so.
     assert stage.callback(_to_provider(stage, "t2")).status_code == 200
