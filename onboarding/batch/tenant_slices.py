@@ -26,7 +26,7 @@ from onboarding.ledger import Status
 
 # Claimed tenants another run holds are looked at again this often, for at most this long: a
 # live run lets go of a slice when it is decided, a dead one's lease lapses within
-# RUN_LEASE_SECONDS (onboarding/ledger/store.py).
+# RUN_LEASE_SECONDS (onboarding/ledger/run_coordination.py).
 CLAIM_POLL_SECONDS = 0.5
 CLAIM_WAIT_SECONDS = 30.0
 

@@ -1,13 +1,24 @@
 """The ledger: one onboarding record per (tenant_id, connector_id), in SQLite or PostgreSQL.
 
 It makes every run idempotent (a re-run skips tenants with a live link and retries the rest)
-and answers "which tenant owns this state?" for the app's OAuth callback. Every write is one
+and answers "which tenant owns this state?" for the app's OAuth callback. One `Database` per
+process is shared by its parts, each typed: TenantRecords, ConnectLinks, ConnectStates,
+RunCoordination, ChunkSummaries; `Ledger` is all of them over one database. Every write is one
 statement in its own transaction, so a crash never leaves a half-written row. Its modules,
 in reading order, are mapped in docs/architecture.md.
 """
 
-from onboarding.ledger.connect_links import ConnectLink, Funnel, LinkOpens, funnel_lines
-from onboarding.ledger.connect_states import ConnectState, StateOutcome
+from onboarding.ledger.chunk_summaries import ChunkSummaries
+from onboarding.ledger.connect_links import (
+    ConnectLink,
+    ConnectLinks,
+    Funnel,
+    LinkOpens,
+    funnel_lines,
+)
+from onboarding.ledger.connect_states import ConnectState, ConnectStates, StateOutcome
+from onboarding.ledger.database import Database
+from onboarding.ledger.facade import Ledger
 from onboarding.ledger.records import (
     EXPORT_KEYS,
     ConnectOutcome,
@@ -15,6 +26,7 @@ from onboarding.ledger.records import (
     Record,
     SupersededLink,
 )
+from onboarding.ledger.run_coordination import RunCoordination
 from onboarding.ledger.schema import (
     DONE_STATUSES,
     LIVE_STATUSES,
@@ -28,7 +40,7 @@ from onboarding.ledger.schema import (
     state_digest,
     superseded_links,
 )
-from onboarding.ledger.store import Ledger
+from onboarding.ledger.tenant_records import TenantRecords
 
 __all__ = [
     "DONE_STATUSES",
@@ -36,18 +48,24 @@ __all__ = [
     "LIVE_STATUSES",
     "SENDING_CHANNELS",
     "WAITING_STATUSES",
+    "ChunkSummaries",
     "ConnectLink",
+    "ConnectLinks",
     "ConnectOutcome",
     "ConnectResult",
     "ConnectState",
+    "ConnectStates",
+    "Database",
     "Funnel",
     "Ledger",
     "LinkOpens",
     "Record",
+    "RunCoordination",
     "RunProgress",
     "StateOutcome",
     "Status",
     "SupersededLink",
+    "TenantRecords",
     "batch_chunks",
     "funnel_lines",
     "records",

@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 
 from onboarding.clock import utcnow
+from onboarding.ledger.database import Repository
 from onboarding.ledger.engine import lock_tenants, reconnecting
 from onboarding.ledger.queries import count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
@@ -196,12 +197,8 @@ class Funnel:
         }
 
 
-class ConnectLinks:
-    """The ledger's connect-link reads and writes (mixed into Ledger)."""
-
-    engine: Any
-    _insert: Any
-    _link_sql: tuple[Any, Any]
+class ConnectLinks(Repository):
+    """Connect links: their reads and writes (one part of the ledger)."""
 
     @reconnecting
     def issue_connect_link(
@@ -327,7 +324,7 @@ class ConnectLinks:
         With `link_hash`, in the same transaction, the state is bound to the link that minted
         it and the browser that pressed it (`browser_hash`, see connect_states.py).
         False, and the new state put straight in the history, when the tenant is connected."""
-        supersede, _ = self._link_sql
+        supersede, _ = self.db.link_sql
         created, updated = utc(created_at), utcnow()
         digest = state_digest(state)
         with self.engine.begin() as conn:
@@ -363,7 +360,7 @@ class ConnectLinks:
             )
             if link_hash is not None:
                 conn.execute(
-                    self._insert(connect_states)
+                    self.db.insert(connect_states)
                     .values(
                         state_hash=digest,
                         tenant_id=tenant_id,

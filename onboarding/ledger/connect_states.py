@@ -24,6 +24,7 @@ from sqlalchemy import and_, exists, select
 
 from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import callback_states, connect_links, connect_states
+from onboarding.ledger.database import Repository
 from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.records import Record, aware_values, utc
 from onboarding.ledger.schema import Status, records, state_digest, tenant_row
@@ -68,11 +69,8 @@ class _Row:
         self._mapping = mapping
 
 
-class ConnectStates:
-    """The ledger's reads and writes of connect states (mixed into Ledger)."""
-
-    engine: Any
-    _insert: Any
+class ConnectStates(Repository):
+    """Connect states: a callback's claims and outcomes (one part of the ledger)."""
 
     def _state_query(self) -> Any:
         revoked = exists().where(
@@ -146,7 +144,7 @@ class ConnectStates:
             if conn.execute(select(legacy)).scalar():
                 return False
             inserted = conn.execute(
-                self._insert(connect_states)
+                self.db.insert(connect_states)
                 .values(
                     state_hash=digest,
                     tenant_id=tenant_id,

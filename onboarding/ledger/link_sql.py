@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import DateTime, String, bindparam, case, func, select
+from sqlalchemy import DateTime, Insert, String, bindparam, case, func, select
 
 from onboarding.ledger.schema import Status, records, superseded_links
 
@@ -30,8 +30,12 @@ _LINK_COLUMNS = (
 )
 
 
+# The state that leaves to the history, then the row inserted or updated.
+LinkStatements = tuple[Insert, Insert]
+
+
 # Long: two SQL statements, written out.
-def link_statements(insert_into: Callable[[Any], Any]) -> tuple[Any, Any]:
+def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
     """record_link's statements: the state that leaves goes to the history, then the row is
     inserted or updated. `insert_into` is the dialect's INSERT (with ON CONFLICT).
 

@@ -6,9 +6,10 @@ from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import case, func, select
 
 from onboarding.clock import utcnow
+from onboarding.ledger.database import Repository
 from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.records import Record, SupersededLink, superseded_from_row, utc
 from onboarding.ledger.schema import (
@@ -16,7 +17,6 @@ from onboarding.ledger.schema import (
     LIVE_STATUSES,
     SENDING_CHANNELS,
     Status,
-    batch_chunks,
     records,
     state_digest,
     superseded_links,
@@ -33,10 +33,8 @@ REMINDABLE_STATUSES = (*DONE_STATUSES, Status.EXPIRED)
 IN_LIST_MAX = 900
 
 
-class LedgerQueries:
-    """Every read of the ledger. Each is one statement on a connection of its own."""
-
-    engine: Engine
+class RecordQueries(Repository):
+    """Every read of tenant records. Each is one statement on a connection of its own."""
 
     @reconnecting
     def due_for_reminder(
@@ -110,15 +108,6 @@ class LedgerQueries:
             return {tid for q in _of_ids(query, only_ids) for tid in conn.execute(q).scalars()}
 
     @reconnecting
-    def chunk_summary(self, batch_id: str, chunk: int) -> dict[str, Any] | None:
-        query = select(batch_chunks.c.summary).where(
-            batch_chunks.c.batch_id == batch_id, batch_chunks.c.chunk == chunk
-        )
-        with self.engine.connect() as conn:
-            summary = conn.execute(query).scalar_one_or_none()
-        return dict(summary) if summary is not None else None
-
-    @reconnecting
     def counts_by_status(self, connector_id: str | Sequence[str] | None = None) -> dict[str, int]:
         query = select(records.c.status, func.count()).group_by(records.c.status)
         query = _of_connectors(query, connector_id)
@@ -174,7 +163,7 @@ def _due_for_reminder(
     connector_id: str, sent_before: datetime, max_reminders: int
 ) -> tuple[Any, ...]:
     """Sent a link by email, not connected, last sent before `sent_before`, reminded fewer
-    than `max_reminders` times (see LedgerQueries.due_for_reminder)."""
+    than `max_reminders` times (see RecordQueries.due_for_reminder)."""
     last_sent = func.coalesce(records.c.last_sent_at, records.c.delivered_at)
     return (
         records.c.connector_id == connector_id,

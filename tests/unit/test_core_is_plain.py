@@ -46,7 +46,7 @@ def test_importing_every_core_module_loads_no_prefect() -> None:
     assert {
         "onboarding.ledger",
         "onboarding.mail.sender",
-        "onboarding.ledger.store",
+        "onboarding.ledger.facade",
         "onboarding.batch.campaign",
         "onboarding.inputs.run_request",
         "onboarding.versori.client",

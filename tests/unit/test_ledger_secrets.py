@@ -76,7 +76,7 @@ def test_status_does_not_print_a_query_password(
     class Spy(Ledger):
         def __init__(self, _url: str) -> None:
             super().__init__(url)
-            self.url = "postgresql+psycopg://admin@db.example.com/l?password=hush-2"
+            self.db.url = "postgresql+psycopg://admin@db.example.com/l?password=hush-2"
 
     # Where `onboard status` imports it from when it runs.
     monkeypatch.setattr("onboarding.ledger.Ledger", Spy)
