@@ -11,7 +11,10 @@ emulator is told to play (connectors, keys, faults) in emulator_config.py.
 Its rate limit is, by default, as strict as the strictest real API: at most N accepted requests
 in any trailing second (`rate_limit_window="sliding"`), so a client whose pacing bursts is
 answered 429 here as it would be there. GET /_emulator/stats says what it answered, and how
-many times each tenant (its authorizeUrl?additionalParams) was given a URL.
+many times each tenant (its authorizeUrl?additionalParams) was given a URL; GET /_emulator/calls
+how many requests each Versori endpoint received. The rest of the API: the consent page and
+CreateConnection in emulator_oauth.py, end users, a connection's reads and updates,
+environments and activations in emulator_platform.py, the test hooks in emulator_hooks.py.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from demo.emulator_config import (
     load_script,
     step_script,
 )
+from demo.emulator_hooks import mount_hooks
 from demo.emulator_oauth import mount_oauth
+from demo.emulator_platform import mount_platform
 from demo.versori_rules import (
     RESERVED_KEYS,
     build_url,
@@ -540,6 +545,8 @@ def create_app(
     )
     app.state.emulator = runtime
     mount_oauth(app, runtime)  # the consent page and CreateConnection (emulator_oauth.py)
+    mount_platform(app, runtime)  # end users, connections, activations (emulator_platform.py)
+    mount_hooks(app, runtime)  # the test hooks on them (emulator_hooks.py)
     return app
 
 
@@ -625,6 +632,10 @@ class EmulatorServer:
         """The same numbers as GET /_emulator/stats, read in-process (see `_Runtime.stats`)."""
         runtime: _Runtime = self.app.state.emulator
         return runtime.stats()
+
+    def calls(self) -> dict[str, int]:
+        """Requests each Versori endpoint received, as GET /_emulator/calls's `calls`."""
+        return dict(self.app.state.platform.calls)
 
     def __enter__(self) -> Self:
         return self.start()

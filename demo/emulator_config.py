@@ -1,10 +1,11 @@
 """What the emulator knows and how it behaves: its connectors (with the credential and client id
-stored under each), its API keys, and the faults, latency and rate limit it is told to play."""
+stored under each), its environments (the systems an end user is activated on), its API keys,
+and the faults, latency and rate limit it is told to play."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -53,6 +54,16 @@ CREATE_SCRIPT_ACTIONS = frozenset({"ok", "409", "500", "500_after", "slow_after"
 # A `script` key (and so a --script file's) with this prefix is a CreateConnection entry:
 # `create:acme: [500_after, ok]` is `create_script={"acme": ["500_after", "ok"]}`.
 CREATE_SCRIPT_PREFIX = "create:"
+
+# What an ActivateUser script entry may answer (`EmulatorConfig.activate_script`, or
+# `activate:<substring>` keys of `script`, matched on a substring of the request's userId or of
+# the end user's externalId), in order: "ok", an HTTP error in Versori's shape and nothing made
+# ("400", "403", "404", "409", "422", "429", "500", "502", "503"), "500_after" (the activation
+# made, then a 500). "*" repeats, as in SCRIPT_ACTIONS.
+ACTIVATE_SCRIPT_ACTIONS = frozenset(
+    {"ok", "400", "403", "404", "409", "422", "429", "500", "502", "503", "500_after"}
+)
+ACTIVATE_SCRIPT_PREFIX = "activate:"
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,66 @@ DEMO_CRM = EmulatedConnector(
 )
 
 
+@dataclass(frozen=True)
+class EmulatedEnvironment:
+    """One environment of a project in an organisation: the systems an end user must have a
+    connection to before it can be activated there (ActivateUser), one connection template
+    each. `systems` maps a system id (one of the organisation's EmulatedConnector ids) to its
+    connection template id; a mapping given is kept as a tuple of (system, template) pairs,
+    ULIDs in canonical form. A template belongs to one environment only (it is an
+    environment's system)."""
+
+    organisation_id: str
+    environment_id: str
+    systems: tuple[tuple[str, str], ...]
+    name: str = "production"
+
+    def __post_init__(self) -> None:
+        for name in ("organisation_id", "environment_id"):
+            if not is_ulid(getattr(self, name)):
+                raise ValueError(f"EmulatedEnvironment.{name} must be a ULID")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("EmulatedEnvironment.name must be a non-empty string")
+        given = self.systems
+        pairs = list(given.items()) if isinstance(given, Mapping) else list(given)
+        if not pairs:
+            raise ValueError(f"environment {self.environment_id} needs at least one system")
+        canonical: list[tuple[str, str]] = []
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2 or not all(map(is_ulid, pair)):
+                raise ValueError(
+                    f"environment {self.environment_id}: systems must map a system id to a "
+                    "connection template id, both ULIDs"
+                )
+            canonical.append((str(ULID.from_str(pair[0])), str(ULID.from_str(pair[1]))))
+        for position, what in ((0, "system"), (1, "connection template")):
+            ids = [pair[position] for pair in canonical]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"environment {self.environment_id} names a {what} more than once")
+        object.__setattr__(self, "environment_id", str(ULID.from_str(self.environment_id)))
+        object.__setattr__(self, "systems", tuple(canonical))
+
+    def template_of(self, system_id: str) -> str | None:
+        return next((t for s, t in self.systems if s == system_id), None)
+
+    def system_of(self, template_id: str) -> str | None:
+        return next((s for s, t in self.systems if t == template_id), None)
+
+
+# The demo's environment: the connect service's system (DEMO_CRM) with the template that
+# examples/profile-connect.yaml names, so a tenant connected through the service can be
+# activated on it.
+DEMO_TEMPLATE_ID = "01M8F12B95S4BX0QFB3TPDWZ0V"
+DEMO_ENVIRONMENT = EmulatedEnvironment(
+    organisation_id="01M8F12B95S4BX0QFB3TPDWZ0P",
+    environment_id="01M8F12B95S4BX0QFB3TPDWZ1E",
+    systems=((DEMO_CRM.connector_id, DEMO_TEMPLATE_ID),),
+)
+# EmulatorConfig's default: kept only if the config's connectors hold DEMO_CRM (a config of
+# other connectors has no environment unless it names some).
+DEMO_ENVIRONMENTS: tuple[EmulatedEnvironment, ...] = (DEMO_ENVIRONMENT,)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -129,6 +200,8 @@ class EmulatorConfig:
     script: dict[str, list[str]] = field(default_factory=dict)
     stall_seconds: float = DEFAULT_STALL_SECONDS
     create_script: dict[str, list[str]] = field(default_factory=dict)
+    environments: tuple[EmulatedEnvironment, ...] = DEMO_ENVIRONMENTS
+    activate_script: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Callers (CLI flags, YAML) hand over lists and sets; coerce so the app can rely on types.
@@ -196,24 +269,80 @@ class EmulatorConfig:
 
         if not isinstance(self.script, dict):
             raise ValueError("script must map a substring to a list of actions")
-        if not isinstance(self.create_script, dict):
-            raise ValueError("create_script must map a substring to a list of actions")
-        create_script = _checked_script(
-            "create_script", self.create_script.items(), CREATE_SCRIPT_ACTIONS
+        for name in ("create_script", "activate_script"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must map a substring to a list of actions")
+        # `create:` and `activate:` entries of `script` (a --script file's) are CreateConnection's
+        # and ActivateUser's.
+        self.create_script = _prefixed_script(
+            "create_script", self.create_script, self.script, CREATE_SCRIPT_PREFIX
         )
-        # `create:` entries of `script` (a --script file's) are CreateConnection's too.
-        prefixed = [(k, v) for k, v in self.script.items() if _is_create_key(k)]
-        for pattern, actions in _checked_script("script", prefixed, CREATE_SCRIPT_ACTIONS).items():
-            create_script[pattern.removeprefix(CREATE_SCRIPT_PREFIX)] = actions
-        if "" in create_script:
-            raise ValueError(f"script key {CREATE_SCRIPT_PREFIX!r} needs a substring after it")
-        initialise = [(k, v) for k, v in self.script.items() if not _is_create_key(k)]
+        self.activate_script = _prefixed_script(
+            "activate_script", self.activate_script, self.script, ACTIVATE_SCRIPT_PREFIX
+        )
+        initialise = [(k, v) for k, v in self.script.items() if not _is_prefixed_key(k)]
         self.script = _checked_script("script", initialise, SCRIPT_ACTIONS)
-        self.create_script = create_script
+        self._check_environments()
+
+    def _check_environments(self) -> None:
+        """Each environment's systems are connectors of its organisation; ids and templates are
+        each in one environment only. The default (DEMO_ENVIRONMENTS) is kept only if DEMO_CRM
+        is among the connectors."""
+        known = {(c.organisation_id, c.connector_id) for c in self.connectors}
+        if self.environments is DEMO_ENVIRONMENTS:
+            self.environments = tuple(
+                environment
+                for environment in DEMO_ENVIRONMENTS
+                if all((environment.organisation_id, s) in known for s, _ in environment.systems)
+            )
+            return
+        self.environments = tuple(self.environments)
+        ids: set[str] = set()
+        templates: set[str] = set()
+        for environment in self.environments:
+            if not isinstance(environment, EmulatedEnvironment):
+                raise ValueError("environments must hold EmulatedEnvironment instances")
+            if environment.environment_id in ids:
+                raise ValueError(
+                    f"environments holds environment {environment.environment_id} more than once"
+                )
+            ids.add(environment.environment_id)
+            for system_id, template_id in environment.systems:
+                if (environment.organisation_id, system_id) not in known:
+                    raise ValueError(
+                        f"environment {environment.environment_id} names system {system_id}, "
+                        f"which is not a connector of organisation {environment.organisation_id}"
+                    )
+                if template_id in templates:
+                    raise ValueError(
+                        f"connection template {template_id} is in more than one environment"
+                    )
+                templates.add(template_id)
 
 
-def _is_create_key(key: object) -> bool:
-    return isinstance(key, str) and key.startswith(CREATE_SCRIPT_PREFIX)
+def _is_prefixed_key(key: object) -> bool:
+    return isinstance(key, str) and key.startswith((CREATE_SCRIPT_PREFIX, ACTIVATE_SCRIPT_PREFIX))
+
+
+_PREFIXED_ACTIONS = {
+    CREATE_SCRIPT_PREFIX: CREATE_SCRIPT_ACTIONS,
+    ACTIVATE_SCRIPT_PREFIX: ACTIVATE_SCRIPT_ACTIONS,
+}
+
+
+def _prefixed_script(
+    name: str, own: dict[str, list[str]], script: dict[str, list[str]], prefix: str
+) -> dict[str, list[str]]:
+    """A script of its own (`own`, checked as `name`) plus `script`'s `prefix` entries (checked
+    as "script"), the prefix taken off their keys."""
+    known = _PREFIXED_ACTIONS[prefix]
+    merged = _checked_script(name, own.items(), known)
+    prefixed = [(k, v) for k, v in script.items() if isinstance(k, str) and k.startswith(prefix)]
+    for pattern, actions in _checked_script("script", prefixed, known).items():
+        merged[pattern.removeprefix(prefix)] = actions
+    if "" in merged:
+        raise ValueError(f"script key {prefix!r} needs a substring after it")
+    return merged
 
 
 def _checked_script(
@@ -255,7 +384,9 @@ def step_script(
 def load_script(path: str | Path) -> dict[str, list[str]]:
     """A script from a YAML or JSON file: a mapping of a substring of authorizeUrl?additionalParams
     to its list of actions; a key `create:<substring>` scripts CreateConnection instead (a
-    substring of the externalId or connection name; CREATE_SCRIPT_ACTIONS). Bare numbers
+    substring of the externalId or connection name; CREATE_SCRIPT_ACTIONS), a key
+    `activate:<substring>` ActivateUser (a substring of the userId or the end user's externalId;
+    ACTIVATE_SCRIPT_ACTIONS). Bare numbers
     (`[404, ok]` in YAML) are taken as their text. The actions are checked by EmulatorConfig;
     the file's shape here, with a ValueError that says what is wrong."""
     path = Path(path)

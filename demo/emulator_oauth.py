@@ -8,11 +8,13 @@ the reads a client uses to find what it made.
                                             or error=access_denied and state
     POST /o/{org}/connections               Platform API v2 CreateConnection (201)
     GET  /o/{org}/connections               ListConnections: ?end_user_id=&system_id=&first=&after=
-    GET  /o/{org}/users                     ListEndUsers: ?search=&first=&after=
     POST /o/{org}/connectors/{id}/connections   Connect API v1 CreateConnectorConnection
     GET  /o/{org}/connectors/{id}/connections   ListConnectorConnections, newest first
     GET  /_emulator/connections             the connections made, and the faults played
     GET  /_emulator/users                   the end users made
+
+The end users' reads (ListEndUsers, GetEndUser), a connection's own (Get, Update, Delete),
+environments and activations are in emulator_platform.py.
 
 It is as strict as Versori could be where Versori's documents are silent:
 - v2: the `externalId` of a CreateConnection makes its end user if there is none (a ULID `id`
@@ -23,9 +25,9 @@ It is as strict as Versori could be where Versori's documents are silent:
   state, organisation or connector); a 409 leaves it unused. The code is spent only when the
   connection is made.
 - Lists are paged: `first` (1..100, default 20; else 400) and `after`, an opaque cursor from
-  a page's `next` ("" on the last page). `search` matches substrings (any case) of an end
-  user's id, externalId and displayName. `end_user_id` takes the end user's Versori id only,
-  never its externalId. v1 and v2 connections are listed by their own API only.
+  a page's `next` ("" on the last page; a cursor whose item was deleted since goes on from
+  where it stood). `end_user_id` takes the end user's Versori id only, never its externalId.
+  v1 and v2 connections are listed by their own API only.
 
 CreateConnection's faults (`EmulatorConfig.create_script`, or `create:<substring>` keys of a
 --script file), matched on a substring of the request's externalId or connection name, one
@@ -43,8 +45,6 @@ action per request in order, a trailing "*" repeating it:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import itertools
 import json
@@ -64,6 +64,7 @@ from starlette.types import Receive, Scope, Send
 from ulid import ULID
 
 from demo.emulator_config import step_script
+from demo.emulator_pages import paged
 from demo.versori_rules import (
     error_response,
     field_error,
@@ -77,8 +78,6 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 CONSENT_PATH = "/provider/authorize"
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
 _SCRIPT_DETAILS = "injected by the emulator script"
 # What uvicorn logs (as an error) when an answer ends before its body: a drop_after does that
 # on purpose, so that one line is not logged for it (see _DropFilter).
@@ -104,6 +103,9 @@ class OAuthRuntime:
     taken: set[tuple[str, ...]] = field(default_factory=set)
     # Every end user and connection gets the next number: what a list's cursor points at.
     sequence: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    # Versori id -> end user; connection id -> its record (GetEndUser, GetConnection)
+    users_by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+    connection_index: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget every code, end user, connection and count (POST /_emulator/reset)."""
@@ -115,12 +117,27 @@ class OAuthRuntime:
         self.script_progress.clear()
         self.user_index.clear()
         self.taken.clear()
+        self.users_by_id.clear()
+        self.connection_index.clear()
 
     def next_seq(self) -> int:
         return next(self.sequence)
 
     def count(self, what: str) -> None:
         self.faults[what] = self.faults.get(what, 0) + 1
+
+    def spendable(self, data: dict[str, Any], organisation_id: str) -> dict[str, Any] | None:
+        """What the code of a credential's `data` was issued for, if it may be spent now: issued
+        for this state and organisation, and unused. The caller spends it (`used`)."""
+        issued = self.codes.get(str(data.get("code", "")))
+        if (
+            issued is None
+            or issued["state"] != data.get("state")
+            or issued["used"]
+            or issued["organisation_id"] != organisation_id
+        ):
+            return None
+        return issued
 
     def user(self, organisation_id: str, external_id: str) -> dict[str, Any] | None:
         return self.user_index.get((organisation_id, external_id))
@@ -155,15 +172,33 @@ class OAuthRuntime:
     def add_user(self, user: dict[str, Any]) -> None:
         self.users.append(user)
         self.user_index[(user["organisationId"], user["externalId"])] = user
+        self.users_by_id[user["id"]] = user
 
     def add(self, record: dict[str, Any]) -> None:
         """Keep a connection made, and what it now takes (its name; its end user's template)."""
         self.connections.append(record)
-        self.taken.add(
-            (record["api"], record["organisation_id"], record["systemId"], record["name"])
-        )
+        self.connection_index[record["id"]] = record
+        self.taken.add(name_key(record))
         if record["endUserId"] is not None:
             self.taken.add((record["endUserId"], record["connectionTemplateId"]))
+
+    def remove(self, record: dict[str, Any]) -> None:
+        """Forget a connection (DeleteConnection): its name and its end user's template are
+        free again."""
+        self.connections.remove(record)
+        del self.connection_index[record["id"]]
+        self.taken.discard(name_key(record))
+        if record["endUserId"] is not None:
+            self.taken.discard((record["endUserId"], record["connectionTemplateId"]))
+
+
+def name_key(record: dict[str, Any]) -> tuple[str, ...]:
+    """What a connection's name takes: it is unique within its API's system (v1: connector)."""
+    return (record["api"], record["organisation_id"], record["systemId"], record["name"])
+
+
+def invalid_grant() -> JSONResponse:
+    return error_response(400, "invalid_grant", "the code is not valid for this state, or was used")
 
 
 def _api(v2: bool) -> str:
@@ -302,17 +337,11 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
         if problems:
             return invalid_body(problems)
         organisation_id = request.path_params["organisation_id"]
-        issued = oauth.codes.get(str(data.get("code", "")))
-        if (
-            issued is None
-            or issued["state"] != data.get("state")
-            or issued["used"]
-            or issued["organisation_id"] != organisation_id
-            or (not v2 and issued["system_id"] != request.path_params["connector_id"])
+        issued = oauth.spendable(data, organisation_id)
+        if issued is None or (
+            not v2 and issued["system_id"] != request.path_params["connector_id"]
         ):
-            return error_response(
-                400, "invalid_grant", "the code is not valid for this state, or was used"
-            )
+            return invalid_grant()
         if v2 and data.get("redirectUrl") != issued["redirect_uri"]:
             return invalid_body([field_error("credential.data.redirectUrl", "does not match")])
         system_id: str = issued["system_id"]
@@ -339,9 +368,11 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
             return error_response(409, "conflict", why)
 
         issued["used"] = True
-        record = _make(oauth, v2, organisation_id, system_id, template_id, external_id, name)
+        record = make_connection(
+            oauth, v2, organisation_id, system_id, template_id, external_id, name
+        )
         if v2:
-            answer = JSONResponse(_v2_connection(record), status_code=201)
+            answer = JSONResponse(v2_connection(record), status_code=201)
         else:
             answer = JSONResponse(_v1_connection(record))
         if action == "500_after":
@@ -351,24 +382,6 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
         if action == "drop_after":
             return _DroppedResponse(answer)
         return answer
-
-    async def list_users(request: Request) -> Response:
-        if latency > 0:
-            await asyncio.sleep(latency)
-        if not authorised(request):
-            return unauthenticated()
-        organisation_id = request.path_params["organisation_id"]
-        search = request.query_params.get("search", "").lower()
-        users = [
-            user
-            for user in oauth.users
-            if user["organisationId"] == organisation_id
-            and (
-                not search
-                or any(search in user[k].lower() for k in ("id", "externalId", "displayName"))
-            )
-        ]
-        return _paged(request, "users", users, "users", _end_user)
 
     async def list_v2(request: Request) -> Response:
         if latency > 0:
@@ -387,7 +400,7 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
             and (not end_user_id or record["endUserId"] == end_user_id)
             and (not system_id or record["systemId"] == system_id)
         ]
-        return _paged(request, "connections", made, "items", _v2_connection)
+        return paged(request, "connections", made, "items", v2_connection)
 
     async def list_v1(request: Request) -> Response:
         if latency > 0:
@@ -403,7 +416,7 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
             and record["organisation_id"] == organisation_id
             and record["systemId"] == connector_id
         ]
-        return _paged(request, "connector-connections", made, "items", _v1_connection)
+        return paged(request, "connector-connections", made, "items", _v1_connection)
 
     async def connections(request: Request) -> Response:
         return JSONResponse(
@@ -417,7 +430,6 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
         Route(CONSENT_PATH, consent, methods=["GET", "POST"]),
         Route("/o/{organisation_id}/connections", create_v2, methods=["POST"]),
         Route("/o/{organisation_id}/connections", list_v2, methods=["GET"]),
-        Route("/o/{organisation_id}/users", list_users, methods=["GET"]),
         Route(
             "/o/{organisation_id}/connectors/{connector_id}/connections",
             create_v1,
@@ -433,7 +445,7 @@ def mount_oauth(app: Starlette, runtime: Any) -> None:
     ]
 
 
-def _make(
+def make_connection(
     oauth: OAuthRuntime,
     v2: bool,
     organisation_id: str,
@@ -464,19 +476,7 @@ def _make(
         "systemId": system_id,
         "connectionTemplateId": template_id or None,
         "endUserId": user["id"] if user is not None else None,
-        # No secret: what Versori says of the credential it made from the code.
-        "credentials": [
-            {
-                "id": str(ULID()),
-                "credential": {
-                    "id": str(ULID()),
-                    "organisationId": organisation_id,
-                    "name": name,
-                    "type": "oauth2-code",
-                    "errors": [],
-                },
-            }
-        ],
+        "credentials": new_credentials(organisation_id, name),
         # the emulator's own bookkeeping (tests read these through /_emulator/connections)
         "api": _api(v2),
         "organisation_id": organisation_id,
@@ -489,18 +489,33 @@ def _make(
     return record
 
 
-def _end_user(user: dict[str, Any]) -> dict[str, Any]:
+def new_credentials(organisation_id: str, name: str) -> list[dict[str, Any]]:
+    """A connection's `credentials` as Versori gives them back for a code it exchanged: no
+    secret, validated (`errors` empty), no expiry."""
+    credential = {
+        "id": str(ULID()),
+        "organisationId": organisation_id,
+        "name": name,
+        "type": "oauth2-code",
+        "errors": [],
+    }
+    return [{"id": str(ULID()), "credential": credential}]
+
+
+def end_user(user: dict[str, Any]) -> dict[str, Any]:
     """A Platform API v2 `EndUser`."""
     return {key: value for key, value in user.items() if key != "seq"}
 
 
-def _v2_connection(record: dict[str, Any]) -> dict[str, Any]:
+def v2_connection(record: dict[str, Any]) -> dict[str, Any]:
     """A Platform API v2 `Connection` (no end-user field, no status, as Versori's)."""
     connection = {
         key: record[key]
         for key in ("id", "name", "credentials", "createdAt", "updatedAt", "systemId")
     }
     connection["variables"] = []
+    if record.get("baseUrl"):
+        connection["baseUrl"] = record["baseUrl"]
     if record["connectionTemplateId"]:
         connection["connectionTemplateId"] = record["connectionTemplateId"]
     return connection
@@ -509,75 +524,6 @@ def _v2_connection(record: dict[str, Any]) -> dict[str, Any]:
 def _v1_connection(record: dict[str, Any]) -> dict[str, Any]:
     """A Connect API v1 `ConnectionSummary`."""
     return {key: record[key] for key in ("id", "name", "createdAt", "updatedAt")}
-
-
-def _cursor(kind: str, position: int) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
-
-
-def _position(kind: str, cursor: str) -> int | None:
-    """The position a cursor of this list stands for; None if it is not one."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    prefix, _, number = text.rpartition(":")
-    if prefix != kind or not number.isdigit():
-        return None
-    return int(number)
-
-
-def _paged(
-    request: Request,
-    kind: str,
-    matching: list[dict[str, Any]],
-    member: str,
-    wire: Callable[[dict[str, Any]], dict[str, Any]],
-) -> Response:
-    """One page of `matching` (already in list order) under `member`, with PageInfo: `first`
-    items after the `after` cursor, `next` the cursor of the last one ("" at the end)."""
-    raw_first = request.query_params.get("first")
-    if raw_first is None:
-        first = DEFAULT_PAGE_SIZE
-    elif raw_first.isdigit() and 1 <= int(raw_first) <= MAX_PAGE_SIZE:
-        first = int(raw_first)
-    else:
-        return _bad_query("first", f"must be an integer from 1 to {MAX_PAGE_SIZE}")
-    start = 0
-    after = request.query_params.get("after")
-    if after:
-        # A cursor is the position (sequence number) of the last item given; the page goes on
-        # from there even if items were made (or a list is newest first) in between.
-        position = _position(kind, after)
-        if position is None:
-            return _bad_query("after", "is not a cursor of this list")
-        start = next(
-            (i + 1 for i, item in enumerate(matching) if _seq(item) == position), len(matching)
-        )
-    page = matching[start : start + first]
-    more = start + first < len(matching)
-    return JSONResponse(
-        {
-            member: [wire(item) for item in page],
-            "totalCount": len(matching),
-            "next": _cursor(kind, _seq(page[-1])) if more and page else "",
-            "prev": "",
-        }
-    )
-
-
-def _seq(item: dict[str, Any]) -> int:
-    """An item's position in the lists: the sequence number it was made with."""
-    return int(item["seq"])
-
-
-def _bad_query(name: str, message: str) -> JSONResponse:
-    return error_response(
-        400,
-        "validation_failed",
-        "query parameters are invalid",
-        fields=[field_error(name, message)],
-    )
 
 
 def _read_body(body: Any, v2: bool) -> tuple[list[dict[str, str]], dict[str, Any], str]:

@@ -1,7 +1,8 @@
 """Versori's side of the initialise call, as the emulator plays it: the request body checked
 field by field (pydantic, strict JSON types) with Versori's error shape, and the authorize URL
-built from a valid body. Kept apart from the server (emulator.py) so that the contract reads in
-one place."""
+built from a valid body; and the shape of the Platform API v2 UpdateConnection and ActivateUser
+bodies (emulator_platform.py). Kept apart from the server (emulator.py) so that the contract
+reads in one place."""
 
 from __future__ import annotations
 
@@ -214,3 +215,74 @@ def unauthenticated() -> JSONResponse:
         "the Bearer API key in the Authorization header is missing or not valid",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+def read_update(body: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any], str, str]:
+    """The problems of an UpdateConnection body, its credential's data, name and baseUrl."""
+    problems: list[dict[str, str]] = []
+    name, base_url, credentials = body.get("name"), body.get("baseUrl"), body.get("credentials")
+    if name is None:
+        problems.append(field_error("name", "required"))
+    elif not isinstance(name, str) or not name:
+        problems.append(field_error("name", "must be a non-empty string"))
+    if base_url is None:
+        problems.append(field_error("baseUrl", "required"))
+    elif not isinstance(base_url, str) or (base_url and check_authorize_url(base_url)):
+        problems.append(field_error("baseUrl", 'must be "" or an absolute http(s) URI'))
+    data: dict[str, Any] = {}
+    if credentials is None:
+        problems.append(field_error("credentials", "required"))
+    elif not isinstance(credentials, list) or len(credentials) != 1:
+        problems.append(field_error("credentials", "must hold exactly one credential"))
+    elif not isinstance(credentials[0], dict):
+        problems.append(field_error("credentials[0]", "must be an object"))
+    else:
+        item = credentials[0]
+        if "id" in item and not is_ulid(item["id"]):
+            problems.append(field_error("credentials[0].id", "must be a ULID"))
+        credential = item.get("credential")
+        given = credential.get("data") if isinstance(credential, dict) else None
+        if not isinstance(credential, dict) or credential.get("type") != "oauth2-code":
+            problems.append(field_error("credentials[0].credential.type", "must be oauth2-code"))
+        if not isinstance(given, dict) or not given.get("code") or not given.get("state"):
+            message = "code and state are required"
+            problems.append(field_error("credentials[0].credential.data", message))
+        else:
+            data = given
+    return problems, data, name if isinstance(name, str) else "", str(base_url or "")
+
+
+def read_activation(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The problems of an ActivateUser body's shape (what it refers to is checked later)."""
+    problems: list[dict[str, str]] = []
+    user_id = body.get("userId")
+    if user_id is None:
+        problems.append(field_error("userId", "required"))
+    elif not isinstance(user_id, str) or not user_id:
+        problems.append(field_error("userId", "must be a non-empty string"))
+    environment_id = body.get("environmentId")
+    if environment_id is None:
+        problems.append(field_error("environmentId", "required"))
+    elif not is_ulid(environment_id):
+        problems.append(field_error("environmentId", "must be a ULID"))
+    variables = body.get("dynamicVariables")
+    if variables is not None and not isinstance(variables, dict):
+        problems.append(field_error("dynamicVariables", "must be an object"))
+    connections = body.get("connections")
+    if connections is None:
+        return [*problems, field_error("connections", "required")]
+    if not isinstance(connections, list):
+        return [*problems, field_error("connections", "must be a list")]
+    for i, item in enumerate(connections):
+        where = f"connections[{i}]"
+        if not isinstance(item, dict):
+            problems.append(field_error(where, "must be an object"))
+            continue
+        if not is_ulid(item.get("connectionTemplateId")):
+            problems.append(field_error(f"{where}.connectionTemplateId", "must be a ULID"))
+        if "connection" in item:
+            message = "not played by the emulator: make the connection, give existingConnectionId"
+            problems.append(field_error(f"{where}.connection", message))
+        elif not is_ulid(item.get("existingConnectionId")):
+            problems.append(field_error(f"{where}.existingConnectionId", "must be a ULID"))
+    return problems

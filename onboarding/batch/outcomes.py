@@ -27,6 +27,9 @@ class OutcomeStatus(StrEnum):
     CONNECTED = "connected"
     OPENED = "opened"
     DECLINED = "declined"
+    ACTIVATED = "activated"
+    BROKEN = "broken"
+    DISCONNECTED = "disconnected"
     # A run's only: nothing to do for the tenant (already delivered or connected, another
     # run holds it, no reminder due).
     SKIPPED = "skipped"

@@ -29,7 +29,9 @@ from onboarding.ledger.records import (
 from onboarding.ledger.run_coordination import RunCoordination
 from onboarding.ledger.schema import (
     DONE_STATUSES,
+    HELD_STATUSES,
     LIVE_STATUSES,
+    LOST_STATUSES,
     SENDING_CHANNELS,
     WAITING_STATUSES,
     RunProgress,
@@ -41,11 +43,14 @@ from onboarding.ledger.schema import (
     superseded_links,
 )
 from onboarding.ledger.tenant_records import TenantRecords
+from onboarding.ledger.versori_view import Held, Settled, VersoriView
 
 __all__ = [
     "DONE_STATUSES",
     "EXPORT_KEYS",
+    "HELD_STATUSES",
     "LIVE_STATUSES",
+    "LOST_STATUSES",
     "SENDING_CHANNELS",
     "WAITING_STATUSES",
     "ChunkSummaries",
@@ -57,15 +62,18 @@ __all__ = [
     "ConnectStates",
     "Database",
     "Funnel",
+    "Held",
     "Ledger",
     "LinkOpens",
     "Record",
     "RunCoordination",
     "RunProgress",
+    "Settled",
     "StateOutcome",
     "Status",
     "SupersededLink",
     "TenantRecords",
+    "VersoriView",
     "batch_chunks",
     "funnel_lines",
     "records",

@@ -40,7 +40,7 @@ from sqlalchemy import (
 from onboarding.clock import utcnow
 from onboarding.ledger.database import Repository
 from onboarding.ledger.engine import lock_tenants, reconnecting
-from onboarding.ledger.queries import count_where
+from onboarding.ledger.queries import HELD, count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
 from onboarding.ledger.schema import (
     WAITING_STATUSES,
@@ -164,9 +164,10 @@ class LinkOpens:
 class Funnel:
     """One connector's tenants, as far as each got: linked (a link was made), delivered
     (sent or stored), opened (a person opened a connect link: its page's script ran, or its
-    button was pressed), started (the button was pressed: off to the provider), connected;
-    and declined / failed (their status now). Each stage counts the tenants that reached it,
-    whatever came later. `fetched`, apart: tenants whose link page was only fetched (a mail
+    button was pressed), started (the button was pressed: off to the provider), connected,
+    activated (live on the profile's environment); and declined / failed / broken /
+    disconnected (their status now). Each stage counts the tenants that reached it, whatever
+    came later. `fetched`, apart: tenants whose link page was only fetched (a mail
     scanner's GET, or a person whose browser ran no script), never opened."""
 
     linked: int
@@ -177,8 +178,11 @@ class Funnel:
     declined: int
     failed: int
     fetched: int = 0
+    activated: int = 0
+    broken: int = 0
+    disconnected: int = 0
 
-    STAGES = ("linked", "delivered", "opened", "started", "connected")
+    STAGES = ("linked", "delivered", "opened", "started", "connected", "activated")
 
     def share(self, stage: str) -> float:
         """A stage's count as a share of linked (0 when nothing was linked)."""
@@ -194,6 +198,9 @@ class Funnel:
             "declined": self.declined,
             "failed": self.failed,
             "fetched": self.fetched,
+            "activated": self.activated,
+            "broken": self.broken,
+            "disconnected": self.disconnected,
         }
 
 
@@ -342,9 +349,7 @@ class ConnectLinks(Repository):
             )
             done = conn.execute(
                 records.update()
-                .where(
-                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
-                )
+                .where(*tenant_row(tenant_id, connector_id), records.c.status.not_in(HELD))
                 .values(
                     status=Status.OPENED.value,
                     url=url,
@@ -384,9 +389,7 @@ class ConnectLinks(Repository):
         with self.engine.begin() as conn:
             conn.execute(
                 records.update()
-                .where(
-                    *tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value
-                )
+                .where(*tenant_row(tenant_id, connector_id), records.c.status.not_in(HELD))
                 .values(
                     status=case(
                         (records.c.status.in_(waiting), Status.OPENED.value),
@@ -426,7 +429,7 @@ class ConnectLinks(Repository):
                 records.update()
                 .where(
                     records.c.state_hash == digest,
-                    records.c.status.not_in([Status.CONNECTED.value, Status.EXPIRED.value]),
+                    records.c.status.not_in([*HELD, Status.EXPIRED.value]),
                     records.c.expires_at > when,
                 )
                 .values(
@@ -499,13 +502,17 @@ class ConnectLinks(Repository):
             *of_tenant(connect_states),
             or_(connect_states.c.link_hash.is_not(None), connect_states.c.claimed_at.is_not(None)),
         )
-        connected = records.c.status == Status.CONNECTED.value
+        connected = or_(records.c.status.in_(HELD), records.c.connected_at.is_not(None))
+        activated = or_(
+            records.c.status == Status.ACTIVATED.value, records.c.activated_at.is_not(None)
+        )
         linked = or_(records.c.url.is_not(None), records.c.state_hash.is_not(None), connected)
         delivered = or_(
             records.c.delivered_at.is_not(None), records.c.last_sent_at.is_not(None), connected
         )
-        went = [Status.DECLINED.value, Status.CONNECTED.value]
-        started = or_(started_state, and_(records.c.status.in_(went), linked))
+        started = or_(
+            started_state, and_(or_(connected, records.c.status == Status.DECLINED.value), linked)
+        )
         opened = or_(opened_link, started)
         query = select(
             records.c.connector_id,
@@ -517,6 +524,9 @@ class ConnectLinks(Repository):
             count_where(records.c.status == Status.DECLINED.value),
             count_where(records.c.status == Status.FAILED.value),
             count_where(and_(fetched_link, ~opened)),
+            count_where(activated),
+            count_where(records.c.status == Status.BROKEN.value),
+            count_where(records.c.status == Status.DISCONNECTED.value),
         ).group_by(records.c.connector_id)
         if connector_ids:
             query = query.where(records.c.connector_id.in_(list(connector_ids)))

@@ -26,6 +26,7 @@ from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import callback_states, connect_links, connect_states
 from onboarding.ledger.database import Repository
 from onboarding.ledger.engine import reconnecting
+from onboarding.ledger.queries import HELD
 from onboarding.ledger.records import Record, aware_values, utc
 from onboarding.ledger.schema import Status, records, state_digest, tenant_row
 
@@ -199,7 +200,7 @@ class ConnectStates(Repository):
                     .where(
                         *key,
                         ~and_(
-                            records.c.status == Status.CONNECTED.value,
+                            records.c.status.in_(HELD),
                             records.c.connection_id.is_not(None),
                             records.c.connection_id != connection_id,
                         ),
@@ -210,13 +211,14 @@ class ConnectStates(Repository):
                         connected_at=when,
                         error_code=None,
                         error_message=None,
+                        reconnect_of=None,
                         updated_at=utcnow(),
                     )
                 )
             elif error is not None:
                 update = (
                     records.update()
-                    .where(*key, records.c.status != Status.CONNECTED.value)
+                    .where(*key, records.c.status.not_in(HELD))
                     .values(error_code=error[0][:100], error_message=error[1], updated_at=utcnow())
                 )
             else:

@@ -1,8 +1,8 @@
 """`Ledger`: every part of the ledger over one database, for callers that use several.
 
 A job that needs one part may take that part's type (TenantRecords, ConnectLinks,
-ConnectStates, RunCoordination, ChunkSummaries): a Ledger is each of them, and each can stand
-alone over a shared `Database`."""
+ConnectStates, RunCoordination, ChunkSummaries, VersoriView): a Ledger is each of them, and
+each can stand alone over a shared `Database`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from onboarding.ledger.connect_states import ConnectStates
 from onboarding.ledger.database import Database
 from onboarding.ledger.run_coordination import RunCoordination
 from onboarding.ledger.tenant_records import TenantRecords
+from onboarding.ledger.versori_view import VersoriView
 
 
-class Ledger(TenantRecords, ConnectLinks, ConnectStates, RunCoordination, ChunkSummaries):
+class Ledger(
+    TenantRecords, ConnectLinks, ConnectStates, RunCoordination, ChunkSummaries, VersoriView
+):
     """The ledger at `url` (or over an open Database). Thread-safe: one per process, passed
     down to what needs it, closed once (a context manager)."""
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Insert, String, bindparam, case, func, select
 
-from onboarding.ledger.schema import Status, records, superseded_links
+from onboarding.ledger.schema import HELD_STATUSES, records, superseded_links
 
 # What record_link writes, keys first.
 _LINK_COLUMNS = (
@@ -43,7 +43,7 @@ def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
     the rest of a tenant's path together (bench/run.py under py-spy), so each call only binds
     new values to them."""
     stamp = DateTime(timezone=True)
-    connected = records.c.status == Status.CONNECTED.value
+    connected = records.c.status.in_([s.value for s in HELD_STATUSES])
 
     def leaving(name: str, type_: Any) -> Any:
         """A column of the state that leaves: the current one; for a connected tenant (whose
@@ -74,16 +74,9 @@ def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
     insert = insert_into(records).values(
         {**{name: bindparam(name) for name in _LINK_COLUMNS}, "attempts": 1}
     )
-    cleared = dict.fromkeys(
-        (
-            "last_sent_at",
-            "message_id",
-            "connected_at",
-            "connection_id",
-            "error_code",
-            "error_message",
-        )
-    )
+    # connection_id and connected_at stay: a broken tenant's new link updates that
+    # connection in place (a row with a working connection is never written here).
+    cleared = dict.fromkeys(("last_sent_at", "message_id", "error_code", "error_message"))
     upsert = insert.on_conflict_do_update(
         index_elements=["tenant_id", "connector_id"],
         set_={

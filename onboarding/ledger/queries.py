@@ -14,6 +14,7 @@ from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.records import Record, SupersededLink, superseded_from_row, utc
 from onboarding.ledger.schema import (
     DONE_STATUSES,
+    HELD_STATUSES,
     LIVE_STATUSES,
     SENDING_CHANNELS,
     Status,
@@ -28,6 +29,9 @@ T = TypeVar("T")
 # Statuses a reminder goes to (with an email channel): opened and declined admins got the
 # link and did not finish.
 REMINDABLE_STATUSES = (*DONE_STATUSES, Status.EXPIRED)
+
+# The values of HELD_STATUSES, for SQL.
+HELD = [s.value for s in HELD_STATUSES]
 
 # SQLite caps a statement's bound parameters (999 before 3.32): IN lists go in parts this long.
 IN_LIST_MAX = 900
@@ -98,7 +102,7 @@ class RecordQueries(Repository):
         now = utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
-            (records.c.status == Status.CONNECTED.value)
+            records.c.status.in_(HELD)
             | (
                 records.c.status.in_([s.value for s in DONE_STATUSES])
                 & (records.c.expires_at > now)
@@ -129,7 +133,7 @@ class RecordQueries(Repository):
         to all of them (fully), to some (partly), to none."""
         ids = list(dict.fromkeys(connector_ids))
         per_tenant = (
-            select(count_where(records.c.status == Status.CONNECTED.value).label("n"))
+            select(count_where(records.c.status.in_(HELD)).label("n"))
             .where(records.c.connector_id.in_(ids))
             .group_by(records.c.tenant_id)
             .subquery()

@@ -44,6 +44,11 @@ class Record:
     last_sent_at: datetime | None = None
     reminders: int = 0
     connection_id: str | None = None
+    end_user_id: str | None = None
+    activation_id: str | None = None
+    activated_at: datetime | None = None
+    reconnect_of: str | None = None
+    checked_at: datetime | None = None
     # Derived from `state` (see state_digest): not part of a record's identity.
     state_hash: str | None = field(default=None, compare=False, repr=False)
 
@@ -78,6 +83,9 @@ EXPORT_KEYS = (
     "opened_at",
     "last_sent_at",
     "reminders",
+    "activation_id",
+    "activated_at",
+    "checked_at",
 )
 
 

@@ -52,7 +52,20 @@ class Status(StrEnum):
     # error (the admin declined: error_code holds the provider's code).
     OPENED = "opened"
     DECLINED = "declined"
+    # Set by `onboard sync` (and the connect service) from what Versori holds: the tenant's
+    # activation on the profile's environment holds its connection (live); its connection's
+    # credential lists errors or has expired (connection_id kept: a reconnect updates it in
+    # place); the connection the ledger held is gone (a reconnect makes a new one).
+    ACTIVATED = "activated"
+    BROKEN = "broken"
+    DISCONNECTED = "disconnected"
 
+
+# A tenant in one of these holds a working connection: final for a batch's writes (a run, a
+# reminder or a late callback never replaces it; only sync, reading Versori, moves it on).
+HELD_STATUSES = (Status.CONNECTED, Status.ACTIVATED)
+# A tenant in one of these had a connection that stopped working: a reconnect email goes out.
+LOST_STATUSES = (Status.BROKEN, Status.DISCONNECTED)
 
 # A link in one of these is out with (or on its way to) the tenant until it expires.
 LIVE_STATUSES = (
@@ -83,9 +96,10 @@ class RunProgress(StrEnum):
 
 def run_progress(status: str) -> RunProgress:
     """A ledger status as a run's progress, derived from the lists above so that the two
-    cannot drift: done (DONE_STATUSES, or connected), failed, begun (pending, or a live link
-    not yet delivered), else not started (expired: the next run gives it a new link)."""
-    if status == Status.CONNECTED or status in DONE_STATUSES:
+    cannot drift: done (DONE_STATUSES, or HELD_STATUSES), failed, begun (pending, or a live link
+    not yet delivered), else not started (expired, broken, disconnected: the next run gives it
+    a new link)."""
+    if status in HELD_STATUSES or status in DONE_STATUSES:
         return RunProgress.DONE
     if status == Status.FAILED:
         return RunProgress.FAILED
@@ -129,6 +143,14 @@ records = Table(
     # sha256 of `state`: how a callback's state is looked up (see state_digest). Added in
     # place to an older ledger, and filled in for its rows, when it is opened (see migrate_schema).
     Column("state_hash", String(64), index=True),
+    # Revision 0003 (sync, activation, reconnect): the tenant's end user in Versori (its id,
+    # not its externalId), its activation on the profile's environment, why it is asked to
+    # connect again (broken, disconnected; cleared once connected), and when sync last read it.
+    Column("end_user_id", String(200)),
+    Column("activation_id", String(200)),
+    Column("activated_at", DateTime(timezone=True)),
+    Column("reconnect_of", String(20)),
+    Column("checked_at", DateTime(timezone=True)),
 )
 
 # Every state a tenant was given before its current one, so that a late OAuth callback carrying

@@ -13,7 +13,7 @@ from onboarding.clock import utcnow
 from onboarding.ledger.database import Database, Repository
 from onboarding.ledger.engine import lock_tenants, reconnecting
 from onboarding.ledger.group_commit import GroupCommit
-from onboarding.ledger.queries import RecordQueries, in_parts, past_expiry
+from onboarding.ledger.queries import HELD, RecordQueries, in_parts, past_expiry
 from onboarding.ledger.records import (
     ConnectOutcome,
     ConnectResult,
@@ -22,6 +22,7 @@ from onboarding.ledger.records import (
     utc,
 )
 from onboarding.ledger.schema import (
+    HELD_STATUSES,
     Status,
     records,
     state_digest,
@@ -132,7 +133,7 @@ class TenantRecords(RecordQueries, Repository):
             {"tenant_id": tenant_id, "connector_id": connector_id},
             {**values, "attempts": step},
             {**values, "attempts": records.c.attempts + step},
-            where=records.c.status != Status.CONNECTED.value,  # connected is final
+            where=records.c.status.not_in(HELD),  # a working connection is final
         )
 
     @reconnecting
@@ -140,7 +141,7 @@ class TenantRecords(RecordQueries, Repository):
         """Update a row that is not connected (connected is final) and, with `state`, still
         holds that state (a write about a link must not land on the link that replaced it).
         Whether a row was written."""
-        where = [*tenant_row(tenant_id, connector_id), records.c.status != Status.CONNECTED.value]
+        where = [*tenant_row(tenant_id, connector_id), records.c.status.not_in(HELD)]
         if state is not None:
             where.append(records.c.state_hash == state_digest(state))
         with self.engine.begin() as conn:
@@ -210,7 +211,7 @@ class TenantRecords(RecordQueries, Repository):
         when = utc(at or utcnow())
         accepts = (
             records.c.state_hash == digest,
-            records.c.status.not_in([Status.CONNECTED.value, Status.EXPIRED.value]),
+            records.c.status.not_in([*HELD, Status.EXPIRED.value]),
             records.c.expires_at > when,
         )
         with self.engine.begin() as conn:
@@ -236,7 +237,7 @@ class TenantRecords(RecordQueries, Repository):
             return ConnectResult(ConnectOutcome.CONNECTED, record)
         if record is None or record.state_hash != digest:
             return ConnectResult(ConnectOutcome.SUPERSEDED, record)  # replaced meanwhile
-        if record.status is Status.CONNECTED:
+        if record.status in HELD_STATUSES:
             return ConnectResult(ConnectOutcome.USED, record)
         return ConnectResult(ConnectOutcome.EXPIRED, record)
 
@@ -309,6 +310,7 @@ def _connected(connection_id: str | None, at: datetime) -> dict[str, Any]:
         "connected_at": at,
         "error_code": None,
         "error_message": None,
+        "reconnect_of": None,
     }
 
 

@@ -42,6 +42,9 @@ COLUMNS = [
     "opened_at",
     "last_sent_at",
     "reminders",
+    "activation_id",
+    "activated_at",
+    "checked_at",
 ]
 
 
@@ -107,6 +110,9 @@ def test_csv_has_the_export_columns_and_one_row_per_tenant_and_connector(
         "opened_at": "",
         "last_sent_at": "",
         "reminders": "0",
+        "activation_id": "",
+        "activated_at": "",
+        "checked_at": "",
     }
 
 
@@ -210,7 +216,7 @@ def test_a_connected_tenants_connection_and_its_follow_up_are_exported(
     text = exported(ledger, fmt)
     rows = csv_rows(text) if fmt is ExportFormat.CSV else jsonl_rows(text)
     t1, t2 = ({k: str(v) if v is not None else "" for k, v in row.items()} for row in rows)
-    assert {k: t1[k] for k in COLUMNS[-6:]} == {
+    assert {k: t1[k] for k in COLUMNS[-9:-3]} == {
         "connection_id": "conn-t1",
         "connected_at": (NOW + 6 * HOUR).isoformat(),
         "delivered_at": (NOW + HOUR).isoformat(),
@@ -219,7 +225,7 @@ def test_a_connected_tenants_connection_and_its_follow_up_are_exported(
         "reminders": "2",
     }
     assert t1["status"] == "connected"
-    assert {k: t2[k] for k in COLUMNS[-6:]} == {
+    assert {k: t2[k] for k in COLUMNS[-9:-3]} == {
         "connection_id": "",
         "connected_at": "",
         "delivered_at": (NOW + HOUR).isoformat(),

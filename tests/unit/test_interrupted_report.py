@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from deployments import cli_output
 from onboarding.clock import utcnow
-from onboarding.ledger import DONE_STATUSES, LIVE_STATUSES, Ledger, Status, records
+from onboarding.ledger import DONE_STATUSES, HELD_STATUSES, LIVE_STATUSES, Ledger, Status, records
 
 
 def _ledger_with(url: str, statuses: dict[str, Status]) -> None:
@@ -40,7 +40,7 @@ def _ledger_with(url: str, statuses: dict[str, Status]) -> None:
 
 
 def test_opened_and_declined_tenants_count_as_done_when_a_run_is_interrupted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _ledger_with(
@@ -53,11 +53,10 @@ def test_opened_and_declined_tenants_count_as_done_when_a_run_is_interrupted(
             "t5": Status.SENDING,
         },
     )
-    monkeypatch.setenv("ONBOARD_DB_URL", url)
     tenants = [SimpleNamespace(tenant_id=f"t{i}") for i in range(1, 8)]
     connector = SimpleNamespace(target_id="c-crm", name="crm")
     inputs: Any = SimpleNamespace(roster=tenants, profiles=[connector])
-    cli_output.report_interrupted_run(inputs)
+    cli_output.report_interrupted_run(inputs, url)
     said = " ".join(capsys.readouterr().out.split())
     assert said.startswith(
         "Interrupted: 3 of 7 tenant(s) delivered, 1 failed, 1 in progress when stopped, "
@@ -70,7 +69,7 @@ def test_every_status_has_one_progress_kind_agreeing_with_the_ledger() -> None:
 
     for status in Status:
         kind = run_progress(status)
-        assert (kind is RunProgress.DONE) == (status in DONE_STATUSES or status is Status.CONNECTED)
+        assert (kind is RunProgress.DONE) == (status in DONE_STATUSES or status in HELD_STATUSES)
         assert (kind is RunProgress.BEGUN) == (
             status is Status.PENDING or (status in LIVE_STATUSES and status not in DONE_STATUSES)
         )

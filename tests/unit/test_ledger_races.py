@@ -202,6 +202,15 @@ def test_opening_an_older_ledger_hashes_its_states(ledger_url: str) -> None:
         for table in ("onboarding_records", "onboarding_superseded_links"):
             conn.execute(text(f"DROP INDEX IF EXISTS ix_{table}_state_hash"))
             conn.execute(text(f"ALTER TABLE {table} DROP COLUMN state_hash"))
+        for column in (
+            "end_user_id",
+            "activation_id",
+            "activated_at",
+            "reconnect_of",
+            "checked_at",
+        ):
+            # Revision 0003's: a ledger from before versioning never had them.
+            conn.execute(text(f"ALTER TABLE onboarding_records DROP COLUMN {column}"))
         conn.execute(text("DROP TABLE onboarding_schema_version"))  # from before versioning
     engine.dispose()
     reopened = Ledger(ledger_url)

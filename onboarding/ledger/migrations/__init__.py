@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
 
 # The revision this code writes and reads (the head of versions/).
-SCHEMA_VERSION = "0002"
+SCHEMA_VERSION = "0003"
 # Where a ledger records its revision.
 VERSION_TABLE = "onboarding_schema_version"
 
