@@ -10,8 +10,9 @@ it imports the core (onboarding/), which never imports it.
     listener    the TCP listener its workers share, with a header timeout and size limit
     logs        the log lines, request ids and the masked access log
 
-Its settings (ONBOARD_CONNECT_*) are the core's onboarding/connections/connect_settings.py,
-and what a batch calls to mail a durable link (`issue_connect_link`, `connect_url`) is the core's
+Its settings (ONBOARD_CONNECT_*, VERSORI_*, the ledger's, the brand's) are sections of the
+core's settings root (onboarding/settings/), read once when the service starts, and what a
+batch calls to mail a durable link (`issue_connect_link`, `connect_url`) is the core's
 onboarding/connections/durable_links.py: the batch never imports this package. The map is
 docs/architecture.md.
 """

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import parse_qsl
 
@@ -21,7 +22,13 @@ from starlette.routing import Route
 from connect_service import pages
 from connect_service.logs import log_requests
 from connect_service.pages import Page, security_headers
-from connect_service.service import BIND_COOKIE, RETRY_COOKIE, CallbackAnswer, ConnectService
+from connect_service.service import (
+    BIND_COOKIE,
+    RETRY_COOKIE,
+    CallbackAnswer,
+    ConnectService,
+    versori_clients,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,8 @@ def create_app(
 ) -> Starlette:
     """`own_origin`: the service's public origin (ONBOARD_CONNECT_BASE_URL's), which a form
     post's Origin may name besides the request's own Host. `sweep_seconds`: resolve claims
-    left unfinished (`ConnectService.sweep`) on start, then this often."""
+    left unfinished (`ConnectService.sweep`) on start, then this often. The app's own answers
+    (a 404, a form it cannot read, an error) show the service's brand."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,7 +78,7 @@ def create_app(
             page = await run_in_threadpool(work)
         except Exception as err:  # a page, never a traceback; the type only (no secrets)
             log.error("request failed: %s", type(err).__name__)
-            page = pages.internal_error()
+            page = pages.internal_error(service.brand)
         return respond(page)
 
     async def link(request: Request) -> Response:
@@ -79,7 +87,7 @@ def create_app(
             return await run(lambda: service.show_link(token))
         form = await _small_form(request)
         if form is None:
-            return respond(pages.forbidden_form())
+            return respond(pages.forbidden_form(service.brand))
         csrf = form.get("csrf", "")
         cross = _cross_site(request, own_origin)
         browser = request.cookies.get(BIND_COOKIE)
@@ -94,7 +102,7 @@ def create_app(
         token = request.path_params["token"]
         form = await _small_form(request)
         if form is None:
-            return respond(pages.no_content())
+            return respond(replace(pages.no_content(), brand=service.brand))
         csrf = form.get("csrf", "")
         cross = _cross_site(request, own_origin)
         return await run(lambda: service.note_seen(token, csrf, cross_site=cross))
@@ -114,12 +122,14 @@ def create_app(
 
     async def healthz(request: Request) -> Response:
         ok = await run_in_threadpool(_ledger_answers, service)
-        return JSONResponse({"ok": ok}, status_code=200 if ok else 503, headers=security_headers())
+        headers = security_headers(brand=service.brand)
+        return JSONResponse({"ok": ok}, status_code=200 if ok else 503, headers=headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        page = pages.not_found() if status in (404, 405) else pages.internal_error()
-        return respond(Page(status, page.title, page.paragraphs, kind=page.kind))
+        brand = service.brand
+        page = pages.not_found(brand) if status in (404, 405) else pages.internal_error(brand)
+        return respond(Page(status, page.title, page.paragraphs, kind=page.kind, brand=brand))
 
     app = Starlette(
         routes=[
@@ -138,7 +148,7 @@ def create_app(
     app.state.service = service
     # The request id and the access line around everything; a page, not uvicorn's plain 500,
     # for a request cut off at shutdown (logs.py).
-    return log_requests(app, fallback=lambda: respond(pages.internal_error()))
+    return log_requests(app, fallback=lambda: respond(pages.internal_error(service.brand)))
 
 
 async def _small_form(request: Request) -> dict[str, str] | None:
@@ -198,20 +208,24 @@ def _ledger_answers(service: ConnectService) -> bool:
 
 
 def app_from_env() -> Starlette:
-    """The app as `onboard connect-server` runs it in each uvicorn worker: the ledger at
-    ONBOARD_DB_URL, Versori from VERSORI_*, events to PREFECT_API_URL when set."""
-    from onboarding.connections.connect_settings import ConnectSettings
+    """The app as `onboard connect-server` runs it in each uvicorn worker (its entry point: the
+    settings read once, here): the ledger at ONBOARD_DB_URL, Versori from VERSORI_*, the brand
+    from ONBOARD_BRAND_*, events to PREFECT_API_URL when set."""
+    from onboarding.inputs.brand import brand_from_settings
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
+    from onboarding.settings import load_settings
 
-    settings = ConnectSettings()
+    settings = load_settings()
+    connect = settings.connect
     service = ConnectService(
-        Ledger(LedgerSettings().db_url),
-        mints_per_hour=settings.mints_per_hour,
-        secure_cookies=bool(settings.base_url and settings.base_url.startswith("https:")),
-        create_deadline=settings.create_timeout_seconds,
-        lookup_deadline=settings.lookup_timeout_seconds,
-        connecting_grace=timedelta(seconds=settings.connecting_grace_seconds),
+        Ledger(settings.ledger.db_url),
+        client_for=versori_clients(settings.versori),
+        brand=brand_from_settings(settings.brand, settings.sender),
+        mints_per_hour=connect.mints_per_hour,
+        secure_cookies=bool(connect.base_url and connect.base_url.startswith("https:")),
+        create_deadline=connect.create_timeout_seconds,
+        lookup_deadline=connect.lookup_timeout_seconds,
+        connecting_grace=timedelta(seconds=connect.connecting_grace_seconds),
     )
-    own = pages.origin_of(settings.base_url) if settings.base_url else None
-    return create_app(service, own_origin=own, sweep_seconds=settings.sweep_seconds)
+    own = pages.origin_of(connect.base_url) if connect.base_url else None
+    return create_app(service, own_origin=own, sweep_seconds=connect.sweep_seconds)

@@ -8,10 +8,14 @@ import logging
 import logging.config
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from connect_service.logs import LogFormat, LogLevel, log_config
 from onboarding.errors import InputError
 from onboarding.net import is_loopback
+
+if TYPE_CHECKING:
+    from onboarding.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +40,24 @@ def check_serving(host: str, forwarded_allow_ips: str | None) -> None:
         )
 
 
-def check_settings() -> None:
+def check_settings(settings: Settings) -> None:
     """Every setting the workers read, checked once in the parent so that bad input exits 2
     before any worker starts (a worker would only log it and die)."""
-    from onboarding.connections.connect_settings import ConnectSettings
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings, VersoriSettings
 
-    ConnectSettings()
-    versori = VersoriSettings()
+    _ = settings.connect  # and the brand with it
+    versori = settings.versori
     if versori.api_key is None or not versori.api_key.get_secret_value().strip():
         which = "is not set" if versori.api_key is None else "is empty"
         raise InputError(
             f"VERSORI_API_KEY {which}: the service calls Versori for each link's button and "
             "each callback; set it as for onboard run"
         )
-    Ledger(LedgerSettings().db_url).close()
+    Ledger(settings.ledger.db_url).close()
 
 
 def serve(
+    settings: Settings,
     host: str = "127.0.0.1",
     port: int = 8800,
     workers: int = 1,
@@ -64,6 +67,8 @@ def serve(
     grace_seconds: int = GRACE_SECONDS,
     header_timeout: float = HEADER_TIMEOUT_SECONDS,
 ) -> None:
+    """Serve until stopped. `settings`: the command's, checked here before any worker starts;
+    each worker reads its own when it starts (`app_from_env`)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -71,7 +76,7 @@ def serve(
     logging_config = log_config(log_level, log_format)
     logging.config.dictConfig(logging_config)
     check_serving(host, forwarded_allow_ips)
-    check_settings()
+    check_settings(settings)
     from connect_service.listener import HeaderTimeoutH11Protocol, TcpConfig
 
     config = TcpConfig(

@@ -9,7 +9,7 @@ link itself) carries a secret.
 Every page says who is asking (onboarding/inputs/brand.py): the product's logo or name, its support
 contact, its privacy and terms links. The brand is the one given, else the one the service
 set for the request being answered (`use_brand`: ONBOARD_BRAND_*, then the link's profile's
-own), else the process's. Its accent colour is in the page's one style block, allowed by its
+own), else an unnamed one. Its accent colour is in the page's one style block, allowed by its
 hash; its logo's origin is the CSP's only img-src.
 """
 
@@ -25,7 +25,7 @@ from html import escape
 from urllib.parse import urlsplit
 
 from connect_service.logs import current_request_id
-from onboarding.inputs.brand import UNNAMED, Brand, process_brand
+from onboarding.inputs.brand import UNNAMED, Brand
 
 # The brand of the request being answered (ConnectService sets it; run_in_threadpool gives
 # each request a copy of the context, so one request's never reaches another's).
@@ -42,8 +42,9 @@ def forget_brand(token: contextvars.Token[Brand | None]) -> None:
 
 
 def current_brand(brand: Brand | None = None) -> Brand:
-    """`brand`, else the request's (use_brand), else the process's (ONBOARD_BRAND_*)."""
-    return brand or _BRAND.get() or process_brand()
+    """`brand`, else the request's (use_brand), else an unnamed one (the app passes the
+    service's brand to every page it makes outside a request's `use_brand`)."""
+    return brand or _BRAND.get() or Brand.of()
 
 
 def _style(color: str) -> str:

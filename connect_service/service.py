@@ -50,7 +50,7 @@ from onboarding.errors import (
     OnboardingError,
     ServerError,
 )
-from onboarding.inputs.brand import Brand, brand_from_env
+from onboarding.inputs.brand import Brand
 from onboarding.inputs.profile import ConnectorProfile, load_profile, readable
 from onboarding.ledger import (
     WAITING_STATUSES,
@@ -62,6 +62,7 @@ from onboarding.ledger import (
     Status,
     state_digest,
 )
+from onboarding.settings import VersoriSettings
 from onboarding.versori.authorize_url import check_link, mask_state
 from onboarding.versori.client import VersoriClient
 
@@ -119,13 +120,15 @@ class CallbackAnswer:
 
 
 class ConnectService:
-    """One per process; thread-safe (requests run on a thread pool)."""
+    """One per process; thread-safe (requests run on a thread pool). `client_for` gives the
+    Versori client of an API (`versori_clients`, from the settings); `brand` is who the pages
+    say is asking where no profile says otherwise (the settings' brand; none: unnamed)."""
 
     def __init__(
         self,
         ledger: Ledger,
         *,
-        client_for: Callable[[str], VersoriClient] | None = None,
+        client_for: Callable[[str], VersoriClient],
         events: EventSender | None = None,
         mints_per_hour: int = 10,
         secure_cookies: bool = True,
@@ -138,8 +141,8 @@ class ConnectService:
     ) -> None:
         self.ledger = ledger
         # Who the pages say is asking (ONBOARD_BRAND_*, read once); a profile's own wins.
-        self.brand = brand or brand_from_env()
-        self._client_for = client_for or _env_clients()
+        self.brand = brand or Brand.of()
+        self._client_for = client_for
         self.events = events or EventSender()
         self.mints_per_hour = mints_per_hour
         self.secure_cookies = secure_cookies
@@ -683,22 +686,19 @@ class ConnectService:
             log.warning("could not queue a tenant event: %s", type(err).__name__)
 
 
-def _env_clients() -> Callable[[str], VersoriClient]:
-    """A Versori client per API, made when first needed, from VERSORI_* (as `onboard run`)."""
-    from onboarding.settings import VersoriSettings
-
+def versori_clients(settings: VersoriSettings) -> Callable[[str], VersoriClient]:
+    """A Versori client per API, made when first needed, from VERSORI_* (`settings`, as
+    `onboard run` reads them), its calls within what a browser waits."""
     clients: dict[str, VersoriClient] = {}
     lock = threading.Lock()
 
     def client_for(api: str) -> VersoriClient:
         with lock:
             if api not in clients:
-                settings = VersoriSettings()
-                clients[api] = VersoriClient(
+                clients[api] = VersoriClient.from_settings(
+                    settings,
                     api=api,  # type: ignore[arg-type]  # a profile's checked api
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=min(settings.read_timeout, CALL_DEADLINE_SECONDS),
-                    call_deadline=min(settings.call_deadline, CALL_DEADLINE_SECONDS),
+                    deadline=CALL_DEADLINE_SECONDS,
                     max_connections=constants.DEFAULT_CONCURRENCY,
                 )
             return clients[api]

@@ -14,14 +14,16 @@ from typing import Any
 import uvicorn
 
 from connect_service.app import create_app
-from connect_service.service import ConnectService
+from connect_service.service import ConnectService, versori_clients
 from demo.connect_click import click_through, deliver_connect_link, write_connect_profile
 from demo.local import DemoStage
 from demo.processes import free_port
+from onboarding.inputs.brand import brand_from_settings
 from onboarding.inputs.profile import load_profile
 from onboarding.inputs.roster import load_roster
 from onboarding.ledger import Ledger, funnel_lines
 from onboarding.mail import MailSender, MailTemplates
+from onboarding.settings import load_settings
 from onboarding.versori.client import VersoriClient
 
 
@@ -58,8 +60,14 @@ def connect_one(stage: DemoStage, roster: Path, emulator_url: str, tenant_id: st
     """Email `tenant_id` of `roster` a durable link to the demo's Platform API v2 system
     (a profile written to the demo folder), click it through, and say how it went: lines to
     print, ending with each connector's funnel."""
+    settings = load_settings()  # the demo's environment, read once here
     ledger = Ledger(stage.ledger_url)
-    service = ConnectService(ledger, secure_cookies=False)
+    service = ConnectService(
+        ledger,
+        client_for=versori_clients(settings.versori),
+        brand=brand_from_settings(settings.brand, settings.sender),
+        secure_cookies=False,
+    )
     try:
         with ThreadedServer(create_app(service)) as server:
             path = write_connect_profile(
@@ -71,11 +79,12 @@ def connect_one(stage: DemoStage, roster: Path, emulator_url: str, tenant_id: st
             tenant = next(
                 t for t in load_roster(str(roster), [profile]) if t.tenant_id == tenant_id
             )
-            mailer = MailSender.from_settings()
-            with VersoriClient(api=profile.api) as client:
+            mailer = MailSender.from_settings(settings.smtp)
+            templates = MailTemplates(None, brand=settings.brand.values())
+            with VersoriClient.from_settings(settings.versori, api=profile.api) as client:
                 link = deliver_connect_link(
                     ledger, profile, path, tenant, client, server.base_url,
-                    mailer=mailer, templates=MailTemplates(None),
+                    mailer=mailer, templates=templates,
                 )  # fmt: skip
             mailer.close()
             click = click_through(link)

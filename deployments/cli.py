@@ -37,6 +37,7 @@ from onboarding.export import ExportFormat
 if TYPE_CHECKING:
     from onboarding.batch.run_summary import RunSummary
     from onboarding.inputs.run_request import RunInputs
+    from onboarding.settings import LedgerSettings, Settings
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -76,6 +77,7 @@ def _prefect_defaults() -> None:
 
 
 def _check_run_inputs(
+    settings: Settings,
     roster: str | None,
     profiles: list[str],
     only: list[str] | None,
@@ -84,11 +86,11 @@ def _check_run_inputs(
     fan_out: FanOut = FanOut.IN_PROCESS,
 ) -> RunInputs:
     """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once;
-    the run this process starts takes these inputs as they are (run_inputs.hand_over)."""
+    the command gives these inputs to the run it starts (`given_inputs`), which takes them as
+    they are."""
     from flows.inputs.blocks import resolve_api_key
     from flows.inputs.parameters import run_request
-    from onboarding.inputs.run_request import check_run, hand_over
-    from onboarding.settings import VersoriSettings
+    from onboarding.inputs.run_request import check_run
 
     request = run_request(
         profiles,
@@ -98,11 +100,11 @@ def _check_run_inputs(
         dry_run=dry_run,
         reminders=roster is None,
         chunked=fan_out is FanOut.DEPLOYMENT,
+        settings=settings,
     )
-    inputs = check_run(request)
+    inputs = check_run(request, settings)
     if not dry_run:
-        resolve_api_key(VersoriSettings())  # loads the Secret block VERSORI_API_KEY_BLOCK names
-    hand_over(inputs)
+        resolve_api_key(settings.versori)  # loads the Secret block VERSORI_API_KEY_BLOCK names
     return inputs
 
 
@@ -196,12 +198,19 @@ def run(
     """Onboard a roster, to one connector or, with several --profile, to each (a campaign).
     Exit 0: all succeeded; 1: some failed (after all were tried); 2: bad input (nothing was
     called)."""
+    from flows.inputs.parameters import given_inputs
     from flows.running.in_process import EXIT_INTERRUPTED, stop_on_interrupt
+    from onboarding.settings import load_settings
 
-    inputs = _check_run_inputs(roster, profile, only, dry_run, deliver, fan_out)
+    settings = load_settings()
+    inputs = _check_run_inputs(settings, roster, profile, only, dry_run, deliver, fan_out)
     quiet_task_logs(verbose)
+    ledger_url = settings.ledger.db_url
     try:
-        with stop_on_interrupt(lambda: report_interrupted_run(inputs)) as interrupt:
+        with (
+            stop_on_interrupt(lambda: report_interrupted_run(inputs, ledger_url)) as interrupt,
+            given_inputs(inputs),
+        ):
             summary = _run_flow(
                 roster,
                 profile[0] if len(profile) == 1 else profile,
@@ -250,21 +259,26 @@ def remind(
 ) -> None:
     """Re-send links to admins who have not connected, re-issuing links past their time.
     Exit 0: all reminders sent, or none due; 1: some failed; 2: bad input, or no ledger."""
+    from onboarding.settings import load_settings
+
+    settings = load_settings()
     deliver = Delivery.STORE if dry_run else Delivery.EMAIL
-    if _nothing_to_remind(profile, deliver, dry_run, after_hours, max_reminders):
+    if _nothing_to_remind(settings, profile, deliver, dry_run, after_hours, max_reminders):
         return
+    from flows.inputs.parameters import given_inputs
     from flows.remind_tenants import remind_tenants
 
-    _check_run_inputs(None, profile, None, dry_run, deliver)
+    inputs = _check_run_inputs(settings, None, profile, None, dry_run, deliver)
     quiet_task_logs(verbose)
-    summary = _summary_of_run(
-        remind_tenants,
-        profile=profile[0] if len(profile) == 1 else profile,
-        after_hours=after_hours,
-        max_reminders=max_reminders,
-        concurrency=concurrency,
-        dry_run=dry_run,
-    )
+    with given_inputs(inputs):
+        summary = _summary_of_run(
+            remind_tenants,
+            profile=profile[0] if len(profile) == 1 else profile,
+            after_hours=after_hours,
+            max_reminders=max_reminders,
+            concurrency=concurrency,
+            dry_run=dry_run,
+        )
     if summary is None:
         raise typer.Exit(EXIT_SOME_FAILED)
     print_outcomes(summary, everything=True)
@@ -277,7 +291,12 @@ def remind(
 
 
 def _nothing_to_remind(
-    profiles: list[str], deliver: Delivery, dry_run: bool, after_hours: float, max_reminders: int
+    settings: Settings,
+    profiles: list[str],
+    deliver: Delivery,
+    dry_run: bool,
+    after_hours: float,
+    max_reminders: int,
 ) -> bool:
     """True, having said so and naming the ledger, when no tenant of these profiles is due a
     reminder and no link is past its time (which a reminder run would mark expired): asked of
@@ -287,9 +306,9 @@ def _nothing_to_remind(
     from onboarding.inputs.run_request import RunRequest, check_run
     from onboarding.ledger import Ledger
 
-    url = _ledger_url_to_read()
+    url = _ledger_url_to_read(settings.ledger)
     request = RunRequest(tuple(profiles), deliver=deliver, dry_run=dry_run, reminders=True)
-    connectors = check_run(request).profiles
+    connectors = check_run(request, settings).profiles
     ids = [p.target_id for p in connectors]
     now = utcnow()
     sent_before = now - timedelta(hours=after_hours)
@@ -318,13 +337,11 @@ def _nothing_to_remind(
     return True
 
 
-def _ledger_url_to_read() -> str:
+def _ledger_url_to_read(ledger: LedgerSettings) -> str:
     """ONBOARD_DB_URL, when a ledger is there. A SQLite file that does not exist is not
     created: the command says where it looked and exits 2 (a wrong folder, or a wrong or
     unset ONBOARD_DB_URL, is what a run that reads an empty ledger would hide)."""
-    from onboarding.settings import LedgerSettings
-
-    url = LedgerSettings().db_url
+    url = ledger.db_url
     missing = _missing_sqlite_file(url)
     if missing is not None:
         err.print(
@@ -377,10 +394,11 @@ def mark_connected(
     from onboarding.connections.record_connection import record_connection
     from onboarding.errors import OnboardingError
     from onboarding.ledger import Ledger
+    from onboarding.settings import load_settings
 
     if state == "-":
         state = sys.stdin.readline()
-    with closing(Ledger(_ledger_url_to_read())) as ledger:
+    with closing(Ledger(_ledger_url_to_read(load_settings().ledger))) as ledger:
         try:
             record = record_connection(ledger, state.strip(), connection_id)
         except InputError:
@@ -461,18 +479,18 @@ def blocks_create(
     and nothing secret sits in prefect.yaml or in parameters."""
     from prefect.blocks.system import Secret
 
-    from onboarding.settings import VersoriSettings
+    from onboarding.settings import load_settings
 
-    versori = VersoriSettings()
+    settings = load_settings()
+    versori = settings.versori
     key = versori.api_key.get_secret_value() if versori.api_key else _ask("VERSORI_API_KEY")
     Secret(value=key).save(api_key_block, overwrite=True)
     out.print(f"Saved the Versori API key in Secret block {api_key_block!r}.")
     names = [f"VERSORI_API_KEY_BLOCK={api_key_block}"]
     if not skip_smtp:
         from flows.inputs.blocks import smtp_block_of
-        from onboarding.mail import SmtpSettings
 
-        smtp = SmtpSettings()
+        smtp = settings.smtp
         host = smtp.host or _ask("ONBOARD_SMTP_HOST", hide=False)
         smtp_block_of(smtp, host).save(smtp_block, overwrite=True)
         out.print(f"Saved SMTP settings for {host} in EmailServerCredentials block {smtp_block!r}.")
@@ -500,6 +518,7 @@ def status(
     """Count tenants by status in the ledger (ONBOARD_DB_URL), for each connector; with
     several, also how many tenants are connected to all of them, to some, to none."""
     from onboarding.ledger import Ledger
+    from onboarding.settings import load_settings
 
     names: dict[str, str] = {}
     if profile:  # imported only then: profiles need pydantic's models and YAML
@@ -508,7 +527,7 @@ def status(
         names = {
             p.target_id: connector_label(p.name, p.display_name) for p in map(load_profile, profile)
         }
-    with Ledger(_ledger_url_to_read()) as ledger:
+    with Ledger(_ledger_url_to_read(load_settings().ledger)) as ledger:
         print_status(ledger, connector or [], names)
 
 
@@ -524,9 +543,10 @@ def export(
     output as a secret."""
     from onboarding.export import private_file, write_records
     from onboarding.ledger import Ledger
+    from onboarding.settings import load_settings
 
     with (
-        Ledger(_ledger_url_to_read()) as ledger,
+        Ledger(_ledger_url_to_read(load_settings().ledger)) as ledger,
         private_file(output) if output else nullcontext(sys.stdout) as stream,
     ):
         n = write_records(ledger, stream, format, connector)

@@ -69,17 +69,16 @@ def _names_of(cls: type[Exception]) -> set[str]:
     return names
 
 
-def report_interrupted_run(inputs: RunInputs) -> None:
+def report_interrupted_run(inputs: RunInputs, ledger_url: str) -> None:
     """What `onboard run` prints when interrupted: how far the roster got, per connector, read
-    from the ledger (the truth, whatever the flow managed to say). Counts only: no link, state
-    or address."""
+    from the ledger at `ledger_url` (the truth, whatever the flow managed to say). Counts
+    only: no link, state or address."""
     from onboarding.ledger import Ledger, run_progress
-    from onboarding.settings import LedgerSettings
 
     assert inputs.roster is not None
     ids = {t.tenant_id for t in inputs.roster}
     lines = []
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(ledger_url)) as ledger:
         for connector in inputs.profiles:
             records = ledger.iter_records(connector.target_id)
             seen = Counter(run_progress(r.status) for r in records if r.tenant_id in ids)

@@ -14,6 +14,7 @@ from onboarding.errors import InputError
 
 if TYPE_CHECKING:
     from onboarding.ledger import Ledger
+    from onboarding.settings import Settings
 
 out = Console()
 err = Console(stderr=True)
@@ -64,10 +65,13 @@ def connect_server(
     GET /healthz, on the ledger at ONBOARD_DB_URL and Versori from VERSORI_*, as onboard run
     reads them. Stateless: run several, behind one TLS proxy, on a PostgreSQL ledger."""
     from connect_service.http_server import check_serving, serve
+    from onboarding.settings import load_settings
 
+    settings = load_settings()
     check_serving(host, forwarded_allow_ips)
-    check_link_profiles()
+    check_link_profiles(settings)
     serve(
+        settings=settings,
         host=host,
         port=port,
         workers=workers,
@@ -79,20 +83,18 @@ def connect_server(
     )
 
 
-def check_link_profiles() -> None:
+def check_link_profiles(settings: Settings) -> None:
     """Refuse to serve (InputError: exit 2, naming each profile file, line and key) while a
     live link (not revoked, not expired) in the ledger at ONBOARD_DB_URL names a profile whose
     links could never finish through this service (ConnectorProfile.finish_problems, with
     ONBOARD_CONNECT_BASE_URL's callback). A profile that cannot be read now is only warned of:
     the service answers its links "try again later" until it can."""
     from onboarding.clock import utcnow
-    from onboarding.connections.connect_settings import ConnectSettings
     from onboarding.inputs.profile import FINISH_HINT, load_profile
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
 
-    base_url = ConnectSettings().base_url
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    base_url = settings.connect.base_url
+    with closing(Ledger(settings.ledger.db_url)) as ledger:
         live = live_profile_paths(ledger, utcnow())
     problems, using = [], []
     for path, n in live.items():
@@ -152,11 +154,11 @@ def revoke(
     """Revoke every live connect link of a tenant (for one connector, or all): each then
     answers "this link is not valid". Exit 1 when there was none to revoke."""
     from onboarding.ledger import Ledger
-    from onboarding.settings import LedgerSettings
+    from onboarding.settings import load_settings
 
     if not tenant.strip():
         raise InputError("--tenant is empty: give the tenant_id whose links to revoke")
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(load_settings().ledger.db_url)) as ledger:
         n = ledger.revoke_connect_links(tenant, connector)
     which = f" for connector {connector}" if connector else ""
     if not n:

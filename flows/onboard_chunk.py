@@ -29,7 +29,7 @@ from onboarding.batch.delivery import Delivery
 from onboarding.batch.run_summary import RunSummary
 from onboarding.inputs.run_request import RosterPart
 from onboarding.ledger import Ledger
-from onboarding.settings import LedgerSettings
+from onboarding.settings import load_settings
 
 PARENT_CHECK_SECONDS = 10.0
 
@@ -76,17 +76,19 @@ def onboard_chunk(
         tenant_events: As in onboard-tenants.
     """
     # Through a deployment, the paths must lie in ONBOARD_FILES_ROOT (run_request's root).
+    settings = load_settings()  # this run's own, read once at its start
     part = RosterPart(digest, first, stop)
-    request = run_request(profile, roster, only=only, deliver=deliver, part=part)
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    request = run_request(profile, roster, only=only, deliver=deliver, part=part, settings=settings)
+    with closing(Ledger(settings.ledger.db_url)) as ledger:
         done = ledger.chunk_summary(batch_id, chunk)
         if done is not None:  # a re-run of a chunk that finished: nothing is done twice
             return final_state(RunSummary.from_json(done), "onboarded or skipped (earlier)")
-        inputs = run_inputs(request)
+        inputs = run_inputs(request, settings)
         tag_run(inputs.profiles)
         started = time.monotonic()
         tally = onboard_tenants_of(
             inputs,
+            settings,
             ledger,
             concurrency,
             tenants_per_task,

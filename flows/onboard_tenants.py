@@ -17,6 +17,7 @@ from flows.inputs.parameters import connectors_of, run_inputs, run_request
 from onboarding import constants
 from onboarding.batch.delivery import Delivery
 from onboarding.inputs.roster import TenantRow, display_source
+from onboarding.settings import load_settings
 
 MAX_INLINE_TENANTS = 100
 
@@ -25,7 +26,8 @@ def run_name() -> str:
     """'acme-crm (Acme CRM) from <roster file>', or '… for t1, t2' when tenants came inline:
     the connectors by name and display name (see connectors_of)."""
     params = flow_run.parameters
-    name = connectors_of(params.get("profile"))
+    # Prefect asks for the name before the flow starts: its own read of the settings.
+    name = connectors_of(params.get("profile"), load_settings())
     if params.get("roster"):
         return f"{name} from {Path(display_source(str(params['roster']))).name}"
     ids = [str(dict(t).get("tenant_id", "?")) for t in params.get("tenants") or []]
@@ -78,10 +80,18 @@ def onboard_tenants(
         chunk_deadline_minutes: With fan_out deployment, how long to wait for the chunk runs;
             those still unfinished then are cancelled and their tenants counted as failed.
     """
+    settings = load_settings()  # read once, here, and passed down
     request = run_request(
-        profile, roster, tenants, only, deliver, dry_run, chunked=fan_out is FanOut.DEPLOYMENT
+        profile,
+        roster,
+        tenants,
+        only,
+        deliver,
+        dry_run,
+        chunked=fan_out is FanOut.DEPLOYMENT,
+        settings=settings,
     )
-    inputs = run_inputs(request)
+    inputs = run_inputs(request, settings)
     chunks = None
     if fan_out is FanOut.DEPLOYMENT and roster is not None:
         chunks = ChunkPlan(
@@ -96,6 +106,7 @@ def onboard_tenants(
         )
     return onboard_tenants_batch(
         inputs,
+        settings,
         concurrency=concurrency,
         tenants_per_task=tenants_per_task,
         tenant_events=tenant_events,

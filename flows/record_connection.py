@@ -21,7 +21,7 @@ from onboarding.errors import (
     UnknownStateError,
 )
 from onboarding.ledger import Ledger
-from onboarding.settings import LedgerSettings
+from onboarding.settings import load_settings
 from onboarding.versori.authorize_url import mask_state
 
 
@@ -41,7 +41,7 @@ def record_connection_flow(
     """
     logger = get_run_logger()
     secret = state.get_secret_value().strip()
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(load_settings().ledger.db_url)) as ledger:
         try:
             record = record_connection(ledger, secret, connection_id)
         except (UnknownStateError, SupersededStateError, ExpiredStateError, StateUsedError) as err:

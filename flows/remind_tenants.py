@@ -13,12 +13,14 @@ from flows.batching.runs import remind_tenants_batch
 from flows.inputs.options import TenantEvents
 from flows.inputs.parameters import connectors_of, run_inputs, run_request
 from onboarding.batch.delivery import Delivery
+from onboarding.settings import load_settings
 
 
 def run_name() -> str:
     """'remind acme-crm (Acme CRM)': the connectors by name and display name (their files' names
     only when a profile does not load)."""
-    return "remind " + connectors_of(flow_run.parameters["profile"])
+    # Prefect asks for the name before the flow starts: its own read of the settings.
+    return "remind " + connectors_of(flow_run.parameters["profile"], load_settings())
 
 
 @flow(name="remind-tenants", flow_run_name=run_name, log_prints=False)
@@ -50,9 +52,14 @@ def remind_tenants(
             only, off, or auto (all on a Prefect server, failures on the temporary one).
     """
     deliver = Delivery.STORE if dry_run else Delivery.EMAIL  # a dry run sends nothing
-    inputs = run_inputs(run_request(profile, deliver=deliver, dry_run=dry_run, reminders=True))
+    settings = load_settings()  # read once, here, and passed down
+    request = run_request(
+        profile, deliver=deliver, dry_run=dry_run, reminders=True, settings=settings
+    )
+    inputs = run_inputs(request, settings)
     return remind_tenants_batch(
         inputs,
+        settings,
         after_hours=after_hours,
         max_reminders=max_reminders,
         concurrency=concurrency,

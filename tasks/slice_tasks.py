@@ -19,6 +19,7 @@ from onboarding.batch.outcomes import TenantOutcome
 from onboarding.batch.retry_policy import BATCH_RETRY, batch_retry
 from onboarding.batch.tenant_slices import SliceFailed, Step, TenantSlice, run_slice
 from onboarding.errors import is_transient
+from onboarding.settings import RetrySettings
 
 
 def retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -48,11 +49,12 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
-def with_retry_backoff(task: Task[P, R]) -> Task[P, R]:
+def with_retry_backoff(task: Task[P, R], settings: RetrySettings) -> Task[P, R]:
     """`task` with the backoff ONBOARD_RETRY_BACKOFF_SECONDS sets (retry_policy.batch_retry),
-    when it is set; else `task` as declared. Read when a batch starts, not when this module is
-    imported, so a bad value fails the run (naming the variable) rather than the import."""
-    policy = batch_retry()
+    when it is set; else `task` as declared. `settings` is the run's (read when it starts, not
+    when this module is imported, so a bad value fails the run, naming the variable, rather
+    than the import)."""
+    policy = batch_retry(settings)
     if policy is BATCH_RETRY:
         return task
     return task.with_options(retry_delay_seconds=policy.waits())

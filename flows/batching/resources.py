@@ -17,12 +17,11 @@ from onboarding.batch.call_pacing import PACE_SHARE, Pacer, Spacing
 from onboarding.batch.campaign import Campaign
 from onboarding.batch.connector_run import ConnectorRun
 from onboarding.batch.retry_policy import BatchStop, RetryRule
-from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.constants import PLATFORM_V2
 from onboarding.inputs.profile import ConnectorProfile
 from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger
-from onboarding.settings import LedgerSettings, RetrySettings, VersoriSettings
+from onboarding.settings import Settings, VersoriSettings
 from onboarding.versori.client import VersoriClient
 from onboarding.versori.wire import Api
 
@@ -44,6 +43,7 @@ def tag_run(profiles: list[ConnectorProfile]) -> None:
 def open_campaign(
     stack: ExitStack,
     inputs: RunInputs,
+    settings: Settings,
     ledger: Ledger,
     concurrency: int,
     events: TenantEvents = TenantEvents.AUTO,
@@ -52,26 +52,27 @@ def open_campaign(
 ) -> Campaign:
     """A run's shared parts: per profile, a Versori client for its API, a pacer and a batch
     stop; one SMTP sender and one tenant event sender for all; the run's lease on the tenants
-    it claims in the ledger. Closed with `stack`. `remind_before` makes it a reminder batch
-    (a tenant is due while last sent before then)."""
+    it claims in the ledger. Closed with `stack`. `settings`: the run's (its SMTP and connect
+    sections read only when it emails). `remind_before` makes it a reminder batch (a tenant is
+    due while last sent before then)."""
     from prefect.runtime import flow_run
 
     deliver = inputs.request.deliver
     claimant = str(flow_run.id or uuid.uuid4())
-    stack.enter_context(ledger.run_lease(claimant, LedgerSettings().run_lease_seconds))
-    settings = RetrySettings()
-    key_setting = api_key_setting(VersoriSettings())
+    stack.enter_context(ledger.run_lease(claimant, settings.ledger.run_lease_seconds))
+    retry, versori = settings.retry, settings.versori
+    key_setting = api_key_setting(versori)
     on_status = stack.enter_context(TenantEventSender(events))
     connectors = [
         ConnectorRun(
             profile=profile,
-            client=stack.enter_context(open_client(concurrency, profile.api)),
+            client=stack.enter_context(open_client(concurrency, versori, profile.api)),
             ledger=ledger,
             deliver=deliver,
             run_id=flow_run.id,
             pacer=make_pacer(profile, ledger),
             on_status=on_status,
-            stop=batch_stop(profile, settings.stop_after, key_setting),
+            stop=batch_stop(profile, retry.stop_after, key_setting),
             claimant=claimant,
             profile_path=path,
         )
@@ -87,12 +88,12 @@ def open_campaign(
     return Campaign(
         connectors,
         deliver,
-        mailer=open_mailer(stack) if deliver.sends_email else None,
+        mailer=open_mailer(stack, settings.smtp) if deliver.sends_email else None,
         templates=inputs.templates,
-        rule=RetryRule(deadline=settings.tenant_deadline_seconds),
+        rule=RetryRule(deadline=retry.tenant_deadline_seconds),
         remind_before=remind_before,
         max_reminders=max_reminders,
-        connect_base_url=ConnectSettings().base_url if deliver.sends_email else None,
+        connect_base_url=settings.connect.base_url if deliver.sends_email else None,
     )
 
 
@@ -145,16 +146,12 @@ def effective_concurrency(profiles: list[ConnectorProfile], asked: int) -> int:
     return min([asked, *caps])
 
 
-def open_client(concurrency: int, api: Api = "connect-v1") -> VersoriClient:
-    """A Versori client from VERSORI_* settings, pooled for `concurrency` calls at once, for
-    `api` (a profile's): unless VERSORI_BASE_URL is set, that API's production base URL."""
-    versori = VersoriSettings()
-    return VersoriClient(
-        api=api,
-        api_key=resolve_api_key(versori),
-        base_url=versori.base_url_if_set,
-        connect_timeout=versori.connect_timeout,
-        read_timeout=versori.read_timeout,
-        call_deadline=versori.call_deadline,
-        max_connections=concurrency,
+def open_client(
+    concurrency: int, versori: VersoriSettings, api: Api = "connect-v1"
+) -> VersoriClient:
+    """A Versori client from the run's VERSORI_* settings (its key from VERSORI_API_KEY, else the
+    Secret block VERSORI_API_KEY_BLOCK names), pooled for `concurrency` calls at once, for `api`
+    (a profile's): unless VERSORI_BASE_URL is set, that API's production base URL."""
+    return VersoriClient.from_settings(
+        versori, api=api, api_key=resolve_api_key(versori), max_connections=concurrency
     )

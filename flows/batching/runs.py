@@ -28,12 +28,13 @@ from onboarding.inputs.profile import ConnectorProfile
 from onboarding.inputs.roster import Tenant
 from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger, Record, Status, funnel_lines
-from onboarding.settings import LedgerSettings
+from onboarding.settings import Settings
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task
 
 
 def onboard_tenants_batch(
     inputs: RunInputs,
+    settings: Settings,
     *,
     concurrency: int,
     tenants_per_task: int | None,
@@ -41,7 +42,8 @@ def onboard_tenants_batch(
     chunks: ChunkPlan | None = None,
 ) -> State[dict[str, Any]]:
     """Onboard every tenant of the inputs' roster to every profile, one email per tenant; in
-    chunks on a work pool when `chunks` says so and the roster is larger than a chunk."""
+    chunks on a work pool when `chunks` says so and the roster is larger than a chunk.
+    `settings`: the run's, read when its flow started."""
     profiles, request = inputs.profiles, inputs.request
     assert inputs.roster is not None
     get_run_logger().info(
@@ -55,11 +57,13 @@ def onboard_tenants_batch(
     )
     tag_run(profiles)
     started = time.monotonic()
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(settings.ledger.db_url)) as ledger:
         if chunks is not None and not request.dry_run and len(inputs.roster) > chunks.size:
             tally = run_chunks(inputs, ledger, chunks)
         else:
-            tally = onboard_tenants_of(inputs, ledger, concurrency, tenants_per_task, tenant_events)
+            tally = onboard_tenants_of(
+                inputs, settings, ledger, concurrency, tenants_per_task, tenant_events
+            )
         artifact = ("onboarding", "Onboarding", f"Roster `{inputs.source}`")
         about = {"roster": inputs.source, "deliver": request.deliver.value}
         return _end(tally, started, "onboarded or skipped", inputs, ledger, artifact, **about)
@@ -67,6 +71,7 @@ def onboard_tenants_batch(
 
 def onboard_tenants_of(
     inputs: RunInputs,
+    settings: Settings,
     ledger: Ledger,
     concurrency: int,
     tenants_per_task: int | None,
@@ -87,18 +92,25 @@ def onboard_tenants_of(
         return OutcomeCounts.of(_dry_run(roster, profiles, needing_nothing))
     concurrency = effective_concurrency(profiles, concurrency)
     with ExitStack() as stack:
-        campaign = open_campaign(stack, inputs, ledger, concurrency, tenant_events)
+        campaign = open_campaign(stack, inputs, settings, ledger, concurrency, tenant_events)
         campaign.needing_nothing = needing_nothing
         if watch is not None:
             stack.enter_context(watch(campaign))
         work = _to_do(roster, campaign)
         return run_batch(
-            campaign, onboard_slice_task, work, len(roster), concurrency, tenants_per_task
+            campaign,
+            onboard_slice_task,
+            work,
+            len(roster),
+            concurrency,
+            tenants_per_task,
+            retry=settings.retry,
         )
 
 
 def remind_tenants_batch(
     inputs: RunInputs,
+    settings: Settings,
     *,
     after_hours: float,
     max_reminders: int,
@@ -112,7 +124,7 @@ def remind_tenants_batch(
     logger = get_run_logger()
     profiles, label = inputs.profiles, connector_label(inputs.profiles)
     tag_run(profiles)
-    with closing(Ledger(LedgerSettings().db_url)) as ledger:
+    with closing(Ledger(settings.ledger.db_url)) as ledger:
         now = utcnow()
         sent_before = now - timedelta(hours=after_hours)
         due = _due(ledger, profiles, sent_before, max_reminders)
@@ -133,6 +145,7 @@ def remind_tenants_batch(
                 campaign = open_campaign(
                     stack,
                     inputs,
+                    settings,
                     ledger,
                     concurrency,
                     tenant_events,
@@ -141,7 +154,13 @@ def remind_tenants_batch(
                 )
                 work = (tenant_of(r) for r in due)
                 tally = run_batch(
-                    campaign, remind_slice_task, work, len(due), concurrency, tenants_per_task
+                    campaign,
+                    remind_slice_task,
+                    work,
+                    len(due),
+                    concurrency,
+                    tenants_per_task,
+                    retry=settings.retry,
                 )
                 expired = _expire(campaign)
         if expired:

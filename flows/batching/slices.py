@@ -22,6 +22,7 @@ from onboarding.batch.campaign import Campaign
 from onboarding.batch.outcomes import TenantOutcome, failed_outcome
 from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
 from onboarding.inputs.roster import Tenant
+from onboarding.settings import RetrySettings
 from tasks.slice_tasks import with_retry_backoff
 
 # Up to this many tenants, one task run per tenant: the UI shows each by name. Above it, one
@@ -80,14 +81,17 @@ def run_batch(
     concurrency: int,
     per_task: int | None = None,
     progress: Progress | None = None,
+    *,
+    retry: RetrySettings,
 ) -> OutcomeCounts:
     """Run `task` over the tenants of `work` in slices of `per_task` (automatic when None), at
     most `concurrency` tenants in flight in all: slices share one thread pool of that size.
+    `retry`: the run's retry settings (the backoff between a slice's tries).
     Slices are submitted as task runners free up, so memory stays flat however long `work`
     is. No tenant's failure stops the others, except a batch-fatal one, after which the rest
     are recorded `not_attempted`."""
     logger = get_run_logger()
-    task = with_retry_backoff(task)
+    task = with_retry_backoff(task, retry)
     size = tenants_per_task(total, per_task)
     progress = progress or Progress(total, campaign.name)
     tally = OutcomeCounts()

@@ -7,13 +7,12 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from onboarding.errors import InputError
-from onboarding.settings import VersoriSettings
+from onboarding.settings import Security, SmtpSettings, VersoriSettings
 
 if TYPE_CHECKING:
     from prefect_email import EmailServerCredentials
 
-    from onboarding.mail import MailSender, SmtpSettings
-    from onboarding.mail.smtp_settings import Security
+    from onboarding.mail import MailSender
 
 
 def resolve_api_key(settings: VersoriSettings) -> str | None:
@@ -27,13 +26,12 @@ def resolve_api_key(settings: VersoriSettings) -> str | None:
     return None
 
 
-def open_mailer(stack: ExitStack) -> MailSender:
-    """The SMTP sender from ONBOARD_SMTP_* settings, or, when ONBOARD_SMTP_HOST is not set, from
-    the prefect-email EmailServerCredentials block named by ONBOARD_SMTP_BLOCK; closed with
-    `stack`."""
-    from onboarding.mail import MailSender, SmtpSettings
+def open_mailer(stack: ExitStack, settings: SmtpSettings) -> MailSender:
+    """The SMTP sender from ONBOARD_SMTP_* settings (the run's), or, when ONBOARD_SMTP_HOST is
+    not set, from the prefect-email EmailServerCredentials block named by ONBOARD_SMTP_BLOCK;
+    closed with `stack`."""
+    from onboarding.mail import MailSender
 
-    settings = SmtpSettings()
     # Settings given directly win over a block name, as VERSORI_API_KEY wins over its block.
     use_block = bool(settings.block) and not settings.host
     sender = _sender_from_block(settings) if use_block else MailSender.from_settings(settings)

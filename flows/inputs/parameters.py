@@ -1,11 +1,15 @@
 """A run's parameters, as a flow receives them, turned into the core's checked run inputs
 (onboarding.inputs.run_request): what only the flow layer knows is settled here first (a roster kept
 in a Secret block, the folder a deployment's run may read, whether a server keeps the run's
-parameters)."""
+parameters). A run the CLI starts in its own process is given the inputs the CLI checked
+(`given_inputs`); any other run checks its own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from prefect.context import FlowRunContext
@@ -16,8 +20,8 @@ from onboarding.batch.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.inputs.roster import TenantRow
-from onboarding.inputs.run_request import RosterPart, RunInputs, RunRequest, check_run, take_handed
-from onboarding.settings import files_root
+from onboarding.inputs.run_request import RosterPart, RunInputs, RunRequest, check_run
+from onboarding.settings import Settings, files_root
 
 SECRET_ROSTER = "secret:"
 
@@ -39,24 +43,25 @@ def connector_label(profiles: Sequence[ConnectorProfile]) -> str:
     )
 
 
-def connectors_of(profile: str | Sequence[str] | None) -> str:
+def connectors_of(profile: str | Sequence[str] | None, settings: Settings) -> str:
     """A run's connectors named by connector_label, for its run name; a profile that does not
     load is named by its file (the flow itself reports a bad profile: the name must not fail
     first)."""
     paths = [profile] if isinstance(profile, str) else list(profile or [])
     try:
-        return connector_label([load_profile(p, root=run_files_root()) for p in paths])
+        return connector_label([load_profile(p, root=run_files_root(settings)) for p in paths])
     except Exception:
         return " + ".join(Path(str(p)).stem for p in paths)
 
 
-def run_files_root() -> Path | None:
+def run_files_root(settings: Settings) -> Path | None:
     """Local paths of a run started through a deployment (by whoever may call it) must lie in
     ONBOARD_FILES_ROOT; a run started by hand reads any path its user can."""
     context = FlowRunContext.get()
     if context is not None and context.flow_run is not None:
-        return files_root(context.flow_run.deployment_id is not None)
-    return files_root(deployment.id is not None)  # naming a run: its context is not set yet
+        return files_root(context.flow_run.deployment_id is not None, settings)
+    # Naming a run: its context is not set yet.
+    return files_root(deployment.id is not None, settings)
 
 
 def roster_location(roster: str) -> str:
@@ -88,8 +93,10 @@ def run_request(
     reminders: bool = False,
     chunked: bool = False,
     part: RosterPart | None = None,
+    settings: Settings,
 ) -> RunRequest:
-    """The core's request for a run with these parameters (a `secret:` roster read here)."""
+    """The core's request for a run with these parameters (a `secret:` roster read here), under
+    the run's `settings`."""
     if roster is not None and tenants is not None:
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline), not both")
     return RunRequest(
@@ -103,11 +110,59 @@ def run_request(
         chunked=chunked,
         # A URL read from a Secret block was never a parameter.
         keeps_parameters=not on_temporary_server() and not (roster or "").startswith(SECRET_ROSTER),
-        root=run_files_root(),
+        root=run_files_root(settings),
         part=part,
     )
 
 
-def run_inputs(request: RunRequest) -> RunInputs:
-    """The checked inputs: those the CLI checked for this very request, else checked now."""
-    return take_handed(request) or check_run(request)
+class HandOffError(RuntimeError):
+    """The inputs given to a run (`given_inputs`) were checked for another request: a bug in
+    whoever started it, not bad input."""
+
+
+@dataclass
+class _Given:
+    inputs: RunInputs
+    taken: bool = False
+
+
+# The inputs the CLI checked, for the one flow run it starts in this process. A ContextVar, set
+# around the flow's call: Prefect runs a sync flow called in-process (`run_here`) in the
+# caller's thread and context (flow_engine.run_flow_sync), so the flow's body sees it.
+_GIVEN: contextvars.ContextVar[_Given | None] = contextvars.ContextVar(
+    "given_run_inputs", default=None
+)
+
+
+@contextmanager
+def given_inputs(inputs: RunInputs) -> Iterator[None]:
+    """Give `inputs`, checked by the caller, to the flow run started in this block (in this
+    process and context): its `run_inputs` takes them, once, instead of checking (reading each
+    profile, downloading a roster URL) again. A flow run started any other way checks its own."""
+    token = _GIVEN.set(_Given(inputs))
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+def run_inputs(request: RunRequest, settings: Settings) -> RunInputs:
+    """The checked inputs: those given for this run (`given_inputs`), else checked now under
+    the run's `settings`. Inputs given for another request are a HandOffError, never a
+    silent second check."""
+    given = _GIVEN.get()
+    if given is None or given.taken:
+        return check_run(request, settings)
+    if given.inputs.request != request:
+        # The fields' names only: a roster URL may carry a credential, tenants are people.
+        differ = [
+            f.name
+            for f in fields(RunRequest)
+            if getattr(given.inputs.request, f.name) != getattr(request, f.name)
+        ]
+        raise HandOffError(
+            "the run was given inputs checked for another request (they differ in "
+            f"{', '.join(differ)}): a bug in what started the run"
+        )
+    given.taken = True
+    return given.inputs

@@ -255,10 +255,9 @@ BROWSER_RETRY = RetryPolicy(
 )
 
 
-def batch_retry(settings: RetrySettings | None = None) -> RetryPolicy:
-    """The batch's policy as the environment sets it: BATCH_RETRY itself, unless
-    ONBOARD_RETRY_BACKOFF_SECONDS sets the first wait (a bad value raises, naming it)."""
-    settings = settings or RetrySettings()
+def batch_retry(settings: RetrySettings) -> RetryPolicy:
+    """The batch's policy as the environment sets it (the settings root's `retry`):
+    BATCH_RETRY itself, unless ONBOARD_RETRY_BACKOFF_SECONDS sets the first wait."""
     if not settings.is_set:
         return BATCH_RETRY
     return replace(BATCH_RETRY, first_wait=settings.retry_backoff_seconds)

@@ -1,1 +1,2 @@
-"""A tenant's connection: durable connect links, their settings and the recorded connection."""
+"""A tenant's connection: durable connect links and the recorded connection (their settings,
+ONBOARD_CONNECT_*, are a section of the settings root, `onboarding.settings`)."""

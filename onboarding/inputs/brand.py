@@ -1,19 +1,21 @@
 """Who is asking: the product's name, logo, accent colour, support contact, privacy and terms
 links, and why it asks, shown by every email and every connect page.
 
-Read once per process (a run's email templates, the connect service) from ONBOARD_BRAND_*,
-over the `brand:` mapping of the YAML file ONBOARD_BRAND_FILE names; a profile's own `brand:`
-mapping (the same keys, each optional) wins for its connector. A bad value is an InputError
-naming the variable, or the file, line and key (exit 2), never a traceback.
+Read from ONBOARD_BRAND_*, over the `brand:` mapping of the YAML file ONBOARD_BRAND_FILE names,
+by the settings root (`onboarding.settings.Settings.brand`) of whoever shows it (a run's email
+templates, the connect service); a profile's own `brand:` mapping (the same keys, each optional)
+wins for its connector. A bad value is an InputError naming the variable, or the file, line and
+key (exit 2), never a traceback.
 
-    BrandValues   the keys, each optional and checked (the file's and a profile's mapping)
-    BrandSettings ONBOARD_BRAND_* (and ONBOARD_BRAND_FILE) from the environment and .env
-    Brand         what emails and pages show: every key resolved, the name never empty
+    BrandValues    the keys, each optional and checked (the file's and a profile's mapping)
+    BrandSettings  ONBOARD_BRAND_* (and ONBOARD_BRAND_FILE) from the environment and .env: the
+                   settings root's `brand` section
+    SenderSettings what names the sender until ONBOARD_BRAND_NAME does: its `sender` section
+    Brand          what emails and pages show: every key resolved, the name never empty
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from dataclasses import dataclass, replace
@@ -29,7 +31,7 @@ from pydantic_settings import SettingsConfigDict
 from onboarding.errors import InputError, Problem
 from onboarding.inputs.files import load_yaml_with_lines, problems_from_validation
 from onboarding.net import is_loopback
-from onboarding.settings import EnvSettings
+from onboarding.settings.env import EnvSettings
 
 # The accent (the button, links) when none is set: 6.2:1 with white text.
 DEFAULT_COLOR = "#1a56db"
@@ -208,9 +210,10 @@ class BrandSettings(BrandValues, EnvSettings):
         return BrandValues.model_validate(merged)
 
 
-class _SenderSettings(EnvSettings):
+class SenderSettings(EnvSettings):
     """What names the sender until ONBOARD_BRAND_NAME does (read leniently: SmtpSettings and
-    ConnectSettings check them)."""
+    ConnectSettings check them, and the connect service, which reads no SMTP settings, must not
+    stop on a bad one)."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
@@ -251,11 +254,6 @@ def load_brand_file(path: str | Path) -> BrandValues:
             for p in problems_from_validation(err, source, nested, BrandValues)
         ]
         raise InputError(problems, hint=BRAND_HINT) from None
-
-
-def load_brand_values() -> BrandValues:
-    """ONBOARD_BRAND_* over ONBOARD_BRAND_FILE's `brand:` mapping, checked."""
-    return BrandSettings().values()
 
 
 @dataclass(frozen=True)
@@ -343,21 +341,9 @@ def default_name(email_from: str | None, fallback_host: str | None = None) -> st
     return UNNAMED
 
 
-def brand_from_env() -> Brand:
-    """The process's brand: ONBOARD_BRAND_* (and its file), the name defaulting from
-    ONBOARD_EMAIL_FROM, then ONBOARD_CONNECT_BASE_URL's host."""
-    values = load_brand_values()
-    sender = _SenderSettings()
-    return Brand.of(values, email_from=sender.email_from, fallback_host=sender.connect_base_url)
-
-
-@functools.cache
-def process_brand() -> Brand:
-    """`brand_from_env()`, read once: what the connect service's own pages (a 404, a form it
-    cannot read) show. `process_brand.cache_clear()` reads it again."""
-    return brand_from_env()
-
-
-def check_brand_settings() -> None:
-    """Raise the InputError of any bad brand setting (exit 2 before anything starts)."""
-    load_brand_values()
+def brand_from_settings(brand: BrandSettings, sender: SenderSettings) -> Brand:
+    """A process's brand (the connect service's): ONBOARD_BRAND_* (and its file), the name
+    defaulting from ONBOARD_EMAIL_FROM, then ONBOARD_CONNECT_BASE_URL's host."""
+    return Brand.of(
+        brand.values(), email_from=sender.email_from, fallback_host=sender.connect_base_url
+    )

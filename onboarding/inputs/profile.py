@@ -114,6 +114,9 @@ class ConnectorProfile(BaseModel):
     connection_template_id: Ulid | None = None
     connection_name: str = Field("{name}", min_length=1, max_length=200)
     success_url: str | None = None
+    # platform-v2 only: the environment a tenant is activated on (ActivateUser) once it is
+    # connected for every profile of this environment in a run (a campaign: each system).
+    environment_id: Ulid | None = None
     # Where the profile was read from (load_profile): the file as given and each key's line,
     # for the checks made after it loads (check_finishable). A profile built in code has none.
     _source: str | None = PrivateAttr(None)
@@ -161,6 +164,16 @@ class ConnectorProfile(BaseModel):
             )
         return value
 
+    @field_validator("environment_id")
+    @classmethod
+    def _environment_for_v2(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("api") == constants.CONNECT_V1:
+            raise ValueError(
+                "environment_id is for api: platform-v2 (the Connect API v1 has no "
+                "activations); set api: platform-v2, or remove environment_id"
+            )
+        return value
+
     @field_validator("redirect_uri", "redirect_url")
     @classmethod
     def _redirect_uri_pin(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -193,6 +206,15 @@ class ConnectorProfile(BaseModel):
                 "must be a host name alone (e.g. platform.versori.com): no scheme, port or path"
             )
         return host.strip("[]")
+
+    @model_validator(mode="after")
+    def _activation_names_its_template(self) -> ConnectorProfile:
+        if self.environment_id is not None and self.connection_template_id is None:
+            raise ValueError(
+                "environment_id needs connection_template_id: an activation names each "
+                "system's connection by its template; set connection_template_id"
+            )
+        return self
 
     @model_validator(mode="after")
     def _redirect_pins_agree(self) -> ConnectorProfile:

@@ -113,11 +113,14 @@ def open_roster_slice(
     only: Iterable[str] | None = None,
     *,
     root: str | Path | None = None,
+    downloads: InputSettings | None = None,
 ) -> Roster:
     """Tenants first..stop-1 (counting those `only` selects) of a roster that `load_roster`
     checked as a whole, without checking every row again: a batch's chunk reads its part this
     way. The file must be the one that was checked: a changed roster is refused."""
-    source, path, tmp = _fetch(location, where=" where this worker looked", root=root)
+    source, path, tmp = _fetch(
+        location, where=" where this worker looked", root=root, downloads=downloads
+    )
     if _digest(path) != digest:
         raise InputError(
             f"{source}: the roster changed after the batch checked it; start a new run so "
@@ -155,14 +158,16 @@ def load_roster(
     template_columns: Iterable[str] = (),
     *,
     root: str | Path | None = None,
+    downloads: InputSettings | None = None,
 ) -> Roster:
     """Check every row (against each profile, for a campaign); raise InputError listing all
     problems, or return a streamable Roster.
 
-    A URL is read only as InputSettings allow (https, or http to loopback; allowed hosts; size
-    and time caps). With `root` (runs started through a deployment), a local path must lie
-    under it."""
-    source, path, tmp = _fetch(location, root=root)
+    A URL is read only as `downloads` (the settings root's `inputs`, ONBOARD_ROSTER_*) allow
+    (https, or http to loopback; allowed hosts; size and time caps); without them, under their
+    defaults, which allow no URL. With `root` (runs started through a deployment), a local path
+    must lie under it."""
+    source, path, tmp = _fetch(location, root=root, downloads=downloads)
     fmt = FORMATS.get(Path(urlsplit(source).path).suffix.lower())
     if fmt is None:
         raise InputError(
@@ -218,13 +223,18 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _fetch(
-    location: str | Path, where: str = "", root: str | Path | None = None
+    location: str | Path,
+    where: str = "",
+    root: str | Path | None = None,
+    downloads: InputSettings | None = None,
 ) -> tuple[str, Path, Any]:
     """(label, local path, temporary folder or None): a URL is downloaded first, if the rules
-    of InputSettings allow it; with `root`, a local path must lie under it."""
+    of `downloads` allow it (none given: their defaults, no URL at all); with `root`, a local
+    path must lie under it."""
     source = display_source(location)
     if _URL.match(str(location)):
-        tmp, path = download(str(location), source, InputSettings())
+        rules = downloads if downloads is not None else InputSettings.model_construct()
+        tmp, path = download(str(location), source, rules)
         return source, path, tmp
     path = resolve_under(Path(location), root, source, "roster")
     try:

@@ -1,9 +1,10 @@
 """A run's parameters turned into checked inputs, the one place they are checked: the CLI
 calls it before Prefect starts (bad input exits 2 before anything runs), the flow calls it
-too (a run started from the UI or the API), and a run the CLI checked takes the CLI's result
-(`hand_over`, `take_handed`), so each profile is read and a URL roster downloaded once.
-Loading an API key kept in a Prefect block, and a roster URL kept in one, is the flow
-layer's (`flows.inputs`)."""
+too (a run started from the UI or the API); a run the CLI starts in its own process is given
+the CLI's result explicitly (`flows.inputs.parameters.given_inputs`), so each profile is read
+and a URL roster downloaded once. The settings are the caller's (`onboarding.settings`, read
+once by the entry point). Loading an API key kept in a Prefect block, and a roster URL kept
+in one, is the flow layer's (`flows.inputs`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 from onboarding import constants
 from onboarding.batch.delivery import Delivery
-from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.errors import InputError
 from onboarding.inputs.profile import FINISH_HINT, ConnectorProfile, load_profile
 from onboarding.inputs.roster import (
@@ -25,12 +25,11 @@ from onboarding.inputs.roster import (
     open_roster_slice,
 )
 from onboarding.ledger import Ledger
-from onboarding.mail import MailTemplates, SmtpSettings
+from onboarding.mail import MailTemplates
 from onboarding.settings import (
+    API_KEY_NOT_SET,
     ENV_HINT,
-    InputSettings,
-    LedgerSettings,
-    RetrySettings,
+    Settings,
     VersoriSettings,
 )
 
@@ -81,72 +80,67 @@ class RunInputs:
         return self.roster.source if self.roster is not None else "the ledger"
 
 
-def check_run(request: RunRequest) -> RunInputs:
-    """Check everything a run needs, in the order a person fixes it: the environment, the
-    profiles (several make a campaign: each connector once), the mail settings and templates
-    when mail goes out, the roster with the columns those templates read, the ledger, and an
-    API key (or the name of its block) when Versori is called. Raises InputError."""
-    check_environment()
+def check_run(request: RunRequest, settings: Settings) -> RunInputs:
+    """Check everything a run needs, in the order a person fixes it: the environment
+    (`settings`, the caller's root), the profiles (several make a campaign: each connector
+    once), the mail settings and templates when mail goes out, the roster with the columns
+    those templates read, the ledger, and an API key (or the name of its block) when Versori
+    is called. Raises InputError."""
+    check_environment(settings)
     if not request.profiles:
         raise InputError("profile: give at least one connector profile")
     profiles = _load_profiles(request)
-    _check_finishable(request, profiles)
+    _check_finishable(request, profiles, settings)
     if len(profiles) > 1 and request.chunked:
         raise InputError(
             "fan_out deployment: a campaign (several profiles) runs in one flow run; "
             "use fan_out in_process, or one run per profile to fan out"
         )
-    templates = _templates(profiles) if request.deliver.sends_email else None
+    templates = _templates(profiles, settings) if request.deliver.sends_email else None
     needs = templates.tenant_fields_used if templates else ()
     roster = None
     if request.roster is not None and request.part is not None:
         part = request.part
         roster = open_roster_slice(
-            request.roster, part.digest, part.first, part.stop, request.only, root=request.root
+            request.roster,
+            part.digest,
+            part.first,
+            part.stop,
+            request.only,
+            root=request.root,
+            downloads=settings.inputs,
         )
     elif request.roster is not None:
         _refuse_credential_in_url(request)
         roster = load_roster(
-            request.roster, profiles, request.only, template_columns=needs, root=request.root
+            request.roster,
+            profiles,
+            request.only,
+            template_columns=needs,
+            root=request.root,
+            downloads=settings.inputs,
         )
     elif request.tenants is not None:
         roster = load_inline_roster(request.tenants, profiles, request.only, needs)
     elif not request.reminders:
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline)")
-    Ledger(LedgerSettings().db_url).close()
+    Ledger(settings.ledger.db_url).close()
     if not request.dry_run:
-        check_api_key_is_set(VersoriSettings())
+        check_api_key_is_set(settings.versori)
     return RunInputs(request, profiles, templates, roster)
 
 
-# A request the CLI checked, and its inputs, for the run it starts in this process.
-_handed: list[tuple[RunRequest, RunInputs]] = []
+# The sections of the settings root every run reads (mail's apart, checked with the templates).
+RUN_SECTIONS = ("versori", "ledger", "inputs", "retry", "connect")
 
 
-def hand_over(inputs: RunInputs) -> None:
-    _handed[:] = [(inputs.request, inputs)]
-
-
-def take_handed(request: RunRequest) -> RunInputs | None:
-    """The inputs handed over for exactly this request, once; else None."""
-    if _handed and _handed[0][0] == request:
-        return _handed.pop()[1]
-    return None
-
-
-def check_environment() -> None:
+def check_environment(settings: Settings) -> None:
     """Every VERSORI_* and ONBOARD_* setting a run reads (mail's apart, checked with the
     templates) passes its check: one InputError names every variable that does not."""
     problems = []
-    for settings in (
-        VersoriSettings,
-        LedgerSettings,
-        InputSettings,
-        RetrySettings,
-        ConnectSettings,
-    ):
+    for section in RUN_SECTIONS:
         try:
-            settings()
+            getattr(settings, section)
         except InputError as err:
             problems.extend(err.problems)
     if problems:
@@ -155,10 +149,7 @@ def check_environment() -> None:
 
 def check_api_key_is_set(versori: VersoriSettings) -> None:
     if not (versori.api_key or versori.api_key_block):
-        raise InputError(
-            "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
-            "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
-        )
+        raise InputError(API_KEY_NOT_SET)
 
 
 def _load_profiles(request: RunRequest) -> list[ConnectorProfile]:
@@ -175,35 +166,37 @@ def _load_profiles(request: RunRequest) -> list[ConnectorProfile]:
     return profiles
 
 
-def _check_finishable(request: RunRequest, profiles: list[ConnectorProfile]) -> None:
+def _check_finishable(
+    request: RunRequest, profiles: list[ConnectorProfile], settings: Settings
+) -> None:
     """A run that emails links (a reminder run always does; its dry run is checked as the run
     itself) sends them through the connect service when ONBOARD_CONNECT_BASE_URL is set: every
     profile, each of a campaign's, must be one whose links can finish there
     (ConnectorProfile.finish_problems), or nothing is sent."""
     if not (request.deliver.sends_email or request.reminders):
         return
-    base_url = ConnectSettings().base_url
+    base_url = settings.connect.base_url
     problems = [p for profile in profiles for p in profile.finish_problems(base_url)]
     if problems:
         raise InputError(problems, hint=FINISH_HINT)
 
 
-def _templates(profiles: list[ConnectorProfile]) -> MailTemplates:
-    """The first profile's email templates (its `email_templates` folder over the defaults),
-    which show every link of a campaign's email, and SMTP settings that name a server and a
-    From address (or a block, read when the flow starts)."""
+def _templates(profiles: list[ConnectorProfile], settings: Settings) -> MailTemplates:
+    """The first profile's email templates (its `email_templates` folder over the defaults,
+    with the brand), which show every link of a campaign's email, and SMTP settings that name
+    a server and a From address (or a block, read when the flow starts)."""
     folder = profiles[0].email_templates
-    templates = MailTemplates(Path(folder) if folder else None)
+    templates = MailTemplates(Path(folder) if folder else None, brand=settings.brand.values())
     if len(profiles) > 1:
         templates.check_campaign()
-    settings = SmtpSettings()
-    if settings.block and not settings.host:
+    smtp = settings.smtp
+    if smtp.block and not smtp.host:
         return templates  # read when the flow starts; a missing block fails it with its name
     missing = [
         name
         for name, value in (
-            ("ONBOARD_SMTP_HOST", settings.host),
-            ("ONBOARD_EMAIL_FROM", settings.email_from),
+            ("ONBOARD_SMTP_HOST", smtp.host),
+            ("ONBOARD_EMAIL_FROM", smtp.email_from),
         )
         if not value
     ]

@@ -25,9 +25,7 @@ from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
 from onboarding.inputs.brand import BrandValues
 from onboarding.inputs.roster import Tenant
-
-# Where a problem with ONBOARD_EMAIL_FROM or another SMTP setting is reported.
-SETTINGS_SOURCE = "SMTP settings"
+from onboarding.settings import SETTINGS_SOURCE
 
 # Line breaks to the email package (str.splitlines) and to SMTP, and NUL.
 _LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00")

@@ -45,14 +45,9 @@ from onboarding.errors import (
     TransientMailError,
     UnsafeMessageError,
 )
-from onboarding.mail.message import SETTINGS_SOURCE, has_line_break
-from onboarding.mail.smtp_settings import (
-    Security,
-    SendSettings,
-    SmtpServerSettings,
-    SmtpSettings,
-    check_for_sending,
-)
+from onboarding.mail.message import has_line_break
+from onboarding.mail.smtp_settings import SendSettings, check_for_sending
+from onboarding.settings import SETTINGS_SOURCE, Security, SmtpServerSettings, SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +107,8 @@ class MailSender:
         idle_check_seconds: float = IDLE_CHECK_SECONDS,
     ) -> None:
         """Settings given in code (a Prefect block's values, a test's); `from_settings` takes the
-        environment's. Both are checked in `onboarding.mail.smtp_settings`, and only there."""
+        environment's (the settings root's `smtp` section). Both are checked in
+        `onboarding.mail.smtp_settings`, and only there."""
         settings = SmtpServerSettings.of(
             host=host,
             port=port or None,  # 0 or None: the security mode's usual port
@@ -126,16 +122,16 @@ class MailSender:
         self._use(check_for_sending(settings), local_hostname, idle_check_seconds)
 
     @classmethod
-    def from_settings(cls, settings: SmtpSettings | None = None) -> MailSender:
-        s = settings if settings is not None else SmtpSettings()
-        if not s.host and s.block:
+    def from_settings(cls, settings: SmtpSettings) -> MailSender:
+        """The sender the environment's SMTP settings (the settings root's `smtp`) describe."""
+        if not settings.host and settings.block:
             raise InputError(
                 [Problem(SETTINGS_SOURCE, None, "ONBOARD_SMTP_HOST", "is not set")],
-                hint=f"ONBOARD_SMTP_BLOCK={s.block!r} names a Prefect block: the flow reads the "
-                "server from it; build the sender from the block's values.",
+                hint=f"ONBOARD_SMTP_BLOCK={settings.block!r} names a Prefect block: the flow "
+                "reads the server from it; build the sender from the block's values.",
             )
         sender = cls.__new__(cls)
-        sender._use(check_for_sending(s), None, IDLE_CHECK_SECONDS)
+        sender._use(check_for_sending(settings), None, IDLE_CHECK_SECONDS)
         return sender
 
     def _use(

@@ -28,7 +28,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.brand import Brand, BrandValues, load_brand_values
+from onboarding.inputs.brand import Brand, BrandValues
 from onboarding.inputs.roster import Tenant
 from onboarding.mail.message import MailLink, has_line_break
 
@@ -134,9 +134,10 @@ class MailTemplates:
         self, folder: str | os.PathLike[str] | None = None, *, brand: BrandValues | None = None
     ) -> None:
         self.folder = Path(folder) if folder is not None else None
-        # ONBOARD_BRAND_* (and ONBOARD_BRAND_FILE), read once, checked here with the rest:
-        # a bad value stops the run before anything is sent.
-        self.brand_values = brand if brand is not None else load_brand_values()
+        # ONBOARD_BRAND_* (and ONBOARD_BRAND_FILE), as the caller read them (the settings root's
+        # `brand.values()`: a bad value stops the run before anything is sent); none given,
+        # none set: the From line names the sender.
+        self.brand_values = brand if brand is not None else BrandValues()
         loaders: list[FileSystemLoader] = []
         if self.folder is not None:
             if not self.folder.is_dir():

@@ -36,7 +36,7 @@ from onboarding.errors import (
     RateLimitedError,
     error_class_for,
 )
-from onboarding.settings import VersoriSettings, check_api_key, check_base_url
+from onboarding.settings import API_KEY_NOT_SET, VersoriSettings, check_api_key, check_base_url
 from onboarding.versori.wire import (
     Api,
     ConnectionPage,
@@ -88,7 +88,8 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = No
 class VersoriClient:
     """Calls one Versori API: the Connect API v1 (`api="connect-v1"`, connectors) or the Platform
     API v2 (`api="platform-v2"`, systems). Thread-safe: one instance serves every worker of a
-    batch."""
+    batch. Takes its key, base URL (None: the API's production one) and timeouts from its
+    caller; `from_settings` takes them from VERSORI_* (the settings root's `versori`)."""
 
     def __init__(
         self,
@@ -108,21 +109,12 @@ class VersoriClient:
             )
         self.api: Api = api
         production = constants.PRODUCTION_BASE_URLS[api]
-        if not (api_key and base_url):
-            # What the caller left out comes from VERSORI_API_KEY and VERSORI_BASE_URL.
-            configured = VersoriSettings()
-            env_key = configured.api_key.get_secret_value() if configured.api_key else None
-            api_key = api_key or env_key
-            base_url = base_url or configured.base_url_if_set
         # How an error names where it called: the base URL, and the setting that chose it.
         self.base_url_source = (
             "VERSORI_BASE_URL" if base_url else f"the {api} default; VERSORI_BASE_URL sets another"
         )
         if not api_key:
-            raise InputError(
-                "VERSORI_API_KEY is not set: set it to a Versori API key, or set "
-                "VERSORI_API_KEY_BLOCK to the name of a Prefect Secret block that holds one"
-            )
+            raise InputError(API_KEY_NOT_SET)
         try:
             check_api_key(api_key)
         except ValueError as err:
@@ -145,6 +137,35 @@ class VersoriClient:
         self._pools: list[httpx.Client] = []
         self._pools_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: VersoriSettings,
+        *,
+        api: Api = "connect-v1",
+        api_key: str | None = None,
+        max_connections: int = constants.DEFAULT_CONCURRENCY,
+        deadline: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> VersoriClient:
+        """A client as VERSORI_* set it: `api_key` (one read from a Prefect Secret block) or
+        VERSORI_API_KEY, VERSORI_BASE_URL when set (else `api`'s production URL), the timeouts
+        and call deadline, the last two within `deadline` when given (a browser waiting)."""
+        env_key = settings.api_key.get_secret_value() if settings.api_key else None
+        read_timeout, call_deadline = settings.read_timeout, settings.call_deadline
+        if deadline is not None:
+            read_timeout, call_deadline = min(read_timeout, deadline), min(call_deadline, deadline)
+        return cls(
+            api=api,
+            api_key=api_key or env_key,
+            base_url=settings.base_url_if_set,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=read_timeout,
+            call_deadline=call_deadline,
+            max_connections=max_connections,
+            transport=transport,
+        )
 
     @property
     def _http(self) -> httpx.Client:

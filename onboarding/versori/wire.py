@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlsplit
 
@@ -156,6 +157,40 @@ class ConnectionResponse(BaseModel):
     name: str = ""
     system_id: str | None = None
     connection_template_id: str | None = None
+    base_url: str | None = None
+    # v2: each credential's health (sync reads it); v1 summaries carry none.
+    credentials: list[ConnectionCredential] | None = None
+
+    def credential_health(self) -> tuple[list[str] | None, datetime | None]:
+        """(errors, expires_at) over the connection's credentials: every error listed (None when
+        no credential was ever validated), and the soonest expiry."""
+        errors: list[str] | None = None
+        expiries: list[datetime] = []
+        for item in self.credentials or []:
+            credential = item.credential
+            if credential is None:
+                continue
+            if credential.errors is not None:
+                errors = [*(errors or []), *credential.errors]
+            if credential.expires_at is not None:
+                expiries.append(credential.expires_at)
+        return errors, min(expiries, default=None)
+
+
+class CredentialHealth(BaseModel):
+    """A v2 Credential's validation: `errors` absent = never validated (unknown), [] = valid,
+    non-empty = broken; `expiresAt`, when it will be deleted."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    errors: list[str] | None = None
+    expires_at: datetime | None = None
+
+
+class ConnectionCredential(BaseModel):
+    """One of a v2 Connection's `credentials`."""
+
+    credential: CredentialHealth | None = None
 
 
 def _none_is_empty(value: object) -> object:
@@ -171,6 +206,25 @@ class EndUserResponse(BaseModel):
 
     id: str = Field(min_length=1)
     external_id: str
+
+
+class EnvironmentRef(BaseModel):
+    id: str = ""
+
+
+class ActivationResponse(BaseModel):
+    """A v2 `Activation` (only what this project reads): the end user, and the connection it
+    holds for each system of the environment."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    id: str = Field(min_length=1)
+    user: EndUserResponse
+    environment: EnvironmentRef | None = None
+    environment_id: str | None = None
+    connections: Annotated[list[ConnectionResponse], BeforeValidator(_none_is_empty)] = Field(
+        default_factory=list
+    )
 
 
 class _Page(BaseModel):

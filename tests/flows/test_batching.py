@@ -33,6 +33,7 @@ from onboarding.batch.outcomes import TenantOutcome
 from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
 from onboarding.errors import ServerError
 from onboarding.inputs.roster import Tenant
+from onboarding.settings import RetrySettings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -228,6 +229,7 @@ def run(
             kw.get("concurrency", 2),
             kw.get("per_task"),
             progress=watch,  # type: ignore[arg-type]
+            retry=RetrySettings(),
         )
 
     WATCH["now"] = watch

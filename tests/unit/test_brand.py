@@ -16,19 +16,19 @@ from pathlib import Path
 import pytest
 
 from connect_service import pages
-from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.errors import InputError
 from onboarding.inputs.brand import (
     UNNAMED,
     Brand,
     BrandValues,
-    brand_from_env,
+    brand_from_settings,
     contrast_with_white,
     default_name,
 )
 from onboarding.inputs.profile import load_profile
 from onboarding.inputs.roster import Tenant
 from onboarding.mail import MailLink, MailTemplates, build_message
+from onboarding.settings import load_settings
 from tests.unit.test_profile import BASE
 
 NOW = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)
@@ -67,6 +67,12 @@ def no_brand_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     for name in ("ONBOARD_EMAIL_FROM", "ONBOARD_CONNECT_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
+
+
+def brand_from_env() -> Brand:
+    """The brand as the connect service reads it when it starts."""
+    settings = load_settings()
+    return brand_from_settings(settings.brand, settings.sender)
 
 
 def errors_of(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
@@ -178,13 +184,15 @@ def test_a_files_bad_values_name_the_file_line_and_key(
 def test_the_connect_service_and_a_run_stop_on_a_bad_brand(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`onboard connect-server` checks ConnectSettings before its workers start, a run its
-    email templates: either way an InputError (exit 2) naming the variable."""
+    """`onboard connect-server` checks the connect settings (and the brand with them) before its
+    workers start, a run its email templates' brand: either way an InputError (exit 2) naming
+    the variable."""
     monkeypatch.setenv("ONBOARD_BRAND_COLOR", "#eeeeee")
+    settings = load_settings()
     with pytest.raises(InputError, match="ONBOARD_BRAND_COLOR"):
-        ConnectSettings()
+        _ = settings.connect
     with pytest.raises(InputError, match="ONBOARD_BRAND_COLOR"):
-        MailTemplates()
+        MailTemplates(brand=settings.brand.values())
 
 
 def test_until_a_name_is_set_the_sender_is_named() -> None:

@@ -39,6 +39,7 @@ from onboarding.errors import (
     VersoriError,
     is_transient,
 )
+from onboarding.settings import VersoriSettings
 from onboarding.versori import client as client_module
 from onboarding.versori.client import VersoriClient, parse_retry_after
 from onboarding.versori.wire import InitialiseRequest
@@ -201,7 +202,8 @@ def test_api_key_and_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("VERSORI_API_KEY", "env-key-123")
     monkeypatch.setenv("VERSORI_BASE_URL", "https://staging.example/v9")
     recorder = Recorder()
-    with VersoriClient(transport=httpx.MockTransport(recorder)) as client:
+    settings = VersoriSettings()
+    with VersoriClient.from_settings(settings, transport=httpx.MockTransport(recorder)) as client:
         assert client.host == "staging.example"
         client.initialise(ORG, CONNECTOR, make_request())
     sent = recorder.requests[0]
@@ -684,7 +686,17 @@ def test_a_bad_base_url_is_never_quoted() -> None:
 def test_bad_base_url_from_environment_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERSORI_BASE_URL", "platform.versori.com/api")
     with pytest.raises(InputError, match="VERSORI_BASE_URL"):
-        VersoriClient(api_key=API_KEY)
+        VersoriClient.from_settings(VersoriSettings(), api_key=API_KEY)
+
+
+def test_the_client_reads_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its key, base URL and timeouts are its caller's (from_settings: the settings')."""
+    monkeypatch.setenv("VERSORI_API_KEY", "env-key-123")
+    monkeypatch.setenv("VERSORI_BASE_URL", "https://staging.example/v9")
+    with pytest.raises(InputError, match="VERSORI_API_KEY is not set"):
+        VersoriClient()
+    with VersoriClient(api_key=API_KEY) as client:
+        assert client.base_url == constants.PRODUCTION_BASE_URL
 
 
 # --- secrets ------------------------------------------------------------------------------

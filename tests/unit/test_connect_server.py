@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from connect_service.http_server import check_serving
-from onboarding.connections.connect_settings import ConnectSettings
 from onboarding.errors import InputError
+from onboarding.settings import ConnectSettings
 
 ONBOARD = str(Path(sys.executable).parent / "onboard")
 

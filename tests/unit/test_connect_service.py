@@ -495,6 +495,9 @@ def test_the_funnel_counts_each_stage(stage: Stage) -> None:
         "declined": 0,
         "failed": 0,
         "fetched": 1,
+        "activated": 0,
+        "broken": 0,
+        "disconnected": 0,
     }
     assert funnel.share("connected") == 0.25
 

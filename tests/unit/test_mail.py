@@ -32,12 +32,12 @@ from onboarding.mail import (
     MailTemplates,
     MailTlsError,
     PermanentMailError,
-    SmtpSettings,
     TransientMailError,
     UnsafeMessageError,
     build_message,
     message_id_for,
 )
+from onboarding.settings import SmtpSettings
 from tests.smtp_server import (
     DROP,
     PASSWORD,

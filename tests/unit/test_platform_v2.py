@@ -33,6 +33,7 @@ from onboarding.errors import (
 from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Status
+from onboarding.settings import VersoriSettings
 from onboarding.versori.authorize_url import check_link
 from onboarding.versori.client import VersoriClient
 from onboarding.versori.wire import InitialiseRequest
@@ -272,7 +273,9 @@ def test_v2_base_url_defaults_to_platform_v2_and_versori_base_url_overrides(
         f"{constants.PLATFORM_V2_BASE_URL}/o/{ORG}/systems/{SYSTEM}/oauth2/initialise"
     )
     monkeypatch.setenv("VERSORI_BASE_URL", "https://staging.example/api/v2")
-    with v2_client(recorder, base_url=None) as client:
+    transport = httpx.MockTransport(recorder)
+    settings = VersoriSettings(api_key=API_KEY)
+    with VersoriClient.from_settings(settings, api="platform-v2", transport=transport) as client:
         client.initialise(ORG, SYSTEM, request)
     assert recorder.requests[1].url.host == "staging.example"
     # connect-v1 keeps its own default.
@@ -286,13 +289,13 @@ def test_open_client_gives_a_v2_profile_the_v2_base_url(monkeypatch: pytest.Monk
 
     monkeypatch.setenv("VERSORI_API_KEY", API_KEY)
     monkeypatch.chdir(Path(__file__).parent)  # no .env of the project's
-    with open_client(2, "platform-v2") as client:
+    with open_client(2, VersoriSettings(), "platform-v2") as client:
         assert client.base_url == constants.PLATFORM_V2_BASE_URL
         assert client.api == "platform-v2"
-    with open_client(2) as client:
+    with open_client(2, VersoriSettings()) as client:
         assert client.base_url == constants.PRODUCTION_BASE_URL
     monkeypatch.setenv("VERSORI_BASE_URL", "http://127.0.0.1:9")
-    with open_client(2, "platform-v2") as client:
+    with open_client(2, VersoriSettings(), "platform-v2") as client:
         assert client.base_url == "http://127.0.0.1:9"
 
 

@@ -18,8 +18,10 @@ from onboarding.batch.delivery import Delivery
 from onboarding.clock import utcnow
 from onboarding.errors import InputError
 from onboarding.inputs.profile import ConnectorProfile, load_profile, same_endpoint
-from onboarding.inputs.run_request import RunRequest, check_run
+from onboarding.inputs.run_request import RunInputs, RunRequest
+from onboarding.inputs.run_request import check_run as check_run_with
 from onboarding.ledger import Ledger, Status
+from onboarding.settings import load_settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 V1_PROFILE = str(EXAMPLES / "profile.yaml")
@@ -29,6 +31,11 @@ CALLBACK = f"{BASE}/callback"
 SYSTEM = "01M8F12B95S4BX0QFB3TPDWZ0S"
 TEMPLATE = "01M8F12B95S4BX0QFB3TPDWZ0V"
 runner = CliRunner()
+
+
+def check_run(request: RunRequest) -> RunInputs:
+    """The check as an entry point makes it: with the settings it read once."""
+    return check_run_with(request, load_settings())
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ def test_the_batch_waits_one_two_four_seconds_with_half_again_of_jitter() -> Non
 def test_the_batch_policy_takes_its_first_wait_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert batch_retry() is BATCH_RETRY
+    assert batch_retry(RetrySettings()) is BATCH_RETRY
     monkeypatch.setenv("ONBOARD_RETRY_BACKOFF_SECONDS", "0.25")
     faster = batch_retry(RetrySettings())
     assert faster.waits() == [0.25, 0.5, 1.0]

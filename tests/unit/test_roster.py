@@ -720,16 +720,18 @@ def test_runs_started_through_a_deployment_read_only_under_the_files_root(
     from prefect.context import FlowRunContext
 
     import flows.inputs.parameters as flow_module
+    from onboarding.settings import load_settings
 
     monkeypatch.delenv("ONBOARD_FILES_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     run = SimpleNamespace(flow_run=SimpleNamespace(deployment_id=None))
     monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: run))
-    assert flow_module.run_files_root() is None, "a run started by hand: any path"
+    assert flow_module.run_files_root(load_settings()) is None, "a run started by hand: any path"
     run.flow_run.deployment_id = "d3b07384-d9a0-4c9b-8f6e-000000000001"
-    assert flow_module.run_files_root() == tmp_path, "unset: the working folder (the checkout)"
+    unset = flow_module.run_files_root(load_settings())
+    assert unset == tmp_path, "unset: the working folder (the checkout)"
     monkeypatch.setenv("ONBOARD_FILES_ROOT", str(tmp_path / "rosters"))
-    root = flow_module.run_files_root()
+    root = flow_module.run_files_root(load_settings())
     assert root == tmp_path / "rosters"
     with pytest.raises(InputError, match="outside the folder runs may read"):
         load_roster("/etc/passwd.csv", root=root)

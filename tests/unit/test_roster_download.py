@@ -21,13 +21,19 @@ from typing import Any
 import pytest
 
 from onboarding.errors import InputError
+from onboarding.inputs import roster as roster_module
 from onboarding.inputs.profile import ConnectorProfile, load_profile
-from onboarding.inputs.roster import display_source, load_roster
+from onboarding.inputs.roster import Roster, display_source
 from onboarding.inputs.roster_download import MAX_REDIRECTS, download
-from onboarding.settings import InputSettings
+from onboarding.settings import InputSettings, load_settings
 from tests.unit.test_roster import EXAMPLES, HEADER, csv_text, ids, problems_of, tenant_json
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def load_roster(location: str, *args: Any, **kwargs: Any) -> Roster:
+    """load_roster as a run calls it: under the download rules of the settings it read."""
+    return roster_module.load_roster(location, *args, downloads=load_settings().inputs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def test_roster_from_http_url(served: tuple[str, Path], profile: ConnectorProfil
 def test_roster_from_http_url_problems_name_the_url(served: tuple[str, Path]) -> None:
     base, folder = served
     (folder / "bad.csv").write_text(csv_text("t1,,a@x.com,a,p"))
-    (problem,) = problems_of(f"{base}/bad.csv")
+    (problem,) = problems_of(f"{base}/bad.csv", downloads=InputSettings())
     assert (problem.source, problem.line, problem.field) == (f"{base}/bad.csv", 2, "name")
     with pytest.raises(InputError, match="cannot download the roster") as caught:
         load_roster(f"{base}/missing.csv?sig=s3cret")

@@ -1,5 +1,6 @@
 """A run's inputs, checked once (onboarding.inputs.run_request): what each bad input says, that
-the CLI's checked inputs reach the run it starts (and no other), and that a profile is read once."""
+the CLI's checked inputs are given to the run it starts (and a run given another request's is a
+bug, said), and that a profile is read once."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from flows.inputs.parameters import HandOffError, given_inputs, run_inputs
 from onboarding.batch.delivery import Delivery
 from onboarding.errors import InputError
 from onboarding.inputs.profile import load_profile
-from onboarding.inputs.run_request import (
-    RunRequest,
-    check_environment,
-    check_run,
-    hand_over,
-    take_handed,
-)
+from onboarding.inputs.run_request import RunInputs, RunRequest, check_environment
+from onboarding.inputs.run_request import check_run as check_run_with
+from onboarding.settings import load_settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROFILE = str(EXAMPLES / "profile.yaml")
@@ -34,6 +32,11 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERSORI_API_KEY", "k")
     monkeypatch.setenv("ONBOARD_DB_URL", f"sqlite:///{tmp_path / 'l.db'}")
     monkeypatch.chdir(tmp_path)  # no .env of the project's
+
+
+def check_run(request: RunRequest) -> RunInputs:
+    """The check as an entry point makes it: with the settings it read once."""
+    return check_run_with(request, load_settings())
 
 
 def test_good_inputs_come_back_loaded() -> None:
@@ -108,19 +111,30 @@ def test_versori_base_url_is_checked_with_the_environment(
 ) -> None:
     monkeypatch.setenv("VERSORI_BASE_URL", value)
     with pytest.raises(InputError) as refused:
-        check_environment()
+        check_environment(load_settings())
     assert expected in str(refused.value) and value not in str(refused.value)
     monkeypatch.setenv("VERSORI_BASE_URL", "http://127.0.0.1:8700")
-    check_environment()  # loopback http is the emulator's
+    check_environment(load_settings())  # loopback http is the emulator's
 
 
-def test_inputs_handed_over_reach_only_the_run_with_the_same_request() -> None:
+def test_given_inputs_reach_the_run_with_their_request_once() -> None:
     request = RunRequest(profiles=(PROFILE,), roster=ROSTER)
     inputs = check_run(request)
-    hand_over(inputs)
-    assert take_handed(RunRequest(profiles=(PROFILE,), roster=ROSTER, dry_run=True)) is None
-    assert take_handed(RunRequest(profiles=(PROFILE,), roster=ROSTER)) is inputs
-    assert take_handed(request) is None, "once"
+    settings = load_settings()
+    with given_inputs(inputs):
+        assert run_inputs(RunRequest(profiles=(PROFILE,), roster=ROSTER), settings) is inputs
+        again = run_inputs(request, settings)
+        assert again is not inputs and again.request == request, "once: then checked anew"
+    assert run_inputs(request, settings) is not inputs, "outside the block: checked anew"
+
+
+def test_inputs_given_for_another_request_are_a_bug_said_without_secrets() -> None:
+    inputs = check_run(RunRequest(profiles=(PROFILE,), roster=ROSTER))
+    other = RunRequest(profiles=(PROFILE,), roster=ROSTER + "?token=s3cret", dry_run=True)
+    with given_inputs(inputs), pytest.raises(HandOffError) as caught:
+        run_inputs(other, load_settings())
+    assert "differ in roster, dry_run" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
 
 
 def test_a_profile_is_read_once_while_its_file_is_unchanged(tmp_path: Path) -> None:

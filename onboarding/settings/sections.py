@@ -1,58 +1,22 @@
-"""Settings from the environment (and a .env file), one class per area."""
+"""The sections of a run's settings: VERSORI_* (VersoriSettings), the ledger (LedgerSettings),
+where rosters and profiles may come from (InputSettings), retries (RetrySettings)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from onboarding import constants
-from onboarding.errors import InputError, Problem
 from onboarding.net import is_loopback
+from onboarding.settings.env import EnvSettings
 
-# What every error about a setting ends with.
-ENV_HINT = "Set them in the environment or in .env."
-
-
-class EnvSettings(BaseSettings):
-    """Settings read from the environment (and a .env file). A value that does not pass its
-    check is an InputError that names the variable and what is wrong, never the value (it may
-    be a secret), instead of pydantic's traceback."""
-
-    # What a problem is located in, as the error shows it.
-    settings_source: ClassVar[str] = "environment"
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as err:
-            raise self.input_error(err) from None
-
-    @classmethod
-    def input_error(cls, err: ValidationError) -> InputError:
-        problems = [
-            Problem(cls.settings_source, None, cls.variable(e["loc"]), validation_reason(e))
-            for e in err.errors()
-        ]
-        return InputError(problems, hint=ENV_HINT)
-
-    @classmethod
-    def variable(cls, loc: tuple[int | str, ...]) -> str:
-        """The environment variable of the field at `loc`: its alias, or prefix and name."""
-        name = str(loc[0]) if loc else ""
-        info = cls.model_fields.get(name)
-        if info is not None and isinstance(info.validation_alias, str):
-            return info.validation_alias
-        return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
-
-
-def validation_reason(error: Any) -> str:
-    """What is wrong, in words: a validator's own message, or pydantic's."""
-    cause = error.get("ctx", {}).get("error")
-    return str(cause) if isinstance(cause, ValueError) else str(error["msg"])
+# Said wherever a Versori call needs a key and none is set (the run's check, the client).
+API_KEY_NOT_SET = (
+    "VERSORI_API_KEY is not set: set it to a Versori API key, or set VERSORI_API_KEY_BLOCK to "
+    "the name of a Prefect Secret block that holds one"
+)
 
 
 def check_api_key(api_key: str) -> str:
@@ -178,13 +142,3 @@ class RetrySettings(EnvSettings):
     @property
     def is_set(self) -> bool:
         return "retry_backoff_seconds" in self.model_fields_set
-
-
-def files_root(from_deployment: bool) -> Path | None:
-    """The folder a run's local profile and roster must lie in: none for a run started by hand
-    (the CLI, a flow called in Python), ONBOARD_FILES_ROOT (default: the working folder, the
-    project checkout) for a run started through a deployment, where the caller chose them."""
-    if not from_deployment:
-        return None
-    configured = InputSettings().files_root
-    return Path(configured) if configured else Path.cwd()

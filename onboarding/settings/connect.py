@@ -1,18 +1,15 @@
-"""ONBOARD_CONNECT_*: the connect service's (connect_service/) settings: where its links point, how
-often a link may mint, its sweep and timeouts. In the core: a run that emails links reads them
-too."""
+"""ONBOARD_CONNECT_*: the connect service's (connect_service/) settings: where its links point,
+how often a link may mint, its sweep and timeouts. A run that emails links reads them too."""
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from onboarding.inputs.brand import check_brand_settings
 from onboarding.net import is_loopback
-from onboarding.settings import EnvSettings
+from onboarding.settings.env import EnvSettings
 
 
 class ConnectSettings(EnvSettings):
@@ -25,9 +22,10 @@ class ConnectSettings(EnvSettings):
     ONBOARD_CONNECT_CONNECTING_GRACE_SECONDS (60): how old an unfinished claim must be before
     it is resolved by asking Versori (longer than any callback in flight).
 
-    The pages' brand (ONBOARD_BRAND_*, onboarding/inputs/brand.py) is checked with these: whoever
-    reads them (`onboard connect-server` before its workers start, a run that emails links)
-    stops on a bad brand setting as on a bad one of these (exit 2)."""
+    The pages' brand (ONBOARD_BRAND_*, onboarding/inputs/brand.py) is checked with these when
+    the root reads them (`Settings.connect`): whoever reads them (`onboard connect-server`
+    before its workers start, a run that emails links) stops on a bad brand setting as on a bad
+    one of these (exit 2)."""
 
     model_config = SettingsConfigDict(
         env_prefix="ONBOARD_CONNECT_", env_file=".env", extra="ignore"
@@ -63,6 +61,3 @@ class ConnectSettings(EnvSettings):
                 "token in clear; use https (http only to 127.0.0.1, ::1 or localhost)"
             )
         return value
-
-    def model_post_init(self, context: Any, /) -> None:
-        check_brand_settings()
