@@ -13,6 +13,7 @@ between header reads).
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
 import math
 import threading
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from onboarding import constants
 from onboarding.clock import utcnow
@@ -38,10 +39,12 @@ from onboarding.errors import (
 )
 from onboarding.settings import API_KEY_NOT_SET, VersoriSettings, check_api_key, check_base_url
 from onboarding.versori.wire import (
+    ActivationResponse,
     Api,
     ConnectionPage,
     ConnectionResponse,
     EndUserPage,
+    EndUserResponse,
     ErrorBody,
     InitialiseRequest,
     InitialiseResponse,
@@ -50,12 +53,18 @@ from onboarding.versori.wire import (
 
 log = logging.getLogger(__name__)
 _PageT = TypeVar("_PageT", EndUserPage, ConnectionPage)
+_ModelT = TypeVar("_ModelT", ActivationResponse, ConnectionResponse)
+_ACTIVATIONS: TypeAdapter[list[ActivationResponse] | None] = TypeAdapter(
+    list[ActivationResponse] | None
+)
 
 _MAX_BODY_BYTES = 1 << 20
 # find_connection's lists: items asked for per page (Versori's maximum), and how many pages it
 # follows before it calls the list broken.
 PAGE_SIZE = 100
 MAX_PAGES = 50
+# A whole organisation's list (sync): 100,000 items.
+_WHOLE_LIST = 1000
 __version__ = "0.1.0"
 
 
@@ -137,6 +146,9 @@ class VersoriClient:
         self._pools: list[httpx.Client] = []
         self._pools_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
+        # Requests sent (what `onboard sync` reports); itertools.count is atomic under the GIL.
+        self._sent = itertools.count()
+        self.calls = 0
 
     @classmethod
     def from_settings(
@@ -331,22 +343,180 @@ class VersoriClient:
                     return connection
         return None
 
+    # Sync, activation and reconnect: Platform API v2 (connector_connections: the Connect API
+    # v1). Reads page through whole lists; writes are one attempt each, as above.
+
+    def end_users(self, organisation_id: str) -> Iterator[EndUserResponse]:
+        """Every end user of the organisation (ListEndUsers, 100 a page)."""
+        path = f"/o/{self._v2_org(organisation_id)}/users"
+        for page in self._pages(path, {}, EndUserPage, None, self._call_deadline, _WHOLE_LIST):
+            yield from page.users
+
+    def connections_of(
+        self, organisation_id: str, end_user_id: str, system_id: str
+    ) -> list[ConnectionResponse]:
+        """An end user's connections in a system (ListConnections; `end_user_id` is the end
+        user's Versori id, never its externalId)."""
+        path = f"/o/{self._v2_org(organisation_id)}/connections"
+        params = {"end_user_id": end_user_id, "system_id": system_id}
+        budget = self._call_deadline
+        return [
+            c
+            for page in self._pages(path, params, ConnectionPage, None, budget)
+            for c in page.items
+        ]
+
+    def connector_connections(
+        self, organisation_id: str, connector_id: str
+    ) -> Iterator[ConnectionResponse]:
+        """Every connection of a Connect API v1 connector (ListConnectorConnections)."""
+        org, connector = quote(organisation_id, safe=""), quote(connector_id, safe="")
+        path = f"/o/{org}/connectors/{connector}/connections"
+        budget = self._call_deadline
+        for page in self._pages(path, {}, ConnectionPage, None, budget, _WHOLE_LIST):
+            yield from page.items
+
+    def environment_activations(
+        self, organisation_id: str, environment_id: str
+    ) -> list[ActivationResponse]:
+        """Every activation on an environment (ListActivations: one array)."""
+        env = quote(environment_id, safe="")
+        return self._read_list(f"/o/{self._v2_org(organisation_id)}/environments/{env}/activations")
+
+    def user_activations(
+        self, organisation_id: str, environment_id: str, external_id: str
+    ) -> list[ActivationResponse]:
+        """One end user's activations on an environment (ListUserActivations, by externalId)."""
+        env, user = quote(environment_id, safe=""), quote(external_id, safe="")
+        org = self._v2_org(organisation_id)
+        return self._read_list(f"/o/{org}/environment/{env}/users/{user}/activations")
+
+    def activate_user(
+        self,
+        organisation_id: str,
+        *,
+        user_id: str,
+        environment_id: str,
+        connections: list[tuple[str, str]],
+    ) -> ActivationResponse:
+        """ActivateUser: the end user (`user_id`: its id or externalId) on the environment, with
+        an existing connection per system (`connections`: (template id, connection id))."""
+        payload: dict[str, Any] = {
+            "userId": user_id,
+            "environmentId": environment_id,
+            "connections": [
+                {"connectionTemplateId": template, "existingConnectionId": connection}
+                for template, connection in connections
+            ],
+        }
+        path = f"/o/{self._v2_org(organisation_id)}/activations"
+        status, headers, body = self._post(path, payload)
+        return self._answer(status, headers, body, ActivationResponse, "an activation")
+
+    def delete_activation(
+        self, organisation_id: str, environment_id: str, activation_id: str
+    ) -> None:
+        """DeleteActivation (one that holds a connection that was replaced); gone already is
+        fine."""
+        env, act = quote(environment_id, safe=""), quote(activation_id, safe="")
+        path = f"/o/{self._v2_org(organisation_id)}/environments/{env}/activations/{act}"
+        status, headers, body = self._call("DELETE", path)
+        if not (200 <= status < 300 or status == 404):
+            raise self._error_for(status, headers, body)
+
+    def get_connection(
+        self, organisation_id: str, connection_id: str, *, deadline: float | None = None
+    ) -> ConnectionResponse | None:
+        """GetConnection; None when Versori holds no such connection."""
+        conn = quote(connection_id, safe="")
+        path = f"/o/{self._v2_org(organisation_id)}/connections/{conn}"
+        status, headers, body = self._call("GET", path, deadline=deadline)
+        if status == 404:
+            return None
+        return self._answer(status, headers, body, ConnectionResponse, "a connection")
+
+    def update_connection(
+        self,
+        organisation_id: str,
+        connection_id: str,
+        *,
+        code: str,
+        state: str,
+        name: str,
+        base_url: str,
+        redirect_url: str | None = None,
+        deadline: float | None = None,
+    ) -> ConnectionResponse:
+        """UpdateConnection: the same connection given the new credential the provider's code
+        makes (a broken connection reconnected in place, never a second one). One attempt; the
+        code and state are never in an error's message. A lost answer is settled by reading the
+        connection (`get_connection`): its credential valid again means it landed."""
+        credential = oauth2_code_credential(organisation_id, name, code, state, redirect_url)
+        payload = {"name": name, "baseUrl": base_url, "credentials": [credential]}
+        conn = quote(connection_id, safe="")
+        path = f"/o/{self._v2_org(organisation_id)}/connections/{conn}"
+        status, headers, body = self._call("PUT", path, payload, deadline=deadline)
+        return self._answer(status, headers, body, ConnectionResponse, "a connection")
+
+    def _v2_org(self, organisation_id: str) -> str:
+        if self.api != constants.PLATFORM_V2:
+            raise InputError("end users, activations and UpdateConnection are Platform API v2's")
+        return quote(organisation_id, safe="")
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        budget = self._budget(deadline)
+        return self._send(method, path, time.monotonic() + budget, budget, json=payload)
+
+    def _read_list(self, path: str) -> list[ActivationResponse]:
+        status, headers, body = self._call("GET", path)
+        if not 200 <= status < 300:
+            raise self._error_for(status, headers, body)
+        try:
+            return _ACTIVATIONS.validate_json(body or b"null") or []
+        except ValidationError as err:
+            raise APIError(
+                status, "invalid_response", "Versori answered 2xx without a list"
+            ) from err
+
+    def _answer(
+        self, status: int, headers: httpx.Headers, body: bytes, model: type[_ModelT], what: str
+    ) -> _ModelT:
+        if not 200 <= status < 300:
+            raise self._error_for(status, headers, body)
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as err:
+            raise APIError(
+                status, "invalid_response", f"Versori answered 2xx without {what}"
+            ) from err
+
     def _pages(
         self,
         path: str,
         params: dict[str, str],
         model: type[_PageT],
-        ends_at: float,
+        ends_at: float | None,
         budget: float,
+        max_pages: int = MAX_PAGES,
     ) -> Iterator[_PageT]:
-        """Each page of a Versori list, following `next` for at most MAX_PAGES pages."""
+        """Each page of a Versori list, following `next` for at most `max_pages` pages; the
+        whole list within `ends_at` (a monotonic time), or each page within `budget` seconds
+        when `ends_at` is None (a whole organisation's list)."""
         after = ""
         seen: set[str] = set()
-        for _ in range(MAX_PAGES):
+        for _ in range(max_pages):
             query = {**params, "first": str(PAGE_SIZE)}
             if after:
                 query["after"] = after
-            status, headers, body = self._get(path, query, ends_at, budget)
+            deadline = time.monotonic() + budget if ends_at is None else ends_at
+            status, headers, body = self._get(path, query, deadline, budget)
             if not 200 <= status < 300:
                 raise self._error_for(status, headers, body)
             try:
@@ -362,7 +532,7 @@ class VersoriClient:
             if after in seen:
                 raise APIError(status, "invalid_response", "Versori's pages go round in a loop")
             seen.add(after)
-        raise APIError(200, "invalid_response", f"Versori's list goes on past {MAX_PAGES} pages")
+        raise APIError(200, "invalid_response", f"Versori's list goes on past {max_pages} pages")
 
     def _budget(self, deadline: float | None) -> float:
         """The seconds a call may take: `deadline` if given and shorter than the client's."""
@@ -395,6 +565,7 @@ class VersoriClient:
     ) -> tuple[int, httpx.Headers, bytes]:
         """One request within one of the `max_connections` slots; waiting for a slot counts
         against `deadline` (a monotonic time), as `budget` (its seconds) says in the error."""
+        self.calls = next(self._sent) + 1
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise APITimeoutError(
                 f"no free connection to Versori at {self.host} within {budget:g} s"
