@@ -53,6 +53,7 @@ from onboarding.errors import (
 from onboarding.inputs.brand import Brand
 from onboarding.inputs.profile import ConnectorProfile, load_profile, readable
 from onboarding.ledger import (
+    HELD_STATUSES,
     WAITING_STATUSES,
     ConnectLink,
     ConnectState,
@@ -677,8 +678,14 @@ class ConnectService:
         status: Status,
         error_code: str = "",
     ) -> None:
+        connection_id = getattr(record, "connection_id", None)
         change = StatusChange(
-            record.tenant_id, record.connector_id, profile.name, status.value, error_code
+            record.tenant_id,
+            record.connector_id,
+            profile.name,
+            status.value,
+            error_code,
+            connection_id if status in HELD_STATUSES else None,
         )
         try:
             self.events(tenant_event(change))

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from deployments import connect_cli
+from deployments.automations_cli import automations_app
 from deployments.cli_output import (
     connector_label,
     err,
@@ -451,6 +452,7 @@ def serve() -> None:
 
 blocks_app = typer.Typer(help="Keep secrets in Prefect blocks instead of the environment.")
 app.add_typer(blocks_app, name="blocks")
+app.add_typer(automations_app, name="automations")
 
 
 @blocks_app.command("register")

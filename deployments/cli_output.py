@@ -257,7 +257,13 @@ def send_connected_event(record: Record) -> None:
     from onboarding.batch.outcomes import StatusChange
     from onboarding.batch.tenant_events import api_headers, tenant_event
 
-    change = StatusChange(record.tenant_id, record.connector_id, record.profile, "connected")
+    change = StatusChange(
+        record.tenant_id,
+        record.connector_id,
+        record.profile,
+        "connected",
+        connection_id=record.connection_id,
+    )
     event, headers = tenant_event(change), api_headers()
     try:
         response = httpx.post(f"{api}/events", json=[event], headers=headers, timeout=10)

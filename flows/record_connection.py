@@ -48,7 +48,15 @@ def record_connection_flow(
             logger.error("%s", err)
             return Failed(message=str(err), data={"code": err.code, "error": str(err)})
     with TenantEventSender(TenantEvents.ALL) as events:
-        events(StatusChange(record.tenant_id, record.connector_id, record.profile, "connected"))
+        events(
+            StatusChange(
+                record.tenant_id,
+                record.connector_id,
+                record.profile,
+                "connected",
+                connection_id=record.connection_id,
+            )
+        )
     logger.info(
         "Tenant %s is connected to %s (state %s)",
         record.tenant_id,

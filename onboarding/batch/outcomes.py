@@ -62,6 +62,9 @@ class StatusChange:
     profile: str
     status: str
     error_code: str = ""
+    # The tenant's connection in Versori, when the change is about one (connected, activated,
+    # broken): the label `onboarding.connection-id` of its event.
+    connection_id: str | None = None
 
 
 @dataclass(frozen=True, init=False)

@@ -27,16 +27,19 @@ def tenant_event(
 ) -> dict[str, Any]:
     """The event about the resource `onboarding.tenant.<tenant_id>`, `related` to a flow run
     when there is one."""
+    resource = {
+        "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",
+        "prefect.resource.name": change.tenant_id,
+        "onboarding.connector-id": change.connector_id,
+        "onboarding.profile": change.profile,
+    }
+    if change.connection_id:
+        resource["onboarding.connection-id"] = change.connection_id
     return {
         "id": str(uuid.uuid4()),
         "occurred": utcnow().isoformat(),
         "event": event_name(change.status),
-        "resource": {
-            "prefect.resource.id": f"onboarding.tenant.{change.tenant_id}",
-            "prefect.resource.name": change.tenant_id,
-            "onboarding.connector-id": change.connector_id,
-            "onboarding.profile": change.profile,
-        },
+        "resource": resource,
         "related": related or [],
         "payload": {"error_code": change.error_code} if change.error_code else {},
     }

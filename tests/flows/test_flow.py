@@ -332,6 +332,7 @@ def test_the_example_automations_are_valid_for_prefect() -> None:
     automations = [AutomationCore.model_validate(a) for a in spec["automations"]]
     assert [a.trigger.expect for a in automations] == [  # type: ignore[union-attr]
         {"onboarding.tenant.failed"},
+        {"onboarding.tenant.broken"},
         {"onboarding.tenant.connected"},
     ]
 
