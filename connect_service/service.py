@@ -40,6 +40,7 @@ from onboarding.batch.outcomes import StatusChange
 from onboarding.batch.retry_policy import BROWSER_RETRY
 from onboarding.batch.tenant_events import tenant_event
 from onboarding.clock import utcnow
+from onboarding.connections.activation import activate, already_activated, wanted_of
 from onboarding.connections.record_connection import tenant_of
 from onboarding.errors import (
     APIConnectionError,
@@ -327,6 +328,8 @@ class ConnectService:
         tenant = tenant_of(record)
         client = self._client_for(profile.api)
         try:
+            if _in_place(record, profile):
+                return self._reconnect(digest, record, profile, answer, can_retry)
             connection = client.create_connection(
                 profile.organisation_id,
                 profile.target_id,
@@ -341,6 +344,56 @@ class ConnectService:
         except OnboardingError as err:
             return self._create_failed(digest, record, profile, err, can_retry)
         return self._connected(digest, record, profile, connection.id)
+
+    def _reconnect(
+        self,
+        digest: str,
+        record: Record,
+        profile: ConnectorProfile,
+        answer: CallbackAnswer,
+        can_retry: bool,
+    ) -> Page:
+        """A broken connection given the new credential in place (UpdateConnection on the id
+        the ledger holds): never a second connection. Gone meanwhile: a new one, as for a
+        disconnected tenant. A lost answer is settled by reading the connection back."""
+        client = self._client_for(profile.api)
+        assert record.connection_id is not None  # _in_place
+        existing = client.get_connection(
+            profile.organisation_id, record.connection_id, deadline=self.lookup_deadline
+        )
+        if existing is None:
+            log.info(
+                "tenant %s: connection %s is gone; making a new one",
+                record.tenant_id,
+                record.connection_id,
+            )
+            made = client.create_connection(
+                profile.organisation_id,
+                profile.target_id,
+                code=answer.code,
+                state=answer.state,
+                name=profile.connection_name_for(tenant_of(record).values),
+                external_id=record.tenant_id,
+                template_id=profile.connection_template_id,
+                redirect_url=profile.redirect_url,
+                deadline=self.create_deadline,
+            )
+            return self._connected(digest, record, profile, made.id)
+        log.info("tenant %s: reconnecting connection %s in place", record.tenant_id, existing.id)
+        try:
+            updated = client.update_connection(
+                profile.organisation_id,
+                existing.id,
+                code=answer.code,
+                state=answer.state,
+                name=existing.name,
+                base_url=existing.base_url or "",
+                redirect_url=profile.redirect_url,
+                deadline=self.create_deadline,
+            )
+        except OnboardingError as err:
+            return self._create_failed(digest, record, profile, err, can_retry)
+        return self._connected(digest, record, profile, updated.id)
 
     def _refuse_bound(
         self, bound: ConnectState, browser: str | None, retry_token: str | None
@@ -446,6 +499,7 @@ class ConnectService:
             updated = None
         if updated is not None:
             self._event(updated, profile, Status.CONNECTED)
+            self._activate_if_ready(updated, profile)
         if profile.success_url:
             return pages.redirect(profile.success_url, kind="to_success_url")
         return pages.connected(record.tenant_name, profile.display_name)
@@ -465,6 +519,10 @@ class ConnectService:
         """Versori's connection for the tenant: (asked, its id or None). (False, None) when
         Versori could not be asked."""
         client = self._client_for(profile.api)
+        if _in_place(record, profile):
+            in_place = self._lookup_in_place(client, record, profile)
+            if in_place is not None:
+                return in_place
         try:
             found = client.find_connection(
                 profile.organisation_id,
@@ -482,6 +540,31 @@ class ConnectService:
             )
             return False, None
         return True, found.id if found is not None else None
+
+    def _lookup_in_place(
+        self, client: VersoriClient, record: Record, profile: ConnectorProfile
+    ) -> tuple[bool, str | None] | None:
+        """For a reconnect in place: whether the connection's credential works again (the
+        update landed), by reading it back; None when the connection is gone (then a new one
+        was being made: looked up as any other)."""
+        assert record.connection_id is not None  # _in_place
+        try:
+            found = client.get_connection(
+                profile.organisation_id, record.connection_id, deadline=self.lookup_deadline
+            )
+        except OnboardingError as err:
+            log.warning(
+                "tenant %s: could not read connection %s back (%s)",
+                record.tenant_id,
+                record.connection_id,
+                err.code,
+            )
+            return False, None
+        if found is None:
+            return None
+        errors, expires_at = found.credential_health()
+        working = errors == [] and (expires_at is None or expires_at > self._clock())
+        return True, found.id if working else None
 
     def _resolve(
         self, state: ConnectState, record: Record, profile: ConnectorProfile
@@ -523,7 +606,7 @@ class ConnectService:
                 return pages.connecting_now()
         if waiting:
             now = self.ledger.get(record.tenant_id, record.connector_id)
-            if now is not None and now.status is Status.CONNECTED:
+            if now is not None and now.status in HELD_STATUSES:
                 return pages.already_connected(record.tenant_name, profile.display_name)
         return None
 
@@ -568,7 +651,7 @@ class ConnectService:
         record = self.ledger.find_by_state(state)
         if record is None:
             return None, ("superseded" if self.ledger.find_superseded(state) else "unknown")
-        if record.status is Status.CONNECTED:
+        if record.status in HELD_STATUSES:
             return None, "used"
         if record.status is Status.EXPIRED or (
             record.expires_at is not None and record.expires_at <= self._clock()
@@ -612,7 +695,7 @@ class ConnectService:
         profile = self._profile(link.profile_path, link.connector_id)
         if profile is None:
             return pages.try_again_later()
-        if record.status is Status.CONNECTED:
+        if record.status in HELD_STATUSES:
             return pages.already_connected(record.tenant_name, profile.display_name)
         if unfinished:
             settled = self._settle_tenant(record, profile)
@@ -671,6 +754,57 @@ class ConnectService:
                 self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _activate_if_ready(self, record: Record, profile: ConnectorProfile) -> None:
+        """With a profile naming `environment_id`: once the tenant is connected for every
+        profile of that environment it holds a record of (a campaign: each system), activate
+        it on the environment (ActivateUser; onboarding/connections/activation.py). Never
+        fails the page: a refusal is noted on the records, and sync tries again."""
+        if profile.environment_id is None or profile.api != constants.PLATFORM_V2:
+            return
+        try:
+            rows = self.ledger.tenant_records(record.tenant_id)
+            templates: dict[str, str] = {}
+            for row in rows:
+                other = profile
+                if row.connector_id != profile.target_id:
+                    path = self.ledger.latest_profile_path(row.tenant_id, row.connector_id)
+                    found = self._profile(path, row.connector_id) if path else None
+                    if found is None:
+                        continue
+                    other = found
+                if other.environment_id == profile.environment_id:
+                    templates[row.connector_id] = str(other.connection_template_id)
+            wanted = wanted_of(record.tenant_id, rows, templates)
+            if wanted is None or already_activated(rows, wanted):
+                return
+            client = self._client_for(profile.api)
+            done = activate(
+                client,
+                self.ledger,
+                profile.organisation_id,
+                str(profile.environment_id),
+                wanted,
+                now=self._clock(),
+            )
+        except Exception as err:  # the page stands: sync activates it later
+            log.warning(
+                "tenant %s: could not activate it (%s); sync tries again",
+                record.tenant_id,
+                type(err).__name__,
+            )
+            return
+        if done.activation_id is None:
+            code = done.refused[0] if done.refused else "refused"
+            log.warning(
+                "tenant %s: activation refused (%s); sync tries again", record.tenant_id, code
+            )
+            return
+        log.info("tenant %s activated: activation %s", record.tenant_id, done.activation_id)
+        for connector_id in done.connectors:
+            now = self.ledger.get(record.tenant_id, connector_id)
+            if now is not None:
+                self._event(now, profile, Status.ACTIVATED)
+
     def _event(
         self,
         record: Record | ConnectLink,
@@ -711,6 +845,15 @@ def versori_clients(settings: VersoriSettings) -> Callable[[str], VersoriClient]
             return clients[api]
 
     return client_for
+
+
+def _in_place(record: Record, profile: ConnectorProfile) -> bool:
+    """A broken connection's reconnect: updated in place (Platform API v2 only)."""
+    return (
+        record.reconnect_of == Status.BROKEN.value
+        and record.connection_id is not None
+        and profile.api == constants.PLATFORM_V2
+    )
 
 
 def _cookie(name: str, value: str, seconds: int, secure: bool) -> str:

@@ -40,6 +40,7 @@ def write_connect_profile(
     name: str = "acme-crm",
     success_url: str | None = None,
     connect_link_days: float = 30,
+    environment_id: str | None = None,
 ) -> Path:
     """A v2 profile for the emulator's DEMO_CRM that the connect service completes."""
     lines = [
@@ -62,6 +63,8 @@ def write_connect_profile(
     ]
     if success_url:
         lines.append(f"success_url: {success_url}")
+    if environment_id:
+        lines.append(f"environment_id: {environment_id}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

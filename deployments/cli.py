@@ -36,8 +36,8 @@ from onboarding.errors import InputError
 from onboarding.export import ExportFormat
 
 if TYPE_CHECKING:
+    from onboarding.batch.run_request import RunInputs
     from onboarding.batch.run_summary import RunSummary
-    from onboarding.inputs.run_request import RunInputs
     from onboarding.settings import LedgerSettings, Settings
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -88,10 +88,12 @@ def _check_run_inputs(
 ) -> RunInputs:
     """Everything a run needs, checked before Prefect starts, so bad input exits 2 at once;
     the command gives these inputs to the run it starts (`given_inputs`), which takes them as
-    they are."""
+    they are. The ledger is opened here too (the inputs' check reads only its URL's form): one
+    that does not answer, or that a newer version of this tool wrote, exits 2 as well."""
     from flows.inputs.blocks import resolve_api_key
     from flows.inputs.parameters import run_request
-    from onboarding.inputs.run_request import check_run
+    from onboarding.batch.run_request import check_run
+    from onboarding.ledger import Ledger
 
     request = run_request(
         profiles,
@@ -104,6 +106,7 @@ def _check_run_inputs(
         settings=settings,
     )
     inputs = check_run(request, settings)
+    Ledger(settings.ledger.db_url).close()
     if not dry_run:
         resolve_api_key(settings.versori)  # loads the Secret block VERSORI_API_KEY_BLOCK names
     return inputs
@@ -303,8 +306,8 @@ def _nothing_to_remind(
     reminder and no link is past its time (which a reminder run would mark expired): asked of
     the ledger before Prefect is imported or its temporary server started. The inputs are
     checked first, as the run checks them (bad input exits 2)."""
+    from onboarding.batch.run_request import RunRequest, check_run
     from onboarding.db_url import redact
-    from onboarding.inputs.run_request import RunRequest, check_run
     from onboarding.ledger import Ledger
 
     url = _ledger_url_to_read(settings.ledger)

@@ -17,7 +17,7 @@ from rich.table import Table
 from onboarding.batch.run_summary import Row, RunSummary
 
 if TYPE_CHECKING:
-    from onboarding.inputs.run_request import RunInputs
+    from onboarding.batch.run_request import RunInputs
     from onboarding.ledger import Ledger, Record, RunProgress
 
 out = Console()

@@ -26,8 +26,8 @@ from flows.inputs.parameters import run_inputs, run_request
 from flows.reporting.summary import final_state, summarise
 from onboarding.batch.campaign import Campaign
 from onboarding.batch.delivery import Delivery
+from onboarding.batch.run_request import RosterPart
 from onboarding.batch.run_summary import RunSummary
-from onboarding.inputs.run_request import RosterPart
 from onboarding.ledger import Ledger
 from onboarding.settings import load_settings
 

@@ -24,9 +24,9 @@ from flows.inputs.options import TenantEvents
 from flows.reporting.progress import Progress
 from flows.reporting.summary import OutcomeCounts
 from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome
+from onboarding.batch.run_request import RunInputs
 from onboarding.batch.run_summary import RunSummary
 from onboarding.clock import utcnow
-from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger, Status
 
 POLL_SECONDS = 2.0

@@ -17,9 +17,9 @@ from onboarding.batch.call_pacing import PACE_SHARE, Pacer, Spacing
 from onboarding.batch.campaign import Campaign
 from onboarding.batch.connector_run import ConnectorRun
 from onboarding.batch.retry_policy import BatchStop, RetryRule
+from onboarding.batch.run_request import RunInputs
 from onboarding.constants import PLATFORM_V2
 from onboarding.inputs.profile import ConnectorProfile
-from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger
 from onboarding.settings import Settings, VersoriSettings
 from onboarding.versori.client import VersoriClient

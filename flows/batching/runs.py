@@ -22,11 +22,11 @@ from flows.inputs.parameters import connector_label
 from flows.reporting.summary import OutcomeCounts, final_state, publish, summarise
 from onboarding.batch.campaign import Campaign
 from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome, combined
+from onboarding.batch.run_request import RunInputs
 from onboarding.clock import utcnow
 from onboarding.connections.record_connection import tenant_of
 from onboarding.inputs.profile import ConnectorProfile
 from onboarding.inputs.roster import Tenant
-from onboarding.inputs.run_request import RunInputs
 from onboarding.ledger import Ledger, Record, Status, funnel_lines
 from onboarding.settings import Settings
 from tasks.slice_tasks import onboard_slice_task, remind_slice_task

@@ -17,10 +17,10 @@ from prefect.runtime import deployment
 
 from flows.running.server import on_temporary_server
 from onboarding.batch.delivery import Delivery
+from onboarding.batch.run_request import RosterPart, RunInputs, RunRequest, check_run
 from onboarding.errors import InputError
 from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.inputs.roster import TenantRow
-from onboarding.inputs.run_request import RosterPart, RunInputs, RunRequest, check_run
 from onboarding.settings import Settings, files_root
 
 SECRET_ROSTER = "secret:"

@@ -1,1 +1,2 @@
-"""One run's work: its tenants' slices, each tenant's campaign, retries, pacing and outcomes."""
+"""One run's work: its inputs checked together (run_request), its tenants' slices, each
+tenant's campaign, retries, pacing and outcomes."""

@@ -31,15 +31,24 @@ from onboarding.batch.retry_policy import RetryLater, RetryRule, Tries, Verdict,
 from onboarding.connections.durable_links import connect_url, issue_connect_link
 from onboarding.errors import BatchStoppedError, OnboardingError
 from onboarding.inputs.roster import Tenant
-from onboarding.ledger import SENDING_CHANNELS, Record, Status
+from onboarding.ledger import HELD_STATUSES, SENDING_CHANNELS, Record, Status
 from onboarding.versori.authorize_url import Link
 
 if TYPE_CHECKING:
     from onboarding.mail import MailSender, MailTemplates
 
-# An admin who opened the link, or declined at the provider, is reminded too.
+# An admin who opened the link, or declined at the provider, is reminded too; a tenant whose
+# connection broke or is gone gets a reconnect email.
 REMINDABLE = frozenset(
-    {Status.DELIVERED, Status.REMINDED, Status.EXPIRED, Status.OPENED, Status.DECLINED}
+    {
+        Status.DELIVERED,
+        Status.REMINDED,
+        Status.EXPIRED,
+        Status.OPENED,
+        Status.DECLINED,
+        Status.BROKEN,
+        Status.DISCONNECTED,
+    }
 )
 
 
@@ -53,6 +62,7 @@ class Issued:
     reminders: int = 0  # reminders sent so far for this link's connector
     channel: str = ""  # how its first email went (email, both), for a reminder
     declined: bool = False  # for a reminder: the admin said no at the provider last time
+    reconnect: str = ""  # for a reminder: why the tenant connects again (broken, disconnected)
     # What the email carries, once chosen: the authorize URL, or a durable connect link.
     mailed: tuple[str, datetime] | None = None
 
@@ -165,7 +175,7 @@ def remind_tenant(campaign: Campaign, tenant: Tenant, tries: Tries) -> TenantOut
 
     def wanted(connector: ConnectorRun) -> TenantOutcome | Wanted:
         record = connector.ledger.get(tenant.tenant_id, connector.connector_id)
-        if record is not None and record.status is Status.CONNECTED:
+        if record is not None and record.status in HELD_STATUSES:
             return TenantOutcome(tenant.tenant_id, OutcomeStatus.CONNECTED)
         not_due = campaign.needing_nothing.get(connector.connector_id, ())
         if record is None or tenant.tenant_id in not_due:
@@ -236,7 +246,8 @@ def _issue(
         return Issued(connector, link, expires_at)
     record = decided.record
     channel, declined = record.delivery_channel or "", record.status is Status.DECLINED
-    return Issued(connector, link, expires_at, record.reminders, channel, declined)
+    reconnect = record.reconnect_of or ""
+    return Issued(connector, link, expires_at, record.reminders, channel, declined, reconnect)
 
 
 def _deliver(campaign: Campaign, tenant: Tenant, tries: Tries, reminder: bool) -> TenantOutcome:
@@ -316,6 +327,7 @@ def _message(
                 display_name=h.run.profile.display_name,
                 opened_at=opened.first_at if opened else None,
                 declined=h.declined,
+                reconnect=h.reconnect,
                 access=tuple(h.run.profile.access),
                 brand=h.run.profile.brand,
             )

@@ -19,9 +19,9 @@ from pydantic import (
 
 from onboarding import constants
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.brand import BrandValues
-from onboarding.inputs.files import load_yaml_with_lines, problems_from_validation, resolve_under
+from onboarding.files import load_yaml_with_lines, problems_from_validation, resolve_under
 from onboarding.net import is_loopback
+from onboarding.settings.brand import BrandValues
 from onboarding.versori.wire import (
     Api,
     CredentialRef,
@@ -73,8 +73,8 @@ class ConnectorProfile(BaseModel):
     # What access is asked, in plain words for the admin ("read your tickets and users");
     # unset, emails and the link page list `scopes`.
     access_summary: str = Field("", max_length=500)
-    # This connector's branding over ONBOARD_BRAND_* (onboarding/inputs/brand.py): the same keys,
-    # each optional.
+    # This connector's branding over ONBOARD_BRAND_* (onboarding/settings/brand.py): the same
+    # keys, each optional.
     brand: BrandValues | None = None
     # Which API the initialise call goes to. Declared before the ids: their checks read it.
     api: Api = "connect-v1"

@@ -22,7 +22,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.files import resolve_under, without_quotes
+from onboarding.files import resolve_under, without_quotes
 from onboarding.inputs.profile import ConnectorProfile, template_fields
 from onboarding.inputs.roster_download import HOSTNAME, download
 from onboarding.inputs.roster_formats import csv_header, raw_records

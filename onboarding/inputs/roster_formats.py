@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.files import load_yaml_with_lines
+from onboarding.files import load_yaml_with_lines
 
 # A YAML roster is parsed whole (CSV, JSON Lines are streamed): past these, use one of those.
 YAML_MAX_BYTES = 16 * 1024 * 1024

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import DBAPIError
 
-from onboarding.db_url import redact, scrub
+from onboarding.db_url import UNUSABLE_URL_ERRORS, redact, scrub, unusable_url
 from onboarding.errors import InputError, LedgerSchemaError, LedgerUnavailableError
 from onboarding.ledger.schema import create_private_sqlite_file, migrate_schema, sqlite_pragmas
 
@@ -36,12 +36,8 @@ def open_engine(url: str) -> Engine:
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         # hide_parameters: a failed statement must not print the link it was writing.
         engine = create_engine(url, hide_parameters=True, **kwargs)
-    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
-        raise InputError(
-            f"ONBOARD_DB_URL {redact(url)!r} is not a usable database URL "
-            f"({scrub(str(err), url)}); use sqlite:///path/to/onboarding.db or "
-            "postgresql+psycopg://user@host:5432/db"
-        ) from None
+    except UNUSABLE_URL_ERRORS as err:
+        raise unusable_url(url, err) from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
         create_private_sqlite_file(url)

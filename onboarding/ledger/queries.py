@@ -16,6 +16,7 @@ from onboarding.ledger.schema import (
     DONE_STATUSES,
     HELD_STATUSES,
     LIVE_STATUSES,
+    LOST_STATUSES,
     SENDING_CHANNELS,
     Status,
     records,
@@ -28,7 +29,7 @@ T = TypeVar("T")
 
 # Statuses a reminder goes to (with an email channel): opened and declined admins got the
 # link and did not finish.
-REMINDABLE_STATUSES = (*DONE_STATUSES, Status.EXPIRED)
+REMINDABLE_STATUSES = (*DONE_STATUSES, Status.EXPIRED, *LOST_STATUSES)
 
 # The values of HELD_STATUSES, for SQL.
 HELD = [s.value for s in HELD_STATUSES]
@@ -102,7 +103,7 @@ class RecordQueries(Repository):
         now = utc(now or utcnow())
         query = select(records.c.tenant_id).where(
             records.c.connector_id == connector_id,
-            records.c.status.in_(HELD)
+            records.c.status.in_([*HELD, *(s.value for s in LOST_STATUSES)])
             | (
                 records.c.status.in_([s.value for s in DONE_STATUSES])
                 & (records.c.expires_at > now)

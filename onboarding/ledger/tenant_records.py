@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 
 from onboarding.clock import utcnow
 from onboarding.ledger.database import Database, Repository
@@ -23,6 +23,7 @@ from onboarding.ledger.records import (
 )
 from onboarding.ledger.schema import (
     HELD_STATUSES,
+    LOST_STATUSES,
     Status,
     records,
     state_digest,
@@ -184,8 +185,14 @@ class TenantRecords(RecordQueries, Repository):
         at: datetime | None = None,
         state: str | None = None,
     ) -> bool:
-        """False, and nothing written, when the tenant is connected or holds another state."""
-        sent = _sent(Status.REMINDED, channel, utc(at or utcnow()))
+        """False, and nothing written, when the tenant is connected or holds another state.
+        A reconnect email leaves a broken or disconnected tenant so (its connection still does
+        not work)."""
+        sent: dict[str, Any] = _sent(Status.REMINDED, channel, utc(at or utcnow()))
+        lost = [s.value for s in LOST_STATUSES]
+        sent["status"] = case(
+            (records.c.status.in_(lost), records.c.status), else_=Status.REMINDED.value
+        )
         return self._update(
             tenant_id, connector_id, state, **sent, reminders=records.c.reminders + 1
         )

@@ -23,9 +23,9 @@ from email_validator import EmailNotValidError, validate_email
 
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem, UnsafeMessageError
-from onboarding.inputs.brand import BrandValues
 from onboarding.inputs.roster import Tenant
 from onboarding.settings import SETTINGS_SOURCE
+from onboarding.settings.brand import BrandValues
 
 # Line breaks to the email package (str.splitlines) and to SMTP, and NUL.
 _LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00")
@@ -110,6 +110,9 @@ class MailLink:
     # did not finish), and whether they declined at the provider.
     opened_at: datetime | None = None
     declined: bool = False
+    # A reconnect: the tenant's connection stopped working ("broken": its credential; or
+    # "disconnected": it is gone in Versori), and this link makes it work again.
+    reconnect: str = ""
     # What access the link asks, in plain words (the profile's access_summary, else its
     # scopes), and the profile's own branding over ONBOARD_BRAND_* (the first link's wins).
     access: tuple[str, ...] = ()

@@ -28,9 +28,10 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from onboarding.clock import utcnow
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.brand import Brand, BrandValues
+from onboarding.inputs.brand import Brand
 from onboarding.inputs.roster import Tenant
 from onboarding.mail.message import MailLink, has_line_break
+from onboarding.settings.brand import BrandValues
 
 TEMPLATE_NAMES = ("subject.txt", "body.txt", "body.html")
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -109,6 +110,7 @@ def link_context(link: MailLink, now: datetime) -> dict[str, Any]:
         "expires_in_hours": max(0, round((expires - now).total_seconds() / 3600)),
         "opened_at": link.opened_at.astimezone(UTC) if link.opened_at else None,
         "declined": link.declined,
+        "reconnect": link.reconnect,
         "access": list(link.access),
     }
 
@@ -120,7 +122,8 @@ class MailTemplates:
     connector the email carries (a campaign's email carries several), each with display_name
     (the profile's, else its name), connector_name, connector_id, link, expires_at (aware
     datetime, UTC) and expires_in_hours (int), opened_at (when the admin first opened its
-    connect link without finishing, else None) and declined (they said no at the provider);
+    connect link without finishing, else None), declined (they said no at the provider) and
+    reconnect ("broken" or "disconnected": the connection stopped working; else "");
     the first link's at the top level too; reminder (0 on first send); brand
     (onboarding.inputs.brand.Brand: name, logo_url, logo_width, logo_height, color, support,
     support_href, support_is_email, privacy_url, terms_url, reason), each link's expires_on
@@ -304,7 +307,17 @@ class MailTemplates:
 def _context(
     tenant: Tenant, links: list[dict[str, Any]], reminder: int, brand: Brand
 ) -> dict[str, Any]:
-    return {"tenant": tenant, **links[0], "links": links, "reminder": reminder, "brand": brand}
+    # A reconnect email when every link it carries is one (else the invitation, each
+    # reconnect link marked in the list).
+    reconnect = all(link["reconnect"] for link in links)
+    return {
+        "tenant": tenant,
+        **links[0],
+        "links": links,
+        "reminder": reminder,
+        "brand": brand,
+        "reconnect": reconnect,
+    }
 
 
 def _template_line(err: BaseException, template: Template) -> int | None:

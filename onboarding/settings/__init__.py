@@ -9,7 +9,7 @@ the variable, never the value):
                                 ONBOARD_STOP_AFTER
     smtp      SmtpSettings      ONBOARD_SMTP_*, ONBOARD_EMAIL_FROM
     connect   ConnectSettings   ONBOARD_CONNECT_*, checked with the brand
-    brand     BrandSettings     ONBOARD_BRAND_* (onboarding/inputs/brand.py, beside its checks)
+    brand     BrandSettings     ONBOARD_BRAND_* (brand.py, beside its checks)
     sender    SenderSettings    ONBOARD_EMAIL_FROM and ONBOARD_CONNECT_BASE_URL read leniently:
                                 what names the sender until ONBOARD_BRAND_NAME does
 
@@ -47,7 +47,7 @@ from onboarding.settings.smtp import (
 )
 
 if TYPE_CHECKING:
-    from onboarding.inputs.brand import BrandSettings, SenderSettings
+    from onboarding.settings.brand import BrandSettings, SenderSettings
 
 __all__ = [
     "API_KEY_NOT_SET",
@@ -136,13 +136,15 @@ class Settings:
 
     @property
     def brand(self) -> BrandSettings:
-        from onboarding.inputs.brand import BrandSettings
+        # Imported when first asked for: its checks (email addresses, the brand file's YAML)
+        # cost a command that reads no brand (`onboard status`) their import.
+        from onboarding.settings.brand import BrandSettings
 
         return self._section("brand", BrandSettings)
 
     @property
     def sender(self) -> SenderSettings:
-        from onboarding.inputs.brand import SenderSettings
+        from onboarding.settings.brand import SenderSettings
 
         return self._section("sender", SenderSettings)
 

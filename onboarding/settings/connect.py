@@ -22,7 +22,7 @@ class ConnectSettings(EnvSettings):
     ONBOARD_CONNECT_CONNECTING_GRACE_SECONDS (60): how old an unfinished claim must be before
     it is resolved by asking Versori (longer than any callback in flight).
 
-    The pages' brand (ONBOARD_BRAND_*, onboarding/inputs/brand.py) is checked with these when
+    The pages' brand (ONBOARD_BRAND_*, onboarding/settings/brand.py) is checked with these when
     the root reads them (`Settings.connect`): whoever reads them (`onboard connect-server`
     before its workers start, a run that emails links) stops on a bad brand setting as on a bad
     one of these (exit 2)."""

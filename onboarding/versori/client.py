@@ -59,6 +59,9 @@ _ACTIVATIONS: TypeAdapter[list[ActivationResponse] | None] = TypeAdapter(
 )
 
 _MAX_BODY_BYTES = 1 << 20
+# An environment's activations come in one unpaged array (ListActivations), ~1 KB each: room
+# for some 100,000 (1 MiB held 1,300 and stopped sync beyond them).
+_WHOLE_ENVIRONMENT_BYTES = 128 << 20
 # find_connection's lists: items asked for per page (Versori's maximum), and how many pages it
 # follows before it calls the list broken.
 PAGE_SIZE = 100
@@ -381,7 +384,8 @@ class VersoriClient:
     ) -> list[ActivationResponse]:
         """Every activation on an environment (ListActivations: one array)."""
         env = quote(environment_id, safe="")
-        return self._read_list(f"/o/{self._v2_org(organisation_id)}/environments/{env}/activations")
+        path = f"/o/{self._v2_org(organisation_id)}/environments/{env}/activations"
+        return self._read_list(path, max_bytes=_WHOLE_ENVIRONMENT_BYTES)
 
     def user_activations(
         self, organisation_id: str, environment_id: str, external_id: str
@@ -470,12 +474,15 @@ class VersoriClient:
         payload: dict[str, Any] | None = None,
         *,
         deadline: float | None = None,
+        max_bytes: int = _MAX_BODY_BYTES,
     ) -> tuple[int, httpx.Headers, bytes]:
         budget = self._budget(deadline)
-        return self._send(method, path, time.monotonic() + budget, budget, json=payload)
+        return self._send(
+            method, path, time.monotonic() + budget, budget, json=payload, max_bytes=max_bytes
+        )
 
-    def _read_list(self, path: str) -> list[ActivationResponse]:
-        status, headers, body = self._call("GET", path)
+    def _read_list(self, path: str, max_bytes: int = _MAX_BODY_BYTES) -> list[ActivationResponse]:
+        status, headers, body = self._call("GET", path, max_bytes=max_bytes)
         if not 200 <= status < 300:
             raise self._error_for(status, headers, body)
         try:
@@ -562,6 +569,7 @@ class VersoriClient:
         *,
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
+        max_bytes: int = _MAX_BODY_BYTES,
     ) -> tuple[int, httpx.Headers, bytes]:
         """One request within one of the `max_connections` slots; waiting for a slot counts
         against `deadline` (a monotonic time), as `budget` (its seconds) says in the error."""
@@ -571,7 +579,7 @@ class VersoriClient:
                 f"no free connection to Versori at {self.host} within {budget:g} s"
             )
         try:
-            return self._request_within(method, path, deadline, budget, json, params)
+            return self._request_within(method, path, deadline, budget, json, params, max_bytes)
         finally:
             self._slots.release()
 
@@ -583,6 +591,7 @@ class VersoriClient:
         budget: float,
         payload: dict[str, Any] | None,
         params: dict[str, str] | None,
+        max_bytes: int = _MAX_BODY_BYTES,
     ) -> tuple[int, httpx.Headers, bytes]:
         try:
             with self._http.stream(
@@ -597,7 +606,7 @@ class VersoriClient:
                                 f"Versori at {self.host} did not finish answering within "
                                 f"{budget:g} s"
                             )
-                        if len(body) > _MAX_BODY_BYTES:
+                        if len(body) > max_bytes:
                             raise APIError(
                                 response.status_code, "invalid_response", "response body too large"
                             )

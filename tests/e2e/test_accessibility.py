@@ -31,9 +31,10 @@ from starlette.routing import Route
 from connect_service import pages
 from connect_service.app import respond
 from demo.processes import free_port
-from onboarding.inputs.brand import Brand, BrandValues
+from onboarding.inputs.brand import Brand
 from onboarding.inputs.roster import Tenant
 from onboarding.mail import MailLink, MailTemplates
+from onboarding.settings.brand import BrandValues
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

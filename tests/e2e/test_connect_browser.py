@@ -29,11 +29,11 @@ from demo.connect_click import deliver_connect_link, write_connect_profile
 from demo.emulator import DEFAULT_API_KEY
 from demo.processes import base_env, child, free_port, wait_for_http
 from demo.smtp import LocalSmtpServer
-from onboarding.inputs.brand import BrandValues
 from onboarding.inputs.profile import load_profile
 from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Status
 from onboarding.mail import MailSender, MailTemplates
+from onboarding.settings.brand import BrandValues
 from onboarding.versori.client import VersoriClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

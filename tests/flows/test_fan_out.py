@@ -23,7 +23,7 @@ from prefect.client.schemas.filters import (
 
 import flows.batching.fan_out as fan_out_module
 import flows.onboard_chunk as chunk_module
-import onboarding.inputs.run_request as run_inputs_module
+import onboarding.batch.run_request as run_inputs_module
 from demo.emulator import DEFAULT_API_KEY, EmulatorServer
 from flows.batching.fan_out import split
 from flows.onboard_tenants import onboard_tenants

@@ -20,9 +20,9 @@ import flows.inputs.parameters as parameters
 import flows.onboard_tenants as flow_module
 from deployments.cli import app
 from flows.running.in_process import run_here
+from onboarding.batch.run_request import RunInputs, RunRequest, check_run
 from onboarding.clock import utcnow
 from onboarding.inputs.profile import load_profile
-from onboarding.inputs.run_request import RunInputs, RunRequest, check_run
 from onboarding.ledger import Ledger
 from onboarding.settings import Settings, load_settings
 

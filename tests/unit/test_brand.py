@@ -17,18 +17,12 @@ import pytest
 
 from connect_service import pages
 from onboarding.errors import InputError
-from onboarding.inputs.brand import (
-    UNNAMED,
-    Brand,
-    BrandValues,
-    brand_from_settings,
-    contrast_with_white,
-    default_name,
-)
+from onboarding.inputs.brand import UNNAMED, Brand, brand_from_settings, default_name
 from onboarding.inputs.profile import load_profile
 from onboarding.inputs.roster import Tenant
 from onboarding.mail import MailLink, MailTemplates, build_message
 from onboarding.settings import load_settings
+from onboarding.settings.brand import BrandValues, contrast_with_white
 from tests.unit.test_profile import BASE
 
 NOW = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)

@@ -29,11 +29,11 @@ from onboarding.batch.outcomes import StatusChange, TenantOutcome
 from onboarding.batch.retry_policy import RetryLater, Tries
 from onboarding.clock import utcnow
 from onboarding.errors import BadRequestError, ServerError, TransientMailError
-from onboarding.inputs.brand import BrandValues
 from onboarding.inputs.profile import ConnectorProfile, load_profile
 from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Record, Status
 from onboarding.mail import MailTemplates
+from onboarding.settings.brand import BrandValues
 from onboarding.versori.wire import InitialiseRequest, parse_additional_params
 
 pytestmark = pytest.mark.timeout(60)

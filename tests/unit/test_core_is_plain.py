@@ -48,7 +48,7 @@ def test_importing_every_core_module_loads_no_prefect() -> None:
         "onboarding.mail.sender",
         "onboarding.ledger.facade",
         "onboarding.batch.campaign",
-        "onboarding.inputs.run_request",
+        "onboarding.batch.run_request",
         "onboarding.versori.client",
         "onboarding.connections.durable_links",
     } <= set(report["imported"])

@@ -487,7 +487,11 @@ def test_serve_applies_every_schedule_off_and_says_how_to_turn_one_on() -> None:
     deployments = deployments_from_yaml(read_config())
     schedules = {f"{d.flow_name}/{d.name}": d.schedules or [] for d in deployments}
     scheduled = {name: [s.active for s in found] for name, found in schedules.items() if found}
-    assert scheduled == {"onboard-tenants/scheduled": [False], "remind-tenants/daily": [False]}
+    assert scheduled == {
+        "onboard-tenants/scheduled": [False],
+        "remind-tenants/daily": [False],
+        "sync-connections/sync": [False],
+    }
     lines = schedule_lines(deployments)
     assert lines[0] == "Schedules (from prefect.yaml):"
     assert any(

@@ -16,7 +16,7 @@ import pytest
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from onboarding.errors import InputError, Problem
-from onboarding.inputs.files import (
+from onboarding.files import (
     MAX_YAML_DEPTH,
     load_yaml_with_lines,
     problems_from_validation,

@@ -23,7 +23,6 @@ import trustme
 
 from demo.smtp import LocalSmtpServer
 from onboarding.errors import InputError, is_transient
-from onboarding.inputs.brand import BrandValues
 from onboarding.inputs.roster import Tenant
 from onboarding.mail import (
     MailAuthError,
@@ -38,6 +37,7 @@ from onboarding.mail import (
     message_id_for,
 )
 from onboarding.settings import SmtpSettings
+from onboarding.settings.brand import BrandValues
 from tests.smtp_server import (
     DROP,
     PASSWORD,

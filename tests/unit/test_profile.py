@@ -290,7 +290,7 @@ def test_unknown_key_names_the_closest_known_one(
 
 
 def test_a_key_under_a_mapping_gets_no_guess_from_the_top_level() -> None:
-    from onboarding.inputs.files import unknown_key
+    from onboarding.files import unknown_key
 
     assert unknown_key("scope", None) == "unknown key `scope`"
     assert unknown_key("scope", ConnectorProfile).endswith("did you mean `scopes`?")

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from deployments.cli import app
 from onboarding.batch.delivery import Delivery
+from onboarding.batch.run_request import RunInputs, RunRequest
+from onboarding.batch.run_request import check_run as check_run_with
 from onboarding.clock import utcnow
 from onboarding.errors import InputError
 from onboarding.inputs.profile import ConnectorProfile, load_profile, same_endpoint
-from onboarding.inputs.run_request import RunInputs, RunRequest
-from onboarding.inputs.run_request import check_run as check_run_with
 from onboarding.ledger import Ledger, Status
 from onboarding.settings import load_settings
 

@@ -12,10 +12,10 @@ import pytest
 
 from flows.inputs.parameters import HandOffError, given_inputs, run_inputs
 from onboarding.batch.delivery import Delivery
+from onboarding.batch.run_request import RunInputs, RunRequest, check_environment
+from onboarding.batch.run_request import check_run as check_run_with
 from onboarding.errors import InputError
 from onboarding.inputs.profile import load_profile
-from onboarding.inputs.run_request import RunInputs, RunRequest, check_environment
-from onboarding.inputs.run_request import check_run as check_run_with
 from onboarding.settings import load_settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from onboarding import constants
+from onboarding.batch.run_request import check_environment
 from onboarding.errors import InputError
-from onboarding.inputs.run_request import check_environment
 from onboarding.settings import (
     RetrySettings,
     Settings,

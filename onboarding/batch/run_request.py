@@ -4,7 +4,12 @@ too (a run started from the UI or the API); a run the CLI starts in its own proc
 the CLI's result explicitly (`flows.inputs.parameters.given_inputs`), so each profile is read
 and a URL roster downloaded once. The settings are the caller's (`onboarding.settings`, read
 once by the entry point). Loading an API key kept in a Prefect block, and a roster URL kept
-in one, is the flow layer's (`flows.inputs`)."""
+in one, is the flow layer's (`flows.inputs`).
+
+A whole run's inputs (its profiles, roster, mail templates and delivery) are the batch's
+concern, so this lives here, above `onboarding.inputs` and `onboarding.mail`. Checking them
+opens no ledger: the ledger URL's form is checked here, and whoever runs the batch opens the
+ledger once (an unreachable one is an InputError there, exit 2 from the CLI)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from onboarding import constants
 from onboarding.batch.delivery import Delivery
+from onboarding.db_url import check_url_form
 from onboarding.errors import InputError
 from onboarding.inputs.profile import FINISH_HINT, ConnectorProfile, load_profile
 from onboarding.inputs.roster import (
@@ -24,7 +30,6 @@ from onboarding.inputs.roster import (
     load_roster,
     open_roster_slice,
 )
-from onboarding.ledger import Ledger
 from onboarding.mail import MailTemplates
 from onboarding.settings import (
     API_KEY_NOT_SET,
@@ -84,8 +89,8 @@ def check_run(request: RunRequest, settings: Settings) -> RunInputs:
     """Check everything a run needs, in the order a person fixes it: the environment
     (`settings`, the caller's root), the profiles (several make a campaign: each connector
     once), the mail settings and templates when mail goes out, the roster with the columns
-    those templates read, the ledger, and an API key (or the name of its block) when Versori
-    is called. Raises InputError."""
+    those templates read, the ledger's URL (its form: the ledger is not opened here), and an
+    API key (or the name of its block) when Versori is called. Raises InputError."""
     check_environment(settings)
     if not request.profiles:
         raise InputError("profile: give at least one connector profile")
@@ -124,7 +129,7 @@ def check_run(request: RunRequest, settings: Settings) -> RunInputs:
         roster = load_inline_roster(request.tenants, profiles, request.only, needs)
     elif not request.reminders:
         raise InputError("give either `roster` (a file or URL) or `tenants` (inline)")
-    Ledger(settings.ledger.db_url).close()
+    check_url_form(settings.ledger.db_url)
     if not request.dry_run:
         check_api_key_is_set(settings.versori)
     return RunInputs(request, profiles, templates, roster)

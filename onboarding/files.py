@@ -1,7 +1,7 @@
-"""Reading an operator's files safely (profiles, rosters, templates' folders): only under the
-allowed folder, only regular files of a bounded size, YAML without aliases and of bounded
-depth and size, and every failure an InputError that names the file and line without quoting
-what the file holds."""
+"""Reading an operator's files safely (profiles, rosters, templates' folders, the brand file):
+only under the allowed folder, only regular files of a bounded size, YAML without aliases and
+of bounded depth and size, and every failure an InputError that names the file and line without
+quoting what the file holds. Used by the settings (the brand file) and the inputs alike."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from yaml.composer import Composer
 
 from onboarding.errors import InputError, Problem
 
-# Bounds on any YAML this package reads (profiles, YAML rosters): no aliases at all (an alias
-# bomb expands a few hundred bytes into millions of values), at most MAX_YAML_DEPTH levels of
-# nesting (deeper would exhaust the stack) and `max_nodes` values (each costs memory).
+# Bounds on any YAML the core reads (profiles, YAML rosters, the brand file): no aliases at all
+# (an alias bomb expands a few hundred bytes into millions of values), at most MAX_YAML_DEPTH
+# levels of nesting (deeper would exhaust the stack) and `max_nodes` values (each costs memory).
 MAX_YAML_DEPTH = 32
 
 # libyaml's scanner and parser where installed (several times faster), with this module's own
