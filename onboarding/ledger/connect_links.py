@@ -550,11 +550,14 @@ def _counted(what: str, when: datetime) -> dict[str, Any]:
 
 def funnel_lines(funnel: Funnel) -> str:
     """A funnel in one line: `linked 25 → delivered 23 (92%) → opened 3 (12%) → started 2 (8%)
-    → connected 1 (4%); declined 0, failed 2; fetched by a scanner only 5`."""
+    → connected 1 (4%) → activated 1 (4%); declined 0, failed 2; broken 0, disconnected 1;
+    fetched by a scanner only 5` (broken and disconnected only when there are some)."""
     parts = [f"linked {funnel.linked}"]
     for stage in Funnel.STAGES[1:]:
         parts.append(f"{stage} {getattr(funnel, stage)} ({funnel.share(stage):.0%})")
     line = " → ".join(parts) + f"; declined {funnel.declined}, failed {funnel.failed}"
+    if funnel.broken or funnel.disconnected:
+        line += f"; broken {funnel.broken}, disconnected {funnel.disconnected}"
     if funnel.fetched:
         line += f"; fetched, not opened {funnel.fetched} (a mail scanner, or no script)"
     return line

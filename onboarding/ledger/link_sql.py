@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, Insert, String, bindparam, case, func, select
 
-from onboarding.ledger.schema import HELD_STATUSES, records, superseded_links
+from onboarding.ledger.schema import HELD_STATUSES, LOST_STATUSES, records, superseded_links
 
 # What record_link writes, keys first.
 _LINK_COLUMNS = (
@@ -44,6 +44,7 @@ def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
     new values to them."""
     stamp = DateTime(timezone=True)
     connected = records.c.status.in_([s.value for s in HELD_STATUSES])
+    lost = records.c.status.in_([s.value for s in LOST_STATUSES])
 
     def leaving(name: str, type_: Any) -> Any:
         """A column of the state that leaves: the current one; for a connected tenant (whose
@@ -85,6 +86,8 @@ def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
             # A caller that does not know the tenant's fields keeps the stored ones.
             "tenant_fields": func.coalesce(insert.excluded.tenant_fields, records.c.tenant_fields),
             "attempts": records.c.attempts + 1,
+            # A broken or disconnected tenant stays so while its reconnect link is out.
+            "status": case((lost, records.c.status), else_=insert.excluded.status),
         },
         where=~connected,
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, select
+from sqlalchemy import Case, case, select
 
 from onboarding.clock import utcnow
 from onboarding.ledger.database import Database, Repository
@@ -171,9 +171,14 @@ class TenantRecords(RecordQueries, Repository):
     ) -> bool:
         """Written before the SMTP transaction: a row left `sending` marks the one window in
         which a crash can lead to a second copy of the same message (same Message-ID).
-        False, and nothing written, when the tenant is connected or holds another state."""
+        False, and nothing written, when the tenant is connected or holds another state. A
+        broken or disconnected tenant keeps its status (its Message-ID is still written)."""
         return self._update(
-            tenant_id, connector_id, state, status=Status.SENDING.value, message_id=message_id
+            tenant_id,
+            connector_id,
+            state,
+            status=_unless_lost(Status.SENDING),
+            message_id=message_id,
         )
 
     def mark_reminded(
@@ -189,10 +194,7 @@ class TenantRecords(RecordQueries, Repository):
         A reconnect email leaves a broken or disconnected tenant so (its connection still does
         not work)."""
         sent: dict[str, Any] = _sent(Status.REMINDED, channel, utc(at or utcnow()))
-        lost = [s.value for s in LOST_STATUSES]
-        sent["status"] = case(
-            (records.c.status.in_(lost), records.c.status), else_=Status.REMINDED.value
-        )
+        sent["status"] = _unless_lost(Status.REMINDED)
         return self._update(
             tenant_id, connector_id, state, **sent, reminders=records.c.reminders + 1
         )
@@ -307,6 +309,13 @@ def _sent(status: Status, channel: str, at: datetime) -> dict[str, Any]:
         "error_code": None,
         "error_message": None,
     }
+
+
+def _unless_lost(status: Status) -> Case[str]:
+    """`status`, unless the row is broken or disconnected: it stays so (its connection still
+    does not work) while its reconnect email goes out."""
+    lost = [s.value for s in LOST_STATUSES]
+    return case((records.c.status.in_(lost), records.c.status), else_=status.value)
 
 
 def _connected(connection_id: str | None, at: datetime) -> dict[str, Any]:

@@ -309,7 +309,9 @@ def _context(
 ) -> dict[str, Any]:
     # A reconnect email when every link it carries is one (else the invitation, each
     # reconnect link marked in the list).
-    reconnect = all(link["reconnect"] for link in links)
+    # Its reason: "broken" when any of them is (said more precisely), else "disconnected".
+    reasons = {link["reconnect"] for link in links}
+    reconnect = "" if "" in reasons else ("broken" if "broken" in reasons else "disconnected")
     return {
         "tenant": tenant,
         **links[0],

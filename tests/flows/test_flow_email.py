@@ -295,3 +295,47 @@ def test_secrets_from_prefect_blocks(
     assert state == "FAILED" and "no EmailServerCredentials block named 'no-such-block'" in str(
         result
     )
+
+
+def test_broken_and_disconnected_tenants_get_a_reconnect_email_and_stay_so(
+    tmp_path: Path, ledger: Ledger, smtp: SmtpTestServer, emulator: Any
+) -> None:
+    """What sync found (a credential broken, a connection gone) is what `onboard remind`
+    writes to: a reconnect email of its own ("... stopped working"), through the same links;
+    their status stays broken / disconnected until the tenant connects again."""
+    path = roster(tmp_path, ["Broken Co", "Gone Co", "Fine Co"])
+    assert onboard(path)[0] == "COMPLETED"
+    with ledger.engine.begin() as conn:
+        long_ago = utcnow() - timedelta(days=30)
+        for tenant, status, reason, connection in (
+            ("t1", Status.BROKEN, "broken", "01M8F12B95S4BX0QFB3TPDWZ2A"),
+            ("t2", Status.DISCONNECTED, "disconnected", None),
+            ("t3", Status.ACTIVATED, None, "01M8F12B95S4BX0QFB3TPDWZ2C"),
+        ):
+            conn.execute(
+                update(records)
+                .where(records.c.tenant_id == tenant)
+                .values(
+                    status=status.value,
+                    reconnect_of=reason,
+                    connection_id=connection,
+                    reminders=0,
+                    last_sent_at=long_ago,
+                    expires_at=long_ago,
+                )
+            )
+    before = len(smtp.messages)
+    state, summary = remind(after_hours=1, max_reminders=1)
+    assert state == "COMPLETED", summary
+    assert sorted(o["tenant_id"] for o in summary["outcomes"]) == ["t1", "t2"]
+    mailed = {str(r.message()["To"]): r.message() for r in smtp.messages[before:]}
+    assert set(mailed) == {"admin1@t1.example.com", "admin2@t2.example.com"}
+    broken = mailed["admin1@t1.example.com"]
+    assert "connection for Broken Co stopped working" in str(broken["Subject"])
+    [text] = body_text(smtp, "admin1@t1.example.com")[-1:]
+    assert "no longer accepts its sign-in" in " ".join(text.split())
+    t1, t2 = ledger.get("t1", CONNECTOR), ledger.get("t2", CONNECTOR)
+    assert t1 is not None and t1.status is Status.BROKEN and t1.reminders == 1
+    assert t1.connection_id == "01M8F12B95S4BX0QFB3TPDWZ2A", "kept: the reconnect updates it"
+    assert t2 is not None and t2.status is Status.DISCONNECTED
+    assert ledger.get("t3", CONNECTOR).status is Status.ACTIVATED  # type: ignore[union-attr]
