@@ -75,7 +75,8 @@ def demo_command(
                 highlight=False,
             )
             emulator_url = os.environ["VERSORI_BASE_URL"]
-            for line in connect_demo.connect_one(stage, Path(roster), emulator_url, "t001"):
+            acts = connect_demo.connect_one(stage, Path(roster), emulator_url, "t001", "t002")
+            for line in acts:
                 out.print(line, highlight=False, soft_wrap=True)
         out.print(
             f"\nWhere to look next:\n"

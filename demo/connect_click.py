@@ -130,6 +130,7 @@ def deliver_connect_link(
     *,
     mailer: MailSender | None = None,
     templates: MailTemplates | None = None,
+    reconnect: str = "",
 ) -> str:
     """What a batch does for one tenant once ONBOARD_CONNECT_BASE_URL is set: a checked link
     from Versori recorded (a state, as today), then a durable connect link issued and, with a
@@ -177,6 +178,7 @@ def deliver_connect_link(
                     display_name=profile.display_name,
                     access=tuple(profile.access),
                     brand=profile.brand,
+                    reconnect=reconnect,
                 )
             ],
             email_from=mailer.email_from,

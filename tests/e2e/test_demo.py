@@ -50,7 +50,7 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
         message_from_bytes(p.read_bytes(), policy=email.policy.default)
         for p in sorted((output / "mail").glob("*.eml"))
     ]
-    assert len(messages) == 49
+    assert len(messages) == 51  # + the connect act: t001, t002 and t002's reconnect email
     campaign = messages[23:48]
     assert len({str(m["To"]) for m in campaign}) == 25  # one email per tenant
     # "<who asks> would like to connect to your <connectors> for <tenant>"
@@ -62,14 +62,21 @@ def test_the_demo_onboards_the_roster_then_runs_a_two_connector_campaign(
     # Each connector by its display_name (the profile's name made readable).
     assert subjects == {"Slack Demo": 24, "Zendesk Demo and Slack Demo": 1}
 
-    # Last, t001 connects through a durable link emailed to it, and the funnel is printed.
+    # Last, t001 connects through a durable link emailed to it and is activated; t002 too, then
+    # its credential breaks, sync finds it, a reconnect email goes out and its click updates the
+    # same connection; the funnel is printed.
     assert "callback: 'Acme Corp is connected to Acme Crm'" in done.stdout
+    assert "`onboard sync` found it broken; a reconnect email went out" in done.stdout
+    assert "The same connection, updated in place." in done.stdout
     assert (
-        "acme-crm: linked 1 → delivered 1 (100%) → opened 1 (100%) → started 1 (100%) → connected 1"
-        in done.stdout
+        "acme-crm: linked 2 → delivered 2 (100%) → opened 2 (100%) → started 2 (100%) → "
+        "connected 2 (100%) → activated 2 (100%)" in done.stdout
     )
     text = messages[48].get_body(preferencelist=("plain",))
     assert text is not None and "/c/" in str(text.get_content())
-    record = ledger.get("t001", CRM)
-    assert record is not None and record.status.value == "connected" and record.connection_id
+    reconnect = messages[-1]
+    assert "Acme Crm connection for Globex stopped working" in str(reconnect["Subject"])
+    for tenant in ("t001", "t002"):
+        record = ledger.get(tenant, CRM)
+        assert record is not None and record.status.value == "activated" and record.connection_id
     ledger.close()
