@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from deployments import connect_cli
+from deployments import connect_cli, sync_cli
 from deployments.automations_cli import automations_app
 from deployments.cli_output import (
     connector_label,
@@ -561,6 +561,7 @@ def export(
 
 app.command("connect-server")(connect_cli.connect_server)
 app.command()(connect_cli.revoke)
+app.command("sync")(sync_cli.sync)
 
 
 def main() -> None:  # pragma: no cover - console script entry

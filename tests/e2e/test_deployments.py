@@ -180,6 +180,12 @@ def test_served_deployments_match_prefect_yaml(stack: dict[str, Any]) -> None:
     assert schedule["active"] is False, "shipped off: it would email examples/tenants.csv"
     for name in ("onboard-tenants/manual", "remind-tenants/daily", "record-connection/callback"):
         assert httpx.get(f"{api}/deployments/name/{name}").status_code == 200
+    sync = httpx.get(f"{api}/deployments/name/sync-connections/sync").json()
+    (hourly,) = sync["schedules"]
+    assert hourly["schedule"]["cron"] == "15 * * * *" and hourly["active"] is False
+    assert sync["parameters"] == {"profile": "examples/profile-connect.yaml"}
+    assert sync["global_concurrency_limit"]["limit"] == 1
+    assert sync["parameter_openapi_schema"]["properties"]["concurrency"]["maximum"] == 64
     manual = httpx.get(f"{api}/deployments/name/onboard-tenants/manual").json()
     form = manual["parameter_openapi_schema"]
     assert form["properties"]["dry_run"]["type"] == "boolean"
@@ -221,6 +227,7 @@ def test_prefect_deploy_all_onto_a_process_work_pool(stack: dict[str, Any]) -> N
         "daily",
         "chunks",
         "callback",
+        "sync",
     }
     scheduled = httpx.get(f"{api}/deployments/name/onboard-tenants/scheduled").json()
     assert [s["active"] for s in scheduled["schedules"]] == [False]
