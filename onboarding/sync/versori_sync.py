@@ -128,8 +128,9 @@ def sync(
             client = client_for(group[0])
             activations = reader.activations(client, org, env)
             templates = {p.target_id: str(p.connection_template_id) for p in group}
+            names = {p.target_id: p.name for p in group}
             report.activations += _activate_ready(
-                ledger, client, org, env, templates, activations, now(), reader.concurrency
+                ledger, client, org, env, templates, names, activations, now(), reader.concurrency
             )
     report.versori_calls = sum(c.calls for c in {id(c): c for c in clients}.values())
     report.finished_at = now()
@@ -145,7 +146,9 @@ def _sync_profile(
     at: datetime,
 ) -> ProfileSync:
     result = ProfileSync(profile.name, profile.target_id, profile.api)
-    records = list(ledger.iter_records(profile.target_id))
+    # This profile's tenants only: another profile of the same system (another template or
+    # environment) keeps its own (a renamed profile finds none of its old name's).
+    records = [r for r in ledger.iter_records(profile.target_id) if r.profile == profile.name]
     result.tenants = len(records)
     seen = (
         _seen_v2(records, profile, client, reader, at)
@@ -271,6 +274,7 @@ def _activate_ready(
     org: str,
     env: str,
     templates: dict[str, str],
+    names: dict[str, str],
     activations: list[ActivationResponse],
     at: datetime,
     concurrency: int = 1,
@@ -281,6 +285,8 @@ def _activate_ready(
     tenants: dict[str, list[Held]] = {}
     for connector_id in templates:
         for record in ledger.iter_records(connector_id):
+            if record.profile != names[connector_id]:
+                continue
             tenants.setdefault(record.tenant_id, []).append(held_of(record))
     ready = [
         wanted

@@ -204,3 +204,14 @@ def test_a_refused_activation_is_noted_and_tried_again(ledger_url: str) -> None:
         assert status(ledger, "t1")[0] is Status.ACTIVATED
         stage.close()
 
+
+
+def test_a_profile_syncs_only_the_tenants_it_wrote(ledger_url: str, stage: Stage) -> None:
+    """Two profiles of one system (say staging and production templates): a sync of one never
+    touches the other's tenants, whose connection it would not find."""
+    with Ledger(ledger_url) as ledger:
+        linked(ledger, "theirs", name="crm-staging")
+        ledger.mark_connected("theirs", CRM, connection_id="01M8F12B95S4BX0QFB3TPDWZ9Z", at=NOW)
+        report = run(ledger, stage)
+        assert report.changes == [] and report.profiles[0].tenants == 0
+        assert status(ledger, "theirs") == (Status.CONNECTED, "01M8F12B95S4BX0QFB3TPDWZ9Z")
