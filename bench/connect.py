@@ -12,10 +12,16 @@ page (GET), its button (POST: initialise, 50 ms), the consent page and its Allow
 callback (CreateConnection, 50 ms). Per configuration it reports
 
     clicks/s          clicks completed per second of the whole stretch
-    service ms        the time of the service's three answers in a click (p50 / p99)
+    service ms        the time of the service's three answers in a click (p50 / p95 / p99)
     emulator ms       the emulator's own time for the two calls a click makes, measured in
-                      the same run from this process at the same concurrency (p50 / p99)
-    added ms          service minus emulator (p50 / p99), and service / emulator
+                      the same run from this process at the same concurrency (p50 / p95 / p99)
+    added ms          service minus emulator (p50 / p95 / p99), and service / emulator
+    CPU ms/click      the service's CPU time (user + system, its processes and their
+                      children, read from /proc before and after the clicks) per click
+
+The page's beacon (POST /c/<token>/seen, which its script sends once the page is shown) is
+part of a click, as in a browser: its CPU counts, its time does not (the person is reading
+the page meanwhile). `--no-beacon` leaves it out, as this benchmark's clicks did before.
 
 The client is Python threads on the same 2-core machine as the server and the emulator: the
 figures are a floor for the service, not a ceiling.
@@ -65,23 +71,57 @@ class Result:
     seconds: float
     service_ms: list[float]
     emulator_ms: list[float]
+    cpu_seconds: float
 
     def line(self) -> str:
         s, e = pct(self.service_ms), pct(self.emulator_ms)
-        added = (s[0] - e[0], s[1] - e[1])
+        added = tuple(a - b for a, b in zip(s, e, strict=True))
         return (
             f"connect workers={self.workers}: {self.clicks / self.seconds:.1f} clicks/s "
             f"({self.connected}/{self.clicks} connected in {self.seconds:.1f} s); "
-            f"service p50 {s[0]:.0f} ms p99 {s[1]:.0f} ms; emulator p50 {e[0]:.0f} ms "
-            f"p99 {e[1]:.0f} ms; added p50 {added[0]:.0f} ms p99 {added[1]:.0f} ms "
-            f"(x{s[0] / e[0]:.2f} / x{s[1] / e[1]:.2f})"
+            f"service p50 {s[0]:.0f} ms p95 {s[1]:.0f} ms p99 {s[2]:.0f} ms; "
+            f"emulator p50 {e[0]:.0f} ms p95 {e[1]:.0f} ms p99 {e[2]:.0f} ms; "
+            f"added p50 {added[0]:.1f} ms p95 {added[1]:.1f} ms p99 {added[2]:.1f} ms "
+            f"(x{s[0] / e[0]:.2f} / x{s[2] / e[2]:.2f}); "
+            f"service CPU {1000 * self.cpu_seconds / self.clicks:.1f} ms/click"
         )
 
 
-def pct(values: list[float]) -> tuple[float, float]:
+def pct(values: list[float]) -> tuple[float, float, float]:
+    """p50, p95, p99."""
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return statistics.median(ordered), p99
+
+    def at(share: float) -> float:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+    return statistics.median(ordered), at(0.95), at(0.99)
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and its descendants (uvicorn's workers),
+    from /proc: what the service has spent so far."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # After the command's closing parenthesis: state, ppid, ..., utime (14th), stime.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    tree, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        tree.add(current)
+        todo.extend(child for child, parent in parents.items() if parent == current)
+    return sum(ticks.get(p, 0) for p in tree) / _TICK
 
 
 def schema_url(schema: str) -> str:
@@ -112,6 +152,8 @@ def seed(ledger: Ledger, profile: ConnectorProfile, path: Path, base: str, n: in
 
 
 _local = threading.local()
+# Whether a click sends the page's beacon, as a browser running its script does.
+BEACON = True
 
 
 def _http() -> httpx.Client:
@@ -124,6 +166,13 @@ def _http() -> httpx.Client:
     return http
 
 
+def _drop_http() -> None:
+    http: httpx.Client | None = getattr(_local, "http", None)
+    if http is not None:
+        http.close()
+        _local.http = None
+
+
 def click(link: str) -> tuple[float, bool]:
     """One admin's click; the time of the service's three answers, and whether it connected."""
     http = _http()
@@ -133,6 +182,8 @@ def click(link: str) -> tuple[float, bool]:
     found = CSRF_PATTERN.search(page.text)
     if found is None:
         return t1 - t0, False
+    if BEACON and "<script>" in page.text:  # the page's beacon, as its script sends it
+        http.post(f"{link}/seen", data={"csrf": found.group(1)})
     t2 = time.perf_counter()
     pressed = http.post(link, data={"csrf": found.group(1)})
     t3 = time.perf_counter()
@@ -202,17 +253,26 @@ def run(workers: int, clicks: int, concurrency: int, latency_ms: float, work: Pa
             path = write_connect_profile(work / "bench.yaml", emulator, f"{base}/callback")
             profile = load_profile(path)
             ledger = Ledger(url)
-            links = seed(ledger, profile, path, base, clicks)
+            # Besides the clicks measured, a whole click per worker first (4 at least), each
+            # on a connection of its own: every worker's first requests (imports, the
+            # Versori client, each statement compiled once) are start-up, not a click's.
+            warm = max(4, 2 * workers)
+            links = seed(ledger, profile, path, base, clicks + warm)
+            warm_links, links = links[:warm], links[warm:]
             own = emulator_own(emulator, profile, clicks, concurrency)
             with child(server_cmd, env, work / f"connect-{workers}.log") as server:
                 wait_for_http(f"{base}/healthz", proc=server, found=True, timeout=60)
-                for link in links[:4]:  # every worker's first request (imports, pools)
-                    httpx.get(link.replace("/c/", "/c/warm"))
+                for link in warm_links:
+                    assert click(link)[1], "a warm-up click did not connect"
+                    _drop_http()  # the next on a new connection: another worker, perhaps
+                cpu_before = cpu_seconds(server.pid)
                 started = time.perf_counter()
                 with ThreadPoolExecutor(concurrency) as pool:
                     done = list(pool.map(click, links))
                 seconds = time.perf_counter() - started
-            connected = ledger.counts_by_status(profile.target_id).get(Status.CONNECTED.value, 0)
+                cpu = cpu_seconds(server.pid) - cpu_before
+            held = ledger.counts_by_status(profile.target_id).get(Status.CONNECTED.value, 0)
+            connected = held - warm
             ledger.close()
     finally:
         with admin.begin() as conn:
@@ -220,7 +280,7 @@ def run(workers: int, clicks: int, concurrency: int, latency_ms: float, work: Pa
         admin.dispose()
     ok = sum(1 for _, fine in done if fine)
     assert ok == connected, f"{ok} clicks ended connected, the ledger has {connected}"
-    return Result(workers, clicks, connected, seconds, [t * 1000 for t, _ in done], own)
+    return Result(workers, clicks, connected, seconds, [t * 1000 for t, _ in done], own, cpu)
 
 
 def main() -> int:
@@ -229,7 +289,10 @@ def main() -> int:
     parser.add_argument("--clicks", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--no-beacon", action="store_true", help="clicks without the beacon")
     args = parser.parse_args()
+    global BEACON
+    BEACON = not args.no_beacon
     with tempfile.TemporaryDirectory(prefix="bench-connect-") as tmp:
         for workers in args.workers or [1, 2, 4]:
             result = run(workers, args.clicks, args.concurrency, args.latency_ms, Path(tmp))

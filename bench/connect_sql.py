@@ -8,8 +8,11 @@ In-process (the service's app under Starlette's TestClient, the emulator on a th
 in a fresh schema of the PostgreSQL at ONBOARD_BENCH_PG): each tenant's click is the link page
 (GET), the page's beacon when the page has one (POST /c/<token>/seen), the button (POST), the
 provider's consent, and the callback. A SQLAlchemy listener counts the statements each request
-sends to the ledger (BEGIN/COMMIT are not statements). `--project` measures another checkout
-of this project with this same script, so two versions are counted the same way.
+sends to the ledger (BEGIN/COMMIT are not statements); apart, the pool's pings (a `SELECT 1`
+round trip before a connection is used, which no statement event sees). The ledger is opened
+as `onboard connect-server` opens it (its pings only for a connection idle a while, where the
+checkout has that setting). `--project` measures another checkout of this project with this
+same script, so two versions are counted the same way.
 """
 
 from __future__ import annotations
@@ -52,18 +55,37 @@ def main() -> None:
     from onboarding.ledger import Ledger
     from onboarding.versori.client import VersoriClient
 
+    def served_ledger(url: str) -> Ledger:
+        """The ledger as the server opens it (connect_service/app.py's app_from_env)."""
+        try:
+            from connect_service.app import LEDGER_PING_IDLE_SECONDS
+            from onboarding.ledger import Database
+        except ImportError:  # a checkout from before: a ping at every checkout
+            return Ledger(url)
+        return Ledger(Database(url, ping_idle=LEDGER_PING_IDLE_SECONDS))
+
     admin = create_engine(PG)
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     with admin.begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     url = make_url(PG).update_query_dict({"options": f"-csearch_path={schema}"})
-    ledger = Ledger(url.render_as_string(hide_password=False))
+    ledger = served_ledger(url.render_as_string(hide_password=False))
     counts: Counter[str] = Counter()
+    pings: Counter[str] = Counter()
     phase = ["setup"]
 
     @event.listens_for(ledger.engine, "before_cursor_execute")
     def count(*_: Any) -> None:
         counts[phase[0]] += 1
+
+    dialect = ledger.engine.dialect
+    real_ping = dialect.do_ping
+
+    def ping(dbapi_connection: Any) -> bool:
+        pings[phase[0]] += 1
+        return bool(real_ping(dbapi_connection))
+
+    dialect.do_ping = ping  # type: ignore[method-assign]
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / schema
     tmp.mkdir(parents=True)
@@ -124,14 +146,15 @@ def main() -> None:
         admin.dispose()
 
     clicks = args.clicks
-    print(f"{args.project.resolve()}: {clicks} clicks, SQL statements per click")
-    total = 0.0
+    print(f"{args.project.resolve()}: {clicks} clicks, SQL statements (and pool pings) per click")
+    total = total_pings = 0.0
     for name in ("link page (GET)", "beacon (POST /seen)", "button (POST)", "callback"):
         if name in counts:
-            per = counts[name] / clicks
+            per, per_ping = counts[name] / clicks, pings[name] / clicks
             total += per
-            print(f"  {name:<22} {per:5.1f}")
-    print(f"  {'a click in all':<22} {total:5.1f}")
+            total_pings += per_ping
+            print(f"  {name:<22} {per:5.1f}   ({per_ping:.1f} pings)")
+    print(f"  {'a click in all':<22} {total:5.1f}   ({total_pings:.1f} pings)")
 
 
 if __name__ == "__main__":

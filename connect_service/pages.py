@@ -44,7 +44,13 @@ def forget_brand(token: contextvars.Token[Brand | None]) -> None:
 def current_brand(brand: Brand | None = None) -> Brand:
     """`brand`, else the request's (use_brand), else an unnamed one (the app passes the
     service's brand to every page it makes outside a request's `use_brand`)."""
-    return brand or _BRAND.get() or Brand.of()
+    return brand or _BRAND.get() or _unnamed()
+
+
+@functools.cache
+def _unnamed() -> Brand:
+    """The unnamed brand (a constant): made once, not for every answer without a page."""
+    return Brand.of()
 
 
 def _style(color: str) -> str:
@@ -93,8 +99,13 @@ def security_headers(
     may end up at (the provider's, after the button's redirect: browsers hold a form's
     redirects to form-action too). `beacon`: the page runs its beacon script (its hash
     allowed, and fetches to this origin only). `brand`: the page's (see current_brand): its
-    style block's hash, and its logo's origin as the only img-src (none without a logo)."""
-    shown = current_brand(brand)
+    style block's hash, and its logo's origin as the only img-src (none without a logo).
+    A new dict each time (callers add to it), copied from one made once per kind."""
+    return dict(_security_headers(tuple(form_targets), beacon, current_brand(brand)))
+
+
+@functools.lru_cache(maxsize=256)
+def _security_headers(form_targets: tuple[str, ...], beacon: bool, shown: Brand) -> dict[str, str]:
     form_action = " ".join(("'self'", *form_targets))
     script = f"script-src 'sha256-{_BEACON_HASH}'; connect-src 'self'; " if beacon else ""
     image = f"img-src {shown.logo_origin}; " if shown.logo_origin else ""

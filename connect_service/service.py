@@ -60,6 +60,7 @@ from onboarding.ledger import (
     ConnectState,
     Ledger,
     Record,
+    SeenLink,
     StateOutcome,
     Status,
     state_digest,
@@ -164,25 +165,29 @@ class ConnectService:
         """The link, or the page that refuses it. Unknown and revoked take the same path to
         the same page: one indexed read, no other work."""
         link = self.ledger.find_connect_link(token) if _plausible(token) else None
-        if link is None or link.revoked_at is not None:
-            return None, pages.invalid_link()
-        if link.expires_at <= self._clock():
-            return None, pages.expired_link()
-        return link, None
+        refused = _refusal(link, self._clock())
+        return (None, refused) if refused is not None else (link, None)
 
     @_branded
     def show_link(self, token: str) -> Page:
         """GET (or HEAD) /c/<token>: the page with its button. Counts a fetch, not an open:
         mail scanners fetch every link of a message. The page's own script reports a person
-        (`note_seen`). Mints nothing."""
-        link, refused = self._live_link(token)
-        if link is None:
+        (`note_seen`). Mints nothing. One statement: the link, its tenant's record and the
+        fetch counted with them (ConnectLinks.view_link)."""
+        if not _plausible(token):
+            return pages.invalid_link()
+        now = self._clock()
+        view = self.ledger.view_link(token, now)
+        refused = _refusal(view.link, now)
+        if refused is not None or view.link is None:
             return refused or pages.invalid_link()
-        found = self._context(link)
+        link = view.link
+        found = self._context(link, view.record, view.unfinished)
         if isinstance(found, Page):
             return found
         profile, record = found
-        self.ledger.note_link_fetched(link, self._clock())
+        if not view.counted:  # a claim of the tenant's was resolved first (_settle_tenant)
+            self.ledger.note_link_fetched(link, now)
         authorize = profile.render(tenant_of(record).values).authorize_url
         return pages.link_page(
             record.tenant_name,
@@ -195,16 +200,18 @@ class ConnectService:
     def note_seen(self, token: str, csrf: str, *, cross_site: bool) -> Page:
         """POST /c/<token>/seen, sent by the link page's own script once it is shown: a
         person opened the link (status `opened`, an event). Same-origin, with the page's CSRF
-        value; answers 204 whatever happened (nothing to show)."""
-        link, _ = self._live_link(token)
-        if link is None or cross_site or not _same(csrf, link.csrf):
+        value; answers 204 whatever happened (nothing to show). One statement: the open
+        counted and the status moved only for a live link and its own CSRF value
+        (ConnectLinks.note_seen); the status only from a waiting one (never from connected,
+        declined, failed)."""
+        if cross_site or not _plausible(token):
             return pages.no_content()
-        # The status moves only from a waiting one (never from connected, declined, failed).
-        if self.ledger.note_link_opened(link, self._clock()):
-            profile = self._profile(link.profile_path, link.connector_id)
+        seen = self.ledger.note_seen(token, csrf, self._clock())
+        if seen is not None and seen.opened:
+            profile = self._profile(seen.profile_path, seen.connector_id)
             if profile is not None:
-                self._event(link, profile, Status.OPENED)
-            log.info("tenant %s opened its link", link.tenant_id)
+                self._event(seen, profile, Status.OPENED)
+            log.info("tenant %s opened its link", seen.tenant_id)
         return pages.no_content()
 
     @_branded
@@ -218,19 +225,32 @@ class ConnectService:
         https: bool = False,
     ) -> Page:
         """POST /c/<token>: a new state from Versori, recorded and bound to this browser, and a
-        303 to the provider. `browser`: the binding cookie the request carried, if any."""
-        link, refused = self._live_link(token)
-        if link is None:
+        303 to the provider. `browser`: the binding cookie the request carried, if any. Two
+        statements: the link and its tenant read with the mint counted (press_link), and
+        the new state recorded (record_minted_link)."""
+        if not _plausible(token):
+            return pages.invalid_link()
+        now = self._clock()
+        if cross_site:  # refused, but as a page that says what the link is
+            link, refused = self._live_link(token)
+            return refused or pages.forbidden_form()
+        view = self.ledger.press_link(token, csrf, self.mints_per_hour, MINT_WINDOW, now)
+        refused = _refusal(view.link, now)
+        if refused is not None or view.link is None:
             return refused or pages.invalid_link()
-        if cross_site or not _same(csrf, link.csrf):
+        link = view.link
+        if not _same(csrf, link.csrf):
             return pages.forbidden_form()
-        found = self._context(link)
+        found = self._context(link, view.record, view.unfinished)
         if isinstance(found, Page):
             return found
         profile, record = found
-        # take_mint counts the press as an open too: a press is a person.
-        if not self.ledger.take_mint(link, self.mints_per_hour, MINT_WINDOW, self._clock()):
-            return pages.too_many_tries(_minutes_left(link, self._clock()))
+        # take_mint: the limit reached, or a claim of the tenant's resolved first. A mint
+        # counts the press as an open too: a press is a person.
+        if not view.counted and not self.ledger.take_mint(
+            link, self.mints_per_hour, MINT_WINDOW, now
+        ):
+            return pages.too_many_tries(_minutes_left(link, now))
         tenant = tenant_of(record)
         try:
             request = profile.render(tenant.values)
@@ -288,31 +308,44 @@ class ConnectService:
         self, answer: CallbackAnswer, retry_token: str | None, browser: str | None = None
     ) -> Page:
         """GET /callback: the provider's answer for one state. `retry_token`: the link this
-        browser came from (its cookie); `browser`: its binding cookie."""
+        browser came from (its cookie); `browser`: its binding cookie. One statement reads
+        the state, its tenant and their profile, and claims the state when nothing refuses
+        it (ConnectStates.callback_view); one more records what Versori made."""
         if not answer.state or not (answer.code or answer.error):
             return pages.callback_refused("missing")
-        bound = self.ledger.find_state(answer.state)
-        if bound is not None:
-            refused = self._refuse_bound(bound, browser, retry_token)
+        now = self._clock()
+        retry = retry_token if retry_token and _plausible(retry_token) else None
+        view = self.ledger.callback_view(
+            answer.state,
+            at=now,
+            browser=_digest(browser) if browser else None,
+            retry_token=retry,
+            claim_by=None if answer.error else self.process,
+        )
+        claimed = view.claimed
+        if view.state is not None and not claimed:
+            refused = self._refuse_bound(view.state, browser, retry_token)
             if refused is not None:
                 return refused
-        record, refusal = self._current_state(answer.state)
+        record, refusal = self._current_state(answer.state, view.record, now)
         if record is None:
-            return pages.callback_refused(refusal)
-        back = self._retry_link(retry_token, record)
-        profile = self._profile_of_record(record, back)
+            return self._unclaimed(answer, claimed, pages.callback_refused(refusal))
+        path = view.retry_path or view.latest_path
+        profile = self._profile(path, record.connector_id) if path else None
         name = profile.name if profile is not None else record.profile
-        can_retry = back is not None
+        can_retry = view.retry_path is not None
         if answer.error:
             return self._declined(answer, profile, name, can_retry)
         if profile is None:
-            return pages.try_again_later()
-        if not self.ledger.claim_state(
+            return self._unclaimed(answer, claimed, pages.try_again_later())
+        # A state the one statement did not claim: a batch's (no row yet), or one claimed or
+        # revoked in between. claim_state decides, as before.
+        if not claimed and not self.ledger.claim_state(
             answer.state,
             tenant_id=record.tenant_id,
             connector_id=record.connector_id,
             by=self.process,
-            at=self._clock(),
+            at=now,
         ):
             again = self.ledger.find_state(answer.state)
             if again is not None and again.link_revoked:
@@ -646,18 +679,27 @@ class ConnectService:
         shown = profile.display_name if profile is not None else readable(name)
         return pages.declined(shown, can_retry)
 
-    def _current_state(self, state: str) -> tuple[Record | None, str]:
-        """The tenant holding `state` now, unexpired and not connected; else why not."""
-        record = self.ledger.find_by_state(state)
+    def _current_state(
+        self, state: str, record: Record | None, now: datetime
+    ) -> tuple[Record | None, str]:
+        """`record`, the tenant holding `state` now, if unexpired and not connected; else
+        why not."""
         if record is None:
             return None, ("superseded" if self.ledger.find_superseded(state) else "unknown")
         if record.status in HELD_STATUSES:
             return None, "used"
         if record.status is Status.EXPIRED or (
-            record.expires_at is not None and record.expires_at <= self._clock()
+            record.expires_at is not None and record.expires_at <= now
         ):
             return None, "expired"
         return record, ""
+
+    def _unclaimed(self, answer: CallbackAnswer, claimed: bool, page: Page) -> Page:
+        """`page`, the callback's end before CreateConnection: a claim this request made is
+        let go first (nothing was sent for it), so that the state stays usable."""
+        if claimed:
+            self.ledger.release_claim(answer.state, self.process)
+        return page
 
     @_branded
     def retry(self, retry_token: str | None) -> Page:
@@ -684,12 +726,14 @@ class ConnectService:
 
     # --- shared ------------------------------------------------------------------------------
 
-    def _context(self, link: ConnectLink) -> tuple[ConnectorProfile, Record] | Page:
-        """The link's profile and its tenant's record; or the page that ends the request there
-        (no record, the profile unreadable, the tenant connected already, a claim of its still
+    def _context(
+        self, link: ConnectLink, record: Record | None, unfinished: bool
+    ) -> tuple[ConnectorProfile, Record] | Page:
+        """The link's profile and its tenant's record (read with the link, and whether a
+        claim of the tenant is unfinished); or the page that ends the request there (no
+        record, the profile unreadable, the tenant connected already, a claim of its still
         in flight). A claim a crash left is resolved first, so that a connection Versori made
         is never made twice."""
-        record, unfinished = self.ledger.get_for_link(link.tenant_id, link.connector_id)
         if record is None:
             return pages.invalid_link()
         profile = self._profile(link.profile_path, link.connector_id)
@@ -807,7 +851,7 @@ class ConnectService:
 
     def _event(
         self,
-        record: Record | ConnectLink,
+        record: Record | ConnectLink | SeenLink,
         profile: ConnectorProfile,
         status: Status,
         error_code: str = "",
@@ -879,6 +923,15 @@ def _unknown(err: OnboardingError) -> bool:
 def _plausible(token: str) -> bool:
     # token_urlsafe(32) is 43 characters of [A-Za-z0-9_-]; anything else is not one of ours.
     return 20 <= len(token) <= 128 and all(c.isalnum() or c in "-_" for c in token)
+
+
+def _refusal(link: ConnectLink | None, now: datetime) -> Page | None:
+    """The page that refuses a link (unknown and revoked: the same one), or None."""
+    if link is None or link.revoked_at is not None:
+        return pages.invalid_link()
+    if link.expires_at <= now:
+        return pages.expired_link()
+    return None
 
 
 def _same(given: str, expected: str) -> bool:

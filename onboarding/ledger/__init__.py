@@ -14,9 +14,16 @@ from onboarding.ledger.connect_links import (
     ConnectLinks,
     Funnel,
     LinkOpens,
+    LinkView,
+    SeenLink,
     funnel_lines,
 )
-from onboarding.ledger.connect_states import ConnectState, ConnectStates, StateOutcome
+from onboarding.ledger.connect_states import (
+    CallbackView,
+    ConnectState,
+    ConnectStates,
+    StateOutcome,
+)
 from onboarding.ledger.database import Database
 from onboarding.ledger.facade import Ledger
 from onboarding.ledger.records import (
@@ -53,6 +60,7 @@ __all__ = [
     "LOST_STATUSES",
     "SENDING_CHANNELS",
     "WAITING_STATUSES",
+    "CallbackView",
     "ChunkSummaries",
     "ConnectLink",
     "ConnectLinks",
@@ -65,9 +73,11 @@ __all__ = [
     "Held",
     "Ledger",
     "LinkOpens",
+    "LinkView",
     "Record",
     "RunCoordination",
     "RunProgress",
+    "SeenLink",
     "Settled",
     "StateOutcome",
     "Status",

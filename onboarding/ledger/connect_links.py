@@ -16,30 +16,40 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
+    ColumnElement,
     DateTime,
     Index,
     Integer,
+    Select,
     String,
     Table,
     Text,
     and_,
+    bindparam,
     case,
     exists,
     func,
+    literal,
+    literal_column,
+    null,
     or_,
     select,
     text,
+    true,
 )
 
 from onboarding.clock import utcnow
-from onboarding.ledger.database import Repository
-from onboarding.ledger.engine import lock_tenants, reconnecting
+from onboarding.ledger.database import Database, Repository
+from onboarding.ledger.engine import lock_key, lock_tenants, reconnecting
 from onboarding.ledger.queries import HELD, count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
 from onboarding.ledger.schema import (
@@ -48,6 +58,7 @@ from onboarding.ledger.schema import (
     metadata,
     records,
     state_digest,
+    superseded_links,
     tenant_row,
 )
 
@@ -204,8 +215,114 @@ class Funnel:
         }
 
 
+@dataclass(frozen=True)
+class LinkView:
+    """What a link's page or its button reads, in one statement: the link (None: no such
+    token), its tenant's record, whether the tenant has a claim not finished, and whether
+    the request's own write landed with it (`counted`: the page's fetch, or the button's
+    mint and open; see ConnectLinks.view_link and press_link)."""
+
+    link: ConnectLink | None
+    record: Record | None = None
+    unfinished: bool = False
+    counted: bool = False
+
+
+@dataclass(frozen=True)
+class SeenLink:
+    """A person's open counted on a link (its page's beacon): whose link, and whether the
+    tenant's status moved to `opened` with it."""
+
+    tenant_id: str
+    connector_id: str
+    profile_path: str
+    opened: bool
+
+
 class ConnectLinks(Repository):
     """Connect links: their reads and writes (one part of the ledger)."""
+
+    @cached_property
+    def _click_sql(self) -> LinkStatements:
+        return LinkStatements(self.db)
+
+    @reconnecting
+    def view_link(self, token: str, at: datetime) -> LinkView:
+        """GET of a link's page: the link, its tenant's record and whether a claim of the
+        tenant is unfinished, in one statement; with it the fetch is counted (fetched_*)
+        when the page can be shown: the link live at `at`, the tenant not connected, no
+        claim of its unfinished (else `counted` is False and nothing is written). The
+        profile file is the service's to read after: one it cannot read (a 503 page) still
+        counts the fetch, which did happen."""
+        return self._link_view(self._click_sql.fetch, {"p_token_hash": token_digest(token)}, at)
+
+    @reconnecting
+    def press_link(
+        self, token: str, csrf: str, limit: int, window: timedelta, at: datetime
+    ) -> LinkView:
+        """POST of a link's button: what view_link reads and, in the same statement, one
+        mint counted against the link's limit (`limit` in a fixed `window`, as take_mint)
+        and the press as an open, when the button may mint: the link live at `at`, `csrf`
+        its own, the tenant not connected, no claim of its unfinished, the limit not
+        reached. `counted` says whether it was; else nothing is written. As take_mint after
+        a failed Versori call, a press whose profile file the service then cannot read (a
+        503 page) stays counted: the press happened."""
+        when = utc(at)
+        values = {
+            "p_token_hash": token_digest(token),
+            "p_csrf": csrf,
+            "p_limit": limit,
+            "p_window_start": when - window,
+        }
+        return self._link_view(self._click_sql.mint, values, when)
+
+    def _link_view(self, write: Any, values: dict[str, Any], at: datetime) -> LinkView:
+        sql = self._click_sql
+        params = {**values, "p_now": utc(at)}
+        if sql.postgres:
+            with self.db.single.connect() as conn:
+                row = conn.execute(sql.read_after[write], params).first()
+            counted = bool(row.counted) if row is not None else False
+        else:
+            with self.engine.begin() as conn:  # the write first: SQLite's write lock at once
+                counted = bool(conn.execute(write, params).rowcount)
+                row = conn.execute(sql.read, params).first()
+        if row is None:
+            return LinkView(None)
+        mapping = row._mapping
+        link = ConnectLink(**prefixed(mapping, "l_"))
+        held = prefixed(mapping, "r_")
+        record = Record.from_row(_Values(held)) if held["tenant_id"] is not None else None
+        return LinkView(link, record, bool(mapping["unfinished"]), counted)
+
+    @reconnecting
+    def note_seen(self, token: str, csrf: str, at: datetime) -> SeenLink | None:
+        """The link's page's beacon: a person opened it. One statement on PostgreSQL: the
+        link's open counted, when it is live at `at` and `csrf` is its own, and the tenant's
+        status `opened` when it was waiting for the admin (as note_link_opened). None, and
+        nothing written, when the link is not live or the CSRF value is not its own."""
+        sql = self._click_sql
+        params = {
+            "p_token_hash": token_digest(token),
+            "p_csrf": csrf,
+            "p_now": utc(at),
+            "p_updated_at": utcnow(),
+        }
+        if sql.postgres:
+            with self.db.single.connect() as conn:
+                row = conn.execute(sql.seen, params).first()
+            if row is None:
+                return None
+            return SeenLink(row.tenant_id, row.connector_id, row.profile_path, bool(row.moved))
+        with self.engine.begin() as conn:
+            row = conn.execute(sql.open, params).first()
+            if row is None:
+                return None
+            moved = conn.execute(
+                sql.move,
+                {**params, "p_tenant_id": row.tenant_id, "p_connector_id": row.connector_id},
+            )
+        return SeenLink(row.tenant_id, row.connector_id, row.profile_path, bool(moved.rowcount))
 
     @reconnecting
     def issue_connect_link(
@@ -331,9 +448,26 @@ class ConnectLinks(Repository):
         With `link_hash`, in the same transaction, the state is bound to the link that minted
         it and the browser that pressed it (`browser_hash`, see connect_states.py).
         False, and the new state put straight in the history, when the tenant is connected."""
-        supersede, _ = self.db.link_sql
         created, updated = utc(created_at), utcnow()
         digest = state_digest(state)
+        minted = self._click_sql.minted
+        if minted is not None and link_hash is not None:
+            values = {
+                "p_lock_key": lock_key(tenant_id, connector_id),
+                "p_tenant_id": tenant_id,
+                "p_connector_id": connector_id,
+                "p_url": url,
+                "p_state": state,
+                "p_state_hash": digest,
+                "p_created_at": created,
+                "p_expires_at": utc(expires_at),
+                "p_updated_at": updated,
+                "p_link_hash": link_hash,
+                "p_browser_hash": browser_hash,
+            }
+            with self.db.single.connect() as conn:
+                return bool(conn.execute(minted, values).scalar())
+        supersede, _ = self.db.link_sql
         with self.engine.begin() as conn:
             lock_tenants(conn, [(tenant_id, connector_id)])
             conn.execute(
@@ -537,7 +671,7 @@ class ConnectLinks(Repository):
             }
 
 
-def _counted(what: str, when: datetime) -> dict[str, Any]:
+def _counted(what: str, when: datetime | ColumnElement[Any]) -> dict[str, Any]:
     """A link's `<what>_count` one more, `<what>_last_at` now, `<what>_first_at` kept (or now):
     the values of an open or a fetch."""
     columns = connect_links.c
@@ -546,6 +680,254 @@ def _counted(what: str, when: datetime) -> dict[str, Any]:
         f"{what}_last_at": when,
         f"{what}_first_at": func.coalesce(columns[f"{what}_first_at"], when),
     }
+
+
+STAMP = DateTime(timezone=True)
+
+
+def among(values: Iterable[str]) -> list[ColumnElement[Any]]:
+    """Constant statuses for an IN list, written into the statement: the same SQL every time
+    (no parameters expanded per execution), which psycopg prepares once per connection."""
+    return [literal_column(f"'{value}'", String) for value in values]
+
+
+def unfinished_claim(tenant_id: Any, connector_id: Any) -> Any:
+    """Whether the tenant has a claim not finished (a callback in flight, or one a crash
+    left)."""
+    states = connect_states.alias("s")
+    return exists().where(
+        states.c.tenant_id == tenant_id,
+        states.c.connector_id == connector_id,
+        states.c.claimed_at.is_not(None),
+        states.c.finished_at.is_(None),
+    )
+
+
+class LinkStatements:
+    """The connect service's statements for a link's page, its beacon and its button, built
+    once per ledger (as link_sql's): each request binds its values to them, so none is built,
+    hashed or compiled again. On PostgreSQL each request's reads and writes are one statement
+    (a writable CTE); on SQLite, whose CTEs cannot write, the write then the read, in one
+    transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.postgres = db.postgres
+        link, record = connect_links.c, records.c
+        now = bindparam("p_now", type_=STAMP)
+        token = bindparam("p_token_hash", type_=String)
+        csrf = bindparam("p_csrf", type_=String)
+        same_tenant = and_(
+            record.tenant_id == link.tenant_id, record.connector_id == link.connector_id
+        )
+        unfinished = unfinished_claim(link.tenant_id, link.connector_id)
+        live = and_(link.revoked_at.is_(None), link.expires_at > now)
+        # What the page and the button need before they count anything: a live link of a
+        # tenant with a record, not connected, with no claim unfinished.
+        ready = and_(
+            live, exists().where(same_tenant, record.status.not_in(among(HELD))), ~unfinished
+        )
+        # The read, its tables under short names: a statement psycopg caches (at most 4 KiB).
+        la, ra = connect_links.alias("l"), records.alias("r")
+        self.read: Select[Any] = (
+            select(
+                *(c.label(f"l_{c.name}") for c in la.c),
+                *(c.label(f"r_{c.name}") for c in ra.c),
+                unfinished_claim(la.c.tenant_id, la.c.connector_id).label("unfinished"),
+            )
+            .select_from(
+                la.outerjoin(
+                    ra,
+                    and_(ra.c.tenant_id == la.c.tenant_id, ra.c.connector_id == la.c.connector_id),
+                )
+            )
+            .where(la.c.token_hash == token)
+        )
+        self.fetch = (
+            connect_links.update()
+            .where(link.token_hash == token, ready)
+            .values(**_counted("fetched", now))
+        )
+        window_start = bindparam("p_window_start", type_=STAMP)
+        fresh = or_(link.mint_window_at.is_(None), link.mint_window_at <= window_start)
+        self.mint = (
+            connect_links.update()
+            .where(
+                link.token_hash == token,
+                link.csrf == csrf,
+                ready,
+                or_(fresh, link.mint_count < bindparam("p_limit", type_=Integer)),
+            )
+            .values(
+                mint_count=case((fresh, 1), else_=link.mint_count + 1),
+                mint_window_at=case((fresh, now), else_=link.mint_window_at),
+                minted_at=now,
+                # A press is a person: it counts as an open (a browser that ran no script).
+                **_counted("opened", now),
+            )
+        )
+        # PostgreSQL: the read with the write, in one statement (the read sees the row as it
+        # was before the write).
+        self.read_after: dict[Any, Select[Any]] = {}
+        for write in (self.fetch, self.mint):
+            done = write.returning(link.token_hash).cte(name="counted")
+            self.read_after[write] = self.read.add_columns(
+                select(done.c.token_hash).exists().label("counted")
+            )
+        # The beacon: the open counted, and the tenant `opened` if it was waiting.
+        self.open = (
+            connect_links.update()
+            .where(link.token_hash == token, link.csrf == csrf, live)
+            .values(**_counted("opened", now))
+            .returning(link.tenant_id, link.connector_id, link.profile_path)
+        )
+        to_opened = {
+            "status": literal(Status.OPENED.value, String),
+            "updated_at": bindparam("p_updated_at", type_=STAMP),
+        }
+        waiting = record.status.in_(among(s.value for s in WAITING_STATUSES))
+        self.move = (
+            records.update()
+            .where(
+                record.tenant_id == bindparam("p_tenant_id", type_=String),
+                record.connector_id == bindparam("p_connector_id", type_=String),
+                waiting,
+            )
+            .values(**to_opened)
+        )
+        opened = self.open.cte(name="opened")
+        moved = (
+            records.update()
+            .where(
+                record.tenant_id == opened.c.tenant_id,
+                record.connector_id == opened.c.connector_id,
+                waiting,
+            )
+            .values(**to_opened)
+            .returning(record.tenant_id)
+            .cte(name="moved")
+        )
+        self.seen = select(
+            opened.c.tenant_id,
+            opened.c.connector_id,
+            opened.c.profile_path,
+            select(moved.c.tenant_id).exists().label("moved"),
+        )
+        self.minted: Select[bool, bool, bool] | None = (
+            _minted_statement(db) if db.postgres else None
+        )
+
+
+def _minted_statement(db: Database) -> Select[bool, bool, bool]:
+    """record_minted_link on PostgreSQL, in one statement: the tenant's advisory lock (the
+    one record_link, reset and connect_state take), its row locked and read as it is now
+    (FOR UPDATE reads the newest version, whatever the statement's snapshot), its current
+    state to the history (the new one, for a connected tenant), the row given the new
+    state, and the state bound to its link and browser. Its value: whether the row was
+    written."""
+    record = records.c
+    state = bindparam("p_state", type_=String)
+    state_hash = bindparam("p_state_hash", type_=String)
+    created = bindparam("p_created_at", type_=STAMP)
+    updated = bindparam("p_updated_at", type_=STAMP)
+    locked = (
+        select(func.pg_advisory_xact_lock(bindparam("p_lock_key", type_=BigInteger)).label("k"))
+        .cte(name="locked")
+        .prefix_with("MATERIALIZED")
+    )
+    current = (
+        select(
+            record.tenant_id,
+            record.connector_id,
+            record.status,
+            record.state,
+            record.state_hash,
+            record.created_at,
+        )
+        .select_from(records.join(locked, true()))
+        .where(
+            record.tenant_id == bindparam("p_tenant_id", type_=String),
+            record.connector_id == bindparam("p_connector_id", type_=String),
+        )
+        .with_for_update(of=records)
+        .cte(name="current")
+    )
+    connected = current.c.status.in_(among(HELD))
+    leaving = (
+        db.insert(superseded_links)
+        .from_select(
+            ["state", "state_hash", "tenant_id", "connector_id", "created_at", "superseded_at"],
+            select(
+                case((connected, state), else_=current.c.state),
+                case((connected, state_hash), else_=current.c.state_hash),
+                current.c.tenant_id,
+                current.c.connector_id,
+                case((connected, created), else_=current.c.created_at),
+                updated,
+            ).where(current.c.state.is_not(None), current.c.state != state),
+        )
+        .on_conflict_do_nothing()
+        .returning(superseded_links.c.state)
+        .cte(name="leaving")
+    )
+    written = (
+        records.update()
+        .where(
+            record.tenant_id == current.c.tenant_id,
+            record.connector_id == current.c.connector_id,
+            record.status.not_in(among(HELD)),
+        )
+        .values(
+            status=literal(Status.OPENED.value, String),
+            url=bindparam("p_url", type_=Text),
+            state=state,
+            state_hash=state_hash,
+            created_at=created,
+            expires_at=bindparam("p_expires_at", type_=STAMP),
+            attempts=record.attempts + 1,
+            error_code=null(),
+            error_message=null(),
+            updated_at=updated,
+        )
+        .returning(record.tenant_id)
+        .cte(name="written")
+    )
+    bound = (
+        db.insert(connect_states)
+        .values(
+            state_hash=state_hash,
+            tenant_id=bindparam("p_tenant_id", type_=String),
+            connector_id=bindparam("p_connector_id", type_=String),
+            link_hash=bindparam("p_link_hash", type_=String),
+            browser_hash=bindparam("p_browser_hash", type_=String),
+            minted_at=created,
+        )
+        .on_conflict_do_nothing()
+        .returning(connect_states.c.state_hash)
+        .cte(name="bound")
+    )
+    return select(
+        select(written.c.tenant_id).exists().label("written"),
+        select(leaving.c.state).exists().label("left"),
+        select(bound.c.state_hash).exists().label("bound"),
+    )
+
+
+def prefixed(mapping: Mapping[Any, Any], prefix: str) -> dict[str, Any]:
+    """The values of a row's columns labelled `<prefix><column>`, by column, datetimes
+    aware."""
+    size = len(prefix)
+    return {
+        key[size:]: aware(value) if isinstance(value, datetime) else value
+        for key, value in mapping.items()
+        if key.startswith(prefix)
+    }
+
+
+class _Values:
+    """Values by column, as Record.from_row reads a row."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
 
 
 def funnel_lines(funnel: Funnel) -> str:

@@ -18,13 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import (
+    Select,
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+)
 
 from onboarding.clock import utcnow
-from onboarding.ledger.connect_links import callback_states, connect_links, connect_states
-from onboarding.ledger.database import Repository
+from onboarding.ledger.connect_links import (
+    STAMP,
+    among,
+    callback_states,
+    connect_links,
+    connect_states,
+    prefixed,
+    token_digest,
+)
+from onboarding.ledger.database import Database, Repository
 from onboarding.ledger.engine import reconnecting
 from onboarding.ledger.queries import HELD
 from onboarding.ledger.records import Record, aware_values, utc
@@ -63,6 +83,21 @@ class ConnectState:
         return cls(**aware_values(row))
 
 
+@dataclass(frozen=True)
+class CallbackView:
+    """What a callback reads, in one statement (ConnectStates.callback_view): its state's
+    row (None for a batch's state, or an unknown one), the tenant holding the state now
+    (None: superseded or unknown), the profile of the browser's own link when it is a live
+    link of that tenant (`retry_path`, None otherwise), the profile of the tenant's latest
+    link (`latest_path`), and whether this call claimed the state (`claimed`)."""
+
+    state: ConnectState | None
+    record: Record | None
+    retry_path: str | None
+    latest_path: str | None
+    claimed: bool
+
+
 class _Row:
     """A row's values, as Record.from_row reads them."""
 
@@ -72,6 +107,70 @@ class _Row:
 
 class ConnectStates(Repository):
     """Connect states: a callback's claims and outcomes (one part of the ledger)."""
+
+    @cached_property
+    def _callback_sql(self) -> StateStatements:
+        return StateStatements(self.db)
+
+    @reconnecting
+    def callback_view(
+        self,
+        state: str,
+        *,
+        at: datetime,
+        browser: str | None,
+        retry_token: str | None,
+        claim_by: str | None,
+    ) -> CallbackView:
+        """A callback's reads, and with `claim_by` its claim, in one statement: the state is
+        claimed (as claim_state does, `claimed_by` this process) only when nothing would
+        refuse it: bound to this browser (`browser`: the sha256 of its binding cookie), not
+        claimed yet, its link not revoked, the tenant holding it now, not connected, its
+        link unexpired at `at`. A state without a row (a batch's) is never claimed here:
+        claim_state gives it one. `retry_token`: the browser's link (its cookie)."""
+        sql = self._callback_sql
+        params = {
+            "p_state_hash": state_digest(state),
+            "p_now": utc(at),
+            "p_browser_hash": browser,
+            "p_retry_hash": token_digest(retry_token) if retry_token else None,
+            "p_by": (claim_by or "")[:200],
+        }
+        if sql.postgres:
+            query = sql.read_claiming if claim_by else sql.read
+            with self.db.single.connect() as conn:
+                row = conn.execute(query, params).first()
+            assert row is not None  # one row, whatever matched
+            claimed = bool(claim_by) and bool(row.claimed)
+        else:
+            with self.engine.begin() as conn:  # the write first: SQLite's write lock at once
+                claimed = bool(claim_by) and bool(conn.execute(sql.claim, params).rowcount)
+                row = conn.execute(sql.read, params).first()
+            assert row is not None
+        mapping = row._mapping
+        state_values = prefixed(mapping, "s_")
+        found = None
+        if state_values["state_hash"] is not None:
+            found = ConnectState(**state_values, link_revoked=bool(mapping["link_revoked"]))
+        held = prefixed(mapping, "r_")
+        record = Record.from_row(_Row(held)) if held["tenant_id"] is not None else None
+        return CallbackView(found, record, mapping["retry_path"], mapping["latest_path"], claimed)
+
+    @reconnecting
+    def release_claim(self, state: str, by: str) -> bool:
+        """Let go of a claim this process made and will not use (nothing was sent to Versori
+        for it): the state may be claimed again. Only an unfinished claim of `by`."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                connect_states.update()
+                .where(
+                    connect_states.c.state_hash == state_digest(state),
+                    connect_states.c.claimed_by == by[:200],
+                    connect_states.c.finished_at.is_(None),
+                )
+                .values(claimed_at=None, claimed_by=None)
+            )
+        return bool(done.rowcount)
 
     def _state_query(self) -> Any:
         revoked = exists().where(
@@ -177,6 +276,21 @@ class ConnectStates(Repository):
         row is finished (a second resolver finds it done): the record when this call
         finished it, else None."""
         when = utc(at or utcnow())
+        sql = self._callback_sql
+        if sql.postgres and (outcome is StateOutcome.CONNECTED or error is not None):
+            params = {
+                "p_state_hash": state_hash,
+                "p_now": when,
+                "p_outcome": outcome.value,
+                "p_connection_id": connection_id,
+                "p_updated_at": utcnow(),
+                "p_error_code": error[0][:100] if error is not None else None,
+                "p_error_message": error[1] if error is not None else None,
+            }
+            query = sql.finish_connected if outcome is StateOutcome.CONNECTED else sql.finish_error
+            with self.db.single.connect() as conn:
+                now_row = conn.execute(query, params).first()
+            return Record.from_row(now_row) if now_row is not None else None
         with self.engine.begin() as conn:
             # RETURNING: the tenant of the row this call finished, in the one statement (a
             # second resolver gets nothing back).
@@ -265,3 +379,122 @@ class ConnectStates(Repository):
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(connect_states.c.claimed_at))
             return [ConnectState.from_row(row) for row in rows]
+
+
+class StateStatements:
+    """The callback's statements, built once per ledger (see LinkStatements): its reads and
+    claim in one, and finish_state's two writes in one (PostgreSQL's writable CTEs)."""
+
+    def __init__(self, db: Database) -> None:
+        self.postgres = db.postgres
+        state, record, link = connect_states.c, records.c, connect_links.c
+        now = bindparam("p_now", type_=STAMP)
+        digest = bindparam("p_state_hash", type_=String)
+        revoked = exists().where(link.token_hash == state.link_hash, link.revoked_at.is_not(None))
+        holds = exists().where(
+            record.state_hash == digest,
+            record.tenant_id == state.tenant_id,
+            record.connector_id == state.connector_id,
+            record.status.not_in(among([*HELD, Status.EXPIRED.value])),
+            record.expires_at > now,
+        )
+        self.claim = (
+            connect_states.update()
+            .where(
+                state.state_hash == digest,
+                state.claimed_at.is_(None),
+                ~revoked,
+                or_(
+                    state.browser_hash.is_(None),
+                    state.browser_hash == bindparam("p_browser_hash", type_=String),
+                ),
+                holds,
+            )
+            .values(claimed_at=now, claimed_by=bindparam("p_by", type_=String))
+        )
+        # The read, its tables under short names: a statement psycopg caches (at most 4 KiB).
+        sa, ra, la = connect_states.alias("s"), records.alias("r"), connect_links.alias("l")
+        of_tenant = (la.c.tenant_id == ra.c.tenant_id, la.c.connector_id == ra.c.connector_id)
+        retry_path = (
+            select(la.c.profile_path)
+            .where(
+                la.c.token_hash == bindparam("p_retry_hash", type_=String),
+                la.c.revoked_at.is_(None),
+                la.c.expires_at > now,
+                *of_tenant,
+            )
+            .scalar_subquery()
+        )
+        latest_path = (
+            select(la.c.profile_path)
+            .where(*of_tenant)
+            .order_by(func.coalesce(la.c.minted_at, la.c.created_at).desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        link_revoked = exists().where(
+            la.c.token_hash == sa.c.link_hash, la.c.revoked_at.is_not(None)
+        )
+        one = select(literal(1).label("one")).subquery("one")
+        self.read: Select[Any] = select(
+            *(c.label(f"s_{c.name}") for c in sa.c),
+            link_revoked.label("link_revoked"),
+            *(c.label(f"r_{c.name}") for c in ra.c),
+            retry_path.label("retry_path"),
+            latest_path.label("latest_path"),
+        ).select_from(
+            one.outerjoin(sa, sa.c.state_hash == digest).outerjoin(ra, ra.c.state_hash == digest)
+        )
+        claimed = self.claim.returning(state.state_hash).cte(name="claimed")
+        self.read_claiming = self.read.add_columns(
+            select(claimed.c.state_hash).exists().label("claimed")
+        )
+        finished = (
+            connect_states.update()
+            .where(state.state_hash == digest, state.finished_at.is_(None))
+            .values(
+                finished_at=now,
+                outcome=bindparam("p_outcome", type_=String),
+                connection_id=bindparam("p_connection_id", type_=String),
+            )
+            .returning(state.tenant_id, state.connector_id)
+            .cte(name="finished")
+        )
+        connection = bindparam("p_connection_id", type_=String)
+        updated = bindparam("p_updated_at", type_=STAMP)
+        key = (
+            record.tenant_id == finished.c.tenant_id,
+            record.connector_id == finished.c.connector_id,
+        )
+        # As finish_state's two statements: see there.
+        self.finish_connected = (
+            records.update()
+            .where(
+                *key,
+                ~and_(
+                    record.status.in_(among(HELD)),
+                    record.connection_id.is_not(None),
+                    record.connection_id != connection,
+                ),
+            )
+            .values(
+                status=literal(Status.CONNECTED.value, String),
+                connection_id=connection,
+                connected_at=now,
+                error_code=null(),
+                error_message=null(),
+                reconnect_of=null(),
+                updated_at=updated,
+            )
+            .returning(*records.c)
+        )
+        self.finish_error = (
+            records.update()
+            .where(*key, record.status.not_in(among(HELD)))
+            .values(
+                error_code=bindparam("p_error_code", type_=String),
+                error_message=bindparam("p_error_message", type_=String),
+                updated_at=updated,
+            )
+            .returning(*records.c)
+        )

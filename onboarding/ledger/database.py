@@ -25,17 +25,29 @@ if TYPE_CHECKING:
 
 class Database:
     """The ledger's database at `url`. Thread-safe (a connection pool): one per process,
-    shared by every repository of it, closed once."""
+    shared by every repository of it, closed once. `ping_idle`: test a pooled connection
+    before use only when it waited that many seconds (a long-running service's choice; see
+    engine.open_engine); None: before every use."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, ping_idle: float | None = None) -> None:
         self.url = url
-        self.engine: Engine = open_engine(url)
+        self.engine: Engine = open_engine(url, ping_idle=ping_idle)
         self.postgres = self.engine.dialect.name == "postgresql"
         # Only this ledger's dialect: PostgreSQL's takes 35-90 ms to import, which every
         # command on a SQLite ledger (`onboard status`) paid.
         dialect = "postgresql" if self.postgres else "sqlite"
         insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
         self.insert: Callable[[Table], UpsertInsert] = insert
+
+    @cached_property
+    def single(self) -> Engine:
+        """The engine for a unit of work that is one statement, atomic by itself: on
+        PostgreSQL in autocommit, so without BEGIN and COMMIT (two round trips fewer, and
+        psycopg keeps the statements it prepared, which each ROLLBACK drops); on SQLite the
+        engine itself (its connections commit as `engine.begin()` says). Same pool."""
+        if not self.postgres:
+            return self.engine
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @cached_property
     def link_sql(self) -> LinkStatements:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from onboarding.db_url import UNUSABLE_URL_ERRORS, redact, scrub, unusable_url
 from onboarding.errors import InputError, LedgerSchemaError, LedgerUnavailableError
@@ -26,12 +26,16 @@ R = TypeVar("R")
 RECONNECT_DELAYS = (0.05, 0.2, 0.5, 1.0, 1.75)
 
 
-def open_engine(url: str) -> Engine:
+def open_engine(url: str, *, ping_idle: float | None = None) -> Engine:
     """An engine on the ledger at `url`, its tables created or brought up to date. InputError
     when the URL is unusable, nothing answers there, or a newer version of this tool wrote
-    the ledger; LedgerSchemaError when the tables cannot be made."""
+    the ledger; LedgerSchemaError when the tables cannot be made.
+
+    A pooled connection is tested before each use (pool_pre_ping: a round trip each time);
+    with `ping_idle`, only one that waited in the pool that many seconds or more (see
+    _ping_when_idle)."""
     try:
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"pool_pre_ping": ping_idle is None}
         if url.startswith("sqlite"):
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         # hide_parameters: a failed statement must not print the link it was writing.
@@ -43,6 +47,8 @@ def open_engine(url: str) -> Engine:
         create_private_sqlite_file(url)
     else:
         event.listen(engine, "handle_error", _hide_failing_row)
+        if ping_idle is not None:
+            _ping_when_idle(engine, ping_idle)
     try:
         with engine.connect():
             pass
@@ -66,20 +72,45 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
+def _ping_when_idle(engine: Engine, seconds: float) -> None:
+    """pool_pre_ping for a connection that waited in the pool `seconds` or more (a restart, a
+    failover or a network's idle timeout may have closed it meanwhile), not for one in steady
+    use: a connection lost while in use is what `reconnecting` handles either way (the unit
+    of work runs again on a new connection, the pool's older ones dropped with it), so a
+    ping's round trip at every checkout buys nothing there. A ping that fails: the pool
+    drops that connection and checks out a new one, as with pool_pre_ping."""
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            record.info["idle_since"] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as err:  # whatever the driver says: this connection is not usable
+            raise DisconnectionError(type(err).__name__) from err
+
+    event.listen(engine.pool, "checkin", checkin)
+    event.listen(engine.pool, "checkout", checkout)
+
+
 def lock_tenants(conn: Connection, keys: list[tuple[str, str]]) -> None:
     """PostgreSQL: each tenant's advisory lock, held to the end of the transaction, taken in
     key order so that two transactions never wait for each other. Nothing on SQLite, whose
     writing transaction holds the database's write lock."""
     if conn.dialect.name != "postgresql":
         return
-    ordered = sorted({_lock_key(t, c) for t, c in keys})
+    ordered = sorted({lock_key(t, c) for t, c in keys})
     conn.execute(
         text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k"),
         {"keys": ordered},
     )
 
 
-def _lock_key(tenant_id: str, connector_id: str) -> int:
+def lock_key(tenant_id: str, connector_id: str) -> int:
     """A tenant's PostgreSQL advisory lock key (64 bits; one key space, see _MIGRATION_LOCK)."""
     digest = hashlib.sha256(f"{tenant_id}\0{connector_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)

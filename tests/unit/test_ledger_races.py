@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import MetaData, create_engine, text
 
 from onboarding.ledger import Ledger, Status
-from tests.unit.test_ledger import NOW, get, link
+from tests.unit.test_ledger import CONNECTOR, NOW, get, link
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -65,6 +65,51 @@ def test_concurrent_writers_of_one_tenant_keep_every_state(ledger_url: str, shar
             mine = [s for s in issued if s.startswith(f"{tenant}-")]
             _every_state_is_kept(ledgers[0], tenant, mine)
             assert get(ledgers[0], tenant).attempts == writers * rounds, "attempts are exact"
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+
+
+def test_a_button_minting_while_runs_reissue_keeps_every_state(ledger_url: str) -> None:
+    """The connect service's button (record_minted_link, on PostgreSQL one statement that
+    takes the tenant's lock itself) racing a batch's re-issues (record_link) of the same
+    tenant, in several ledgers: every state is the row's or in its history, every write
+    counted once, and every minted state bound to its link."""
+    writers, rounds = 6, 20
+    ledgers = [Ledger(ledger_url) for _ in range(writers)]
+    _issue(ledgers[0], "t1", "t1-first", "run-0")
+    start = threading.Barrier(writers)
+
+    def work(w: int) -> list[str]:
+        ledger = ledgers[w]
+        start.wait()
+        states = []
+        for n in range(rounds):
+            state = f"t1-w{w}-n{n}"
+            if w % 2:
+                _issue(ledger, "t1", state, f"run-{w}")
+            else:
+                assert ledger.record_minted_link(
+                    tenant_id="t1",
+                    connector_id=CONNECTOR,
+                    url=f"https://login.example.com/authorize?state={state}",
+                    state=state,
+                    created_at=NOW,
+                    expires_at=NOW + timedelta(hours=1),
+                    link_hash="l" * 64,
+                    browser_hash="b" * 64,
+                )
+            states.append(state)
+        return states
+
+    try:
+        with ThreadPoolExecutor(writers) as pool:
+            issued = [s for f in [pool.submit(work, w) for w in range(writers)] for s in f.result()]
+        _every_state_is_kept(ledgers[0], "t1", ["t1-first", *issued])
+        assert get(ledgers[0], "t1").attempts == 1 + writers * rounds, "attempts are exact"
+        minted = [s for s in issued if int(s.split("-w")[1].split("-")[0]) % 2 == 0]
+        bound = [ledgers[0].find_state(s) for s in minted]
+        assert all(b is not None and b.link_hash == "l" * 64 for b in bound)
     finally:
         for ledger in ledgers:
             ledger.close()
