@@ -213,6 +213,9 @@ def test_run_against_emulator_in_another_process(
             "opened_at",
             "last_sent_at",
             "reminders",
+            "activation_id",
+            "activated_at",
+            "checked_at",
         ]
         assert all(r["delivered_at"] and not r["connection_id"] for r in rows)
         assert all(r["state"] and f"state={r['state']}" in r["url"] for r in rows)

@@ -345,8 +345,9 @@ def test_run_it_on_your_own_roster_then_connect_links_as_written(
         said = {c: out for shell in reader.shells.values() for c, out in shell.outputs}
         assert any("Tenant t002 is connected to zendesk-demo" in o for o in said.values())
         status = next(o for c, o in reversed(list(said.items())) if "onboard status" in c)
-        assert re.search(r"connected\s*│\s*1\s*│", status), status
-        assert re.search(r"connected 1 \(\d+%\)", status), status
+        # The example profile names an environment: connected, then activated on it.
+        assert re.search(r"activated\s*│\s*1\s*│", status), status
+        assert re.search(r"connected 1 \(\d+%\) → activated 1 \(\d+%\)", status), status
         assert any("Revoked 1 connect link(s) of tenant t002" in o for o in said.values())
         t002 = link_in(newest_email(tmp_path / "smtp-sink", "t002"), connect)
         assert httpx.get(t002, timeout=10).status_code == 404
@@ -362,7 +363,7 @@ def test_run_it_on_your_own_roster_then_connect_links_as_written(
             timeout=60,
         ).stdout
         row = next(line for line in exported_rows.splitlines() if line.startswith("t001,"))
-        assert ",connected," in row and made["connections"][0]["id"] in row
+        assert ",activated," in row and made["connections"][0]["id"] in row
     log = reader.background["connect-server"].read_text()
     assert "Traceback" not in log, log
     print(f"The docs' sections ran in {time.monotonic() - started:.1f} s")
