@@ -174,7 +174,8 @@ def run(
         typer.Option(
             min=1,
             max=1000,
-            help="Tenants per Prefect task run [default: 1 up to 100 tenants, else 100].",
+            help="Tenants per Prefect task run [default: 1 up to 100 tenants, else an eighth "
+            "of the batch, 100-1000].",
         ),
     ] = None,
     tenant_events: Annotated[

@@ -67,7 +67,8 @@ def onboard_tenants(
         concurrency: Tenants in flight at once (in each chunk).
         only: Onboard only these tenant ids of the roster.
         tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants (each
-            task run named after its tenant), 100 per task run above that.
+            task run named after its tenant); above that, about an eighth of the batch per
+            task run, 100 to 1,000 tenants.
         tenant_events: Which tenant status changes become Prefect events
             (`onboarding.tenant.<status>`): all, failures only, or off; auto: all on a Prefect
             server, failures only on Prefect's temporary server.

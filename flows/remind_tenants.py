@@ -46,8 +46,8 @@ def remind_tenants(
         max_reminders: Stop reminding a tenant after this many reminders.
         dry_run: Report who is due; send nothing, re-issue nothing.
         concurrency: Tenants in flight at once.
-        tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants, 100
-            per task run above that.
+        tenants_per_task: Tenants per task run. Empty: one per tenant up to 100 tenants; above
+            that, about an eighth of the batch per task run, 100 to 1,000 tenants.
         tenant_events: Which tenant status changes become Prefect events: all, failures
             only, off, or auto (all on a Prefect server, failures on the temporary one).
     """

@@ -94,6 +94,7 @@ def open_campaign(
         remind_before=remind_before,
         max_reminders=max_reminders,
         connect_base_url=settings.connect.base_url if deliver.sends_email else None,
+        defer_writes=True,  # honoured when links are only stored (Campaign.defers_writes)
     )
 
 

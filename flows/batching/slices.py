@@ -11,13 +11,14 @@ from typing import Any
 
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.inputs.parameters import connector_label
 from flows.reporting.progress import Progress, quiet_routine_task_logs
 from flows.reporting.summary import OutcomeCounts
-from flows.running.in_process import INTERRUPTED
+from flows.running.in_process import INTERRUPTED, count_task_run
 from onboarding.batch.campaign import Campaign
 from onboarding.batch.outcomes import TenantOutcome, failed_outcome
 from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
@@ -26,28 +27,42 @@ from onboarding.settings import RetrySettings
 from tasks.slice_tasks import with_retry_backoff
 
 # Up to this many tenants, one task run per tenant: the UI shows each by name. Above it, one
-# task run per slice of SLICE_SIZE tenants: a task run costs the engine milliseconds of CPU and
-# the server ~3 events, a tenant's call ~1-2 ms, so per-tenant task runs would make Prefect,
-# not Versori, the bottleneck (bench/run.py measures both).
+# task run per slice, the batch cut into about SLICES_PER_BATCH of them, each SLICE_SIZE to
+# MAX_SLICE_SIZE tenants: a task run costs the engine ~10 ms of CPU, the run's thread a result
+# to collect and the server ~3 events to record, a tenant's call well under 1 ms, so per-tenant
+# task runs would make Prefect, not Versori, the bottleneck (bench/run.py measures both). Slices
+# of 100 at 2,000 tenants (20 task runs) kept the temporary server at 0.95 s of CPU during the
+# batch, slices of 250 at 0.55 s.
 ONE_TASK_PER_TENANT_MAX = 100
 SLICE_SIZE = 100
+MAX_SLICE_SIZE = 1000
+SLICES_PER_BATCH = 8
 
 
 def tenants_per_task(total: int, asked: int | None = None) -> int:
-    """`asked` when given; else one for a small batch, SLICE_SIZE for a large one."""
+    """`asked` when given; else one for a small batch, a slice of about an eighth of a large
+    one (SLICE_SIZE to MAX_SLICE_SIZE tenants)."""
     if asked:
         return asked
-    return 1 if total <= ONE_TASK_PER_TENANT_MAX else SLICE_SIZE
+    if total <= ONE_TASK_PER_TENANT_MAX:
+        return 1
+    return min(MAX_SLICE_SIZE, max(SLICE_SIZE, math.ceil(total / SLICES_PER_BATCH)))
 
 
 def tenant_threads(campaign: Campaign, concurrency: int) -> int:
     """Threads for the tenants of a batch's slices. The Versori client lets `concurrency` calls
-    be in flight whatever the thread count. When links are only stored, a tenant's thread spends
-    about a third of its time waiting for its ledger commit (bench/run.py under py-spy --idle),
-    holding no Versori slot: twice the threads keep the slots busy (ratio 0.87 -> 0.90). With
-    email, each thread keeps an SMTP connection of its own, so the threads stay at
-    `concurrency` and so do the SMTP connections."""
-    return concurrency if campaign.deliver.sends_email else 2 * concurrency
+    be in flight whatever the thread count. When a tenant's thread hands its link to the
+    ledger's writer without waiting (Campaign.defers_writes: links only stored, one
+    connector), `concurrency` threads keep the calls busy; more only wait for the client's
+    call slots (bench/run.py: twice as many cost 0.25 ms of CPU a tenant more; 2 or 4 more
+    made each call 7-13 ms slower, the slots handed over through the GIL). With email, each
+    thread keeps an SMTP connection of its own, so the threads stay at `concurrency` and so do
+    the SMTP connections. Otherwise (a campaign of several connectors that only stores) a
+    thread waits for its commits, holding no Versori slot: twice the threads keep the slots
+    busy."""
+    if campaign.defers_writes or campaign.deliver.sends_email:
+        return concurrency
+    return 2 * concurrency
 
 
 def slice_up(
@@ -138,6 +153,7 @@ def run_batch(
                 # quote(): Prefect would otherwise walk the campaign (clients, ledger) per task run.
                 parameters = {"tenant_slice": item, "campaign": campaign, "pool": pool}
                 future = runner.submit(task, {k: quote(v) for k, v in parameters.items()})
+                count_task_run(flow_run.id)
                 in_flight[future] = item
         while in_flight:
             collect_one()

@@ -17,7 +17,7 @@ from uuid import UUID
 
 from prefect import Flow
 from prefect.client.schemas.objects import State
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
 from flows.running.server import on_temporary_server
 
@@ -38,6 +38,19 @@ EXIT_INTERRUPTED = 130
 INTERRUPTED = threading.Event()
 # Called on the first Ctrl-C (see on_interrupt): the batches running stop starting tenants.
 _ON_INTERRUPT: list[Callable[[], None]] = []
+# Task runs submitted in this process, by flow run id (count_task_run): the temporary server has
+# caught up with a run once it holds that many of its task runs, every one final.
+_TASK_RUNS: dict[str, int] = {}
+_TASK_RUNS_LOCK = threading.Lock()
+
+
+def count_task_run(flow_run_id: object) -> None:
+    """One more task run submitted for the flow run `flow_run_id` (None: not in a flow run).
+    Kept on the temporary server only, where run_here reads it (and forgets it)."""
+    if flow_run_id is None or not on_temporary_server():
+        return
+    with _TASK_RUNS_LOCK:
+        _TASK_RUNS[str(flow_run_id)] = _TASK_RUNS.get(str(flow_run_id), 0) + 1
 
 
 @contextmanager
@@ -61,10 +74,30 @@ def no_heartbeats_on_temporary_server() -> Iterator[None]:
     heartbeat thread sleeps in one-second steps and the engine waits for it at the end of
     every flow run, so each run ended on the next whole second after it began (bench/run.py:
     a 2,000-tenant run took 8.1 s in every trial, 7.4 s without heartbeats). On a real server
-    they stay on, and a run pays that 0-1 s."""
-    off = temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-    with off if on_temporary_server() else contextlib.nullcontext():
+    they stay on, and a run pays that 0-1 s.
+
+    The settings without heartbeats are made once for the settings in force (a copy of
+    Prefect's settings costs ~20 ms of CPU), and made again when those change."""
+    if not on_temporary_server():
         yield
+        return
+    from prefect.context import SettingsContext, get_settings_context
+
+    context = get_settings_context()
+    with _QUIET_LOCK:
+        made_from, quiet = _QUIET
+        if made_from is not context.settings:
+            quiet = context.settings.copy_with_update(
+                updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+            )
+            _QUIET[:] = [context.settings, quiet]
+    with SettingsContext(profile=context.profile, settings=quiet):
+        yield
+
+
+# The settings no_heartbeats_on_temporary_server last made: (made from, without heartbeats).
+_QUIET: list[Any] = [None, None]
+_QUIET_LOCK = threading.Lock()
 
 
 def run_here(flow: Flow[..., Any], /, **parameters: Any) -> State[Any]:
@@ -94,13 +127,18 @@ def let_temporary_server_catch_up(flow_run_id: UUID) -> None:
 
     Here the events this process still holds are sent first (Prefect's events worker drained),
     then the server's counts of the run's task runs by state are read until every one is in a
-    final state and the counts have not moved for SETTLED_SECONDS: a recorder with events left
-    changes them with each one it writes (a new task run, or one moving state), many times in
-    that half second. Bounded: after STALLED_SECONDS without a change while some are not final,
-    or CATCH_UP_MAX_SECONDS in all, it returns anyway."""
+    final state and either they are as many as the run submitted (count_task_run: each task
+    run's final state is its last event, so the recorder has written them all) or, when that
+    number is not known, the counts have not moved for SETTLED_SECONDS: a recorder with events
+    left changes them with each one it writes (a new task run, or one moving state), many times
+    in that half second. That half second was 7 % of a 2,000-tenant batch (bench/run.py).
+    Bounded: after STALLED_SECONDS without a change while some are not final, or
+    CATCH_UP_MAX_SECONDS in all, it returns anyway."""
     from prefect.client.orchestration import get_client
     from prefect.events.worker import EventsWorker
 
+    with _TASK_RUNS_LOCK:
+        submitted = _TASK_RUNS.pop(str(flow_run_id), None)
     started = time.monotonic()
     EventsWorker.drain_all(timeout=CATCH_UP_MAX_SECONDS)
     query = {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}
@@ -118,6 +156,8 @@ def let_temporary_server_catch_up(flow_run_id: UUID) -> None:
             if counts != last:
                 last, changed = counts, now
             settled = all(n == 0 for kind, n in counts.items() if kind not in FINAL_STATE_TYPES)
+            if settled and submitted is not None and sum(counts.values()) == submitted:
+                return
             stood_still = now - changed >= (SETTLED_SECONDS if settled else STALLED_SECONDS)
             if stood_still or now - started >= CATCH_UP_MAX_SECONDS:
                 return

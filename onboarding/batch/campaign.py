@@ -93,6 +93,19 @@ class Campaign:
     # A tenant's links and final outcomes while its slice is retried: a retry calls only the
     # connectors that failed transiently. Each tenant is handled by one thread at a time.
     held: dict[str, dict[str, Settled]] = field(default_factory=dict)
+    # Asked by the batch (flows/batching): a tenant's thread hands its link to the ledger's
+    # writer and goes on to its next call; the slice confirms its links (confirm_links) before
+    # it counts, reports or lets go of a tenant. Honoured when links are only stored, under one
+    # connector (see defers_writes).
+    defer_writes: bool = False
+
+    @property
+    def defers_writes(self) -> bool:
+        """Whether links are recorded without the tenant's thread waiting: asked for, and safe.
+        An email needs its link recorded first (the ledger marks that very link sending); in a
+        campaign of several connectors a link that failed to record would have to be tried
+        again alone, while the others are held (`held`): both wait, as a retry needs."""
+        return self.defer_writes and not self.deliver.sends_email and len(self.connectors) == 1
 
     @property
     def name(self) -> str:
@@ -138,6 +151,9 @@ class Campaign:
 
     def outcome(self, tenant_id: str, by_connector: dict[str, TenantOutcome]) -> TenantOutcome:
         """The tenant's outcome from each connector's, in the campaign's order."""
+        if len(self.connectors) == 1:  # its own, as `combined` would make it (not renamed)
+            only = by_connector[self.connectors[0].connector_id]
+            return only if not only.connector else replace(only, connector="")
         parts = [
             replace(by_connector[c.connector_id], connector=c.profile.name) for c in self.connectors
         ]
@@ -230,16 +246,11 @@ def _issue(
         issued = connector.reusable_link(tenant.tenant_id, decided.record) if reuse else None
         if issued is None:
             called = True
-            issued = connector.initialise_link(tenant)
+            issued = connector.initialise_link(tenant, defer=campaign.defers_writes)
     except BatchStoppedError:  # stopped while it waited at the gate: nothing was called
         return connector.not_attempted(tenant)
     except Exception as exc:
-        connector.record_failure(tenant, exc, count_attempt=called)
-        if decide(exc, tenant.tenant_id, tries, campaign.rule, connector.stop) is Verdict.RETRY:
-            return exc
-        outcome = failed_outcome(tenant.tenant_id, exc)
-        connector.report(tenant.tenant_id, Status.FAILED, outcome.error_code)
-        return outcome
+        return _failed(campaign, connector, tenant, exc, tries, called)
     connector.stop.succeeded()
     link, expires_at = issued
     if decided.record is None:
@@ -248,6 +259,42 @@ def _issue(
     channel, declined = record.delivery_channel or "", record.status is Status.DECLINED
     reconnect = record.reconnect_of or ""
     return Issued(connector, link, expires_at, record.reminders, channel, declined, reconnect)
+
+
+def _failed(
+    campaign: Campaign,
+    connector: ConnectorRun,
+    tenant: Tenant,
+    exc: Exception,
+    tries: Tries,
+    called: bool,
+) -> TenantOutcome | Exception:
+    """A connector's failure for the tenant, recorded (`called`: with the call counted in its
+    attempts): the error itself when it is to be tried again, else its final outcome, reported."""
+    connector.record_failure(tenant, exc, count_attempt=called)
+    if decide(exc, tenant.tenant_id, tries, campaign.rule, connector.stop) is Verdict.RETRY:
+        return exc
+    outcome = failed_outcome(tenant.tenant_id, exc)
+    connector.report(tenant.tenant_id, Status.FAILED, outcome.error_code)
+    return outcome
+
+
+def confirm_links(
+    campaign: Campaign, tenant_ids: list[str], tries: Callable[[str], Tries]
+) -> dict[str, TenantOutcome | RetryLater]:
+    """Wait until the links these tenants' steps handed to the ledger are committed (see
+    Campaign.defers_writes). Each one the ledger could not record is decided as if recording
+    it had failed in the step: the tenant's new outcome, or RetryLater (`tries`, by tenant id,
+    where it stands). Tenants not in the answer keep the outcome their step gave."""
+    decided: dict[str, TenantOutcome | RetryLater] = {}
+    for connector in campaign.connectors:
+        for tenant_id, (tenant, exc) in connector.confirm_links(tenant_ids).items():
+            got = _failed(campaign, connector, tenant, exc, tries(tenant_id), called=True)
+            if isinstance(got, TenantOutcome):
+                decided[tenant_id] = campaign.outcome(tenant_id, {connector.connector_id: got})
+            else:
+                decided[tenant_id] = RetryLater(got)
+    return decided
 
 
 def _deliver(campaign: Campaign, tenant: Tenant, tries: Tries, reminder: bool) -> TenantOutcome:

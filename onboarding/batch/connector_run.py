@@ -4,6 +4,7 @@ a tenant's link takes under it: made (or reused), checked, recorded, reported.""
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from onboarding.errors import LedgerUnavailableError, OnboardingError, RateLimit
 from onboarding.inputs.profile import ConnectorProfile
 from onboarding.inputs.roster import Tenant
 from onboarding.ledger import Ledger, Record, Status
+from onboarding.ledger.group_commit import Written
 from onboarding.versori.authorize_url import Link, check_link
 from onboarding.versori.client import VersoriClient
 
@@ -51,6 +53,14 @@ class ConnectorRun:
     claimant: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The profile's path as the run was given it (a durable connect link records it).
     profile_path: str = ""
+    # Links handed to the ledger without waiting (initialise_link's `defer`), by tenant id,
+    # until confirm_links waits for them.
+    _unwritten: dict[str, tuple[Tenant, Written]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _unwritten_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     @property
     def connector_id(self) -> str:
@@ -122,8 +132,13 @@ class ConnectorRun:
             return None
         return Link(url=record.url, state=record.state), record.expires_at
 
-    def initialise_link(self, tenant: Tenant) -> tuple[Link, datetime]:
-        """Call Versori for a new link, check it, record it (with the call in `attempts`)."""
+    def initialise_link(self, tenant: Tenant, defer: bool = False) -> tuple[Link, datetime]:
+        """Call Versori for a new link, check it, record it (with the call in `attempts`), and
+        report it once it is recorded.
+
+        With `defer`, it is handed to the ledger's writer and this returns at once, so that the
+        tenant's thread goes on to its next call while the writer commits links in groups: the
+        caller must then `confirm_links` before it counts, delivers or lets go of the tenant."""
         if self.client is None:
             raise OnboardingError("no Versori client configured for this run")
         profile = self.profile
@@ -142,18 +157,40 @@ class ConnectorRun:
         )
         created = self.clock()
         expires_at = created + timedelta(hours=profile.link_ttl_hours)
-        self.ledger.record_link(
+        sent_later = self.deliver.sends_email
+        status = Status.LINK_CREATED if sent_later else Status.DELIVERED
+        written = self.ledger.submit_link(
             **self._identity(tenant),
             url=link.url,
             state=link.state,
             created_at=created,
             expires_at=expires_at,
-            delivered_by=None if self.deliver.sends_email else self.deliver.value,
+            delivered_by=None if sent_later else self.deliver.value,
             tenant_fields=tenant.fields,
+            then=lambda: self.report(tenant.tenant_id, status),  # recorded, then reported
         )
-        sent_later = self.deliver.sends_email
-        self.report(tenant.tenant_id, Status.LINK_CREATED if sent_later else Status.DELIVERED)
+        if defer:
+            with self._unwritten_lock:
+                self._unwritten[tenant.tenant_id] = (tenant, written)
+        else:
+            written.wait()
         return link, expires_at
+
+    def confirm_links(self, tenant_ids: list[str]) -> dict[str, tuple[Tenant, Exception]]:
+        """Wait until the deferred links of these tenants are committed; those the ledger
+        could not record, with why (their tenant was reported nothing yet)."""
+        failed: dict[str, tuple[Tenant, Exception]] = {}
+        for tenant_id in tenant_ids:
+            with self._unwritten_lock:
+                entry = self._unwritten.pop(tenant_id, None)
+            if entry is None:
+                continue
+            tenant, written = entry
+            try:
+                written.wait()
+            except Exception as err:
+                failed[tenant_id] = (tenant, err)
+        return failed
 
     def record_failure(self, tenant: Tenant, exc: BaseException, count_attempt: bool) -> None:
         """Record `exc` as the tenant's last error here (a stored link stays, for reuse);

@@ -8,6 +8,11 @@ only those tenants again: its done tenants are never called twice, and attempts 
 Before its first attempt a slice claims its tenants in the ledger (Ledger.claim): a tenant that
 another live run is working on is waited for, then looked at again, so two runs of one roster
 at once never initialise or mail a tenant twice. A tenant is let go once it is decided.
+
+When links are only stored (Campaign.defers_writes), a tenant's thread hands its link to the
+ledger's writer and goes on to the next tenant; the attempt then waits for its links to be
+committed, and only then counts its tenants and lets go of their claims (a link the ledger
+could not record is decided as if recording it had failed in the step).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from onboarding.batch.campaign import Campaign
+from onboarding.batch.campaign import Campaign, confirm_links
 from onboarding.batch.outcomes import OutcomeStatus, TenantOutcome, failed_outcome
 from onboarding.batch.retry_policy import RetryLater, Tries, Verdict, decide
 from onboarding.errors import APITimeoutError, OnboardingError, is_transient
@@ -128,6 +133,11 @@ def run_slice(
         results = [attempt(t) for t in pending]
     else:
         results = list(pool.map(attempt, pending))
+    if campaign.defers_writes:  # nothing is counted, reported or let go before it is recorded
+        ids = [t.tenant_id for t in pending]
+        redo = confirm_links(campaign, ids, lambda tid: tenant_slice.tries(tid, last_attempt))
+        if redo:
+            results = [redo.get(t.tenant_id, r) for t, r in zip(pending, results, strict=True)]
 
     retryable = _settle(campaign, tenant_slice, pending, results)
     if not retryable and all(o.ok for o in tenant_slice.done.values()):

@@ -5,9 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import DateTime, Insert, String, bindparam, case, func, select
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Insert,
+    String,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+)
 
-from onboarding.ledger.schema import HELD_STATUSES, LOST_STATUSES, records, superseded_links
+from onboarding.ledger.schema import (
+    HELD_STATUSES,
+    LOST_STATUSES,
+    Status,
+    records,
+    superseded_links,
+)
 
 # What record_link writes, keys first.
 _LINK_COLUMNS = (
@@ -30,6 +46,15 @@ _LINK_COLUMNS = (
 )
 
 
+def _status_in(statuses: tuple[Status, ...]) -> ColumnElement[bool]:
+    """`status IN ('connected', ...)` with the statuses written into the SQL. A list of bound
+    values would be an "expanding" parameter, which SQLAlchemy refuses in an executemany: every
+    group of GroupCommit failed and was written again row by row, a transaction each."""
+    for status in statuses:
+        assert status.value.isidentifier(), status  # safe to write into the SQL as it is
+    return records.c.status.in_([literal_column(f"'{s.value}'", String) for s in statuses])
+
+
 # The state that leaves to the history, then the row inserted or updated.
 LinkStatements = tuple[Insert, Insert]
 
@@ -43,8 +68,8 @@ def link_statements(insert_into: Callable[[Any], Any]) -> LinkStatements:
     the rest of a tenant's path together (bench/run.py under py-spy), so each call only binds
     new values to them."""
     stamp = DateTime(timezone=True)
-    connected = records.c.status.in_([s.value for s in HELD_STATUSES])
-    lost = records.c.status.in_([s.value for s in LOST_STATUSES])
+    connected = _status_in(HELD_STATUSES)
+    lost = _status_in(LOST_STATUSES)
 
     def leaving(name: str, type_: Any) -> Any:
         """A column of the state that leaves: the current one; for a connected tenant (whose

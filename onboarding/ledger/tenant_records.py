@@ -4,6 +4,7 @@ tenant or on a link that replaced its own. Their reads are in queries.RecordQuer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy import Case, case, select
 from onboarding.clock import utcnow
 from onboarding.ledger.database import Database, Repository
 from onboarding.ledger.engine import lock_tenants, reconnecting
-from onboarding.ledger.group_commit import GroupCommit
+from onboarding.ledger.group_commit import GroupCommit, Written
 from onboarding.ledger.queries import HELD, RecordQueries, in_parts, past_expiry
 from onboarding.ledger.records import (
     ConnectOutcome,
@@ -56,7 +57,44 @@ class TenantRecords(RecordQueries, Repository):
         delivered_by: str | None = None,
         tenant_fields: dict[str, str] | None = None,
     ) -> None:
-        """A fresh link: status link_created, error cleared, one more attempt counted. The
+        """A fresh link (see submit_link), committed before this returns."""
+        self.submit_link(
+            tenant_id=tenant_id,
+            connector_id=connector_id,
+            profile=profile,
+            tenant_name=tenant_name,
+            admin_email=admin_email,
+            url=url,
+            state=state,
+            created_at=created_at,
+            expires_at=expires_at,
+            run_id=run_id,
+            delivered_by=delivered_by,
+            tenant_fields=tenant_fields,
+        ).wait()
+
+    def submit_link(
+        self,
+        *,
+        tenant_id: str,
+        connector_id: str,
+        profile: str,
+        tenant_name: str,
+        admin_email: str,
+        url: str,
+        state: str,
+        created_at: datetime,
+        expires_at: datetime,
+        run_id: str | None = None,
+        delivered_by: str | None = None,
+        tenant_fields: dict[str, str] | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> Written:
+        """A fresh link, handed to the ledger's writer: returns at once; `wait()` on what it
+        returns until the row is committed (it raises what kept the row out), and `then` is
+        called once it is, never when it failed (record_link waits).
+
+        A fresh link: status link_created, error cleared, one more attempt counted. The
         state it replaces, if any, goes to the history in the same transaction, so every state
         Versori returned is either the tenant's current one or in its history, whatever other
         processes write at the same time (see _write_links).
@@ -84,7 +122,7 @@ class TenantRecords(RecordQueries, Repository):
             "tenant_fields": tenant_fields,
             "state_hash": state_digest(state),
         }
-        self._links.write(values)
+        return self._links.submit(values, then)
 
     @reconnecting
     def _write_links(self, rows: list[dict[str, Any]]) -> None:

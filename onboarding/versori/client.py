@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -68,6 +69,8 @@ PAGE_SIZE = 100
 MAX_PAGES = 50
 # A whole organisation's list (sync): 100,000 items.
 _WHOLE_LIST = 1000
+# Paths whose parsed URL a client keeps (see VersoriClient._url).
+_URLS_KEPT = 64
 __version__ = "0.1.0"
 
 
@@ -144,10 +147,13 @@ class VersoriClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._call_deadline = call_deadline
-        self._new_pool = _pool_factory(self.base_url, api_key, transport)
+        self._headers = _request_headers(api_key)
+        # The URL of each path called without a query, parsed once (a batch calls one path).
+        self._urls: dict[str, httpx.URL] = {}
+        self._new_transport = _transport_factory(self.base_url, transport)
         self._local = threading.local()
-        self._pools: list[httpx.Client] = []
-        self._pools_lock = threading.Lock()
+        self._transports: list[httpx.BaseTransport] = []
+        self._transports_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         # Requests sent (what `onboard sync` reports); itertools.count is atomic under the GIL.
         self._sent = itertools.count()
@@ -183,13 +189,14 @@ class VersoriClient:
         )
 
     @property
-    def _http(self) -> httpx.Client:
-        pool: httpx.Client | None = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = self._new_pool()
-            with self._pools_lock:
-                self._pools.append(pool)
-        return pool
+    def _transport(self) -> httpx.BaseTransport:
+        """This thread's connection pool (see _transport_factory)."""
+        transport: httpx.BaseTransport | None = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = self._local.transport = self._new_transport()
+            with self._transports_lock:
+                self._transports.append(transport)
+        return transport
 
     def __enter__(self) -> VersoriClient:
         return self
@@ -198,10 +205,10 @@ class VersoriClient:
         self.close()
 
     def close(self) -> None:
-        with self._pools_lock:
-            pools, self._pools = self._pools, []
-        for pool in pools:
-            pool.close()
+        with self._transports_lock:
+            transports, self._transports = self._transports, []
+        for transport in {id(t): t for t in transports}.values():  # a given one is shared
+            transport.close()
 
     def initialise(
         self, organisation_id: str, connector_id: str, request: InitialiseRequest
@@ -593,10 +600,19 @@ class VersoriClient:
         params: dict[str, str] | None,
         max_bytes: int = _MAX_BODY_BYTES,
     ) -> tuple[int, httpx.Headers, bytes]:
+        request = httpx.Request(
+            method,
+            self._url(path, params),
+            headers=self._headers,
+            json=payload,
+            extensions={"timeout": self._timeout(deadline)},
+        )
         try:
-            with self._http.stream(
-                method, path, json=payload, params=params, timeout=self._timeout(deadline)
-            ) as response:
+            # Straight to this thread's transport: what httpx.Client adds on the way (merging
+            # the base URL and headers, cookies, auth and redirect hooks) cost a third of a
+            # call's CPU, none of which a call to Versori uses (bench/run.py under cProfile).
+            response = self._transport.handle_request(request)
+            try:
                 body = bytearray()
                 try:
                     for chunk in response.iter_bytes():
@@ -615,6 +631,8 @@ class VersoriClient:
                     # 5xx stays a ServerError and a 2xx becomes invalid_response.
                     body = bytearray()
                 return response.status_code, response.headers, bytes(body)
+            finally:
+                response.close()
         except httpx.TimeoutException as err:
             raise APITimeoutError(
                 f"Versori at {self.shown_url} ({self.base_url_source}) timed out "
@@ -626,14 +644,26 @@ class VersoriClient:
                 f"{type(err).__name__}: {err}"
             ) from err
 
-    def _timeout(self, deadline: float) -> httpx.Timeout:
+    def _url(self, path: str, params: dict[str, str] | None) -> httpx.URL:
+        if params is not None:
+            return httpx.URL(self.base_url + path, params=params)
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < _URLS_KEPT:
+                self._urls[path] = url
+        return url
+
+    def _timeout(self, deadline: float) -> dict[str, float]:
+        """Each socket operation's timeout, as httpx.Timeout.as_dict() gives them."""
         left = max(0.001, deadline - time.monotonic())
-        return httpx.Timeout(
-            connect=min(self._connect_timeout, left),
-            read=min(self._read_timeout, left),
-            write=min(self._read_timeout, left),
-            pool=left,
-        )
+        write = min(self._read_timeout, left)
+        return {
+            "connect": min(self._connect_timeout, left),
+            "read": write,
+            "write": write,
+            "pool": left,
+        }
 
     @staticmethod
     def _error_for(status: int, headers: httpx.Headers, body: bytes) -> APIError:
@@ -665,32 +695,53 @@ def _reason(status: int) -> str:
     return httpx.codes.get_reason_phrase(status) or "error without a Versori error body"
 
 
-def _pool_factory(
-    base_url: str, api_key: str, transport: httpx.BaseTransport | None
-) -> Callable[[], httpx.Client]:
-    """Makes each calling thread's connection pool."""
-    headers = {
-        "Authorization": f"Bearer {api_key}",
-        "Accept": "application/json",
-        "User-Agent": f"versori-onboarding/{__version__}",
-    }
+def _request_headers(api_key: str) -> httpx.Headers:
+    """Every request's headers: httpx.Client's defaults, with the key, JSON and our name."""
+    return httpx.Headers(
+        {
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "Connection": "keep-alive",
+            "User-Agent": f"versori-onboarding/{__version__}",
+            "Authorization": f"Bearer {api_key}",
+        }
+    )
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy httpx.Client would send a request for `url` through: HTTPS_PROXY or
+    HTTP_PROXY (by the URL's scheme), else ALL_PROXY, as urllib reads them, unless NO_PROXY
+    names its host. The client sends straight to a transport, which reads no environment."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2]):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _transport_factory(
+    base_url: str, transport: httpx.BaseTransport | None
+) -> Callable[[], httpx.BaseTransport]:
+    """Makes each calling thread's connection pool (a given `transport` is shared instead),
+    through the environment's proxy for `base_url` if it names one."""
+    if transport is not None:
+        return lambda: transport
     # One TLS context for every thread's connection pool, for http too: httpx builds one
-    # per client otherwise (the CA bundle loaded each time, ~30 ms of CPU here), and 16
+    # per pool otherwise (the CA bundle loaded each time, ~30 ms of CPU here), and 16
     # threads doing that at once delayed a batch's first calls by a quarter of a second.
     tls = httpx.create_ssl_context()
+    proxy = environment_proxy(base_url)
 
-    def new_pool() -> httpx.Client:
-        return httpx.Client(
-            base_url=base_url,
-            headers=headers,
+    def new_transport() -> httpx.BaseTransport:
+        return httpx.HTTPTransport(
+            verify=tls,
+            proxy=proxy,
             limits=httpx.Limits(
                 max_connections=1,
                 max_keepalive_connections=1,
                 keepalive_expiry=constants.KEEPALIVE_EXPIRY_SECONDS,
             ),
-            transport=transport,
-            verify=tls,
-            follow_redirects=False,
         )
 
     # A connection pool per calling thread, not one shared by all: httpcore guards a pool
@@ -698,4 +749,4 @@ def _pool_factory(
     # the ledger's and Prefect's work competing for the GIL, tenant threads spent 43% of
     # their time waiting for it (bench/run.py under py-spy --idle). A semaphore keeps the
     # number of calls in flight at `max_connections`, as the shared pool did.
-    return new_pool
+    return new_transport

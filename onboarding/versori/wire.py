@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Annotated, Literal
@@ -26,7 +27,10 @@ from onboarding.constants import RESERVED_QUERY_KEYS
 Api = Literal["connect-v1", "platform-v2"]
 
 
+@functools.lru_cache(maxsize=256)
 def _check_ulid(value: str) -> str:
+    """The ULID `value`, canonical. Kept (a pure function): a profile's ids are checked in
+    every tenant's request, 20 us each time (a tenth of a batch's roster check)."""
     try:
         return str(ULID.from_str(value.strip()))
     except (ValueError, TypeError) as err:

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from bench.scale_out import CONNECTOR, ScaleOutStack
 from bench.services import redis_unavailable
+from flows.batching.slices import tenants_per_task
 from onboarding.ledger import Ledger, Status, batch_chunks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(600)]
@@ -63,10 +64,12 @@ def test_one_roster_fans_out_over_two_workers(stack: ScaleOutStack) -> None:
     assert stats["requests"] == TENANTS, stats  # each tenant initialised exactly once
     assert stats["by_status"] == {"200": TENANTS}, stats
 
-    # The server keeps every task run (slices of 100) and every tenant event, and
-    # logged no dropped or failed message (PostgreSQL, Redis broker, recorder batch size 100).
+    # The server keeps every task run (each chunk's slices: 8 of 125) and every tenant event,
+    # and logged no dropped or failed message (PostgreSQL, Redis broker, recorder batch size 100).
     chunk_ids = [run.id for run in runs]
-    assert stack.task_runs_recorded(chunk_ids, expected=TENANTS // 100) == TENANTS // 100
+    slices = TENANTS // CHUNK_SIZE * -(-CHUNK_SIZE // tenants_per_task(CHUNK_SIZE))
+    assert slices == 16
+    assert stack.task_runs_recorded(chunk_ids, expected=slices) == slices
     deadline = time.monotonic() + 90  # events are stored a moment after the batch ends
     while (events := stack.count_events("onboarding.tenant.delivered")) < TENANTS:
         if time.monotonic() > deadline:

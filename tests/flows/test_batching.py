@@ -11,14 +11,17 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import flow, task
 
 from flows.batching.slices import (
+    MAX_SLICE_SIZE,
     ONE_TASK_PER_TENANT_MAX,
     SLICE_SIZE,
+    SLICES_PER_BATCH,
     outcomes_of,
     run_batch,
     slice_up,
@@ -32,8 +35,13 @@ from onboarding.batch.delivery import Delivery
 from onboarding.batch.outcomes import TenantOutcome
 from onboarding.batch.tenant_slices import SliceFailed, TenantSlice
 from onboarding.errors import ServerError
+from onboarding.inputs.profile import load_profile
 from onboarding.inputs.roster import Tenant
+from onboarding.ledger import Ledger
 from onboarding.settings import RetrySettings
+from tests.support import campaign_of
+
+PROFILE = Path(__file__).resolve().parents[2] / "examples" / "profile.yaml"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -55,7 +63,11 @@ def ids(tenants: list[Tenant]) -> list[str]:
         (1, None, 1),
         (ONE_TASK_PER_TENANT_MAX, None, 1),
         (ONE_TASK_PER_TENANT_MAX + 1, None, SLICE_SIZE),
-        (50_000, None, SLICE_SIZE),
+        (SLICE_SIZE * SLICES_PER_BATCH, None, SLICE_SIZE),
+        (2_000, None, 250),  # about SLICES_PER_BATCH slices
+        (2_001, None, 251),
+        (MAX_SLICE_SIZE * SLICES_PER_BATCH, None, MAX_SLICE_SIZE),
+        (50_000, None, MAX_SLICE_SIZE),
         (10, 0, 1),  # 0 is "automatic", as None
         (10, 7, 7),
         (50_000, 1, 1),
@@ -72,6 +84,17 @@ def test_tenants_per_task_is_asked_or_one_for_small_batches_and_slices_for_large
 )
 def test_tenant_threads_double_only_when_no_email_is_sent(deliver: Delivery, threads: int) -> None:
     assert tenant_threads(Campaign([], deliver), 8) == threads
+
+
+def test_a_campaign_that_hands_its_links_over_needs_no_more_threads_than_calls(
+    tmp_path: Path,
+) -> None:
+    """Its threads never wait for a commit (Campaign.defers_writes): one per call in flight;
+    more would only wait for the client's call slots."""
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as ledger:
+        campaign = campaign_of(load_profile(PROFILE), ledger, defer_writes=True)
+        assert campaign.defers_writes
+        assert tenant_threads(campaign, 8) == 8
 
 
 # --- slice_up ----------------------------------------------------------------------------------

@@ -786,3 +786,68 @@ def test_call_deadline_interrupts_a_trickling_body(trickling_server: str) -> Non
     assert "did not finish answering" in str(info.value)
     assert is_transient(info.value)
     assert_no_secret(info.value)
+
+
+# --- the environment's proxy ---------------------------------------------------------------
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_the_environment_names_the_proxy_as_httpx_reads_it(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    from onboarding.versori.client import environment_proxy
+
+    assert environment_proxy("https://platform.versori.com") is None
+    no_proxy_env.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    assert environment_proxy("https://platform.versori.com") == "http://proxy.internal:3128"
+    assert environment_proxy("http://127.0.0.1:8000") is None, "HTTPS_PROXY is for https"
+    no_proxy_env.setenv("ALL_PROXY", "http://all.internal:1")
+    assert environment_proxy("http://127.0.0.1:8000") == "http://all.internal:1"
+    no_proxy_env.setenv("NO_PROXY", ".versori.com,127.0.0.1")
+    assert environment_proxy("https://platform.versori.com") is None
+    assert environment_proxy("http://127.0.0.1:8000") is None
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that answers itself: records the absolute URL it was asked for."""
+
+    asked: list[str]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.asked.append(self.path)
+        body = json.dumps({"url": AUTHORIZE_RESULT}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_calls_go_through_the_proxy_the_environment_names(no_proxy_env: pytest.MonkeyPatch) -> None:
+    """As they did through httpx.Client: the client now sends straight to a transport, which
+    reads no environment, so it hands the transport the proxy itself."""
+    asked: list[str] = []
+    handler = type("Handler", (_ProxyHandler,), {"asked": asked})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        no_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        with VersoriClient(api_key=API_KEY, base_url="http://localhost:9") as client:
+            assert client.initialise(ORG, CONNECTOR, make_request()) == AUTHORIZE_RESULT
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=5)
+    assert asked == [f"http://localhost:9/o/{ORG}/connectors/{CONNECTOR}/oauth2/initialise"]

@@ -533,3 +533,135 @@ def test_concurrent_links_all_land_once(ledger: Ledger) -> None:
     records = list(ledger.iter_records())
     assert len(records) == 200 and {r.attempts for r in records} == {1}
     assert {r.state for r in records} == {f"state-c{i:03d}" for i in range(200)}
+
+
+def test_links_handed_over_together_are_committed_together(ledger: Ledger) -> None:
+    """The writer commits the links it was handed in groups, one transaction each: record_link's
+    statements take a group (an executemany) on both databases. They once carried an IN list
+    SQLAlchemy refuses in an executemany, so every group failed and was written again row by
+    row, a transaction each."""
+    from sqlalchemy import event
+
+    commits: list[int] = []
+    event.listen(ledger.engine, "commit", lambda conn: commits.append(1))
+    now = utcnow()
+    written = [
+        ledger.submit_link(
+            tenant_id=f"g{i:02d}",
+            connector_id=CONNECTOR,
+            profile="zendesk",
+            tenant_name=f"G{i}",
+            admin_email=f"a{i}@example.com",
+            url=f"https://login.example.com/authorize?state=state-g{i:02d}",
+            state=f"state-g{i:02d}",
+            created_at=now,
+            expires_at=now + timedelta(days=7),
+            delivered_by="store",
+        )
+        for i in range(40)
+    ]
+    for w in written:
+        w.wait()
+    records = [r for r in ledger.iter_records(CONNECTOR) if r.tenant_id.startswith("g")]
+    assert len(records) == 40 and {r.attempts for r in records} == {1}
+    assert {r.status for r in records} == {Status.DELIVERED}
+    assert len(commits) <= 4, f"{len(commits)} transactions for 40 links handed over at once"
+
+
+def test_a_link_is_reported_only_once_committed_and_never_when_it_failed(ledger: Ledger) -> None:
+    seen: list[str] = []
+    now = utcnow()
+
+    def submit(tenant_id: str, profile: str | None) -> Any:
+        def then() -> None:  # runs in the writer's thread, after the commit
+            record = ledger.get(tenant_id, CONNECTOR)
+            seen.append(f"{tenant_id}:{record.status.value if record else 'missing'}")
+
+        return ledger.submit_link(
+            tenant_id=tenant_id,
+            connector_id=CONNECTOR,
+            profile=profile,  # type: ignore[arg-type]  # None: a NOT NULL refused
+            tenant_name="T",
+            admin_email="a@example.com",
+            url=f"https://login.example.com/authorize?state=state-{tenant_id}",
+            state=f"state-{tenant_id}",
+            created_at=now,
+            expires_at=now + timedelta(days=7),
+            then=then,
+        )
+
+    good, bad = submit("ok", "zendesk"), submit("bad", None)
+    good.wait()
+    with pytest.raises(IntegrityError):
+        bad.wait()
+    assert seen == ["ok:link_created"]
+    assert ledger.get("bad", CONNECTOR) is None
+
+
+# --- the writer itself (GroupCommit), with a flush of the test's ------------------------------
+
+
+def test_submit_returns_at_once_and_a_waiter_is_not_kept_lingering() -> None:
+    import time
+    from functools import partial
+
+    from onboarding.ledger.group_commit import GroupCommit
+
+    groups: list[list[str]] = []
+    done: list[int] = []
+    writer = GroupCommit(lambda rows: groups.append([r["tenant_id"] for r in rows]), linger=30)
+    handed = [
+        writer.submit({"tenant_id": f"t{i}", "connector_id": "c"}, then=partial(done.append, i))
+        for i in range(5)
+    ]
+    assert groups == [] and not any(w.done.is_set() for w in handed), "nothing waited for it"
+    started = time.monotonic()
+    handed[2].wait()  # someone waits: what is there goes now, not after the 30 s linger
+    assert time.monotonic() - started < 5
+    assert groups == [["t0", "t1", "t2", "t3", "t4"]]
+    assert done == [0, 1, 2, 3, 4], "each row's `then` ran before its waiter woke"
+
+
+def test_the_same_tenant_twice_goes_in_two_groups_and_a_failure_is_its_rows_own() -> None:
+    from onboarding.ledger.group_commit import GroupCommit
+
+    groups: list[list[str]] = []
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        if any(r.get("bad") for r in rows):
+            raise ValueError("constraint")
+        groups.append([f"{r['tenant_id']}{r.get('n', '')}" for r in rows])
+
+    writer = GroupCommit(flush, linger=30)
+    first = writer.submit({"tenant_id": "t1", "connector_id": "c", "n": 1})
+    again = writer.submit({"tenant_id": "t1", "connector_id": "c", "n": 2})
+    broken = writer.submit({"tenant_id": "t2", "connector_id": "c", "bad": True})
+    other = writer.submit({"tenant_id": "t3", "connector_id": "c"})
+    again.wait()
+    first.wait()
+    other.wait()
+    with pytest.raises(ValueError):
+        broken.wait()
+    # The first group failed as a whole (t2), so its rows went one by one; t1's second row
+    # waited for a group of its own.
+    assert groups == [["t11"], ["t3"], ["t12"]]
+
+
+def test_an_idle_writer_ends_and_the_next_row_starts_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from onboarding.ledger import group_commit
+    from onboarding.ledger.group_commit import GroupCommit
+
+    monkeypatch.setattr(group_commit, "IDLE_SECONDS", 0.05)
+    rows: list[str] = []
+    writer = GroupCommit(lambda group: rows.extend(r["tenant_id"] for r in group), linger=0)
+    writer.write({"tenant_id": "t1", "connector_id": "c"})
+    deadline = time.monotonic() + 5
+    while writer._writer is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer._writer is None, "an idle writer thread ends"
+    writer.write({"tenant_id": "t2", "connector_id": "c"})
+    assert rows == ["t1", "t2"]

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,11 +81,17 @@ def calling(campaign: Campaign, versori: Script) -> Campaign:
     return campaign
 
 
-@pytest.fixture
-def job(tmp_path: Path) -> Campaign:
+@pytest.fixture(params=[False, True], ids=["waits-for-its-link", "defers-its-link"])
+def job(tmp_path: Path, request: pytest.FixtureRequest) -> Campaign:
+    """A campaign whose tenants wait for their link's commit, or hand it to the ledger's writer
+    and go on (Campaign.defer_writes, as a batch that only stores asks): every test holds for
+    both."""
     changes: list[StatusChange] = []
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
-    campaign = campaign_of(load_profile(PROFILE), ledger, on_status=changes.append)
+    campaign = campaign_of(
+        load_profile(PROFILE), ledger, on_status=changes.append, defer_writes=request.param
+    )
+    assert campaign.defers_writes is request.param
     campaign.changes = changes  # type: ignore[attr-defined]
     return campaign
 
@@ -378,3 +385,113 @@ def test_a_step_that_returns_a_failed_outcome_fails_its_one_tenant_slice(
         run_slice(job, TenantSlice(tenants(1)), step, None, last_attempt=False)
     assert failed.value.retryable == {}
     assert [o.error_code for o in failed.value.outcomes] == ["bad_url"]
+
+
+# --- links handed to the ledger's writer (Campaign.defers_writes) ------------------------------
+
+
+@pytest.fixture
+def deferring(tmp_path: Path) -> Campaign:
+    changes: list[StatusChange] = []
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    campaign = campaign_of(load_profile(PROFILE), ledger, on_status=changes.append)
+    campaign.defer_writes = True
+    campaign.changes = changes  # type: ignore[attr-defined]
+    return campaign
+
+
+def test_a_deferred_link_is_recorded_before_it_is_reported_counted_or_let_go(
+    deferring: Campaign, pool: ThreadPoolExecutor
+) -> None:
+    from sqlalchemy import select
+
+    from onboarding.ledger.schema import claims
+
+    connector = deferring.connectors[0]
+    ledger, target = connector.ledger, connector.profile.target_id
+    reported: list[tuple[str, str]] = []
+
+    def on_status(change: StatusChange) -> None:
+        record = ledger.get(change.tenant_id, target)
+        reported.append((change.tenant_id, record.status.value if record else "not recorded"))
+
+    connector.on_status = on_status
+    flush = ledger._links._flush
+    claimed_while_written: list[bool] = []
+
+    def flush_and_look(rows: list[dict[str, Any]]) -> None:
+        with ledger.engine.connect() as conn:
+            held = set(conn.execute(select(claims.c.tenant_id)).scalars())
+        claimed_while_written.append(all(r["tenant_id"] in held for r in rows))
+        flush(rows)
+
+    ledger._links._flush = flush_and_look
+    outcomes = run_slice(
+        calling(deferring, Script({})), TenantSlice(tenants(12)), onboard_tenant, pool, False
+    )
+    assert [o.status for o in outcomes] == ["delivered"] * 12
+    assert sorted(reported) == sorted((f"t{i}", "delivered") for i in range(1, 13))
+    assert claimed_while_written and all(claimed_while_written), "claims held until written"
+    with ledger.engine.connect() as conn:
+        assert list(conn.execute(select(claims.c.tenant_id))) == [], "and let go after"
+
+
+def test_a_deferred_link_the_ledger_could_not_record_is_tried_again_then_failed(
+    deferring: Campaign, pool: ThreadPoolExecutor
+) -> None:
+    from onboarding.errors import LedgerUnavailableError
+
+    connector = deferring.connectors[0]
+    ledger = connector.ledger
+    flush = ledger._links._flush
+    # Refused when written: t2 in the first attempt only, t3 in every attempt (a group that
+    # holds either fails as a whole, and the writer writes its rows again one by one).
+    refusals = {"t2": 1, "t3": 99}
+
+    def refusing(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if refusals.get(row["tenant_id"], 0) > 0:
+                if len(rows) == 1:  # its own try: counted
+                    refusals[row["tenant_id"]] -= 1
+                raise LedgerUnavailableError(f"the ledger is gone ({row['tenant_id']})")
+        flush(rows)
+
+    ledger._links._flush = refusing
+    versori = Script({})
+    batch = TenantSlice(tenants(4))
+    with pytest.raises(SliceFailed) as first:
+        run_slice(calling(deferring, versori), batch, onboard_tenant, pool, last_attempt=False)
+    assert set(first.value.retryable) == {"t2", "t3"}
+    assert isinstance(first.value.retryable["t2"], LedgerUnavailableError)
+    with pytest.raises(SliceFailed) as last:
+        run_slice(calling(deferring, versori), batch, onboard_tenant, pool, last_attempt=True)
+    by_tenant = {o.tenant_id: (o.status, o.error_code) for o in last.value.outcomes}
+    assert by_tenant == {
+        "t1": ("delivered", ""),
+        "t2": ("delivered", ""),
+        "t3": ("failed", "ledger_unavailable"),
+        "t4": ("delivered", ""),
+    }
+    # A link that was never recorded is made again, as when recording it failed in the step.
+    assert versori.calls == {"t1": 1, "t2": 2, "t3": 2, "t4": 1}
+    changes = deferring.changes  # type: ignore[attr-defined]
+    assert sorted((c.tenant_id, c.status) for c in changes) == [
+        ("t1", "delivered"),
+        ("t2", "delivered"),
+        ("t3", "failed"),
+        ("t4", "delivered"),
+    ], "nothing reported for a link before it is recorded"
+
+
+def test_only_a_campaign_that_only_stores_under_one_connector_defers(tmp_path: Path) -> None:
+    from onboarding.batch.campaign import Campaign as CampaignType
+    from onboarding.batch.delivery import Delivery
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    one = campaign_of(load_profile(PROFILE), ledger, defer_writes=True)
+    assert one.defers_writes
+    assert not campaign_of(load_profile(PROFILE), ledger, defer_writes=False).defers_writes
+    emailing = campaign_of(load_profile(PROFILE), ledger, deliver=Delivery.EMAIL, defer_writes=True)
+    assert not emailing.defers_writes, "an email needs its link recorded first"
+    two = CampaignType([*one.connectors, *one.connectors], Delivery.STORE, defer_writes=True)
+    assert not two.defers_writes
