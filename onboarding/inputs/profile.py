@@ -379,19 +379,47 @@ class ConnectorProfile(BaseModel):
             )
         else:
             additional = fill(self.additional_params, values)
+        authorize_url = fill(self.authorize_url, values)
+        base = _request_base(self)
+        if base is None:  # a field every tenant shares is refused: say so as validation does
+            return self._request(authorize_url, additional)
+        return base.for_tenant(authorize_url, additional)
+
+    def _request(self, authorize_url: str, additional_params: str) -> InitialiseRequest:
         return InitialiseRequest(
             credential=CredentialRef(
                 id=self.credential_id,
                 organisation_id=self.credential_organisation_id or self.organisation_id,
             ),
-            authorize_url=fill(self.authorize_url, values),
+            authorize_url=authorize_url,
             client_id=self.client_id,
             scopes=self.scopes,
             disable_offline_access=self.disable_offline_access,
             prompt=self.prompt,
-            additional_params=additional,
+            additional_params=additional_params,
             redirect_url=self.redirect_url,
         )
+
+
+# Each profile's request with the fields every tenant shares validated once, by the profile's
+# identity (a profile is frozen); None when one of those fields is refused. Bounded: a process
+# renders for a handful of profiles.
+_REQUEST_BASES: dict[int, tuple[ConnectorProfile, InitialiseRequest | None]] = {}
+_PLACEHOLDER_URL = "https://tenant.invalid/"
+
+
+def _request_base(profile: ConnectorProfile) -> InitialiseRequest | None:
+    kept = _REQUEST_BASES.get(id(profile))
+    if kept is not None and kept[0] is profile:
+        return kept[1]
+    try:
+        base: InitialiseRequest | None = profile._request(_PLACEHOLDER_URL, "")
+    except ValidationError:
+        base = None
+    if len(_REQUEST_BASES) >= 64:
+        _REQUEST_BASES.clear()
+    _REQUEST_BASES[id(profile)] = (profile, base)
+    return base
 
 
 FINISH_HINT = (

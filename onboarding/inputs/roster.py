@@ -356,7 +356,7 @@ def _render_problems(profile: ConnectorProfile, values: dict[str, str]) -> list[
             (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))
             for e in err.errors()
         ]
-    parts = urlsplit(request.authorize_url)
+    parts = request.authorize_parts()
     if {".", ".."} & set(parts.path.split("/")):
         return [(", ".join(in_path), "make a . or .. segment of the authorize_url path")]
     host = parts.hostname or ""

@@ -14,7 +14,7 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit
 from onboarding.constants import RESERVED_QUERY_KEYS
 from onboarding.errors import LinkCheckError
 from onboarding.net import is_loopback
-from onboarding.versori.wire import InitialiseRequest, parse_additional_params
+from onboarding.versori.wire import InitialiseRequest
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def check_link(
     got = _split(url)
     if got is None:
         raise LinkCheckError(["is not a parseable URL"])
-    want = urlsplit(request.authorize_url)
-    additional = parse_additional_params(request.additional_params)
+    want = request.authorize_parts()
+    additional = request.additional_pairs()
     pairs = parse_qsl(got.query, keep_blank_values=True)
     params = dict(pairs)
     problems = [
