@@ -15,6 +15,7 @@ callback claims it: it was never bound to a browser.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -37,6 +38,7 @@ from sqlalchemy import (
 from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import (
     STAMP,
+    DriverStatement,
     among,
     callback_states,
     connect_links,
@@ -136,18 +138,19 @@ class ConnectStates(Repository):
             "p_retry_hash": token_digest(retry_token) if retry_token else None,
             "p_by": (claim_by or "")[:200],
         }
+        mapping: Mapping[Any, Any] | None
         if sql.postgres:
-            query = sql.read_claiming if claim_by else sql.read
+            query = sql.driver_read_claiming if claim_by else sql.driver_read
             with self.db.single.connect() as conn:
-                row = conn.execute(query, params).first()
-            assert row is not None  # one row, whatever matched
-            claimed = bool(claim_by) and bool(row.claimed)
+                mapping = query.fetch_one(conn, params)
+            claimed = bool(claim_by) and mapping is not None and bool(mapping["claimed"])
         else:
             with self.engine.begin() as conn:  # the write first: SQLite's write lock at once
                 claimed = bool(claim_by) and bool(conn.execute(sql.claim, params).rowcount)
                 row = conn.execute(sql.read, params).first()
             assert row is not None
-        mapping = row._mapping
+            mapping = row._mapping
+        assert mapping is not None  # one row, whatever matched
         state_values = prefixed(mapping, "s_")
         found = None
         if state_values["state_hash"] is not None:
@@ -287,10 +290,10 @@ class ConnectStates(Repository):
                 "p_error_code": error[0][:100] if error is not None else None,
                 "p_error_message": error[1] if error is not None else None,
             }
-            query = sql.finish_connected if outcome is StateOutcome.CONNECTED else sql.finish_error
+            query = sql.driver_finish[outcome is StateOutcome.CONNECTED]
             with self.db.single.connect() as conn:
-                now_row = conn.execute(query, params).first()
-            return Record.from_row(now_row) if now_row is not None else None
+                values = query.fetch_one(conn, params)
+            return Record.from_row(_Row(values)) if values is not None else None
         with self.engine.begin() as conn:
             # RETURNING: the tenant of the row this call finished, in the one statement (a
             # second resolver gets nothing back).
@@ -498,3 +501,12 @@ class StateStatements:
             )
             .returning(*records.c)
         )
+        # PostgreSQL's: sent on the driver's cursor (connect_links.DriverStatement).
+        dialect = db.engine.dialect
+        self.driver_read = DriverStatement(self.read, dialect)
+        self.driver_read_claiming = DriverStatement(self.read_claiming, dialect)
+        # By whether the outcome is CONNECTED.
+        self.driver_finish = {
+            True: DriverStatement(self.finish_connected, dialect),
+            False: DriverStatement(self.finish_error, dialect),
+        }

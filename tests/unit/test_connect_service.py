@@ -562,3 +562,42 @@ def test_replicas_racing_on_one_callback_or_one_tenant_stay_consistent(stage: St
     history = {s for s in (f"m{i}" for i in range(16)) if stage.ledger.find_superseded(s)}
     assert current is not None and current not in history
     assert history | {current} == {f"m{i}" for i in range(16)}, "no state is lost"
+
+
+def test_a_connection_lost_under_each_statement_of_a_click_is_tried_again(stage: Stage) -> None:
+    """The click's statements go to the driver's cursor (connect_links.DriverStatement), with
+    SQLAlchemy's events and error handling: a connection killed under each of them (page,
+    beacon, button, the new state, the callback's claim and its record) is a lost connection
+    `reconnecting` tries again on a new one; the click ends connected, exactly once."""
+    if stage.ledger.engine.dialect.name != "postgresql":
+        pytest.skip("the driver's cursor is PostgreSQL's path")
+    from sqlalchemy import event
+
+    sent: list[str] = []
+    killed: set[str] = set()
+
+    def kill_once(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+        if statement not in killed:
+            killed.add(statement)
+            cursor.connection.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    token = stage.tenant("t1")
+    event.listen(stage.ledger.engine, "before_cursor_execute", kill_once)
+    try:
+        page = stage.app.get(f"/c/{token}")
+        assert page.status_code == 200, page.text
+        csrf = _CSRF.search(page.text)
+        assert csrf is not None
+        seen = stage.app.post(f"/c/{token}/seen", data={"csrf": csrf.group(1)})
+        assert seen.status_code == 204
+        pressed = stage.app.post(f"/c/{token}", data={"csrf": csrf.group(1)})
+        assert pressed.status_code == 303, pressed.text
+        done = stage.callback(stage.consent(pressed.headers["location"]))
+    finally:
+        event.remove(stage.ledger.engine, "before_cursor_execute", kill_once)
+    assert done.status_code == 200 and "is connected" in done.text, done.text
+    assert len(killed) == 6, "each of the click's six statements was cut off once"
+    assert len(sent) == 12, "and sent again once, nothing more"
+    record = stage.record("t1")
+    assert record.status is Status.CONNECTED and record.connection_id
