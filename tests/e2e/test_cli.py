@@ -23,6 +23,7 @@ from deployments.cli import app
 from onboarding.ledger import Ledger
 
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
+SLACK = str(PROJECT / "examples" / "profile-slack.yaml")
 ROSTER = str(PROJECT / "examples" / "tenants.csv")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 runner = CliRunner()
@@ -151,7 +152,14 @@ def test_bad_ledger_url_exits_2(cli_env: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_run_against_emulator_in_another_process(
     tmp_path: Path, prefect_api: str, migrated_prefect_db: Path
 ) -> None:
-    """The first run as in the README, on Prefect's temporary server; the rest on a server."""
+    """The first run as in the README, on Prefect's temporary server; the rest on a server, but
+    for a campaign at the end, on the temporary server again.
+
+    Both commands on the temporary server end quietly with every task run recorded
+    (tests/e2e/test_quiet.py says why): they are that file's "a run and a campaign", which
+    repeated this very first run (a temporary server's start, 15 s) in a test of its own."""
+    from tests.e2e.test_quiet import assert_quiet, task_runs_by_state
+
     assert Path(ONBOARD).exists(), "the onboard console script is installed with the project"
     onboard = ONBOARD
     with emulator_process(tmp_path, "--api-key", "e2e-key", key="e2e-key") as env:
@@ -159,7 +167,8 @@ def test_run_against_emulator_in_another_process(
         # session's server migrated one from nothing), which saves 10 s of migrations here.
         home = Path(env["PREFECT_HOME"])
         home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(migrated_prefect_db, home / "prefect.db")
+        prefect_db = home / "prefect.db"
+        shutil.copyfile(migrated_prefect_db, prefect_db)
         base = env["VERSORI_BASE_URL"]
         first = subprocess.run(
             [onboard, "run", "--roster", ROSTER, "--profile", PROFILE, "--concurrency", "4"],
@@ -172,6 +181,9 @@ def test_run_against_emulator_in_another_process(
         assert first.returncode == 0, first.stdout + first.stderr
         assert "25 delivered" in first.stdout
         assert httpx.get(f"{base}/_emulator/stats").json()["by_status"] == {"200": 25}
+        assert_quiet(first)
+        # One task run per tenant, each recorded in its final state: none lost at shutdown.
+        assert task_runs_by_state(prefect_db) == {"COMPLETED": 25}
 
         again = subprocess.run(
             [onboard, "run", "--roster", ROSTER, "--profile", PROFILE],
@@ -239,6 +251,20 @@ def test_run_against_emulator_in_another_process(
             [onboard, "status"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
         )
         assert status.returncode == 0 and "delivered" in status.stdout and "25" in status.stdout
+
+        # A campaign (a second connector) on the temporary server again, in the same Prefect
+        # home: it ends quietly too, its task runs recorded beside the first run's.
+        campaign = subprocess.run(
+            [onboard, "run", "--roster", ROSTER, "--profile", PROFILE, "--profile", SLACK],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert_quiet(campaign)
+        assert "slack-demo (Slack Demo): 25 delivered" in campaign.stdout
+        assert task_runs_by_state(prefect_db) == {"COMPLETED": 50}
 
 
 @pytest.mark.e2e
@@ -353,7 +379,7 @@ def test_email_batch_rerun_remind_and_connect_from_the_command_line(
             found = httpx.post(f"{prefect_api}/events/filter", json=query).json()["events"]
             if found:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert [e["resource"]["onboarding.connector-id"] for e in found] == [CONNECTOR]
         unknown = onboard_cli("mark-connected", "--state", "not-a-state")
         assert unknown.returncode == 1 and "no tenant owns state" in unknown.stderr

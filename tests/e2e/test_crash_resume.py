@@ -51,10 +51,13 @@ from tests.smtp_server import SmtpTestServer
 
 pytestmark = pytest.mark.e2e
 
-TENANTS = 300
+# 120 tenants (two slices of 100 for slices-of-100): the kill lands after 24 to 80 of them (a
+# fifth to two thirds of the batch, as the ledger says, not a timer), the rest left for the
+# re-run. 300 (kill after 60 to 200) proved no more, and cost 7-9 s a run.
+TENANTS = 120
 CONCURRENCY = 8
-KILL_AFTER_DELIVERED = 60  # at least this many delivered before the kill...
-KILL_AT_THE_LATEST = 200  # ...and the kill happens by this many, sending row or not
+KILL_AFTER_DELIVERED = 24  # at least this many delivered before the kill...
+KILL_AT_THE_LATEST = 80  # ...and the kill happens by this many, sending row or not
 PROFILE = str(PROJECT / "examples" / "profile.yaml")
 CONNECTOR = "01M8F12B95S4BX0QFB3TPDWZ0Q"
 EMAIL_FROM = "onboarding@saas.example.com"
@@ -309,14 +312,16 @@ def test_sigkill_mid_batch_then_rerun_delivers_everyone_once(
         rerun_seconds = time.monotonic() - started
         print(f"re-run took {rerun_seconds:.1f} s")
         assert returncode == 0, tail(rerun_log)
-        # The summary line, e.g. "300 tenant(s) in 6.5 s: 236 delivered, 64 skipped".
+        # The summary line, e.g. "120 tenant(s) in 3.5 s: 90 delivered, 30 skipped".
         summary = re.search(rf"^{TENANTS} tenant\(s\) in .*$", rerun_log.read_text(), re.MULTILINE)
         assert summary, tail(rerun_log)
         skipped, mailed_now = len(delivered_at_kill), TENANTS - len(delivered_at_kill)
         assert summary.group(0).endswith(f": {mailed_now} delivered, {skipped} skipped"), summary
 
         # -- 4. everyone delivered once, on the link they already had -------------------------
-        wait_for_quiet(smtp)
+        # No wait for the SMTP server to go quiet here: the re-run exited 0, so it had every 250
+        # reply, and the server records a message before it replies (the killed run's last
+        # messages were waited for after the kill).
         ledger = Ledger(db_url)
         try:
             final = {r.tenant_id: r for r in ledger.iter_records()}

@@ -413,7 +413,8 @@ def test_two_runs_at_once_never_mail_twice(
             code_a = wait_for(run_a, log_a, 180)
             code_b = wait_for(run_b, log_b, 180)
         seconds = time.monotonic() - started
-        wait_for_quiet(smtp)
+        # Both runs have exited: each had the 250 for every message it sent, and the SMTP
+        # server records a message before it replies, so there is nothing still to arrive.
         mail = mail_by_recipient(smtp)
         calls, issued = faults.snapshot()
 
@@ -704,7 +705,8 @@ def test_a_prefect_server_restart_mid_batch_holds_nothing_for_the_next_batch(
                     time.sleep(0.2)
                 os.killpg(server.pid, 9)
                 server.wait()
-                time.sleep(3)
+                # Started again at once: the API stays down while the new server starts (5 s
+                # and more here) and the batch stalls on it meanwhile, which is the outage.
                 with child(server_args, server_env, tmp_path / "server-2.log") as again:
                     wait_for_http(f"{api}/health", timeout=120, proc=again)
                     wait_for(first, tmp_path / "first.log", 150)
