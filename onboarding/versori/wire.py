@@ -116,7 +116,8 @@ class InitialiseRequest(_Wire):
         the rest in full, so the ValidationError is the constructor's, word for word.
 
         A roster's every row is rendered twice (checked, then called): validating the whole
-        model each time was a third of a tenant's CPU outside the HTTP call (bench/run.py)."""
+        model each time was about a fifth of a tenant's CPU outside the HTTP call (39 us of
+        ~220, one thread; docs/performance.md)."""
         try:
             parts = absolute_url_parts(authorize_url)
             pairs = parse_additional_params(additional_params)
