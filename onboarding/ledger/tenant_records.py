@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import Case, case, select
 
@@ -33,6 +33,26 @@ from onboarding.ledger.schema import (
 )
 
 
+class _NewLinkFields(TypedDict):
+    tenant_id: str
+    connector_id: str
+    profile: str
+    tenant_name: str
+    admin_email: str
+    url: str
+    state: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class NewLink(_NewLinkFields, total=False):
+    """What record_link and submit_link take about a fresh link (their keyword arguments)."""
+
+    run_id: str | None
+    delivered_by: str | None
+    tenant_fields: dict[str, str] | None
+
+
 class TenantRecords(RecordQueries, Repository):
     """Reads and writes of onboarding records, one per (tenant, connector). Thread-safe."""
 
@@ -41,54 +61,12 @@ class TenantRecords(RecordQueries, Repository):
         # Links written at the same time by many threads go in one transaction.
         self._links = GroupCommit(self._write_links)
 
-    def record_link(
-        self,
-        *,
-        tenant_id: str,
-        connector_id: str,
-        profile: str,
-        tenant_name: str,
-        admin_email: str,
-        url: str,
-        state: str,
-        created_at: datetime,
-        expires_at: datetime,
-        run_id: str | None = None,
-        delivered_by: str | None = None,
-        tenant_fields: dict[str, str] | None = None,
-    ) -> None:
+    def record_link(self, **link: Unpack[NewLink]) -> None:
         """A fresh link (see submit_link), committed before this returns."""
-        self.submit_link(
-            tenant_id=tenant_id,
-            connector_id=connector_id,
-            profile=profile,
-            tenant_name=tenant_name,
-            admin_email=admin_email,
-            url=url,
-            state=state,
-            created_at=created_at,
-            expires_at=expires_at,
-            run_id=run_id,
-            delivered_by=delivered_by,
-            tenant_fields=tenant_fields,
-        ).wait()
+        self.submit_link(**link).wait()
 
     def submit_link(
-        self,
-        *,
-        tenant_id: str,
-        connector_id: str,
-        profile: str,
-        tenant_name: str,
-        admin_email: str,
-        url: str,
-        state: str,
-        created_at: datetime,
-        expires_at: datetime,
-        run_id: str | None = None,
-        delivered_by: str | None = None,
-        tenant_fields: dict[str, str] | None = None,
-        then: Callable[[], None] | None = None,
+        self, *, then: Callable[[], None] | None = None, **link: Unpack[NewLink]
     ) -> Written:
         """A fresh link, handed to the ledger's writer: returns at once; `wait()` on what it
         returns until the row is committed (it raises what kept the row out), and `then` is
@@ -104,23 +82,24 @@ class TenantRecords(RecordQueries, Repository):
 
         With `delivered_by` (a channel that delivers by storing, like "store") the row goes
         straight to delivered in the same statement: one write per tenant, not two."""
+        created_at, delivered_by = utc(link["created_at"]), link.get("delivered_by")
         values = {
-            "tenant_id": tenant_id,
-            "connector_id": connector_id,
-            "profile": profile,
-            "tenant_name": tenant_name,
-            "admin_email": admin_email,
+            "tenant_id": link["tenant_id"],
+            "connector_id": link["connector_id"],
+            "profile": link["profile"],
+            "tenant_name": link["tenant_name"],
+            "admin_email": link["admin_email"],
             "status": (Status.DELIVERED if delivered_by else Status.LINK_CREATED).value,
-            "url": url,
-            "state": state,
-            "created_at": utc(created_at),
-            "expires_at": utc(expires_at),
-            "delivered_at": utc(created_at) if delivered_by else None,
+            "url": link["url"],
+            "state": link["state"],
+            "created_at": created_at,
+            "expires_at": utc(link["expires_at"]),
+            "delivered_at": created_at if delivered_by else None,
             "delivery_channel": delivered_by,
-            "run_id": run_id,
+            "run_id": link.get("run_id"),
             "updated_at": utcnow(),
-            "tenant_fields": tenant_fields,
-            "state_hash": state_digest(state),
+            "tenant_fields": link.get("tenant_fields"),
+            "state_hash": state_digest(link["state"]),
         }
         return self._links.submit(values, then)
 
