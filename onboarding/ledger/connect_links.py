@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -40,7 +40,6 @@ from sqlalchemy import (
     exists,
     func,
     literal,
-    literal_column,
     null,
     or_,
     select,
@@ -51,6 +50,7 @@ from sqlalchemy import (
 from onboarding.clock import utcnow
 from onboarding.ledger.database import Database, Repository
 from onboarding.ledger.engine import lock_key, lock_tenants, reconnecting
+from onboarding.ledger.link_sql import among
 from onboarding.ledger.queries import HELD, count_where
 from onboarding.ledger.records import Record, aware, aware_values, utc
 from onboarding.ledger.schema import (
@@ -688,12 +688,6 @@ def _counted(what: str, when: datetime | ColumnElement[Any]) -> dict[str, Any]:
 
 
 STAMP = DateTime(timezone=True)
-
-
-def among(values: Iterable[str]) -> list[ColumnElement[Any]]:
-    """Constant statuses for an IN list, written into the statement: the same SQL every time
-    (no parameters expanded per execution), which psycopg prepares once per connection."""
-    return [literal_column(f"'{value}'", String) for value in values]
 
 
 def unfinished_claim(tenant_id: Any, connector_id: Any) -> Any:

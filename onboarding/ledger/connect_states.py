@@ -39,7 +39,6 @@ from onboarding.clock import utcnow
 from onboarding.ledger.connect_links import (
     STAMP,
     DriverStatement,
-    among,
     callback_states,
     connect_links,
     connect_states,
@@ -48,6 +47,7 @@ from onboarding.ledger.connect_links import (
 )
 from onboarding.ledger.database import Database, Repository
 from onboarding.ledger.engine import reconnecting
+from onboarding.ledger.link_sql import among
 from onboarding.ledger.queries import HELD
 from onboarding.ledger.records import Record, aware_values, utc
 from onboarding.ledger.schema import Status, records, state_digest, tenant_row

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import (
@@ -46,13 +46,19 @@ _LINK_COLUMNS = (
 )
 
 
+def among(values: Iterable[str]) -> list[ColumnElement[Any]]:
+    """Constant statuses for an IN list, written into the statement: the same SQL every time.
+    A list of bound values would be an "expanding" parameter, which SQLAlchemy refuses in an
+    executemany (every group of GroupCommit failed and was written again row by row, a
+    transaction each), and which psycopg could not prepare once per connection."""
+    written = [str(value) for value in values]
+    for value in written:
+        assert value.isidentifier(), value  # a status name: safe in the SQL as it is
+    return [literal_column(f"'{value}'", String) for value in written]
+
+
 def _status_in(statuses: tuple[Status, ...]) -> ColumnElement[bool]:
-    """`status IN ('connected', ...)` with the statuses written into the SQL. A list of bound
-    values would be an "expanding" parameter, which SQLAlchemy refuses in an executemany: every
-    group of GroupCommit failed and was written again row by row, a transaction each."""
-    for status in statuses:
-        assert status.value.isidentifier(), status  # safe to write into the SQL as it is
-    return records.c.status.in_([literal_column(f"'{s.value}'", String) for s in statuses])
+    return records.c.status.in_(among(statuses))
 
 
 # The state that leaves to the history, then the row inserted or updated.
