@@ -183,27 +183,6 @@ class ConnectStates(Repository):
         return select(connect_states, revoked.label("link_revoked"))
 
     @reconnecting
-    def get_for_link(self, tenant_id: str, connector_id: str) -> tuple[Record | None, bool]:
-        """The tenant's record, and whether it has a claim not finished (a callback in
-        flight, or one a crash left): one statement, what every link page and button reads."""
-        unfinished = exists().where(
-            connect_states.c.tenant_id == tenant_id,
-            connect_states.c.connector_id == connector_id,
-            connect_states.c.claimed_at.is_not(None),
-            connect_states.c.finished_at.is_(None),
-        )
-        query = select(records, unfinished.label("unfinished")).where(
-            *tenant_row(tenant_id, connector_id)
-        )
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        if row is None:
-            return None, False
-        values = dict(row._mapping)
-        flag = bool(values.pop("unfinished"))
-        return Record.from_row(_Row(values)), flag
-
-    @reconnecting
     def find_state(self, state: str) -> ConnectState | None:
         query = self._state_query().where(connect_states.c.state_hash == state_digest(state))
         with self.engine.connect() as conn:
