@@ -294,7 +294,7 @@ class ConnectLinks(Repository):
             return LinkView(None)
         link = ConnectLink(**prefixed(mapping, "l_"))
         held = prefixed(mapping, "r_")
-        record = Record.from_row(_Values(held)) if held["tenant_id"] is not None else None
+        record = Record.from_values(held) if held["tenant_id"] is not None else None
         return LinkView(link, record, bool(mapping["unfinished"]), counted)
 
     @reconnecting
@@ -1000,13 +1000,6 @@ def prefixed(mapping: Mapping[Any, Any], prefix: str) -> dict[str, Any]:
         for key, value in mapping.items()
         if key.startswith(prefix)
     }
-
-
-class _Values:
-    """Values by column, as Record.from_row reads a row."""
-
-    def __init__(self, mapping: dict[str, Any]) -> None:
-        self._mapping = mapping
 
 
 def funnel_lines(funnel: Funnel) -> str:

@@ -100,13 +100,6 @@ class CallbackView:
     claimed: bool
 
 
-class _Row:
-    """A row's values, as Record.from_row reads them."""
-
-    def __init__(self, mapping: dict[str, Any]) -> None:
-        self._mapping = mapping
-
-
 class ConnectStates(Repository):
     """Connect states: a callback's claims and outcomes (one part of the ledger)."""
 
@@ -156,7 +149,7 @@ class ConnectStates(Repository):
         if state_values["state_hash"] is not None:
             found = ConnectState(**state_values, link_revoked=bool(mapping["link_revoked"]))
         held = prefixed(mapping, "r_")
-        record = Record.from_row(_Row(held)) if held["tenant_id"] is not None else None
+        record = Record.from_values(held) if held["tenant_id"] is not None else None
         return CallbackView(found, record, mapping["retry_path"], mapping["latest_path"], claimed)
 
     @reconnecting
@@ -272,7 +265,7 @@ class ConnectStates(Repository):
             query = sql.driver_finish[outcome is StateOutcome.CONNECTED]
             with self.db.single.connect() as conn:
                 values = query.fetch_one(conn, params)
-            return Record.from_row(_Row(values)) if values is not None else None
+            return Record.from_values(values) if values is not None else None
         with self.engine.begin() as conn:
             # RETURNING: the tenant of the row this call finished, in the one statement (a
             # second resolver gets nothing back).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -54,7 +55,12 @@ class Record:
 
     @classmethod
     def from_row(cls, row: Any) -> Record:
-        values = aware_values(row)
+        return cls.from_values(row._mapping)
+
+    @classmethod
+    def from_values(cls, mapping: Mapping[str, Any]) -> Record:
+        """A record from its values by column (a row's mapping, or a part of a wider one)."""
+        values = _aware(mapping)
         values["status"] = Status(values["status"])
         values["reminders"] = values["reminders"] or 0
         return cls(**values)
@@ -98,9 +104,13 @@ def aware(value: datetime | None) -> datetime | None:
 
 def aware_values(row: Any) -> dict[str, Any]:
     """A row's values by column, its datetimes made aware (see aware)."""
+    return _aware(row._mapping)
+
+
+def _aware(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: aware(value) if isinstance(value, datetime) else value
-        for key, value in row._mapping.items()
+        for key, value in mapping.items()
     }
 
 
